@@ -1,0 +1,1 @@
+"""Device models and the device-model API (no trio, no wire format)."""

@@ -1,0 +1,124 @@
+"""Turn a byte stream (with the fds that rode along) into whole messages.
+
+The kernel delivers SCM_RIGHTS fds with the ``recvmsg`` that carries the first byte of the
+``sendmsg`` they were attached to, and a stream ``recvmsg`` stops right after such a
+segment. So the fds of a chunk belong to the *last* message that starts inside that chunk
+(or, when none starts there, to the message in progress). A message spanning stream offsets
+``[start, end)`` therefore claims the fds of every chunk ``[cs, ce)`` with
+``start < ce <= end``.
+
+A message whose declared size exceeds the limit is not buffered: its header is reported as
+:class:`Oversized` at once (so the server can answer E2BIG/EINVAL) and its payload bytes are
+discarded as they arrive. A declared size below the header size is fatal framing damage.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import deque
+from dataclasses import dataclass, field
+
+from .constants import HEADER_SIZE
+from .errors import ProtocolError
+from .header import Header
+
+
+@dataclass(slots=True)
+class Message:
+    header: Header
+    payload: bytes
+    fds: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Oversized:
+    """A message larger than the limit; its payload is being skipped."""
+
+    header: Header
+    fds: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _FdMark:
+    chunk_end: int  # absolute stream offset just past the chunk that carried the fds
+    fds: list[int]
+
+
+class MessageFramer:
+    def __init__(self, max_message_size: int) -> None:
+        if max_message_size < HEADER_SIZE:
+            raise ValueError("max_message_size below the header size")
+        self.max_message_size = max_message_size
+        self._buf = bytearray()
+        self._buf_start = 0  # absolute stream offset of self._buf[0]
+        self._fed = 0  # absolute stream offset just past everything fed
+        self._marks: deque[_FdMark] = deque()
+        self._discard_left = 0
+        self._orphans: list[int] = []
+
+    # -- input ---------------------------------------------------------------------------
+    def feed(self, data: bytes | bytearray | memoryview, fds: list[int] | None = None) -> None:
+        self._fed += len(data)
+        if fds:
+            self._marks.append(_FdMark(self._fed, list(fds)))
+        if self._discard_left:
+            skipped = min(self._discard_left, len(data))
+            self._discard_left -= skipped
+            self._buf_start += skipped
+            data = data[skipped:]
+            if not self._discard_left:
+                self._orphans.extend(self._claim(self._buf_start))
+        self._buf += data
+
+    # -- output --------------------------------------------------------------------------
+    def next_message(self) -> Message | Oversized | None:
+        """The next whole message, an :class:`Oversized` notice, or None for "need data"."""
+        if self._discard_left or len(self._buf) < HEADER_SIZE:
+            return None
+        header = Header.unpack(self._buf)
+        if header.size < HEADER_SIZE:
+            raise ProtocolError(
+                errno.EINVAL, f"message size {header.size} below the header", fatal=True
+            )
+        start = self._buf_start
+        if header.size > self.max_message_size:
+            return self._start_discard(header, start)
+        if len(self._buf) < header.size:
+            return None
+        payload = bytes(self._buf[HEADER_SIZE : header.size])
+        del self._buf[: header.size]
+        self._buf_start += header.size
+        return Message(header, payload, self._claim(start + header.size))
+
+    def _start_discard(self, header: Header, start: int) -> Oversized:
+        end = start + header.size
+        available = min(len(self._buf), header.size)
+        del self._buf[:available]
+        self._buf_start += available
+        self._discard_left = header.size - available
+        fds = self._claim(end) if not self._discard_left else []
+        # fds of chunks fully inside the skipped message but not its last: also its own.
+        return Oversized(header, fds)
+
+    def _claim(self, end: int) -> list[int]:
+        claimed: list[int] = []
+        while self._marks and self._marks[0].chunk_end <= end:
+            claimed.extend(self._marks.popleft().fds)
+        return claimed
+
+    # -- bookkeeping for the runtime, which owns (and must close) the fds -------------------
+    def take_orphan_fds(self) -> list[int]:
+        """fds that arrived with the payload of a skipped oversized message."""
+        orphans, self._orphans = self._orphans, []
+        return orphans
+
+    def take_all_fds(self) -> list[int]:
+        """Every fd still held (at connection close)."""
+        fds = self.take_orphan_fds()
+        while self._marks:
+            fds.extend(self._marks.popleft().fds)
+        return fds
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)

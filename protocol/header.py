@@ -1,0 +1,85 @@
+"""The 16-byte message header that starts every vfio-user message."""
+
+from __future__ import annotations
+
+import errno
+import struct
+from dataclasses import dataclass
+
+from .constants import (
+    FLAG_ERROR,
+    FLAG_NO_REPLY,
+    FLAGS_TYPE_MASK,
+    HEADER_SIZE,
+    Command,
+    MsgType,
+)
+from .errors import ProtocolError
+
+HEADER = struct.Struct("<HHIII")
+assert HEADER.size == HEADER_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    msg_id: int
+    command: int
+    size: int
+    flags: int = 0
+    error: int = 0
+
+    @property
+    def msg_type(self) -> int:
+        return self.flags & FLAGS_TYPE_MASK
+
+    @property
+    def is_command(self) -> bool:
+        return self.msg_type == MsgType.COMMAND
+
+    @property
+    def is_reply(self) -> bool:
+        return self.msg_type == MsgType.REPLY
+
+    @property
+    def no_reply(self) -> bool:
+        return bool(self.flags & FLAG_NO_REPLY)
+
+    @property
+    def is_error(self) -> bool:
+        return bool(self.flags & FLAG_ERROR)
+
+    @property
+    def payload_size(self) -> int:
+        return self.size - HEADER_SIZE
+
+    def command_name(self) -> str:
+        try:
+            return Command(self.command).name
+        except ValueError:
+            return f"UNKNOWN({self.command})"
+
+    def pack(self) -> bytes:
+        return HEADER.pack(self.msg_id, self.command, self.size, self.flags, self.error)
+
+    @classmethod
+    def unpack(cls, data: bytes | bytearray | memoryview) -> Header:
+        if len(data) < HEADER_SIZE:
+            raise ProtocolError(errno.EINVAL, f"header needs {HEADER_SIZE} bytes, got {len(data)}")
+        msg_id, command, size, flags, error = HEADER.unpack_from(data)
+        return cls(msg_id, command, size, flags, error)
+
+
+def pack_message(
+    msg_id: int, command: int, payload: bytes = b"", flags: int = MsgType.COMMAND, error: int = 0
+) -> bytes:
+    """One whole message: header plus payload, with the size filled in."""
+    return HEADER.pack(msg_id, command, HEADER_SIZE + len(payload), flags, error) + payload
+
+
+def pack_reply(msg_id: int, command: int, payload: bytes = b"") -> bytes:
+    return pack_message(msg_id, command, payload, MsgType.REPLY)
+
+
+def pack_error_reply(msg_id: int, command: int, err: int) -> bytes:
+    """Error replies are header-only (spec; QEMU and libvfio-user both require it)."""
+    return HEADER.pack(msg_id, command, HEADER_SIZE, MsgType.REPLY | FLAG_ERROR, err)

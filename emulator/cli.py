@@ -1,5 +1,149 @@
-"""Command line (placeholder until the server lands)."""
+"""``vfio-user-emu``: serve devices, inspect them, print QEMU arguments."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from devices.registry import DEFAULT_DEVICE, DEVICE_TYPES, DeviceSpecError, create_device
+from protocol.version import ServerCapabilities
+
+from .qemu import qemu_args, qemu_command_line
+from .server import DeviceServer, ServerError
+
+log = logging.getLogger("vfio_user_emu")
 
 
-def main() -> int:
+def _device_help() -> str:
+    lines = ["device types:"]
+    for dtype in DEVICE_TYPES.values():
+        lines.append(f"  {dtype.name}: {dtype.summary}")
+        for key, text in dtype.options.items():
+            lines.append(f"      {key}=...  {text}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vfio-user-emu",
+        description="Userspace PCI device emulator serving the vfio-user protocol.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log connections")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve a device on a UNIX socket",
+        epilog=_device_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--device", default=DEFAULT_DEVICE, help="TYPE[,key=value,...]")
+    where = serve.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket-path", help="create the listening socket here (mode 0600)")
+    where.add_argument("--fd", type=int, help="use an inherited listening socket")
+    serve.add_argument("--trace", action="store_true", help="log every message, decoded")
+    serve.add_argument("--once", action="store_true", help="exit when the first client leaves")
+    serve.add_argument("--print-qemu", action="store_true", help="print the QEMU command line")
+    serve.add_argument(
+        "--max-data-xfer-size", type=int, default=1024 * 1024,
+        help="largest region/DMA transfer per message (default 1 MiB)",
+    )
+    serve.add_argument("--max-dma-maps", type=int, default=65535, help="DMA mappings allowed")
+
+    info = sub.add_parser("info", help="describe the device behind a socket (like lspci -vv)")
+    info.add_argument("--socket-path", required=True)
+
+    qemu = sub.add_parser("qemu-args", help="print QEMU arguments that attach to our sockets")
+    qemu.add_argument("--socket-path", action="append", required=True)
+    qemu.add_argument("--memory", default="512M", help="guest RAM (memfd, share=on)")
+    return parser
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    try:
+        device = create_device(args.device)
+        capabilities = ServerCapabilities(
+            max_data_xfer_size=args.max_data_xfer_size, max_dma_maps=args.max_dma_maps
+        )
+    except (DeviceSpecError, ValueError) as exc:
+        print(f"vfio-user-emu: {exc}", file=sys.stderr)
+        return 2
+    server = DeviceServer(
+        device,
+        socket_path=args.socket_path,
+        listen_fd=args.fd,
+        capabilities=capabilities,
+        trace=args.trace,
+        once=args.once,
+    )
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def run_server(*, task_status: trio.TaskStatus[None]) -> None:
+                await server.serve(task_status=task_status)
+                nursery.cancel_scope.cancel()  # --once: the client left
+
+            try:
+                await nursery.start(run_server)
+            except (ServerError, OSError) as exc:
+                print(f"vfio-user-emu: {exc}", file=sys.stderr)
+                return 1
+            where = args.socket_path or f"fd {args.fd}"
+            print(f"serving {device.type_name} on {where}", flush=True)
+            if args.print_qemu and args.socket_path:
+                print("attach a guest with:", flush=True)
+                print(f"  {qemu_command_line([args.socket_path])} -kernel ... -initrd ...",
+                      flush=True)
+                print("stop with Ctrl-C (or SIGTERM)", flush=True)
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    log.info("signal %s: shutting down", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
     return 0
+
+
+async def _info(args: argparse.Namespace) -> int:
+    from .client import Client, ClientError
+    from .info import describe
+
+    try:
+        async with Client.connect(args.socket_path) as client:
+            print(await describe(client))
+    except (OSError, ClientError) as exc:
+        print(f"vfio-user-emu: {args.socket_path}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose or getattr(args, "trace", False) else logging.WARNING,
+        format="%(asctime)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "serve":
+        return trio.run(_serve, args)
+    if args.command == "info":
+        return trio.run(_info, args)
+    if args.command == "qemu-args":
+        print(" ".join(qemu_args(args.socket_path, args.memory)))
+        return 0
+    raise AssertionError(args.command)
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()

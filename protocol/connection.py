@@ -56,6 +56,7 @@ class ConnState(enum.Enum):
 @dataclass(slots=True)
 class Negotiated:
     header: Header
+    payload: bytes
     client: ClientCapabilities
     reply: bytes  # the VERSION reply, ready to send
 
@@ -111,6 +112,7 @@ class ServerConnection:
         self._framer = MessageFramer(max_message_size)
         self._next_request_id = 1
         self._pending: dict[int, int] = {}  # our msg_id -> command, for server->client requests
+        self._eof = False
 
     # -- input ---------------------------------------------------------------------------
     def receive_data(
@@ -119,10 +121,14 @@ class ServerConnection:
         self._framer.feed(data, fds)
 
     def receive_eof(self) -> None:
-        self.state = ConnState.CLOSED
+        # Whole messages that arrived before the end of stream are still handed out (in the
+        # state they arrived in); the connection is CLOSED once they are drained.
+        self._eof = True
+        if not self._framer.buffered:
+            self.state = ConnState.CLOSED
 
     def next_event(self) -> Event | None:
-        if self.state is ConnState.CLOSED and not self._framer.buffered:
+        if self.state is ConnState.CLOSED:
             return None
         try:
             item = self._framer.next_message()
@@ -130,6 +136,8 @@ class ServerConnection:
             self.state = ConnState.CLOSED
             return Fatal(str(exc), self._framer.take_all_fds())
         if item is None:
+            if self._eof:
+                self.state = ConnState.CLOSED
             return None
         if isinstance(item, Oversized):
             return self._reject(
@@ -180,7 +188,9 @@ class ServerConnection:
             return self._reject(header, exc, msg.fds, close=True)
         self.client = client
         self.state = ConnState.READY
-        return Negotiated(header, client, pack_reply(header.msg_id, Command.VERSION, reply.pack()))
+        return Negotiated(
+            header, msg.payload, client, pack_reply(header.msg_id, Command.VERSION, reply.pack())
+        )
 
     def _reply(self, msg: Message) -> Event:
         command = self._pending.pop(msg.header.msg_id, None)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Self
 
 from .constants import (
+    FEATURE_FLAGS_KNOWN,
     IRQ_SET_ACTION_MASK,
     IRQ_SET_DATA_MASK,
     DmaMapFlags,
@@ -89,7 +90,8 @@ class DmaMap:
     size: int
 
     SIZE: ClassVar[int] = DMA_MAP.size
-    KNOWN_FLAGS: ClassVar[int] = DmaMapFlags.READ | DmaMapFlags.WRITE
+    # int(): ~ on an IntFlag only inverts its defined bits (~READ|WRITE == 0).
+    KNOWN_FLAGS: ClassVar[int] = int(DmaMapFlags.READ | DmaMapFlags.WRITE)
 
     def pack(self) -> bytes:
         return DMA_MAP.pack(self.argsz, self.flags, self.offset, self.address, self.size)
@@ -141,7 +143,7 @@ class DmaUnmap:
     def unpack(cls, payload: bytes | memoryview) -> Self:
         _need(payload, DMA_UNMAP.size, "DMA_UNMAP")
         argsz, flags, address, size = DMA_UNMAP.unpack_from(payload)
-        known = DmaUnmapFlags.GET_DIRTY_BITMAP | DmaUnmapFlags.ALL
+        known = int(DmaUnmapFlags.GET_DIRTY_BITMAP | DmaUnmapFlags.ALL)
         require(not flags & ~known, f"DMA_UNMAP: unknown flags {flags:#x}")
         require(argsz >= DMA_UNMAP.size, f"DMA_UNMAP: argsz {argsz} < {DMA_UNMAP.size}")
         if flags & DmaUnmapFlags.ALL:
@@ -406,7 +408,7 @@ class IrqSet:
         _need(payload, IRQ_SET.size, "DEVICE_SET_IRQS")
         argsz, flags, index, start, count = IRQ_SET.unpack_from(payload)
         require(argsz >= IRQ_SET.size, f"SET_IRQS: argsz {argsz} < 20")
-        known = IRQ_SET_DATA_MASK | IRQ_SET_ACTION_MASK
+        known = int(IRQ_SET_DATA_MASK | IRQ_SET_ACTION_MASK)
         require(not flags & ~known, f"SET_IRQS: unknown flags {flags:#x}")
         data_bits = flags & IRQ_SET_DATA_MASK
         action_bits = flags & IRQ_SET_ACTION_MASK
@@ -604,6 +606,7 @@ class DeviceFeatureMsg:
         _need(payload, ARGSZ_FLAGS.size, "DEVICE_FEATURE")
         argsz, flags = ARGSZ_FLAGS.unpack_from(payload)
         require(argsz >= ARGSZ_FLAGS.size, f"DEVICE_FEATURE: argsz {argsz} < 8")
+        require(not flags & ~FEATURE_FLAGS_KNOWN, f"DEVICE_FEATURE: unknown flags {flags:#x}")
         return cls(argsz, flags, bytes(payload[ARGSZ_FLAGS.size :]))
 
 

@@ -1,0 +1,443 @@
+"""The device-model API: what a device author implements and what the runtime gives back.
+
+A device is a :class:`Device` holding a PCI :class:`~devices.pci.ConfigSpace`, a set of
+:class:`Region` objects (BARs, ROM, device-specific regions) and an
+:class:`~devices.irq.InterruptController`. The runtime (``emulator``) turns wire messages
+into calls on these objects and hands the device a :class:`DeviceContext` through which it
+reaches guest memory (DMA) and schedules work. Nothing here knows about sockets, fds, trio or
+the wire format, so devices can be unit-tested with plain Python objects.
+"""
+
+from __future__ import annotations
+
+import errno
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+from .irq import InterruptController
+from .pci import ConfigAccessError, ConfigSpace
+
+REGION_CONFIG = 7
+PCI_FIXED_REGIONS = 9
+
+
+class DeviceError(Exception):
+    """A device refuses an access or operation; ``errno`` is what the client is told."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+class DmaFault(DeviceError):
+    """A DMA access outside the client's mappings or against their permissions."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EFAULT, message)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the runtime provides
+
+
+class Dma(Protocol):
+    """Guest memory as the device sees it: bounds- and permission-checked by IOVA."""
+
+    async def read(self, iova: int, length: int) -> bytes: ...
+
+    async def write(self, iova: int, data: bytes | bytearray | memoryview) -> None: ...
+
+
+class DeviceContext(Protocol):
+    dma: Dma
+
+    def submit(self, job: Callable[[], Awaitable[None]]) -> None:
+        """Queue device work (DMA, long operations) to run after the current request is
+        answered, in submission order. Never DMA from inside a region access handler: the
+        client may be blocked waiting for that access's reply."""
+        ...
+
+
+class _DetachedDma:
+    async def read(self, iova: int, length: int) -> bytes:
+        raise DmaFault("no client is attached")
+
+    async def write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
+        raise DmaFault("no client is attached")
+
+
+class DetachedContext:
+    """The context of a device nobody is attached to: work is dropped, DMA faults."""
+
+    dma: Dma = _DetachedDma()
+
+    def submit(self, job: Callable[[], Awaitable[None]]) -> None:
+        close = getattr(job, "close", None)
+        if callable(close):
+            close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Regions
+
+
+def check_span(size: int, offset: int, count: int, what: str) -> None:
+    if offset < 0 or count < 0 or offset + count > size:
+        raise DeviceError(
+            errno.EINVAL, f"{what}: access [{offset:#x}, +{count:#x}) outside size {size:#x}"
+        )
+
+
+class Region(ABC):
+    """One vfio region. Accesses arrive already bounds-checked against ``size``."""
+
+    size: int
+    readable: bool = True
+    writable: bool = True
+    #: (offset, size) areas the client may mmap; non-empty only for memory-backed regions.
+    mmap_areas: tuple[tuple[int, int], ...] = ()
+    #: (type, subtype) for device-specific regions (index >= 9), sent as a TYPE cap.
+    type_cap: tuple[int, int] | None = None
+
+    @abstractmethod
+    def read(self, offset: int, count: int) -> bytes: ...
+
+    @abstractmethod
+    def write(self, offset: int, data: bytes) -> None: ...
+
+    def reset(self) -> None:  # noqa: B027 - optional hook
+        """Return to power-on contents (default: nothing to do)."""
+
+
+@dataclass(slots=True)
+class Register:
+    offset: int
+    name: str
+    width: int
+    reset: int
+    writable: int
+    on_read: Callable[[], int] | None
+    on_write: Callable[[int], None] | None
+    w1c: bool = False
+
+
+class RegisterBank(Region):
+    """A register-file region: named registers with reset values and optional handlers.
+
+    A read handler computes the value (e.g. read-to-clear); a write handler receives the
+    merged value (partial writes are merged with the stored value under the writable
+    mask). Registers without handlers are plain storage. Bytes covered by no register read
+    as 0 and ignore writes, as unimplemented hardware registers do. Accesses of any size
+    and alignment are served byte-wise across registers.
+    """
+
+    def __init__(self, size: int, name: str = "registers") -> None:
+        self.size = size
+        self.name = name
+        self._registers: dict[int, Register] = {}
+        self._byte_owner: dict[int, int] = {}
+        self.values: dict[int, int] = {}
+
+    def add(
+        self,
+        offset: int,
+        name: str,
+        *,
+        width: int = 4,
+        reset: int = 0,
+        writable: int | None = None,
+        on_read: Callable[[], int] | None = None,
+        on_write: Callable[[int], None] | None = None,
+        w1c: bool = False,
+    ) -> Register:
+        if width not in (1, 2, 4, 8) or offset % width or offset + width > self.size:
+            raise ValueError(f"register {name} at {offset:#x} width {width} does not fit")
+        if any(offset + i in self._byte_owner for i in range(width)):
+            raise ValueError(f"register {name} overlaps another")
+        full = (1 << (8 * width)) - 1
+        reg = Register(
+            offset, name, width, reset, full if writable is None else writable,
+            on_read, on_write, w1c,
+        )
+        self._registers[offset] = reg
+        for i in range(width):
+            self._byte_owner[offset + i] = offset
+        self.values[offset] = reset
+        return reg
+
+    def registers(self) -> Iterable[Register]:
+        return self._registers.values()
+
+    def get(self, offset: int) -> int:
+        return self.values[offset]
+
+    def set(self, offset: int, value: int) -> None:
+        """Set a register's stored value directly (device-internal, no masks, no handlers)."""
+        self.values[offset] = value
+
+    def reset(self) -> None:
+        for reg in self._registers.values():
+            self.values[reg.offset] = reg.reset
+
+    def read(self, offset: int, count: int) -> bytes:
+        reg = self._whole_register(offset, count)
+        if reg is not None:
+            return self._read_value(reg).to_bytes(reg.width, "little")
+        out = bytearray(count)
+        done: dict[int, bytes] = {}
+        for i in range(count):
+            owner = self._byte_owner.get(offset + i)
+            if owner is None:
+                continue
+            if owner not in done:
+                reg = self._registers[owner]
+                done[owner] = self._read_value(reg).to_bytes(reg.width, "little")
+            out[i] = done[owner][offset + i - owner]
+        return bytes(out)
+
+    def write(self, offset: int, data: bytes) -> None:
+        reg = self._whole_register(offset, len(data))
+        if reg is not None:
+            self._write_value(reg, int.from_bytes(data, "little"), (1 << (8 * reg.width)) - 1)
+            return
+        per_register: dict[int, tuple[int, int]] = {}
+        for i, byte in enumerate(data):
+            owner = self._byte_owner.get(offset + i)
+            if owner is None:
+                continue
+            shift = 8 * (offset + i - owner)
+            value, enables = per_register.get(owner, (0, 0))
+            per_register[owner] = (value | byte << shift, enables | 0xFF << shift)
+        for owner, (value, enables) in per_register.items():
+            self._write_value(self._registers[owner], value, enables)
+
+    def _whole_register(self, offset: int, count: int) -> Register | None:
+        reg = self._registers.get(offset)
+        return reg if reg is not None and reg.width == count else None
+
+    def _read_value(self, reg: Register) -> int:
+        return reg.on_read() if reg.on_read is not None else self.values[reg.offset]
+
+    def _write_value(self, reg: Register, value: int, enables: int) -> None:
+        old = self.values[reg.offset]
+        mask = reg.writable & enables
+        merged = old & ~(value & mask) if reg.w1c else (old & ~mask) | (value & mask)
+        if reg.on_write is not None:
+            reg.on_write(merged)
+        else:
+            self.values[reg.offset] = merged
+
+
+class RamRegion(Region):
+    """Memory the client may mmap. The runtime rebinds ``buffer`` to a shared memfd mapping
+    (keeping the contents), so device code must always go through ``self.buffer``."""
+
+    def __init__(self, size: int, *, mmap: bool = True) -> None:
+        self.size = size
+        self.buffer: memoryview = memoryview(bytearray(size))
+        self.mmap_areas = ((0, size),) if mmap else ()
+
+    def bind(self, buffer: memoryview) -> None:
+        if len(buffer) != self.size:
+            raise ValueError("RAM backing of the wrong size")
+        buffer[:] = self.buffer
+        self.buffer = buffer
+
+    def read(self, offset: int, count: int) -> bytes:
+        return bytes(self.buffer[offset : offset + count])
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.buffer[offset : offset + len(data)] = data
+
+    def reset(self) -> None:
+        self.buffer[:] = bytes(self.size)
+
+
+class SplitRegion(Region):
+    """A BAR made of several sub-regions at fixed offsets (e.g. registers + MSI-X table)."""
+
+    def __init__(self, size: int, parts: list[tuple[int, Region]]) -> None:
+        self.size = size
+        self._parts = sorted(parts, key=lambda p: p[0])
+        for base, part in self._parts:
+            if base + part.size > size:
+                raise ValueError("sub-region outside its region")
+
+    def _split(self, offset: int, count: int) -> Iterable[tuple[Region | None, int, int, int]]:
+        """(part or None for a hole, offset inside the part, position in the access, length)."""
+        pos = 0
+        while pos < count:
+            at = offset + pos
+            part, base = next(((p, b) for b, p in self._parts if b <= at < b + p.size),
+                              (None, 0))
+            if part is None:
+                nxt = min((b for b, _ in self._parts if b > at), default=offset + count)
+                length = min(nxt, offset + count) - at
+            else:
+                length = min(base + part.size, offset + count) - at
+            yield part, at - base, pos, length
+            pos += length
+
+    def read(self, offset: int, count: int) -> bytes:
+        out = bytearray(count)
+        for part, inner, pos, length in self._split(offset, count):
+            if part is not None:
+                out[pos : pos + length] = part.read(inner, length)
+        return bytes(out)
+
+    def write(self, offset: int, data: bytes) -> None:
+        for part, inner, pos, length in self._split(offset, len(data)):
+            if part is not None:
+                part.write(inner, data[pos : pos + length])
+
+    def reset(self) -> None:
+        for _, part in self._parts:
+            part.reset()
+
+
+class ConfigRegion(Region):
+    """Region 7: the PCI configuration space."""
+
+    def __init__(self, config: ConfigSpace) -> None:
+        self.config = config
+        self.size = config.size
+
+    def read(self, offset: int, count: int) -> bytes:
+        try:
+            return self.config.read(offset, count)
+        except ConfigAccessError as exc:
+            raise DeviceError(errno.EINVAL, str(exc)) from None
+
+    def write(self, offset: int, data: bytes) -> None:
+        try:
+            self.config.write(offset, data)
+        except ConfigAccessError as exc:
+            raise DeviceError(errno.EINVAL, str(exc)) from None
+
+    def reset(self) -> None:
+        self.config.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices
+
+
+@dataclass(frozen=True, slots=True)
+class IoEventFd:
+    """A doorbell the device lets the client signal through an ioeventfd (REGION_IO_FDS)."""
+
+    region: int
+    offset: int
+    size: int
+    datamatch: int | None
+    handler: Callable[[], None]
+
+
+class Device:
+    """Base class of every device model.
+
+    Subclasses build ``self.config``, call :meth:`add_region` for their BARs, and create
+    ``self.irq`` with the vector counts they support. They may override :meth:`reset`
+    (call ``super().reset()``), :meth:`on_attach` and :meth:`on_detach`.
+    """
+
+    type_name: ClassVar[str] = "device"
+    supports_reset: ClassVar[bool] = True
+
+    def __init__(self, config: ConfigSpace, irq: InterruptController) -> None:
+        self.config = config
+        self.irq = irq
+        self.regions: dict[int, Region] = {REGION_CONFIG: ConfigRegion(config)}
+        self.ioeventfds: list[IoEventFd] = []
+        self.context: DeviceContext = DetachedContext()
+
+    # -- building ------------------------------------------------------------------------
+    def add_region(self, index: int, region: Region) -> None:
+        if index in self.regions:
+            raise ValueError(f"region {index} defined twice")
+        if index >= PCI_FIXED_REGIONS and region.type_cap is None:
+            raise ValueError("device-specific regions need a type capability")
+        self.regions[index] = region
+
+    def add_ioeventfd(self, ioeventfd: IoEventFd) -> None:
+        self.ioeventfds.append(ioeventfd)
+
+    @property
+    def num_regions(self) -> int:
+        return max(PCI_FIXED_REGIONS, max(self.regions) + 1)
+
+    # -- access (called by the runtime) --------------------------------------------------
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        region = self._region(index)
+        if not region.readable:
+            raise DeviceError(errno.EINVAL, f"region {index} is not readable")
+        check_span(region.size, offset, count, f"region {index}")
+        data = region.read(offset, count)
+        if len(data) != count:
+            raise DeviceError(errno.EIO, f"region {index} returned {len(data)} of {count} bytes")
+        return data
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        region = self._region(index)
+        if not region.writable:
+            raise DeviceError(errno.EINVAL, f"region {index} is not writable")
+        check_span(region.size, offset, len(data), f"region {index}")
+        region.write(offset, data)
+
+    def _region(self, index: int) -> Region:
+        region = self.regions.get(index)
+        if region is None or region.size == 0:
+            raise DeviceError(errno.EINVAL, f"region {index} does not exist")
+        return region
+
+    # -- life cycle ----------------------------------------------------------------------
+    def attach(self, context: DeviceContext) -> None:
+        self.context = context
+        self.on_attach()
+
+    def detach(self) -> None:
+        """The client went away: DMA and interrupt delivery end, device state stays."""
+        self.on_detach()
+        self.context = DetachedContext()
+
+    def on_attach(self) -> None:
+        pass
+
+    def on_detach(self) -> None:
+        pass
+
+    def reset(self) -> None:
+        """Function-level reset: registers, RAM, config space and interrupt state."""
+        for region in self.regions.values():
+            region.reset()
+        self.irq.reset()
+
+
+class MsixTableRegion(Region):
+    """The MSI-X table, placed by the device inside one of its BARs."""
+
+    def __init__(self, irq: InterruptController) -> None:
+        self.irq = irq
+        self.size = len(irq.msix_table)
+
+    def read(self, offset: int, count: int) -> bytes:
+        return bytes(self.irq.msix_table[offset : offset + count])
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.irq.msix_table_write(offset, data)
+
+
+class MsixPbaRegion(Region):
+    """The MSI-X pending-bit array; read-only, writes are dropped (PCI spec)."""
+
+    def __init__(self, irq: InterruptController) -> None:
+        self.irq = irq
+        self.size = len(irq.pba_bytes())
+
+    def read(self, offset: int, count: int) -> bytes:
+        return self.irq.pba_bytes()[offset : offset + count]
+
+    def write(self, offset: int, data: bytes) -> None:
+        pass

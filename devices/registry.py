@@ -1,0 +1,91 @@
+"""Device types by name, built from ``TYPE[,key=value,...]`` specs (``--device``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .api import Device
+from .testdev import TestDev, TestDevOptions
+
+
+class DeviceSpecError(ValueError):
+    """A ``--device`` spec that names no device or carries a bad option."""
+
+
+_SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``64K``, ``16M``, ``1G`` (binary units)."""
+    raw = text.strip().lower().removesuffix("ib").removesuffix("b")
+    suffix = raw[-1:] if raw[-1:] in _SIZE_SUFFIXES else ""
+    number = raw[: len(raw) - len(suffix)]
+    if not number.isdigit():
+        raise DeviceSpecError(f"{text!r} is not a size (examples: 4096, 64K, 16M)")
+    return int(number) * _SIZE_SUFFIXES[suffix]
+
+
+def parse_int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise DeviceSpecError(f"{text!r} is not a number") from None
+
+
+@dataclass(frozen=True)
+class DeviceType:
+    name: str
+    summary: str
+    options: dict[str, str]  # option -> help
+    build: Callable[[dict[str, str]], Device]
+
+
+def _build_testdev(opts: dict[str, str]) -> Device:
+    kwargs: dict[str, int] = {}
+    if "ram" in opts:
+        kwargs["ram_size"] = parse_size(opts["ram"])
+    if "vectors" in opts:
+        kwargs["msix_vectors"] = parse_int(opts["vectors"])
+    try:
+        return TestDev(TestDevOptions(**kwargs))
+    except ValueError as exc:
+        raise DeviceSpecError(f"testdev: {exc}") from None
+
+
+DEVICE_TYPES: dict[str, DeviceType] = {
+    "testdev": DeviceType(
+        "testdev",
+        "test device: scratch registers, doorbell interrupts, DMA copy, RAM BAR, MSI-X",
+        {"ram": "RAM BAR size (power of two, default 64K)", "vectors": "MSI-X vectors (1-32)"},
+        _build_testdev,
+    ),
+}
+
+DEFAULT_DEVICE = "testdev"
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    name, _, rest = spec.strip().partition(",")
+    options: dict[str, str] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DeviceSpecError(f"device option {item!r} is not key=value")
+        if key in options:
+            raise DeviceSpecError(f"device option {key!r} given twice")
+        options[key.strip()] = value.strip()
+    return name, options
+
+
+def create_device(spec: str) -> Device:
+    name, options = parse_spec(spec)
+    device_type = DEVICE_TYPES.get(name)
+    if device_type is None:
+        known = ", ".join(sorted(DEVICE_TYPES))
+        raise DeviceSpecError(f"unknown device type {name!r} (known: {known})")
+    unknown = sorted(set(options) - set(device_type.options))
+    if unknown:
+        valid = ", ".join(sorted(device_type.options)) or "none"
+        raise DeviceSpecError(f"{name}: unknown option(s) {', '.join(unknown)} (valid: {valid})")
+    return device_type.build(options)

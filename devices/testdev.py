@@ -1,0 +1,211 @@
+"""``testdev``: a small but real PCI device used throughout the tests and as the default.
+
+Layout (all registers 32-bit, little-endian)::
+
+  BAR0  4 KiB MMIO registers
+        0x00 ID          RO   0x54534554 ("TEST")
+        0x04 VERSION     RO   1
+        0x10-0x2c SCRATCH0-7  RW
+        0x30 DOORBELL    WO   write N: raise interrupt vector N, set IRQ_STATUS bit N
+        0x34 IRQ_STATUS  RW1C one bit per vector raised and not yet acknowledged; INTx
+                              stays asserted while any bit is set
+        0x38 IRQ_COUNT   RO   interrupts raised since reset
+        0x40/0x44 DMA_SRC     RW  source IOVA (low/high)
+        0x48/0x4c DMA_DST     RW  destination IOVA (low/high)
+        0x50 DMA_LEN     RW   bytes to copy (at most 16 MiB)
+        0x54 DMA_CTRL    WO   bit0 start; bit1 interrupt when done; bits 15:8 vector
+        0x58 DMA_STATUS  RO   0 idle, 1 busy, 2 done, 3 error
+        0x5c DMA_DONE    RO   copies completed since reset
+        0x60 DMA_ERROR   RO   errno of the last failed copy
+        0x80 IOEVENT     WO   doorbell also offered as an ioeventfd: raises vector 0
+        0x84 IOEVENT_COUNT RO times the ioeventfd doorbell rang
+  BAR2  RAM (64-bit, prefetchable, default 64 KiB), mmap-able through a memfd
+  BAR4  MSI-X table (offset 0) and PBA (offset 0x800), 4 KiB
+  config: PCIe endpoint (4 KiB config space), PM, MSI (1 vector), MSI-X (4 vectors), INTA#
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .api import (
+    Device,
+    DeviceError,
+    IoEventFd,
+    MsixPbaRegion,
+    MsixTableRegion,
+    RamRegion,
+    RegisterBank,
+    SplitRegion,
+)
+from .irq import InterruptController
+from .pci import BarKind, BarSpec, ConfigSpace
+
+VENDOR_ID = 0x1B36
+DEVICE_ID = 0x0F00
+CLASS_CODE = 0xFF0000  # "unassigned": no guest driver claims it by accident
+
+ID_VALUE = 0x54534554
+REG_ID = 0x00
+REG_VERSION = 0x04
+REG_SCRATCH = 0x10
+SCRATCH_COUNT = 8
+REG_DOORBELL = 0x30
+REG_IRQ_STATUS = 0x34
+REG_IRQ_COUNT = 0x38
+REG_DMA_SRC = 0x40
+REG_DMA_DST = 0x48
+REG_DMA_LEN = 0x50
+REG_DMA_CTRL = 0x54
+REG_DMA_STATUS = 0x58
+REG_DMA_DONE = 0x5C
+REG_DMA_ERROR = 0x60
+REG_IOEVENT = 0x80
+REG_IOEVENT_COUNT = 0x84
+
+DMA_CTRL_START = 1 << 0
+DMA_CTRL_IRQ = 1 << 1
+DMA_IDLE, DMA_BUSY, DMA_DONE, DMA_FAILED = range(4)
+DMA_MAX_LEN = 16 * 1024 * 1024
+
+BAR_REGS, BAR_RAM, BAR_MSIX = 0, 2, 4
+REGS_SIZE = 0x1000
+MSIX_BAR_SIZE = 0x1000
+PBA_OFFSET = 0x800
+
+
+@dataclass(frozen=True, slots=True)
+class TestDevOptions:
+    __test__ = False
+    ram_size: int = 64 * 1024
+    msix_vectors: int = 4
+
+    def __post_init__(self) -> None:
+        if self.ram_size < 4096 or self.ram_size & (self.ram_size - 1):
+            raise ValueError("ram size must be a power of two >= 4096")
+        if not 1 <= self.msix_vectors <= 32:
+            raise ValueError("msix vectors must be 1..32")
+
+
+class TestDev(Device):
+    __test__ = False  # not a pytest test class, despite the name
+    type_name: ClassVar[str] = "testdev"
+
+    def __init__(self, options: TestDevOptions | None = None) -> None:
+        opts = options or TestDevOptions()
+        self.options = opts
+        config = ConfigSpace(
+            vendor_id=VENDOR_ID,
+            device_id=DEVICE_ID,
+            subsystem_vendor_id=VENDOR_ID,
+            subsystem_id=0x0001,
+            class_code=CLASS_CODE,
+            revision=1,
+            interrupt_pin=1,
+            express=True,
+        )
+        config.add_bar(BarSpec(BAR_REGS, REGS_SIZE, BarKind.MEM32))
+        config.add_bar(BarSpec(BAR_RAM, opts.ram_size, BarKind.MEM64, prefetchable=True))
+        config.add_bar(BarSpec(BAR_MSIX, MSIX_BAR_SIZE, BarKind.MEM32))
+        config.add_pm_capability()
+        config.add_msi_capability(1)
+        config.add_msix_capability(
+            opts.msix_vectors,
+            table_bar=BAR_MSIX,
+            table_offset=0,
+            pba_bar=BAR_MSIX,
+            pba_offset=PBA_OFFSET,
+        )
+        config.add_express_capability()
+        super().__init__(config, InterruptController(config, msi_vectors=1,
+                                                     msix_vectors=opts.msix_vectors))
+        self.regs = self._build_registers()
+        self.ram = RamRegion(opts.ram_size)
+        self.add_region(BAR_REGS, self.regs)
+        self.add_region(BAR_RAM, self.ram)
+        self.add_region(
+            BAR_MSIX,
+            SplitRegion(
+                MSIX_BAR_SIZE,
+                [(0, MsixTableRegion(self.irq)), (PBA_OFFSET, MsixPbaRegion(self.irq))],
+            ),
+        )
+        self.add_ioeventfd(IoEventFd(BAR_REGS, REG_IOEVENT, 4, None, self._ioevent))
+
+    # -- registers ---------------------------------------------------------------------------
+    def _build_registers(self) -> RegisterBank:
+        bank = RegisterBank(REGS_SIZE, "testdev")
+        bank.add(REG_ID, "ID", reset=ID_VALUE, writable=0)
+        bank.add(REG_VERSION, "VERSION", reset=1, writable=0)
+        for i in range(SCRATCH_COUNT):
+            bank.add(REG_SCRATCH + 4 * i, f"SCRATCH{i}")
+        bank.add(REG_DOORBELL, "DOORBELL", on_read=lambda: 0, on_write=self._doorbell)
+        bank.add(REG_IRQ_STATUS, "IRQ_STATUS", w1c=True, on_write=self._ack)
+        bank.add(REG_IRQ_COUNT, "IRQ_COUNT", writable=0)
+        bank.add(REG_DMA_SRC, "DMA_SRC_LO")
+        bank.add(REG_DMA_SRC + 4, "DMA_SRC_HI")
+        bank.add(REG_DMA_DST, "DMA_DST_LO")
+        bank.add(REG_DMA_DST + 4, "DMA_DST_HI")
+        bank.add(REG_DMA_LEN, "DMA_LEN")
+        bank.add(REG_DMA_CTRL, "DMA_CTRL", on_read=lambda: 0, on_write=self._dma_ctrl)
+        bank.add(REG_DMA_STATUS, "DMA_STATUS", writable=0)
+        bank.add(REG_DMA_DONE, "DMA_DONE", writable=0)
+        bank.add(REG_DMA_ERROR, "DMA_ERROR", writable=0)
+        bank.add(REG_IOEVENT, "IOEVENT", on_read=lambda: 0, on_write=lambda _v: self._ioevent())
+        bank.add(REG_IOEVENT_COUNT, "IOEVENT_COUNT", writable=0)
+        return bank
+
+    def _raise(self, vector: int) -> None:
+        status = self.regs.get(REG_IRQ_STATUS) | (1 << vector)
+        self.regs.set(REG_IRQ_STATUS, status)
+        self.regs.set(REG_IRQ_COUNT, (self.regs.get(REG_IRQ_COUNT) + 1) & 0xFFFFFFFF)
+        # A vector beyond what the enabled mode offers goes to its last vector.
+        self.irq.notify(min(vector, max(self.irq.vectors_in_use() - 1, 0)))
+
+    def _doorbell(self, value: int) -> None:
+        self._raise(value & 0x1F)
+
+    def _ack(self, status: int) -> None:
+        self.regs.set(REG_IRQ_STATUS, status)
+        if not status:
+            self.irq.lower_intx()  # level-triggered: the line drops once all causes are acked
+
+    def _ioevent(self) -> None:
+        self.regs.set(REG_IOEVENT_COUNT, (self.regs.get(REG_IOEVENT_COUNT) + 1) & 0xFFFFFFFF)
+        self._raise(0)
+
+    # -- DMA copy ---------------------------------------------------------------------------
+    def _dma_ctrl(self, value: int) -> None:
+        if not value & DMA_CTRL_START:
+            return
+        if self.regs.get(REG_DMA_STATUS) == DMA_BUSY:
+            return  # one copy at a time; the guest polls DMA_STATUS
+        src = self.regs.get(REG_DMA_SRC) | self.regs.get(REG_DMA_SRC + 4) << 32
+        dst = self.regs.get(REG_DMA_DST) | self.regs.get(REG_DMA_DST + 4) << 32
+        length = self.regs.get(REG_DMA_LEN)
+        notify = bool(value & DMA_CTRL_IRQ)
+        vector = (value >> 8) & 0xFF
+        self.regs.set(REG_DMA_STATUS, DMA_BUSY)
+
+        async def copy() -> None:
+            await self._copy(src, dst, length, notify, vector)
+
+        self.context.submit(copy)
+
+    async def _copy(self, src: int, dst: int, length: int, notify: bool, vector: int) -> None:
+        try:
+            if length > DMA_MAX_LEN:
+                raise DeviceError(errno.E2BIG, f"DMA_LEN {length} above {DMA_MAX_LEN}")
+            data = await self.context.dma.read(src, length)
+            await self.context.dma.write(dst, data)
+        except DeviceError as exc:
+            self.regs.set(REG_DMA_ERROR, exc.errno)
+            self.regs.set(REG_DMA_STATUS, DMA_FAILED)
+        else:
+            self.regs.set(REG_DMA_STATUS, DMA_DONE)
+            self.regs.set(REG_DMA_DONE, (self.regs.get(REG_DMA_DONE) + 1) & 0xFFFFFFFF)
+        if notify:
+            self._raise(vector)
+

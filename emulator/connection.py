@@ -1,0 +1,360 @@
+"""One client connection: the trio adapter around :class:`protocol.ServerConnection`.
+
+Tasks per connection (one nursery):
+
+* the reader: receives bytes+fds, feeds the sans-IO connection and handles each event
+  in order. Commands are answered inline (the fast path); replies to our own DMA_READ /
+  DMA_WRITE requests are routed to the waiting device job, so a job waiting for a DMA reply
+  never blocks the reader (QEMU holds its big lock while it waits for our replies).
+* the device worker: runs device jobs (``DeviceContext.submit``) one after another.
+* one watcher per eventfd the client signals (INTx resample, ioeventfds).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from devices.api import Device, DeviceError, DmaFault
+from devices.irq import NullSink
+from protocol.connection import (
+    CommandReceived,
+    Fatal,
+    Negotiated,
+    Rejected,
+    ReplyReceived,
+    ServerConnection,
+)
+from protocol.constants import Command
+from protocol.errors import ProtocolError
+from protocol.header import Header
+from protocol.messages import (
+    DmaData,
+    DmaRw,
+    check_dma_write_reply,
+    unpack_dma_read_reply,
+)
+from protocol.version import ClientCapabilities, ServerCapabilities
+
+from .dma import DirtyLog, DmaEngine, IovaMap
+from .irqs import IrqBindings
+from .session import IoEventFds, RegionFds, Session
+from .trace import Tracer
+from .transport import TransportError, close_fds, receive_chunk, send_message
+
+log = logging.getLogger("vfio_user_emu")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what one client may make us hold (documented in the README)."""
+
+    max_message_size: int = 1024 * 1024 + 4096
+    max_fds_per_message: int = 16
+    max_dma_maps: int = 65535
+    dma_reply_timeout: float = 10.0
+    max_queued_jobs: int = 4096
+
+
+class _Waiter:
+    __slots__ = ("event", "header", "payload")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.header: Header | None = None
+        self.payload = b""
+
+
+class ClientSession:
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        device: Device,
+        *,
+        capabilities: ServerCapabilities,
+        limits: Limits,
+        region_fds: RegionFds,
+        tracer: Tracer,
+    ) -> None:
+        self.sock = sock
+        self.device = device
+        self.capabilities = capabilities
+        self.limits = limits
+        self.region_fds = region_fds
+        self.tracer = tracer
+        self.proto = ServerConnection(capabilities, limits.max_message_size)
+        self.maps = IovaMap(min(limits.max_dma_maps, capabilities.max_dma_maps))
+        self.dirty = DirtyLog()
+        self.irqs = IrqBindings(device.irq, self)
+        self.io_fds = IoEventFds(self._create_ioeventfds)
+        self.session: Session | None = None
+        self.engine: DmaEngine | None = None
+        self.client: ClientCapabilities | None = None
+        self.max_transfer = 4096
+        self._send_lock = trio.Lock()
+        self._waiters: dict[int, _Waiter] = {}
+        self._jobs: deque[Callable[[], Awaitable[None]]] = deque()
+        self._jobs_ready = trio.Event()
+        self._current_job: trio.CancelScope | None = None
+        self._watches: dict[int, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+        self.closed = False
+
+    # -- life cycle ------------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._worker)
+                try:
+                    await self._read_loop()
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._teardown()
+
+    def _teardown(self) -> None:
+        """Client gone: drop DMA maps and irq fds, keep the device's state (spec)."""
+        self.closed = True
+        self._jobs.clear()
+        if self.engine is not None:
+            self.engine.enabled = False
+        self.device.detach()
+        self.device.irq.sink = NullSink()
+        self.device.irq.client_gone()
+        for fd in list(self._watches):
+            self.unwatch(fd)
+        self.irqs.close_all()
+        for fds in self.io_fds.by_region.values():
+            close_fds(fds)
+        self.io_fds.by_region.clear()
+        self.maps.clear()
+        close_fds(self.proto.take_all_fds())
+        self.sock.close()
+
+    # -- reading -----------------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                data, fds = await receive_chunk(
+                    self.sock, 256 * 1024, self.limits.max_fds_per_message
+                )
+            except TransportError as exc:
+                log.warning("closing connection: %s", exc)
+                return
+            except OSError as exc:
+                log.info("connection lost: %s", exc)
+                return
+            if not data:
+                close_fds(fds)
+                return
+            self.proto.receive_data(data, fds)
+            while (event := self.proto.next_event()) is not None:
+                if not await self._dispatch(event):
+                    return
+            close_fds(self.proto.take_orphan_fds())
+
+    async def _dispatch(self, event: object) -> bool:
+        """Handle one event; False when the connection must close."""
+        if isinstance(event, CommandReceived):
+            await self._command(event)
+            return True
+        if isinstance(event, ReplyReceived):
+            self.tracer.message("<-", event.header, event.payload, len(event.fds))
+            close_fds(event.fds)
+            self._route_reply(event.header, event.payload)
+            return True
+        if isinstance(event, Negotiated):
+            self.tracer.message("<-", event.header, event.payload, 0)
+            self._start_session(event.client)
+            self.tracer.reply(event.header, event.reply[16:], 0)
+            await self._send(event.reply)
+            return True
+        if isinstance(event, Rejected):
+            self.tracer.rejected(event.header, event.error)
+            close_fds(event.fds)
+            if event.reply is not None:
+                await self._send(event.reply)
+            return not event.close
+        if isinstance(event, Fatal):
+            log.warning("closing connection: %s", event.reason)
+            close_fds(event.fds)
+            return False
+        raise AssertionError(f"unknown event {event!r}")
+
+    async def _command(self, event: CommandReceived) -> None:
+        header, fds = event.header, event.fds
+        self.tracer.message("<-", header, event.payload, len(fds))
+        assert self.session is not None
+        try:
+            outcome = self.session.handle(header, event.payload, fds)
+        except (ProtocolError, DeviceError) as exc:
+            close_fds(fds)
+            self.tracer.failed(header, exc.errno, str(exc))
+            reply = self.proto.error_reply(header, exc.errno)
+            if reply is not None:
+                await self._send(reply)
+            return
+        except Exception:
+            # A device bug must not take the server down; the client gets EIO.
+            log.exception("device failed on %s", header.command_name())
+            close_fds(fds)
+            reply = self.proto.error_reply(header, errno.EIO)
+            if reply is not None:
+                await self._send(reply)
+            return
+        close_fds(fds)
+        reply = self.proto.reply(header, outcome.payload)
+        if reply is not None:
+            self.tracer.reply(header, outcome.payload, len(outcome.fds))
+            await self._send(reply, outcome.fds)
+
+    def _start_session(self, client: ClientCapabilities) -> None:
+        self.client = client
+        self.max_transfer = max(1, client.max_data_xfer_size)
+        self.engine = DmaEngine(self.maps, self, self.dirty)
+        self.session = Session(
+            self.device,
+            client=client,
+            server=self.capabilities,
+            maps=self.maps,
+            irqs=self.irqs,
+            region_fds=self.region_fds,
+            io_fds=self.io_fds,
+            cancel_device_work=self.cancel_device_work,
+        )
+        self.device.irq.sink = self.irqs
+        self.device.attach(self)
+
+    async def _send(self, data: bytes, fds: list[int] | None = None) -> None:
+        async with self._send_lock:
+            await send_message(self.sock, data, fds or ())
+
+    # -- DeviceContext ----------------------------------------------------------------------
+    @property
+    def dma(self) -> DmaEngine:
+        if self.engine is None:
+            raise DmaFault("no client session")
+        return self.engine
+
+    def submit(self, job: Callable[[], Awaitable[None]]) -> None:
+        if self.closed or len(self._jobs) >= self.limits.max_queued_jobs:
+            log.warning("device work dropped (%s)", "closed" if self.closed else "queue full")
+            return
+        self._jobs.append(job)
+        self._jobs_ready.set()
+
+    def cancel_device_work(self) -> None:
+        self._jobs.clear()
+        if self._current_job is not None:
+            self._current_job.cancel()
+
+    async def _worker(self) -> None:
+        while True:
+            if not self._jobs:
+                self._jobs_ready = trio.Event()
+                await self._jobs_ready.wait()
+                continue
+            job = self._jobs.popleft()
+            with trio.CancelScope() as scope:
+                self._current_job = scope
+                try:
+                    await job()
+                except DeviceError as exc:
+                    log.warning("device job failed: %s", exc)
+                except Exception:
+                    log.exception("device job crashed")
+            self._current_job = None
+
+    # -- MessageChannel: server -> client DMA ----------------------------------------------
+    async def dma_read(self, address: int, count: int) -> bytes:
+        _, payload = await self._dma_request(
+            Command.DMA_READ, DmaRw(address, count).pack()
+        )
+        try:
+            return unpack_dma_read_reply(payload, address, count)
+        except ProtocolError as exc:
+            raise DmaFault(f"bad DMA_READ reply: {exc}") from None
+
+    async def dma_write(self, address: int, data: bytes) -> None:
+        _, payload = await self._dma_request(
+            Command.DMA_WRITE, DmaData(address, len(data), data).pack()
+        )
+        try:
+            check_dma_write_reply(payload, address, len(data))
+        except ProtocolError as exc:
+            raise DmaFault(f"bad DMA_WRITE reply: {exc}") from None
+
+    async def _dma_request(self, command: Command, payload: bytes) -> tuple[Header, bytes]:
+        if self.closed:
+            raise DmaFault("client gone")
+        msg_id, data = self.proto.request(command, payload)
+        waiter = self._waiters[msg_id] = _Waiter()
+        try:
+            self.tracer.request(msg_id, command, payload)
+            await self._send(data)
+            with trio.move_on_after(self.limits.dma_reply_timeout):
+                await waiter.event.wait()
+        finally:
+            self._waiters.pop(msg_id, None)
+            self.proto.forget_request(msg_id)
+        if waiter.header is None:
+            raise DmaFault(f"no reply to {command.name} within {self.limits.dma_reply_timeout}s")
+        if waiter.header.is_error:
+            raise DmaFault(f"client refused {command.name}: errno {waiter.header.error}")
+        return waiter.header, waiter.payload
+
+    def _route_reply(self, header: Header, payload: bytes) -> None:
+        waiter = self._waiters.get(header.msg_id)
+        if waiter is None:
+            return
+        waiter.header = header
+        waiter.payload = payload
+        waiter.event.set()
+
+    # -- FdWatcher ----------------------------------------------------------------------------
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        assert self._nursery is not None
+        scope = trio.CancelScope()
+        self._watches[fd] = scope
+        self._nursery.start_soon(self._watch, fd, callback, scope)
+
+    def unwatch(self, fd: int) -> None:
+        scope = self._watches.pop(fd, None)
+        if scope is not None:
+            scope.cancel()
+            trio.lowlevel.notify_closing(fd)
+
+    async def _watch(self, fd: int, callback: Callable[[], None], scope: trio.CancelScope) -> None:
+        with scope:
+            while True:
+                try:
+                    await trio.lowlevel.wait_readable(fd)
+                except (trio.ClosedResourceError, OSError):
+                    return
+                try:
+                    os.read(fd, 8)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return
+                try:
+                    callback()
+                except Exception:
+                    log.exception("eventfd handler failed")
+
+    def _create_ioeventfds(self, index: int) -> list[int]:
+        fds = []
+        for doorbell in self.device.ioeventfds:
+            if doorbell.region != index:
+                continue
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            fds.append(fd)
+            self.watch(fd, doorbell.handler)
+        return fds

@@ -1,0 +1,272 @@
+"""Client memory: the DMA map (DMA_MAP/DMA_UNMAP) and the device-facing DMA engine.
+
+A range mapped with an fd is mmapped here and accessed directly. A range mapped without one
+is reached with DMA_READ/DMA_WRITE messages to the client, split at the client's
+``max_data_xfer_size``. Either way every access is checked against the map and its
+permissions before a byte moves, and every byte written is recorded in the dirty log.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import mmap
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from devices.api import DmaFault
+from protocol.constants import DmaMapFlags
+from protocol.errors import ProtocolError
+from protocol.messages import DmaMap
+
+PAGE_SIZE = mmap.PAGESIZE
+
+
+@dataclass(eq=False)
+class Mapping:
+    address: int
+    size: int
+    readable: bool
+    writable: bool
+    fd: int | None = None
+    file_offset: int = 0
+    file_id: tuple[int, int] | None = None  # (st_dev, st_ino), to recognise identical re-maps
+    _mmap: mmap.mmap | None = field(default=None, repr=False)
+    _skew: int = 0  # bytes between the page-aligned mmap start and file_offset
+
+    @property
+    def end(self) -> int:
+        return self.address + self.size
+
+    @property
+    def fd_backed(self) -> bool:
+        return self._mmap is not None
+
+    def same_as(self, other: Mapping) -> bool:
+        return (
+            self.address == other.address
+            and self.size == other.size
+            and self.readable == other.readable
+            and self.writable == other.writable
+            and self.file_offset == other.file_offset
+            and self.file_id == other.file_id
+        )
+
+    def read(self, offset: int, length: int) -> bytes:
+        assert self._mmap is not None
+        start = self._skew + offset
+        return self._mmap[start : start + length]
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        assert self._mmap is not None
+        start = self._skew + offset
+        self._mmap[start : start + len(data)] = data
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _open_mapping(request: DmaMap, fd: int | None) -> Mapping:
+    readable = bool(request.flags & DmaMapFlags.READ)
+    writable = bool(request.flags & DmaMapFlags.WRITE)
+    mapping = Mapping(request.address, request.size, readable, writable, fd, request.offset)
+    if fd is None:
+        return mapping
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise ProtocolError(errno.EINVAL, "DMA_MAP: fd is not a regular file or memfd")
+    if st.st_size < request.offset + request.size:
+        raise ProtocolError(
+            errno.EINVAL,
+            f"DMA_MAP: file of {st.st_size:#x} bytes does not cover "
+            f"offset {request.offset:#x} + size {request.size:#x}",
+        )
+    mapping.file_id = (st.st_dev, st.st_ino)
+    skew = request.offset % PAGE_SIZE
+    prot = (mmap.PROT_READ if readable else 0) | (mmap.PROT_WRITE if writable else 0)
+    try:
+        mapping._mmap = mmap.mmap(
+            fd, skew + request.size, mmap.MAP_SHARED, prot, offset=request.offset - skew
+        )
+    except OSError as exc:
+        raise ProtocolError(exc.errno or errno.EINVAL, f"DMA_MAP: mmap failed: {exc}") from None
+    except (OverflowError, ValueError) as exc:
+        raise ProtocolError(errno.EINVAL, f"DMA_MAP: cannot map: {exc}") from None
+    mapping._skew = skew
+    return mapping
+
+
+class IovaMap:
+    """The client's IOVA ranges, sorted and non-overlapping."""
+
+    def __init__(self, max_maps: int) -> None:
+        self.max_maps = max_maps
+        self._starts: list[int] = []
+        self._maps: list[Mapping] = []
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def __iter__(self) -> Iterator[Mapping]:
+        return iter(list(self._maps))
+
+    def add(self, request: DmaMap, fd: int | None) -> None:
+        """Map a range; takes ownership of ``fd`` on success (and closes it on failure)."""
+        try:
+            mapping = _open_mapping(request, fd)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        existing = self._overlapping(mapping.address, mapping.end)
+        if existing:
+            mapping.close()
+            if len(existing) == 1 and existing[0].same_as(mapping):
+                return  # an identical re-map is harmless (QEMU resends them)
+            raise ProtocolError(
+                errno.EEXIST, f"DMA_MAP: [{mapping.address:#x}, {mapping.end:#x}) overlaps"
+            )
+        if len(self._maps) >= self.max_maps:
+            mapping.close()
+            raise ProtocolError(errno.ENOSPC, f"DMA_MAP: already {self.max_maps} maps")
+        at = bisect.bisect_left(self._starts, mapping.address)
+        self._starts.insert(at, mapping.address)
+        self._maps.insert(at, mapping)
+
+    def remove(self, address: int, size: int) -> Mapping:
+        at = bisect.bisect_left(self._starts, address)
+        if at == len(self._maps) or self._starts[at] != address or self._maps[at].size != size:
+            raise ProtocolError(
+                errno.ENOENT, f"DMA_UNMAP: no mapping is exactly [{address:#x}, +{size:#x})"
+            )
+        del self._starts[at]
+        mapping = self._maps.pop(at)
+        mapping.close()
+        return mapping
+
+    def clear(self) -> None:
+        for mapping in self._maps:
+            mapping.close()
+        self._starts.clear()
+        self._maps.clear()
+
+    def _overlapping(self, start: int, end: int) -> list[Mapping]:
+        at = max(bisect.bisect_right(self._starts, start) - 1, 0)
+        found = []
+        for mapping in self._maps[at:]:
+            if mapping.address >= end:
+                break
+            if mapping.end > start:
+                found.append(mapping)
+        return found
+
+    def segments(self, iova: int, length: int, *, write: bool) -> list[tuple[Mapping, int, int]]:
+        """(mapping, offset in mapping, length) covering ``[iova, iova+length)`` exactly.
+
+        Raises :class:`DmaFault` if any byte is unmapped or the access is not permitted, so
+        nothing is transferred unless everything may be.
+        """
+        if length < 0 or iova < 0 or iova + length > 1 << 64:
+            raise DmaFault(f"DMA: bad range [{iova:#x}, +{length:#x})")
+        out: list[tuple[Mapping, int, int]] = []
+        pos = iova
+        end = iova + length
+        at = bisect.bisect_right(self._starts, pos) - 1
+        while pos < end:
+            if at < 0 or at >= len(self._maps) or not (
+                self._maps[at].address <= pos < self._maps[at].end
+            ):
+                raise DmaFault(f"DMA: {pos:#x} is not mapped")
+            mapping = self._maps[at]
+            if write and not mapping.writable:
+                raise DmaFault(f"DMA: write to read-only mapping at {mapping.address:#x}")
+            if not write and not mapping.readable:
+                raise DmaFault(f"DMA: read from write-only mapping at {mapping.address:#x}")
+            chunk = min(end, mapping.end) - pos
+            out.append((mapping, pos - mapping.address, chunk))
+            pos += chunk
+            at += 1
+        return out
+
+
+class MessageChannel(Protocol):
+    """Server-to-client DMA messages, provided by the connection."""
+
+    max_transfer: int
+
+    async def dma_read(self, address: int, count: int) -> bytes: ...
+
+    async def dma_write(self, address: int, data: bytes) -> None: ...
+
+
+class DirtyLog:
+    """Pages written by the device (4 KiB granularity), read and cleared by the migration
+    code's dirty-page logging."""
+
+    def __init__(self, page_size: int = PAGE_SIZE) -> None:
+        self.page_size = page_size
+        self.pages: set[int] = set()
+
+    def record(self, iova: int, length: int) -> None:
+        if length:
+            first = iova // self.page_size
+            last = (iova + length - 1) // self.page_size
+            self.pages.update(range(first, last + 1))
+
+    def take(self) -> set[int]:
+        pages, self.pages = self.pages, set()
+        return pages
+
+
+class DmaEngine:
+    """The :class:`devices.api.Dma` a device uses, bound to one client connection."""
+
+    def __init__(self, maps: IovaMap, channel: MessageChannel, dirty: DirtyLog) -> None:
+        self.maps = maps
+        self.channel = channel
+        self.dirty = dirty
+        self.enabled = True
+
+    def _check_enabled(self) -> None:
+        if not self.enabled:
+            raise DmaFault("DMA is disabled (device reset, stopped or client gone)")
+
+    async def read(self, iova: int, length: int) -> bytes:
+        self._check_enabled()
+        parts = []
+        for mapping, offset, chunk in self.maps.segments(iova, length, write=False):
+            if mapping.fd_backed:
+                parts.append(mapping.read(offset, chunk))
+            else:
+                address = mapping.address + offset
+                for start in range(0, chunk, self.channel.max_transfer):
+                    count = min(self.channel.max_transfer, chunk - start)
+                    parts.append(await self.channel.dma_read(address + start, count))
+                    self._check_enabled()
+        return b"".join(parts)
+
+    async def write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
+        self._check_enabled()
+        view = memoryview(data).cast("B")
+        pos = 0
+        for mapping, offset, chunk in self.maps.segments(iova, len(view), write=True):
+            if mapping.fd_backed:
+                mapping.write(offset, view[pos : pos + chunk])
+                self.dirty.record(mapping.address + offset, chunk)
+            else:
+                address = mapping.address + offset
+                for start in range(0, chunk, self.channel.max_transfer):
+                    count = min(self.channel.max_transfer, chunk - start)
+                    piece = bytes(view[pos + start : pos + start + count])
+                    await self.channel.dma_write(address + start, piece)
+                    self.dirty.record(address + start, count)
+                    self._check_enabled()
+            pos += chunk

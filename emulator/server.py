@@ -1,0 +1,252 @@
+"""Serving one device on a UNIX socket (the spec's backend-program conventions).
+
+* The socket is created atomically: bound under a temporary name, chmod 0600, listening,
+  then renamed to the final path, so a client that connects as soon as the path exists
+  (libvfio-user's sample client does) always finds a listening socket.
+* Or an inherited listening socket (``--fd N``, systemd socket activation) is used as is.
+* One client at a time: a second connection is answered with EBUSY to its first message and
+  closed, without disturbing the first.
+* On disconnect the client's DMA maps and eventfds go, the device's state stays.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import mmap
+import os
+import socket
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from devices.api import Device, RamRegion
+from protocol.constants import HEADER_SIZE
+from protocol.header import Header, pack_error_reply
+from protocol.version import ServerCapabilities
+
+from .connection import ClientSession, Limits
+from .session import RegionFds
+from .trace import Tracer
+from .transport import close_fds, receive_chunk, send_message
+
+log = logging.getLogger("vfio_user_emu")
+
+REFUSAL_WAIT = 2.0
+
+
+class ServerState(enum.Enum):
+    CREATED = "created"
+    LISTENING = "listening"
+    SERVING = "serving"  # a client is attached
+    CLOSED = "closed"
+
+
+class ServerError(Exception):
+    pass
+
+
+def _stale_socket(path: Path) -> bool:
+    """True if ``path`` is a socket nobody listens on any more."""
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return False
+
+
+def create_listener(path: Path) -> socket.socket:
+    """Bind, restrict to the owner, listen, then rename into place (atomic for clients)."""
+    if path.exists() or path.is_symlink():
+        if not _stale_socket(path):
+            raise ServerError(f"{path} exists and is not a stale socket; refusing to replace it")
+        path.unlink()
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(str(temporary))
+        finally:
+            os.umask(old_umask)
+        os.chmod(temporary, 0o600)
+        sock.listen(8)
+        os.rename(temporary, path)
+    except BaseException:
+        sock.close()
+        temporary.unlink(missing_ok=True)
+        raise
+    return sock
+
+
+def adopt_listener(fd: int) -> socket.socket:
+    """An inherited listening socket (``--fd``); checked, not trusted."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ServerError(f"--fd {fd}: {exc}") from None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise ServerError(f"--fd {fd} is not a UNIX stream socket")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise ServerError(f"--fd {fd} is not listening")
+    sock.set_inheritable(False)
+    return sock
+
+
+@dataclass
+class RamBacking:
+    """memfds behind a device's mmap-able regions; clients mmap the same pages."""
+
+    fds: dict[int, int] = field(default_factory=dict)
+    maps: list[mmap.mmap] = field(default_factory=list)
+
+    @classmethod
+    def for_device(cls, device: Device, name: str) -> RamBacking:
+        backing = cls()
+        for index, region in device.regions.items():
+            if isinstance(region, RamRegion) and region.mmap_areas and region.size:
+                fd = os.memfd_create(f"{name}-region{index}", os.MFD_CLOEXEC)
+                os.ftruncate(fd, region.size)
+                mapping = mmap.mmap(fd, region.size, mmap.MAP_SHARED)
+                region.bind(memoryview(mapping))
+                backing.fds[index] = fd
+                backing.maps.append(mapping)
+        return backing
+
+    def close(self) -> None:
+        # The device keeps using the buffers until the process ends; only the fds go.
+        close_fds(list(self.fds.values()))
+        self.fds.clear()
+
+
+class DeviceServer:
+    def __init__(
+        self,
+        device: Device,
+        *,
+        socket_path: str | os.PathLike[str] | None = None,
+        listen_fd: int | None = None,
+        capabilities: ServerCapabilities | None = None,
+        limits: Limits | None = None,
+        trace: bool = False,
+        once: bool = False,
+        name: str | None = None,
+    ) -> None:
+        if (socket_path is None) == (listen_fd is None):
+            raise ServerError("give exactly one of socket_path and listen_fd")
+        self.device = device
+        self.socket_path = Path(socket_path) if socket_path is not None else None
+        self.listen_fd = listen_fd
+        self.capabilities = capabilities or ServerCapabilities()
+        self.limits = limits or Limits(
+            max_message_size=self.capabilities.max_data_xfer_size + 4096
+        )
+        self.name = name or device.type_name
+        self.tracer = Tracer(trace, self.name)
+        self.once = once
+        self.state = ServerState.CREATED
+        self.active: ClientSession | None = None
+        self.sessions_served = 0
+        self._backing: RamBacking | None = None
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled (or, with ``once``, until the first client leaves)."""
+        raw = (
+            create_listener(self.socket_path)
+            if self.socket_path is not None
+            else adopt_listener(self.listen_fd or 0)
+        )
+        listener = trio.socket.from_stdlib_socket(raw)
+        self._backing = RamBacking.for_device(self.device, self.name)
+        self.state = ServerState.LISTENING
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                await self._accept_loop(listener, nursery)
+        finally:
+            self.state = ServerState.CLOSED
+            listener.close()
+            if self.socket_path is not None:
+                self.socket_path.unlink(missing_ok=True)
+            self._backing.close()
+
+    async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        while True:
+            sock, _ = await listener.accept()
+            if self.active is not None:
+                nursery.start_soon(self._refuse, sock)
+                continue
+            nursery.start_soon(self._serve_client, sock, nursery.cancel_scope)
+
+    async def _serve_client(self, sock: trio.socket.SocketType, stop: trio.CancelScope) -> None:
+        assert self._backing is not None
+        session = ClientSession(
+            sock,
+            self.device,
+            capabilities=self.capabilities,
+            limits=self.limits,
+            region_fds=RegionFds(self._backing.fds),
+            tracer=self.tracer,
+        )
+        self.active = session
+        self.state = ServerState.SERVING
+        log.info("%s: client connected", self.name)
+        try:
+            await session.run()
+        finally:
+            self.active = None
+            self.sessions_served += 1
+            self.state = ServerState.LISTENING
+            log.info("%s: client disconnected", self.name)
+            if self.once:
+                stop.cancel()
+
+    async def _refuse(self, sock: trio.socket.SocketType) -> None:
+        """Tell a second client the device is taken: EBUSY to its first command."""
+        log.warning("%s: refusing a second client (device busy)", self.name)
+        try:
+            with trio.move_on_after(REFUSAL_WAIT):
+                data, fds = await receive_chunk(sock, 4096, 16)
+                close_fds(fds)
+                if len(data) >= HEADER_SIZE:
+                    header = Header.unpack(data)
+                    if header.is_command:
+                        await send_message(
+                            sock, pack_error_reply(header.msg_id, header.command, errno.EBUSY)
+                        )
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+
+async def serve(
+    device: Device,
+    *,
+    socket_path: str | os.PathLike[str] | None = None,
+    listen_fd: int | None = None,
+    trace: bool = False,
+    once: bool = False,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``device`` from a script::
+
+        trio.run(functools.partial(serve, device, socket_path="/tmp/dev.sock"))
+    """
+    server = DeviceServer(
+        device, socket_path=socket_path, listen_fd=listen_fd, trace=trace, once=once
+    )
+    await server.serve(task_status=task_status)

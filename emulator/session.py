@@ -1,0 +1,283 @@
+"""Command handling for one client session: wire requests in, device calls, reply payloads out.
+
+Handlers are synchronous so that the common case (a register access) costs one function
+call. Each returns an :class:`Outcome` (reply payload and fds to pass along) or raises
+:class:`~protocol.errors.ProtocolError` / :class:`~devices.api.DeviceError`, which the
+connection turns into a header-only error reply. A handler takes the fds it keeps out of
+the list it is given; the connection closes whatever is left.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from devices.api import Device, DeviceError, Region
+from protocol.constants import (
+    PCI_NUM_IRQS,
+    Command,
+    DeviceFlags,
+    IoeventfdFlags,
+    IoFdType,
+    RegionFlags,
+)
+from protocol.errors import ProtocolError, require
+from protocol.header import Header
+from protocol.messages import (
+    DeviceInfo,
+    DmaMap,
+    DmaUnmap,
+    IoFdEntry,
+    IrqInfo,
+    IrqSet,
+    RegionAccess,
+    RegionData,
+    RegionInfo,
+    RegionIoFds,
+    RegionWriteMulti,
+    SparseMmapCap,
+    TypeCap,
+    pack_region_caps,
+)
+from protocol.version import ClientCapabilities, ServerCapabilities
+
+from .dma import IovaMap
+from .irqs import IrqBindings
+
+U64 = struct.Struct("<Q")
+
+
+@dataclass(slots=True)
+class Outcome:
+    payload: bytes = b""
+    fds: list[int] = field(default_factory=list)  # sent with the reply; still owned by us
+
+
+EMPTY = Outcome()
+
+
+class RegionFds:
+    """fds of the device's mmap-able regions (owned by the server, shared by sessions)."""
+
+    def __init__(self, fds: dict[int, int] | None = None) -> None:
+        self.fds = dict(fds or {})
+
+    def get(self, index: int) -> int | None:
+        return self.fds.get(index)
+
+
+class IoEventFds:
+    """ioeventfds handed to the client by GET_REGION_IO_FDS, per region (created lazily)."""
+
+    def __init__(self, create: Callable[[int], list[int]]) -> None:
+        self._create = create
+        self.by_region: dict[int, list[int]] = {}
+
+    def for_region(self, index: int) -> list[int]:
+        if index not in self.by_region:
+            self.by_region[index] = self._create(index)
+        return self.by_region[index]
+
+
+class Session:
+    def __init__(
+        self,
+        device: Device,
+        *,
+        client: ClientCapabilities,
+        server: ServerCapabilities,
+        maps: IovaMap,
+        irqs: IrqBindings,
+        region_fds: RegionFds,
+        io_fds: IoEventFds,
+        cancel_device_work: Callable[[], None],
+    ) -> None:
+        self.device = device
+        self.client = client
+        self.server = server
+        self.maps = maps
+        self.irqs = irqs
+        self.region_fds = region_fds
+        self.io_fds = io_fds
+        self.cancel_device_work = cancel_device_work
+        self.handlers: dict[int, Callable[[Header, bytes, list[int]], Outcome]] = {
+            Command.DMA_MAP: self.dma_map,
+            Command.DMA_UNMAP: self.dma_unmap,
+            Command.DEVICE_GET_INFO: self.get_info,
+            Command.DEVICE_GET_REGION_INFO: self.get_region_info,
+            Command.DEVICE_GET_REGION_IO_FDS: self.get_region_io_fds,
+            Command.DEVICE_GET_IRQ_INFO: self.get_irq_info,
+            Command.DEVICE_SET_IRQS: self.set_irqs,
+            Command.REGION_READ: self.region_read,
+            Command.REGION_WRITE: self.region_write,
+            Command.REGION_WRITE_MULTI: self.region_write_multi,
+            Command.DEVICE_RESET: self.reset,
+            Command.DEVICE_FEATURE: self.device_feature,
+            Command.MIG_DATA_READ: self.no_migration,
+            Command.MIG_DATA_WRITE: self.no_migration,
+        }
+
+    def handle(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+        handler = self.handlers.get(header.command)
+        if handler is None:
+            raise ProtocolError(errno.EINVAL, f"command {header.command_name()} not served")
+        if header.command != Command.DEVICE_RESET:
+            # libvfio-user refuses payload-less commands other than DEVICE_RESET too.
+            require(payload != b"", f"{header.command_name()} without payload")
+        return handler(header, payload, fds)
+
+    # -- DMA -------------------------------------------------------------------------------
+    def dma_map(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+        request = DmaMap.unpack(payload)
+        require(len(fds) <= 1, f"DMA_MAP with {len(fds)} fds")
+        self.maps.add(request, fds.pop() if fds else None)
+        return EMPTY
+
+    def dma_unmap(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+        request = DmaUnmap.unpack(payload)
+        require(not request.wants_bitmap, "DMA_UNMAP: dirty bitmaps need migration v1")
+        if request.unmap_all:
+            self.maps.clear()
+        else:
+            self.maps.remove(request.address, request.size)
+        return Outcome(request.pack_echo())
+
+    # -- device and regions ----------------------------------------------------------------
+    def get_info(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+        DeviceInfo.unpack(payload)
+        flags = DeviceFlags.PCI | (DeviceFlags.RESET if self.device.supports_reset else 0)
+        info = DeviceInfo(DeviceInfo.SIZE, flags, self.device.num_regions, PCI_NUM_IRQS)
+        return Outcome(info.pack())
+
+    def _region(self, index: int) -> Region | None:
+        require(
+            index < self.device.num_regions,
+            f"region {index} >= {self.device.num_regions} regions",
+        )
+        region = self.device.regions.get(index)
+        return region if region is not None and region.size else None
+
+    def get_region_info(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+        request = RegionInfo.unpack(payload)
+        index = request.index
+        region = self._region(index)
+        if region is None:
+            return Outcome(RegionInfo(RegionInfo.SIZE, 0, index, 0, 0, 0).pack())
+        flags = (RegionFlags.READ if region.readable else 0) | (
+            RegionFlags.WRITE if region.writable else 0
+        )
+        caps: list[SparseMmapCap | TypeCap] = []
+        fd = self.region_fds.get(index)
+        # The fd can only travel if the client accepts fds at all.
+        if region.mmap_areas and fd is not None and self.client.max_msg_fds > 0:
+            flags |= RegionFlags.MMAP
+            caps.append(SparseMmapCap(region.mmap_areas))
+        else:
+            fd = None
+        if region.type_cap is not None:
+            caps.append(TypeCap(*region.type_cap))
+        if not caps:
+            return Outcome(RegionInfo(RegionInfo.SIZE, flags, index, 0, region.size, 0).pack())
+        body = pack_region_caps(caps, RegionInfo.SIZE)
+        needed = RegionInfo.SIZE + len(body)
+        if request.argsz < needed:
+            # Too small for the caps: fixed part only, argsz tells the client to ask again.
+            return Outcome(RegionInfo(needed, flags, index, 0, region.size, 0).pack())
+        info = RegionInfo(needed, flags | RegionFlags.CAPS, index, RegionInfo.SIZE, region.size, 0)
+        return Outcome(info.pack() + body, [fd] if fd is not None else [])
+
+    def get_region_io_fds(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+        request = RegionIoFds.unpack(payload)
+        require(request.flags == 0 and request.count == 0, "GET_REGION_IO_FDS: flags/count != 0")
+        require(self._region(request.index) is not None, f"region {request.index} is empty")
+        doorbells = [d for d in self.device.ioeventfds if d.region == request.index]
+        needed = RegionIoFds.HEADER_SIZE + len(doorbells) * RegionIoFds.ENTRY_SIZE
+        if request.argsz < needed or not doorbells:
+            reply = RegionIoFds(needed, 0, request.index, len(doorbells))
+            return Outcome(reply.pack())
+        require(
+            len(doorbells) <= self.client.max_msg_fds,
+            f"{len(doorbells)} ioeventfds exceed the client's max_msg_fds",
+            errno.E2BIG,
+        )
+        eventfds = self.io_fds.for_region(request.index)
+        entries = tuple(
+            IoFdEntry(
+                d.offset,
+                d.size,
+                i,
+                IoFdType.IOEVENTFD,
+                IoeventfdFlags.DATAMATCH if d.datamatch is not None else 0,
+                d.datamatch or 0,
+            )
+            for i, d in enumerate(doorbells)
+        )
+        reply = RegionIoFds(needed, 0, request.index, len(entries), entries)
+        return Outcome(reply.pack(), list(eventfds))
+
+    def _check_count(self, count: int) -> None:
+        require(
+            count <= self.server.max_data_xfer_size,
+            f"count {count} exceeds max_data_xfer_size {self.server.max_data_xfer_size}",
+        )
+
+    def region_read(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+        request = RegionAccess.unpack(payload)
+        require(len(payload) == RegionAccess.SIZE, "REGION_READ: trailing bytes")
+        self._check_count(request.count)
+        self._region(request.region)
+        if request.count == 0:
+            return EMPTY
+        data = self.device.region_read(request.region, request.offset, request.count)
+        return Outcome(RegionData(request.offset, request.region, request.count, data).pack())
+
+    def region_write(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+        request = RegionData.unpack(payload)
+        self._check_count(request.count)
+        self._region(request.region)
+        if request.count:
+            self.device.region_write(request.region, request.offset, request.data)
+        return Outcome(RegionAccess(request.offset, request.region, request.count).pack())
+
+    def region_write_multi(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+        require(self.server.write_multiple, "REGION_WRITE_MULTI was not offered")
+        request = RegionWriteMulti.unpack(payload)
+        for entry in request.entries:
+            self._region(entry.region)
+            self.device.region_write(entry.region, entry.offset, entry.data)
+        return Outcome(U64.pack(len(request.entries)))
+
+    def reset(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+        require(payload == b"", "DEVICE_RESET carries no payload")
+        if not self.device.supports_reset:
+            raise DeviceError(errno.ENOTSUP, "device does not support reset")
+        # The device must not touch guest memory or interrupts after the reply.
+        self.cancel_device_work()
+        self.device.reset()
+        return EMPTY
+
+    # -- interrupts -------------------------------------------------------------------------
+    def get_irq_info(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+        request = IrqInfo.unpack(payload)
+        require(request.index < PCI_NUM_IRQS, f"irq index {request.index} does not exist")
+        controller = self.device.irq
+        info = IrqInfo(
+            IrqInfo.SIZE,
+            controller.info_flags(request.index),
+            request.index,
+            controller.count(request.index),
+        )
+        return Outcome(info.pack())
+
+    def set_irqs(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+        self.irqs.set_irqs(IrqSet.unpack(payload), fds)
+        return EMPTY
+
+    # -- migration (served once the migration engine exists) --------------------------------
+    def device_feature(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+        raise ProtocolError(errno.EINVAL, "device has no features (migration not configured)")
+
+    def no_migration(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+        raise ProtocolError(errno.EINVAL, "migration not configured")

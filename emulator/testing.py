@@ -1,0 +1,124 @@
+"""Test helpers that play the guest side: a served device, guest RAM, eventfds.
+
+A real module (like ``trio.testing``) so that tests, scripts and users' own device tests
+share one harness::
+
+    async with served_device(TestDev(), tmp_path) as served:
+        async with Client.connect(served.socket_path) as client:
+            ...
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from devices.api import Device
+from protocol.version import ServerCapabilities
+
+from .connection import Limits
+from .server import DeviceServer
+
+
+@dataclass
+class ServedDevice:
+    server: DeviceServer
+    socket_path: Path
+
+    @property
+    def device(self) -> Device:
+        return self.server.device
+
+
+@asynccontextmanager
+async def served_device(
+    device: Device,
+    directory: Path,
+    *,
+    name: str = "dev.sock",
+    capabilities: ServerCapabilities | None = None,
+    limits: Limits | None = None,
+    trace: bool = False,
+) -> AsyncIterator[ServedDevice]:
+    """Serve ``device`` on a socket in ``directory`` for the duration of the block."""
+    path = directory / name
+    server = DeviceServer(
+        device, socket_path=path, capabilities=capabilities, limits=limits, trace=trace
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        try:
+            yield ServedDevice(server, path)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+class GuestRam:
+    """Guest memory as QEMU provides it with memory-backend-memfd,share=on: a memfd the
+    server can mmap (pass ``fd`` with DMA_MAP) and that the test reads and writes."""
+
+    def __init__(self, size: int, base: int = 0) -> None:
+        self.size = size
+        self.base = base
+        self.fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size)
+        self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
+
+    def read(self, address: int, count: int) -> bytes:
+        offset = self._offset(address, count)
+        return self.map[offset : offset + count]
+
+    def write(self, address: int, data: bytes) -> None:
+        offset = self._offset(address, len(data))
+        self.map[offset : offset + len(data)] = data
+
+    def _offset(self, address: int, count: int) -> int:
+        offset = address - self.base
+        if offset < 0 or offset + count > self.size:
+            raise ValueError(f"[{address:#x}, +{count:#x}) is outside guest RAM")
+        return offset
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self.fd)
+
+    def __enter__(self) -> GuestRam:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EventFd:
+    """An eventfd the test passes to SET_IRQS and then polls for interrupts."""
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def take(self) -> int:
+        """How many times it was signalled since the last call (0 if never)."""
+        try:
+            return int.from_bytes(os.read(self.fd, 8), "little")
+        except BlockingIOError:
+            return 0
+
+    async def wait(self, timeout: float = 5.0) -> int:
+        with trio.fail_after(timeout):
+            while True:
+                count = self.take()
+                if count:
+                    return count
+                await trio.lowlevel.wait_readable(self.fd)
+
+    def signal(self) -> None:
+        os.write(self.fd, (1).to_bytes(8, "little"))
+
+    def close(self) -> None:
+        trio.lowlevel.notify_closing(self.fd)
+        os.close(self.fd)

@@ -1,0 +1,118 @@
+"""Message I/O over a trio UNIX stream socket, with fds passed as SCM_RIGHTS.
+
+This is the hot path of both the server and the client, so it stays small: one ``sendmsg``
+per message (looping only on partial sends) and one ``recvmsg`` per chunk, with the
+ancillary buffer size computed once per fd limit. Framing (which fds belong to which
+message) is :class:`protocol.framer.MessageFramer`'s job, not this module's.
+
+Socket errors (``OSError``, e.g. ``ECONNRESET`` / ``EPIPE``) and trio's
+``ClosedResourceError`` propagate unchanged; :class:`TransportError` is only raised for
+conditions this module detects itself.
+"""
+
+from __future__ import annotations
+
+import array
+import errno as _errno
+import functools
+import os
+import socket
+from collections.abc import Iterable, Sequence
+
+import trio
+
+_FD_ITEMSIZE = array.array("i").itemsize
+#: Received fds are close-on-exec from the start (no leak into children such as QEMU).
+_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_SOL_SOCKET = socket.SOL_SOCKET
+_SCM_RIGHTS = socket.SCM_RIGHTS
+_MSG_CTRUNC = socket.MSG_CTRUNC
+
+
+class TransportError(Exception):
+    """A transport-level failure detected here; ``errno`` says what kind.
+
+    ``data`` holds the bytes that arrived with a refused ``recvmsg`` (e.g. with truncated
+    fds), so a caller that wants to keep framing the stream still can.
+    """
+
+    def __init__(self, errno: int, message: str, *, data: bytes = b"") -> None:
+        super().__init__(message)
+        self.errno = errno
+        self.message = message
+        self.data = data
+
+    def __str__(self) -> str:
+        return f"{_errno.errorcode.get(self.errno, str(self.errno))}: {self.message}"
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close every fd; already-closed ones (EBADF) are ignored, other errors re-raised last."""
+    failure: OSError | None = None
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError as exc:
+            if exc.errno != _errno.EBADF and failure is None:
+                failure = exc
+    if failure is not None:
+        raise failure
+
+
+@functools.cache
+def ancillary_space(max_fds: int) -> int:
+    """``recvmsg`` ancillary buffer size with room for ``max_fds`` fds (0 for none)."""
+    return socket.CMSG_SPACE(max_fds * _FD_ITEMSIZE) if max_fds > 0 else 0
+
+
+async def send_message(sock: trio.socket.SocketType, data: bytes, fds: Sequence[int] = ()) -> None:
+    """Send ``data`` whole; ``fds`` ride as one SCM_RIGHTS message on the first ``sendmsg``.
+
+    A stream socket may accept only part of the bytes; the rest is sent without fds.
+    Cancellation between two partial sends leaves a partial message on the stream, so
+    callers that need message atomicity shield the call.
+    """
+    if fds:
+        if not data:
+            raise ValueError("fds need at least one byte to travel with")
+        ancdata = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))]
+        sent = await sock.sendmsg([data], ancdata)
+    else:
+        sent = await sock.sendmsg([data])
+    total = len(data)
+    if sent >= total:
+        return
+    view = memoryview(data)
+    while sent < total:
+        sent += await sock.sendmsg([view[sent:]])
+
+
+async def receive_chunk(
+    sock: trio.socket.SocketType, max_bytes: int, max_fds: int
+) -> tuple[bytes, list[int]]:
+    """One ``recvmsg`` of up to ``max_bytes`` with room for ``max_fds`` fds.
+
+    Returns ``(data, fds)``; ``data == b""`` means end of stream. The caller owns the fds.
+    If the kernel had to drop fds (MSG_CTRUNC) or more than ``max_fds`` arrived, every fd
+    received is closed and :class:`TransportError` (EFAULT) is raised.
+    """
+    data, ancdata, msg_flags, _ = await sock.recvmsg(
+        max_bytes, ancillary_space(max_fds), _RECV_FLAGS
+    )
+    if not ancdata and not msg_flags & _MSG_CTRUNC:
+        return data, []
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+            # The last control message may be cut short: keep whole fds only.
+            fds.frombytes(payload[: len(payload) - len(payload) % _FD_ITEMSIZE])
+    received = fds.tolist()
+    if msg_flags & _MSG_CTRUNC or len(received) > max_fds:
+        close_fds(received)
+        raise TransportError(
+            _errno.EFAULT,
+            f"ancillary data truncated: room for {max_fds} fd(s), got {len(received)}"
+            + (" and the kernel dropped more" if msg_flags & _MSG_CTRUNC else ""),
+            data=data,
+        )
+    return data, received

@@ -1,0 +1,321 @@
+"""testdev's DMA copy and interrupts over real sockets, memfds and eventfds."""
+
+from __future__ import annotations
+
+import errno
+import struct
+
+import pytest
+import trio
+
+from devices import testdev as td
+from emulator.client import Client, ClientError, GuestMemory
+from emulator.testing import EventFd, GuestRam, ServedDevice
+from protocol.constants import IrqIndex
+
+BAR0 = 0
+TRIGGER_EVENTFD = 0x24  # DATA_EVENTFD | ACTION_TRIGGER
+NONE_UNMASK = 0x11
+NONE_MASK = 0x09
+NONE_TRIGGER = 0x21
+
+
+async def write32(client: Client, offset: int, value: int) -> None:
+    await client.region_write(BAR0, offset, struct.pack("<I", value))
+
+
+async def read32(client: Client, offset: int) -> int:
+    return int(struct.unpack("<I", await client.region_read(BAR0, offset, 4))[0])
+
+
+async def start_copy(client: Client, src: int, dst: int, length: int, ctrl: int = 1) -> int:
+    await write32(client, td.REG_DMA_SRC, src & 0xFFFFFFFF)
+    await write32(client, td.REG_DMA_SRC + 4, src >> 32)
+    await write32(client, td.REG_DMA_DST, dst & 0xFFFFFFFF)
+    await write32(client, td.REG_DMA_DST + 4, dst >> 32)
+    await write32(client, td.REG_DMA_LEN, length)
+    await write32(client, td.REG_DMA_CTRL, ctrl)
+    with trio.fail_after(5):
+        while (status := await read32(client, td.REG_DMA_STATUS)) == td.DMA_BUSY:
+            await trio.sleep(0.001)
+    return status
+
+
+# -- DMA ------------------------------------------------------------------------------------
+
+
+async def test_dma_copy_through_fd_backed_map(client: Client) -> None:
+    with GuestRam(0x40000, base=0x100000) as ram:
+        await client.dma_map(0x100000, ram.size, fd=ram.fd)
+        pattern = bytes(range(256)) * 64  # 16 KiB, crosses pages
+        ram.write(0x101000, pattern)
+        assert await start_copy(client, 0x101000, 0x120000 + 7, len(pattern)) == td.DMA_DONE
+        assert ram.read(0x120000 + 7, len(pattern)) == pattern
+        assert await read32(client, td.REG_DMA_DONE) == 1
+
+
+async def test_dma_copy_through_message_backed_map(client: Client) -> None:
+    memory = GuestMemory(0x200000, 0x20000)
+    client.serve_dma(memory)
+    await client.dma_map(0x200000, memory.size)  # no fd: DMA_READ/DMA_WRITE messages
+    pattern = bytes((i * 7) & 0xFF for i in range(0x5000))  # more than several messages
+    memory.write(0x200000, pattern)
+    assert await start_copy(client, 0x200000, 0x210000, len(pattern)) == td.DMA_DONE
+    assert memory.read(0x210000, len(pattern)) == pattern
+
+
+async def test_dma_messages_respect_the_clients_transfer_size(served: ServedDevice) -> None:
+    async with Client.connect(
+        served.socket_path, capabilities={"max_msg_fds": 8, "max_data_xfer_size": 1024}
+    ) as client:
+        seen: list[int] = []
+
+        class Recording(GuestMemory):
+            def read(self, address: int, count: int) -> bytes:
+                seen.append(count)
+                return super().read(address, count)
+
+        memory = Recording(0, 0x4000)
+        client.serve_dma(memory)
+        await client.dma_map(0, memory.size)
+        assert await start_copy(client, 0, 0x2000, 4096) == td.DMA_DONE
+        assert seen == [1024] * 4
+
+
+async def test_dma_across_two_maps_of_different_kinds(client: Client) -> None:
+    with GuestRam(0x1000) as ram:
+        memory = GuestMemory(0x1000, 0x1000)
+        client.serve_dma(memory)
+        await client.dma_map(0, 0x1000, fd=ram.fd)
+        await client.dma_map(0x1000, 0x1000)
+        ram.write(0xF00, b"A" * 0x100)
+        memory.write(0x1000, b"B" * 0x100)
+        assert await start_copy(client, 0xF00, 0x1800, 0x200) == td.DMA_DONE
+        assert memory.read(0x1800, 0x200) == b"A" * 0x100 + b"B" * 0x100
+
+
+async def test_dma_outside_the_maps_faults_without_touching_memory(client: Client) -> None:
+    with GuestRam(0x2000) as ram:
+        await client.dma_map(0, 0x2000, fd=ram.fd)
+        ram.write(0, b"\x55" * 0x2000)
+        # Destination runs one byte past the mapping: nothing may be written.
+        assert await start_copy(client, 0, 0x1001, 0x1000) == td.DMA_FAILED
+        assert await read32(client, td.REG_DMA_ERROR) == errno.EFAULT
+        assert ram.read(0, 0x2000) == b"\x55" * 0x2000
+
+
+async def test_dma_never_writes_a_read_only_map(client: Client) -> None:
+    with GuestRam(0x2000) as ram:
+        await client.dma_map(0, 0x1000, fd=ram.fd, writable=False)
+        await client.dma_map(0x1000, 0x1000, fd=ram.fd, offset=0x1000)
+        ram.write(0, b"ro" * 0x800)
+        ram.write(0x1000, b"rw" * 0x800)
+        assert await start_copy(client, 0x1000, 0, 0x100) == td.DMA_FAILED
+        assert ram.read(0, 0x1000) == b"ro" * 0x800
+        assert await start_copy(client, 0, 0x1000, 0x100) == td.DMA_DONE  # reading it is fine
+        assert ram.read(0x1000, 0x100) == b"ro" * 0x80
+
+
+async def test_dma_after_unmap_faults(client: Client) -> None:
+    with GuestRam(0x2000) as ram:
+        await client.dma_map(0, 0x2000, fd=ram.fd)
+        await client.dma_unmap(0, 0x2000)
+        assert await start_copy(client, 0, 0x1000, 16) == td.DMA_FAILED
+
+
+async def test_dma_map_rules(served: ServedDevice, client: Client) -> None:
+    with GuestRam(0x4000) as ram:
+        await client.dma_map(0, 0x2000, fd=ram.fd)
+        await client.dma_map(0, 0x2000, fd=ram.fd)  # identical re-map: accepted
+        with pytest.raises(ClientError) as exc:
+            await client.dma_map(0x1000, 0x2000, fd=ram.fd, offset=0x1000)
+        assert exc.value.errno == errno.EEXIST
+        with pytest.raises(ClientError) as exc:
+            await client.dma_unmap(0, 0x1000)  # not the exact range
+        assert exc.value.errno == errno.ENOENT
+        with pytest.raises(ClientError) as exc:
+            await client.dma_map(0x10000, 0x8000, fd=ram.fd)  # file too small
+        assert exc.value.errno == errno.EINVAL
+        await client.dma_map(0x2000, 0x1000)
+        await client.dma_unmap(unmap_all=True)
+        session = served.server.active
+        assert session is not None and len(session.maps) == 0
+
+
+async def test_dma_map_limit(tmp_path) -> None:
+    from devices.testdev import TestDev
+    from emulator.testing import served_device
+    from protocol.version import ServerCapabilities
+
+    async with served_device(TestDev(), tmp_path,
+                             capabilities=ServerCapabilities(max_dma_maps=3)) as served:
+        async with Client.connect(served.socket_path) as client:
+            for i in range(3):
+                await client.dma_map(i * 0x1000, 0x1000)
+            with pytest.raises(ClientError) as exc:
+                await client.dma_map(0x10000, 0x1000)
+            assert exc.value.errno == errno.ENOSPC
+
+
+# -- interrupts -----------------------------------------------------------------------------
+
+
+async def test_intx_automasks_and_resignals_on_unmask(client: Client) -> None:
+    irq = EventFd()
+    await client.set_irqs(IrqIndex.INTX, TRIGGER_EVENTFD, 0, 1, fds=[irq.fd])
+    await write32(client, td.REG_DOORBELL, 0)
+    assert await irq.wait() == 1
+    # Automasked: another doorbell does not signal again.
+    await write32(client, td.REG_DOORBELL, 1)
+    await trio.sleep(0.05)
+    assert irq.take() == 0
+    # UNMASK while the line is still asserted (IRQ_STATUS not acked): signalled again.
+    await client.set_irqs(IrqIndex.INTX, NONE_UNMASK, 0, 1)
+    assert await irq.wait() == 1
+    # Ack every cause: the line drops; an unmask then signals nothing.
+    await write32(client, td.REG_IRQ_STATUS, 0x3)
+    await client.set_irqs(IrqIndex.INTX, NONE_UNMASK, 0, 1)
+    await trio.sleep(0.05)
+    assert irq.take() == 0
+    assert await read32(client, td.REG_IRQ_STATUS) == 0
+    irq.close()
+
+
+async def test_intx_resample_eventfd_unmasks(client: Client) -> None:
+    """QEMU's KVM pattern: MASK, UNMASK with a resample eventfd, UNMASK."""
+    irq, resample = EventFd(), EventFd()
+    await client.set_irqs(IrqIndex.INTX, TRIGGER_EVENTFD, 0, 1, fds=[irq.fd])
+    await client.set_irqs(IrqIndex.INTX, NONE_MASK, 0, 1)
+    await client.set_irqs(IrqIndex.INTX, 0x14, 0, 1, fds=[resample.fd])
+    await client.set_irqs(IrqIndex.INTX, NONE_UNMASK, 0, 1)
+    await write32(client, td.REG_DOORBELL, 0)
+    assert await irq.wait() == 1
+    resample.signal()  # guest EOI while the line is still asserted
+    assert await irq.wait() == 1
+    irq.close()
+    resample.close()
+
+
+async def enable_msix(client: Client, served: ServedDevice) -> None:
+    cap = served.device.config.find_capability(0x11)
+    assert cap is not None
+    control = struct.unpack("<H", await client.region_read(7, cap + 2, 2))[0]
+    await client.region_write(7, cap + 2, struct.pack("<H", control | 0x8000))
+
+
+async def unmask_vector(client: Client, vector: int, masked: bool = False) -> None:
+    await client.region_write(td.BAR_MSIX, vector * 16 + 12, struct.pack("<I", int(masked)))
+
+
+async def test_msix_vectors_pending_bits_and_pba(served: ServedDevice, client: Client) -> None:
+    fds = [EventFd() for _ in range(4)]
+    await enable_msix(client, served)
+    await client.set_irqs(IrqIndex.MSIX, TRIGGER_EVENTFD, 0, 4, fds=[f.fd for f in fds])
+    for vector in range(4):
+        await unmask_vector(client, vector)
+    await write32(client, td.REG_DOORBELL, 2)
+    assert await fds[2].wait() == 1
+    assert [f.take() for f in fds] == [0, 0, 0, 0]
+    # A masked vector latches its pending bit, visible in the PBA, and fires on unmask.
+    await unmask_vector(client, 3, masked=True)
+    await write32(client, td.REG_DOORBELL, 3)
+    await trio.sleep(0.05)
+    assert fds[3].take() == 0
+    pba = struct.unpack("<Q", await client.region_read(td.BAR_MSIX, td.PBA_OFFSET, 8))[0]
+    assert pba == 1 << 3
+    await unmask_vector(client, 3)
+    assert await fds[3].wait() == 1
+    assert await client.region_read(td.BAR_MSIX, td.PBA_OFFSET, 8) == bytes(8)
+    for f in fds:
+        f.close()
+
+
+async def test_msix_vfio_mask_and_chunked_setup(served: ServedDevice, client: Client) -> None:
+    """QEMU enables MSI-X with no vectors, then binds vectors one message at a time, and
+    masks with DATA_NONE|ACTION_MASK when the device reports MASKABLE."""
+    fds = [EventFd() for _ in range(4)]
+    await enable_msix(client, served)
+    await client.set_irqs(IrqIndex.MSIX, TRIGGER_EVENTFD, 0, 1)  # "enable, no vectors"
+    for vector in range(4):
+        await client.set_irqs(IrqIndex.MSIX, TRIGGER_EVENTFD, vector, 1, fds=[fds[vector].fd])
+        await unmask_vector(client, vector)
+    await client.set_irqs(IrqIndex.MSIX, NONE_MASK, 1, 1)
+    await write32(client, td.REG_DOORBELL, 1)
+    await trio.sleep(0.05)
+    assert fds[1].take() == 0
+    await client.set_irqs(IrqIndex.MSIX, NONE_UNMASK, 1, 1)
+    assert await fds[1].wait() == 1
+    # Disable the whole index: nothing is delivered any more.
+    await client.set_irqs(IrqIndex.MSIX, NONE_TRIGGER, 0, 0)
+    await write32(client, td.REG_DOORBELL, 0)
+    await trio.sleep(0.05)
+    assert fds[0].take() == 0
+    for f in fds:
+        f.close()
+
+
+async def test_dma_completion_interrupt(client: Client) -> None:
+    irq = EventFd()
+    await client.set_irqs(IrqIndex.INTX, TRIGGER_EVENTFD, 0, 1, fds=[irq.fd])
+    with GuestRam(0x2000) as ram:
+        await client.dma_map(0, 0x2000, fd=ram.fd)
+        ram.write(0, b"irq!")
+        ctrl = 1 | 2 | (5 << 8)  # start, interrupt when done, vector 5
+        assert await start_copy(client, 0, 0x1000, 4, ctrl) == td.DMA_DONE
+        assert await irq.wait() == 1
+        assert await read32(client, td.REG_IRQ_STATUS) == 1 << 5
+    irq.close()
+
+
+async def test_ioeventfd_doorbell(client: Client) -> None:
+    irq = EventFd()
+    await client.set_irqs(IrqIndex.INTX, TRIGGER_EVENTFD, 0, 1, fds=[irq.fd])
+    reply, fds = await client.get_region_io_fds(BAR0)
+    assert reply.count == 1 and len(fds) == 1
+    entry = reply.entries[0]
+    assert (entry.offset, entry.size, entry.fd_index) == (td.REG_IOEVENT, 4, 0)
+    doorbell = fds[0]
+    import os
+
+    os.write(doorbell, (1).to_bytes(8, "little"))
+    assert await irq.wait() == 1
+    assert await read32(client, td.REG_IOEVENT_COUNT) == 1
+    os.close(doorbell)
+    irq.close()
+
+
+async def test_set_irqs_rules(client: Client) -> None:
+    a, b = EventFd(), EventFd()
+    cases = [
+        # (index, flags, start, count, fds, errno)
+        (IrqIndex.MSIX, TRIGGER_EVENTFD, 0, 2, [a.fd], errno.EINVAL),  # fds != count
+        (IrqIndex.ERR, NONE_MASK, 0, 1, [], errno.EINVAL),  # ERR only triggers
+        (IrqIndex.INTX, NONE_TRIGGER, 1, 0, [], errno.EINVAL),  # disable needs start 0
+        (IrqIndex.INTX, NONE_UNMASK, 0, 0, [], errno.EINVAL),  # count 0 is disable only
+        (IrqIndex.MSIX, NONE_TRIGGER, 0, 5, [], errno.EINVAL),  # beyond 4 vectors
+        (IrqIndex.INTX, 0x21, 0, 1, [a.fd], errno.EINVAL),  # fds with DATA_NONE
+    ]
+    for index, flags, start, count, fds, expected in cases:
+        with pytest.raises(ClientError) as exc:
+            await client.set_irqs(index, flags, start, count, fds=fds)
+        assert exc.value.errno == expected, (index, flags, start, count)
+    # Valid forms are accepted; zero fds with DATA_EVENTFD de-assigns.
+    await client.set_irqs(IrqIndex.ERR, TRIGGER_EVENTFD, 0, 1, fds=[b.fd])
+    await client.set_irqs(IrqIndex.ERR, TRIGGER_EVENTFD, 0, 1)
+    await client.set_irqs(IrqIndex.INTX, NONE_TRIGGER, 0, 0)
+    await client.set_irqs(IrqIndex.MSIX, 0x22, 0, 2, data=b"\x01\x00")  # DATA_BOOL trigger
+    a.close()
+    b.close()
+
+
+async def test_reset_stops_device_work_and_clears_interrupts(client: Client) -> None:
+    irq = EventFd()
+    await client.set_irqs(IrqIndex.INTX, TRIGGER_EVENTFD, 0, 1, fds=[irq.fd])
+    await write32(client, td.REG_DOORBELL, 0)
+    assert await irq.wait() == 1
+    await client.reset()
+    assert await read32(client, td.REG_IRQ_STATUS) == 0
+    await client.set_irqs(IrqIndex.INTX, NONE_UNMASK, 0, 1)
+    await trio.sleep(0.05)
+    assert irq.take() == 0  # the line went down with the reset
+    irq.close()

@@ -1,0 +1,115 @@
+"""Streaming loader for the captured wire traces in ``shared/interop/*.jsonl``.
+
+The traces sit beside the repository (``<repo>/../shared/interop``; CI clones the repo with
+``shared/`` next to it). Each message line of a trace becomes a :class:`TraceMessage`; proxy
+notes (lines with an ``event`` key) are skipped. Files are read line by line, so a caller
+that stops iterating early never reads the rest of a large trace (the e1000 one is 8.7 MB).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from protocol.constants import FLAG_NO_REPLY, HEADER_SIZE
+from protocol.header import Header
+
+TRACE_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "interop"
+
+LVU_CLIENT = "lvu-client-server.jsonl"
+QEMU_GPIO = "qemu-gpio.jsonl"
+QEMU_E1000 = "qemu-e1000-remote.jsonl"
+
+
+@dataclass(frozen=True, slots=True)
+class TraceMessage:
+    """One message as it was on the wire: ``raw`` is byte-identical to what was sent."""
+
+    seq: int
+    conn: str
+    from_client: bool
+    header: Header
+    payload: bytes
+    nfds: int
+    decoded: str
+
+    @property
+    def raw(self) -> bytes:
+        return self.header.pack() + self.payload
+
+    @property
+    def msg_id(self) -> int:
+        return self.header.msg_id
+
+    @property
+    def command(self) -> int:
+        return self.header.command
+
+    @property
+    def posted(self) -> bool:
+        """A request that carries NO_REPLY (QEMU's posted BAR writes)."""
+        return bool(self.header.flags & FLAG_NO_REPLY)
+
+    def __str__(self) -> str:
+        side = "C>S" if self.from_client else "S>C"
+        return f"#{self.seq} {side} id={self.msg_id} {self.header.command_name()} {self.decoded}"
+
+
+def trace_path(name: str) -> Path:
+    """Path of a trace; skips the calling test when the traces are not available."""
+    path = TRACE_DIR / name
+    if not path.is_file():
+        pytest.skip(f"interop trace {name} not found under {TRACE_DIR} (shared/ not checked out)")
+    return path
+
+
+def _parse(line: str) -> TraceMessage | None:
+    rec = json.loads(line)
+    if "event" in rec:
+        return None
+    payload = bytes.fromhex(rec["payload_hex"])
+    if len(payload) != rec["payload_len"] or rec["msg_size"] != HEADER_SIZE + len(payload):
+        raise ValueError(f"trace line seq {rec.get('seq')}: payload does not match msg_size")
+    header = Header(rec["msg_id"], rec["cmd"], rec["msg_size"], rec["flags"], rec["error_no"])
+    return TraceMessage(
+        seq=rec["seq"],
+        conn=rec["conn"],
+        from_client=rec["direction"] == "client->server",
+        header=header,
+        payload=payload,
+        nfds=rec["nfds"],
+        decoded=rec.get("decoded", ""),
+    )
+
+
+def messages(name: str, *, conn: str | None = None, max_seq: int | None = None) -> Iterator[TraceMessage]:
+    """Messages of one trace in capture order (both directions), read lazily.
+
+    ``conn`` keeps one connection's messages; iteration stops after ``max_seq``.
+    """
+    with trace_path(name).open(encoding="utf-8") as lines:
+        for line in lines:
+            msg = _parse(line)
+            if msg is None:
+                continue
+            if max_seq is not None and msg.seq > max_seq:
+                return
+            if conn is None or msg.conn == conn:
+                yield msg
+
+
+def requests(name: str, *, conn: str | None = None, max_seq: int | None = None) -> Iterator[TraceMessage]:
+    """Only the client->server messages."""
+    return (msg for msg in messages(name, conn=conn, max_seq=max_seq) if msg.from_client)
+
+
+def first_request(name: str, command: int, *, conn: str | None = None) -> TraceMessage:
+    """The first client request of ``command`` in a trace."""
+    for msg in requests(name, conn=conn):
+        if msg.command == command:
+            return msg
+    raise LookupError(f"{name}: no client request with command {command}")

@@ -43,15 +43,26 @@ class DmaFault(DeviceError):
 
 
 class Dma(Protocol):
-    """Guest memory as the device sees it: bounds- and permission-checked by IOVA."""
+    """Guest memory as the device sees it: bounds- and permission-checked by IOVA.
+
+    Every method raises :class:`DmaFault` before moving a byte if any part of the access
+    is unmapped or not permitted (reads need a readable map, writes a writable one).
+    """
 
     async def read(self, iova: int, length: int) -> bytes: ...
 
     async def write(self, iova: int, data: bytes | bytearray | memoryview) -> None: ...
 
+    async def read_sg(self, segments: list[tuple[int, int]]) -> bytes: ...
+
+    async def write_sg(
+        self, segments: list[tuple[int, int]], data: bytes | bytearray | memoryview
+    ) -> None: ...
+
 
 class DeviceContext(Protocol):
-    dma: Dma
+    @property
+    def dma(self) -> Dma: ...
 
     def submit(self, job: Callable[[], Awaitable[None]]) -> None:
         """Queue device work (DMA, long operations) to run after the current request is
@@ -67,11 +78,23 @@ class _DetachedDma:
     async def write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
         raise DmaFault("no client is attached")
 
+    async def read_sg(self, segments: list[tuple[int, int]]) -> bytes:
+        raise DmaFault("no client is attached")
+
+    async def write_sg(
+        self, segments: list[tuple[int, int]], data: bytes | bytearray | memoryview
+    ) -> None:
+        raise DmaFault("no client is attached")
+
 
 class DetachedContext:
     """The context of a device nobody is attached to: work is dropped, DMA faults."""
 
-    dma: Dma = _DetachedDma()
+    _dma = _DetachedDma()
+
+    @property
+    def dma(self) -> Dma:
+        return self._dma
 
     def submit(self, job: Callable[[], Awaitable[None]]) -> None:
         close = getattr(job, "close", None)
@@ -158,8 +181,14 @@ class RegisterBank(Region):
             raise ValueError(f"register {name} overlaps another")
         full = (1 << (8 * width)) - 1
         reg = Register(
-            offset, name, width, reset, full if writable is None else writable,
-            on_read, on_write, w1c,
+            offset,
+            name,
+            width,
+            reset,
+            full if writable is None else writable,
+            on_read,
+            on_write,
+            w1c,
         )
         self._registers[offset] = reg
         for i in range(width):
@@ -270,8 +299,7 @@ class SplitRegion(Region):
         pos = 0
         while pos < count:
             at = offset + pos
-            part, base = next(((p, b) for b, p in self._parts if b <= at < b + p.size),
-                              (None, 0))
+            part, base = next(((p, b) for b, p in self._parts if b <= at < b + p.size), (None, 0))
             if part is None:
                 nxt = min((b for b, _ in self._parts if b > at), default=offset + count)
                 length = min(nxt, offset + count) - at

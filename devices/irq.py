@@ -20,6 +20,7 @@ Semantics follow the kernel's vfio-pci, which QEMU expects:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import struct
 from dataclasses import dataclass, field
@@ -222,10 +223,17 @@ class InterruptController:
         if index == MSI and vector >= self.config.msi_vectors_enabled:
             return  # the guest enabled fewer vectors; the message is not generated
         if self.delivery is Delivery.SUSPENDED or self._masked(index, vector):
-            vectors.pending[vector] = True
+            self._set_pending(index, vector, True)
             return
-        vectors.pending[vector] = False
+        self._set_pending(index, vector, False)
         self._fire(index, vector)
+
+    def _set_pending(self, index: int, vector: int, pending: bool) -> None:
+        self._vectors[index].pending[vector] = pending
+        if index == MSI:
+            # Mirror into the capability's Pending Bits, where the function has them.
+            with contextlib.suppress(ValueError):
+                self.config.set_msi_pending(vector, pending)
 
     def _retry_pending(self, index: int, vector: int) -> None:
         vectors = self._vectors[index]

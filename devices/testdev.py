@@ -119,8 +119,9 @@ class TestDev(Device):
             pba_offset=PBA_OFFSET,
         )
         config.add_express_capability()
-        super().__init__(config, InterruptController(config, msi_vectors=1,
-                                                     msix_vectors=opts.msix_vectors))
+        super().__init__(
+            config, InterruptController(config, msi_vectors=1, msix_vectors=opts.msix_vectors)
+        )
         self.regs = self._build_registers()
         self.ram = RamRegion(opts.ram_size)
         self.add_region(BAR_REGS, self.regs)
@@ -208,4 +209,3 @@ class TestDev(Device):
             self.regs.set(REG_DMA_DONE, (self.regs.get(REG_DMA_DONE) + 1) & 0xFFFFFFFF)
         if notify:
             self._raise(vector)
-

@@ -11,8 +11,12 @@ from collections.abc import Sequence
 import trio
 
 from devices.registry import DEFAULT_DEVICE, DEVICE_TYPES, DeviceSpecError, create_device
+from protocol.messages import DmaLayout
 from protocol.version import ServerCapabilities
 
+from .client import Client, ClientError
+from .connection import Limits
+from .info import describe
 from .qemu import qemu_args, qemu_command_line
 from .server import DeviceServer, ServerError
 
@@ -50,10 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--once", action="store_true", help="exit when the first client leaves")
     serve.add_argument("--print-qemu", action="store_true", help="print the QEMU command line")
     serve.add_argument(
-        "--max-data-xfer-size", type=int, default=1024 * 1024,
+        "--max-data-xfer-size",
+        type=int,
+        default=1024 * 1024,
         help="largest region/DMA transfer per message (default 1 MiB)",
     )
     serve.add_argument("--max-dma-maps", type=int, default=65535, help="DMA mappings allowed")
+    serve.add_argument(
+        "--dma-layout",
+        choices=["auto", "spec", "qemu"],
+        default="auto",
+        help="in-band DMA message layout (auto: QEMU's for clients proposing minor 0)",
+    )
 
     info = sub.add_parser("info", help="describe the device behind a socket (like lspci -vv)")
     info.add_argument("--socket-path", required=True)
@@ -73,11 +85,17 @@ async def _serve(args: argparse.Namespace) -> int:
     except (DeviceSpecError, ValueError) as exc:
         print(f"vfio-user-emu: {exc}", file=sys.stderr)
         return 2
+    layout = None if args.dma_layout == "auto" else DmaLayout(args.dma_layout)
     server = DeviceServer(
         device,
         socket_path=args.socket_path,
         listen_fd=args.fd,
         capabilities=capabilities,
+        limits=Limits(
+            max_message_size=capabilities.max_data_xfer_size + 4096,
+            max_dma_maps=capabilities.max_dma_maps,
+            dma_layout=layout,
+        ),
         trace=args.trace,
         once=args.once,
     )
@@ -97,8 +115,9 @@ async def _serve(args: argparse.Namespace) -> int:
             print(f"serving {device.type_name} on {where}", flush=True)
             if args.print_qemu and args.socket_path:
                 print("attach a guest with:", flush=True)
-                print(f"  {qemu_command_line([args.socket_path])} -kernel ... -initrd ...",
-                      flush=True)
+                print(
+                    f"  {qemu_command_line([args.socket_path])} -kernel ... -initrd ...", flush=True
+                )
                 print("stop with Ctrl-C (or SIGTERM)", flush=True)
 
             async def stop_on_signal() -> None:
@@ -112,9 +131,6 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 async def _info(args: argparse.Namespace) -> int:
-    from .client import Client, ClientError
-    from .info import describe
-
     try:
         async with Client.connect(args.socket_path) as client:
             print(await describe(client))

@@ -53,7 +53,7 @@ from protocol.constants import (
 )
 from protocol.errors import ProtocolError
 from protocol.framer import Message, MessageFramer, Oversized
-from protocol.header import Header, pack_error_reply, pack_message, pack_reply
+from protocol.header import HEADER, Header, pack_error_reply, pack_message, pack_reply
 from protocol.messages import (
     U64,
     DeviceFeatureMsg,
@@ -417,7 +417,10 @@ class Client:
         async with self._send_lock:
             self._check_usable(command)
             if self.trace is not None:
-                self._trace("->", Header.unpack(data), len(fds))
+                if len(data) >= HEADER.size:
+                    self._trace("->", Header.unpack(data), len(fds))
+                else:
+                    self.trace(f"-> {len(data)} raw bytes, fds={len(fds)}")
             # Shielded: a half-sent message would corrupt the stream. A send stuck on a
             # server that stopped reading is undone by aclose(), which closes the socket.
             with trio.CancelScope(shield=True):
@@ -434,7 +437,8 @@ class Client:
         A reply the server sends to it arrives unexpected and breaks the connection; use
         :meth:`request` for anything that gets an answer.
         """
-        await self._send(data, fds, Header.unpack(data).command if len(data) >= 16 else 0)
+        command = Header.unpack(data).command if len(data) >= HEADER.size else 0
+        await self._send(data, fds, command)
 
     async def request(
         self,

@@ -35,9 +35,10 @@ from protocol.constants import Command
 from protocol.errors import ProtocolError
 from protocol.header import Header
 from protocol.messages import (
-    DmaData,
+    DmaLayout,
     DmaRw,
     check_dma_write_reply,
+    pack_dma_write,
     unpack_dma_read_reply,
 )
 from protocol.version import ClientCapabilities, ServerCapabilities
@@ -60,6 +61,15 @@ class Limits:
     max_dma_maps: int = 65535
     dma_reply_timeout: float = 10.0
     max_queued_jobs: int = 4096
+    #: In-band DMA layout: None = decide per client (QEMU proposes minor 0, see
+    #: protocol.messages.DmaLayout), or force one.
+    dma_layout: DmaLayout | None = None
+
+
+def choose_dma_layout(client: ClientCapabilities) -> DmaLayout:
+    """QEMU (the only client proposing protocol minor 0) uses its own in-band DMA layout;
+    libvfio-user and our client (minor 2) use the spec's."""
+    return DmaLayout.QEMU if client.minor == 0 else DmaLayout.SPEC
 
 
 class _Waiter:
@@ -97,6 +107,7 @@ class ClientSession:
         self.engine: DmaEngine | None = None
         self.client: ClientCapabilities | None = None
         self.max_transfer = 4096
+        self.dma_layout = DmaLayout.SPEC
         self._send_lock = trio.Lock()
         self._waiters: dict[int, _Waiter] = {}
         self._jobs: deque[Callable[[], Awaitable[None]]] = deque()
@@ -218,6 +229,7 @@ class ClientSession:
     def _start_session(self, client: ClientCapabilities) -> None:
         self.client = client
         self.max_transfer = max(1, client.max_data_xfer_size)
+        self.dma_layout = self.limits.dma_layout or choose_dma_layout(client)
         self.engine = DmaEngine(self.maps, self, self.dirty)
         self.session = Session(
             self.device,
@@ -274,17 +286,15 @@ class ClientSession:
 
     # -- MessageChannel: server -> client DMA ----------------------------------------------
     async def dma_read(self, address: int, count: int) -> bytes:
-        _, payload = await self._dma_request(
-            Command.DMA_READ, DmaRw(address, count).pack()
-        )
+        _, payload = await self._dma_request(Command.DMA_READ, DmaRw(address, count).pack())
         try:
-            return unpack_dma_read_reply(payload, address, count)
+            return unpack_dma_read_reply(payload, address, count, self.dma_layout)
         except ProtocolError as exc:
             raise DmaFault(f"bad DMA_READ reply: {exc}") from None
 
     async def dma_write(self, address: int, data: bytes) -> None:
         _, payload = await self._dma_request(
-            Command.DMA_WRITE, DmaData(address, len(data), data).pack()
+            Command.DMA_WRITE, pack_dma_write(self.dma_layout, address, data)
         )
         try:
             check_dma_write_reply(payload, address, len(data))

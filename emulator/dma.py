@@ -36,6 +36,8 @@ class Mapping:
     file_id: tuple[int, int] | None = None  # (st_dev, st_ino), to recognise identical re-maps
     _mmap: mmap.mmap | None = field(default=None, repr=False)
     _skew: int = 0  # bytes between the page-aligned mmap start and file_offset
+    _fd_backed: bool = False
+    _closed: bool = False
 
     @property
     def end(self) -> int:
@@ -43,7 +45,12 @@ class Mapping:
 
     @property
     def fd_backed(self) -> bool:
-        return self._mmap is not None
+        return self._fd_backed
+
+    @property
+    def alive(self) -> bool:
+        """False once unmapped: in-flight DMA must not touch it any more (spec)."""
+        return not self._closed
 
     def same_as(self, other: Mapping) -> bool:
         return (
@@ -66,6 +73,7 @@ class Mapping:
         self._mmap[start : start + len(data)] = data
 
     def close(self) -> None:
+        self._closed = True
         if self._mmap is not None:
             self._mmap.close()
             self._mmap = None
@@ -101,6 +109,7 @@ def _open_mapping(request: DmaMap, fd: int | None) -> Mapping:
     except (OverflowError, ValueError) as exc:
         raise ProtocolError(errno.EINVAL, f"DMA_MAP: cannot map: {exc}") from None
     mapping._skew = skew
+    mapping._fd_backed = True
     return mapping
 
 
@@ -181,8 +190,10 @@ class IovaMap:
         end = iova + length
         at = bisect.bisect_right(self._starts, pos) - 1
         while pos < end:
-            if at < 0 or at >= len(self._maps) or not (
-                self._maps[at].address <= pos < self._maps[at].end
+            if (
+                at < 0
+                or at >= len(self._maps)
+                or not (self._maps[at].address <= pos < self._maps[at].end)
             ):
                 raise DmaFault(f"DMA: {pos:#x} is not mapped")
             mapping = self._maps[at]
@@ -239,18 +250,26 @@ class DmaEngine:
         if not self.enabled:
             raise DmaFault("DMA is disabled (device reset, stopped or client gone)")
 
+    def _check_live(self, mapping: Mapping) -> None:
+        # Messages await the client, during which the client may unmap or reset; never
+        # touch a range after its unmap was answered.
+        self._check_enabled()
+        if not mapping.alive:
+            raise DmaFault(f"DMA: [{mapping.address:#x}, {mapping.end:#x}) was unmapped")
+
     async def read(self, iova: int, length: int) -> bytes:
         self._check_enabled()
         parts = []
         for mapping, offset, chunk in self.maps.segments(iova, length, write=False):
             if mapping.fd_backed:
+                self._check_live(mapping)
                 parts.append(mapping.read(offset, chunk))
-            else:
-                address = mapping.address + offset
-                for start in range(0, chunk, self.channel.max_transfer):
-                    count = min(self.channel.max_transfer, chunk - start)
-                    parts.append(await self.channel.dma_read(address + start, count))
-                    self._check_enabled()
+                continue
+            address = mapping.address + offset
+            for start in range(0, chunk, self.channel.max_transfer):
+                self._check_live(mapping)
+                count = min(self.channel.max_transfer, chunk - start)
+                parts.append(await self.channel.dma_read(address + start, count))
         return b"".join(parts)
 
     async def write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
@@ -258,15 +277,36 @@ class DmaEngine:
         view = memoryview(data).cast("B")
         pos = 0
         for mapping, offset, chunk in self.maps.segments(iova, len(view), write=True):
+            address = mapping.address + offset
             if mapping.fd_backed:
+                self._check_live(mapping)
                 mapping.write(offset, view[pos : pos + chunk])
-                self.dirty.record(mapping.address + offset, chunk)
+                self.dirty.record(address, chunk)
             else:
-                address = mapping.address + offset
                 for start in range(0, chunk, self.channel.max_transfer):
+                    self._check_live(mapping)
                     count = min(self.channel.max_transfer, chunk - start)
                     piece = bytes(view[pos + start : pos + start + count])
                     await self.channel.dma_write(address + start, piece)
                     self.dirty.record(address + start, count)
-                    self._check_enabled()
             pos += chunk
+
+    async def read_sg(self, segments: list[tuple[int, int]]) -> bytes:
+        """Gather ``(iova, length)`` segments; all are checked before any is read."""
+        for iova, length in segments:
+            self.maps.segments(iova, length, write=False)
+        return b"".join([await self.read(iova, length) for iova, length in segments])
+
+    async def write_sg(
+        self, segments: list[tuple[int, int]], data: bytes | bytearray | memoryview
+    ) -> None:
+        """Scatter ``data`` over ``(iova, length)`` segments; all are checked first."""
+        view = memoryview(data).cast("B")
+        if sum(length for _, length in segments) != len(view):
+            raise DmaFault("DMA: scatter list and data differ in length")
+        for iova, length in segments:
+            self.maps.segments(iova, length, write=True)
+        pos = 0
+        for iova, length in segments:
+            await self.write(iova, view[pos : pos + length])
+            pos += length

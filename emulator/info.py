@@ -13,11 +13,15 @@ from protocol.constants import (
 )
 from protocol.messages import SparseMmapCap, TypeCap
 
-from .client import Client, ClientError, RegionDescription
+from .client import Client, ClientError, ConnectionLost, RegionDescription
 from .transport import close_fds
 
-#: Bytes of config space read for the report: the header plus the standard capability area.
-CONFIG_READ_SIZE = 256
+#: QEMU's anti-malicious-server limits (facts 5.2); the report stops there too.
+MAX_REGIONS = 100
+MAX_IRQS = 50
+#: Bytes of config space read for the report: all of it (PCIe: extended caps at 0x100).
+CONFIG_READ_SIZE = 4096
+PCI_CONFIG_SPACE_SIZE = 256
 PCI_STATUS_CAP_LIST = 0x10
 PCI_CAPABILITY_LIST = 0x34
 
@@ -43,6 +47,21 @@ CAP_NAMES = {
     0x13: "Advanced Features",
     0x14: "Enhanced Allocation",
     0x15: "Flattening Portal Bridge",
+}
+
+EXT_CAP_NAMES = {
+    0x0001: "Advanced Error Reporting",
+    0x0002: "Virtual Channel",
+    0x0003: "Device Serial Number",
+    0x0004: "Power Budgeting",
+    0x000B: "Vendor Specific",
+    0x000D: "Access Control Services",
+    0x000E: "Alternative Routing-ID",
+    0x0010: "SR-IOV",
+    0x0015: "Resizable BAR",
+    0x0018: "Latency Tolerance Reporting",
+    0x001E: "L1 PM Substates",
+    0x0023: "Designated Vendor-Specific",
 }
 
 PCIE_PORT_TYPES = {
@@ -111,10 +130,6 @@ def _irq_flags(flags: int) -> str:
             (IrqInfoFlags.NORESIZE, "NORESIZE"),
         ],
     )
-
-
-def _errno_text(exc: ClientError) -> str:
-    return str(exc)
 
 
 class _Config:
@@ -203,6 +218,26 @@ def capability_lines(config: _Config) -> list[str]:
     return lines or ["  (empty capability list)"]
 
 
+def extended_capability_lines(config: _Config) -> list[str]:
+    """Walk the PCIe extended capability list at 0x100 (only in a 4096-byte config space)."""
+    if len(config.data) <= PCI_CONFIG_SPACE_SIZE or not config.u32(0x100):
+        return []
+    lines = []
+    seen: set[int] = set()
+    pos = 0x100
+    while pos:
+        if pos in seen or pos < 0x100 or pos + 4 > len(config.data):
+            lines.append(f"  [{pos:03x}] broken extended capability pointer")
+            break
+        seen.add(pos)
+        header = config.u32(pos)
+        cap_id = header & 0xFFFF
+        name = EXT_CAP_NAMES.get(cap_id, f"ID {cap_id:#06x}")
+        lines.append(f"  [{pos:03x}] {name} (extended), version {(header >> 16) & 0xF}")
+        pos = (header >> 20) & 0xFFC
+    return lines
+
+
 def _region_lines(desc: RegionDescription, config: _Config | None) -> list[str]:
     info = desc.info
     name = region_name(info.index)
@@ -223,6 +258,70 @@ def _region_lines(desc: RegionDescription, config: _Config | None) -> list[str]:
     return lines
 
 
+async def _regions(client: Client, count: int) -> list[RegionDescription | ClientError]:
+    """Every region's description, or the error it got. Region fds are closed at once.
+
+    Error replies (and malformed replies, after which the stream is still in sync) are
+    reported in place; a lost connection ends the report.
+    """
+    regions: list[RegionDescription | ClientError] = []
+    for index in range(count):
+        try:
+            desc = await client.get_region_info(index)
+        except ConnectionLost:
+            raise
+        except ClientError as exc:
+            regions.append(exc)
+            continue
+        if desc.fd is not None:
+            close_fds([desc.fd])
+            desc.fd = None
+        regions.append(desc)
+    return regions
+
+
+async def _read_config(
+    client: Client, regions: list[RegionDescription | ClientError], lines: list[str]
+) -> _Config | None:
+    region = regions[PciRegion.CONFIG] if len(regions) > PciRegion.CONFIG else None
+    if not isinstance(region, RegionDescription) or not region.info.size:
+        return None
+    size = min(CONFIG_READ_SIZE, region.info.size, client.server_max_data_xfer_size)
+    try:
+        return _Config(await client.region_read(PciRegion.CONFIG, 0, size))
+    except ConnectionLost:
+        raise
+    except ClientError as exc:
+        lines.append(f"Config space: read failed: {exc}")
+        return None
+
+
+def _config_header_lines(config: _Config) -> list[str]:
+    class_code = config.u32(0x08) >> 8
+    return [
+        f"Config: vendor:device {config.u16(0x00):04x}:{config.u16(0x02):04x}  "
+        f"subsystem {config.u16(0x2C):04x}:{config.u16(0x2E):04x}",
+        f"        class {class_code:06x}  revision {config.u8(0x08):02x}  "
+        f"header type {config.u8(0x0E):02x}  interrupt pin {config.u8(0x3D)}",
+        f"        command {config.u16(0x04):#06x}  status {config.u16(0x06):#06x}",
+    ]
+
+
+async def _irq_lines(client: Client, count: int) -> list[str]:
+    lines = []
+    for index in range(count):
+        name = IRQ_NAMES.get(IrqIndex(index), str(index)) if index < len(IrqIndex) else str(index)
+        try:
+            irq = await client.get_irq_info(index)
+        except ConnectionLost:
+            raise
+        except ClientError as exc:
+            lines.append(f"  {name:<6} error: {exc}")
+            continue
+        lines.append(f"  {name:<6} count {irq.count}  [{_irq_flags(irq.flags)}]")
+    return lines
+
+
 async def describe(client: Client) -> str:
     """A multi-line report of the device behind ``client``."""
     info = await client.get_info()
@@ -231,56 +330,26 @@ async def describe(client: Client) -> str:
         f"vfio-user device: protocol {client.major}.{client.minor}",
         f"Flags: {flags}  regions: {info.num_regions}  irqs: {info.num_irqs}",
     ]
+    if info.num_regions > MAX_REGIONS or info.num_irqs > MAX_IRQS:
+        lines.append(f"(listing at most {MAX_REGIONS} regions and {MAX_IRQS} irqs)")
 
-    regions: list[RegionDescription | ClientError] = []
-    for index in range(info.num_regions):
-        try:
-            desc = await client.get_region_info(index)
-        except ClientError as exc:
-            regions.append(exc)
-            continue
-        if desc.fd is not None:
-            close_fds([desc.fd])
-            desc.fd = None
-        regions.append(desc)
-
-    config: _Config | None = None
-    config_region = regions[PciRegion.CONFIG] if len(regions) > PciRegion.CONFIG else None
-    if isinstance(config_region, RegionDescription) and config_region.info.size:
-        size = min(CONFIG_READ_SIZE, config_region.info.size)
-        try:
-            config = _Config(await client.region_read(PciRegion.CONFIG, 0, size))
-        except ClientError as exc:
-            lines.append(f"Config space: read failed: {_errno_text(exc)}")
-
+    regions = await _regions(client, min(info.num_regions, MAX_REGIONS))
+    config = await _read_config(client, regions, lines)
     if config is not None:
-        class_code = config.u32(0x08) >> 8
-        lines += [
-            f"Config: vendor:device {config.u16(0x00):04x}:{config.u16(0x02):04x}  "
-            f"subsystem {config.u16(0x2C):04x}:{config.u16(0x2E):04x}",
-            f"        class {class_code:06x}  revision {config.u8(0x08):02x}  "
-            f"header type {config.u8(0x0E):02x}  interrupt pin {config.u8(0x3D)}",
-            f"        command {config.u16(0x04):#06x}  status {config.u16(0x06):#06x}",
-        ]
+        lines += _config_header_lines(config)
 
     lines.append("Regions:")
     for index, region in enumerate(regions):
         if isinstance(region, ClientError):
-            lines.append(f"  {region_name(index):<8} error: {_errno_text(region)}")
+            lines.append(f"  {region_name(index):<8} error: {region}")
         else:
             lines += _region_lines(region, config)
 
     lines.append("IRQs:")
-    for index in range(info.num_irqs):
-        name = IRQ_NAMES.get(IrqIndex(index), str(index)) if index < len(IrqIndex) else str(index)
-        try:
-            irq = await client.get_irq_info(index)
-        except ClientError as exc:
-            lines.append(f"  {name:<6} error: {_errno_text(exc)}")
-            continue
-        lines.append(f"  {name:<6} count {irq.count}  [{_irq_flags(irq.flags)}]")
+    lines += await _irq_lines(client, min(info.num_irqs, MAX_IRQS))
 
     if config is not None:
         lines.append("Capabilities:")
         lines += capability_lines(config)
+        lines += extended_capability_lines(config)
     return "\n".join(lines) + "\n"

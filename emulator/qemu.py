@@ -21,9 +21,12 @@ def qemu_args(socket_paths: list[str], memory: str = "512M") -> list[str]:
     """Arguments for qemu-system-x86_64: memfd guest RAM shared with the server (share=on)
     so DMA goes through mmap, not messages; -nodefaults avoids SeaBIOS's CD-ROM wait."""
     args = [
-        "-machine", "q35,memory-backend=mem",
-        "-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
-        "-m", memory,
+        "-machine",
+        "q35,memory-backend=mem",
+        "-object",
+        f"memory-backend-memfd,id=mem,size={memory},share=on",
+        "-m",
+        memory,
         "-nodefaults",
     ]
     for i, path in enumerate(socket_paths):
@@ -31,7 +34,8 @@ def qemu_args(socket_paths: list[str], memory: str = "512M") -> list[str]:
     return args
 
 
-def qemu_command_line(socket_paths: list[str], memory: str = "512M",
-                      binary: str = "qemu-system-x86_64") -> str:
+def qemu_command_line(
+    socket_paths: list[str], memory: str = "512M", binary: str = "qemu-system-x86_64"
+) -> str:
     extra = ["-accel", "tcg", "-cpu", "max", "-nographic", "-serial", "mon:stdio"]
     return shlex.join([binary, *qemu_args(socket_paths, memory), *extra])

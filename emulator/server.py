@@ -151,9 +151,7 @@ class DeviceServer:
         self.socket_path = Path(socket_path) if socket_path is not None else None
         self.listen_fd = listen_fd
         self.capabilities = capabilities or ServerCapabilities()
-        self.limits = limits or Limits(
-            max_message_size=self.capabilities.max_data_xfer_size + 4096
-        )
+        self.limits = limits or Limits(max_message_size=self.capabilities.max_data_xfer_size + 4096)
         self.name = name or device.type_name
         self.tracer = Tracer(trace, self.name)
         self.once = once
@@ -244,7 +242,7 @@ async def serve(
 ) -> None:
     """Serve ``device`` from a script::
 
-        trio.run(functools.partial(serve, device, socket_path="/tmp/dev.sock"))
+    trio.run(functools.partial(serve, device, socket_path="/tmp/dev.sock"))
     """
     server = DeviceServer(
         device, socket_path=socket_path, listen_fd=listen_fd, trace=trace, once=once

@@ -33,10 +33,17 @@ class Tracer:
 
     def failed(self, request: Header, err: int, reason: str) -> None:
         if self.enabled:
-            log.info("%s -> id=%d %s error=%d (%s)", self.name, request.msg_id,
-                     request.command_name(), err, reason)
+            log.info(
+                "%s -> id=%d %s error=%d (%s)",
+                self.name,
+                request.msg_id,
+                request.command_name(),
+                err,
+                reason,
+            )
 
     def rejected(self, header: Header, error: ProtocolError) -> None:
         # Refusals are worth a line even without --trace: they point at a broken client.
-        log.warning("%s rejected id=%d %s: %s", self.name, header.msg_id,
-                    header.command_name(), error)
+        log.warning(
+            "%s rejected id=%d %s: %s", self.name, header.msg_id, header.command_name(), error
+        )

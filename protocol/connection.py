@@ -7,6 +7,7 @@ Rules (spec 0.9.2 and what libvfio-user / QEMU do, facts sections 1-3):
   AWAITING_VERSION  command VERSION, valid                  Negotiated + reply; -> READY
   AWAITING_VERSION  command VERSION, invalid                Rejected(errno, close=True)
   AWAITING_VERSION  any other command                       Rejected(EINVAL, close=True)
+  AWAITING_VERSION  a reply                                 Fatal -> CLOSED
   READY             command VERSION                         Rejected(EINVAL)  (second VERSION)
   READY             command DMA_READ/DMA_WRITE              Rejected(EINVAL)  (server-only)
   READY             command not in 1..18, or 14 (retired)   Rejected(EINVAL)
@@ -157,6 +158,9 @@ class ServerConnection:
     def _classify(self, msg: Message) -> Event:
         header = msg.header
         msg_type = header.flags & FLAGS_TYPE_MASK
+        if msg_type == MsgType.REPLY and self.state is ConnState.AWAITING_VERSION:
+            self.state = ConnState.CLOSED
+            return Fatal("a reply before VERSION", msg.fds)
         if msg_type == MsgType.REPLY:
             return self._reply(msg)
         if msg_type != MsgType.COMMAND:

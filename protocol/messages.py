@@ -12,6 +12,7 @@ replies larger than the request buffer, so every reply type here packs to its ex
 
 from __future__ import annotations
 
+import enum
 import errno
 import struct
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ class VersionPayload:
         fixed = VERSION_FIXED.pack(self.major, self.minor)
         if self.json_text is None:
             return fixed
+        if "\0" in self.json_text:
+            raise ValueError("VERSION JSON text may not contain NUL")
         return fixed + self.json_text.encode() + b"\0"
 
     @classmethod
@@ -515,22 +518,40 @@ class DmaData:
         return cls(address, count, data)
 
 
-def unpack_dma_read_reply(payload: bytes | memoryview, address: int, count: int) -> bytes:
-    """Data of a DMA_READ reply in either layout peers use.
+class DmaLayout(enum.Enum):
+    """How a peer lays out in-band DMA messages (facts section 4.4).
 
-    Spec/libvfio-user: ``address u64, count u64, data``. QEMU 10.x: ``address u64, count u32,
-    data, 4 pad bytes`` (its struct is unpadded after a u32 count, facts section 4.4). Both
-    payloads have the same length (16 + count), so the layout is told apart by the count
-    field: in QEMU's form the high half of the u64 holds the first data bytes.
+    ``SPEC`` (the spec, libvfio-user): ``address u64, count u64, data``.
+    ``QEMU`` (QEMU 10.x's unpadded ``VFIOUserDMARW``): ``address u64, count u32, data`` with
+    the data at payload offset 12 and 4 trailing bytes, so the payload is still 16 + count.
+    The two cannot be told apart from one message (a QEMU reply whose data starts with four
+    zero bytes reads as a valid spec reply), so the layout is fixed per connection.
     """
+
+    SPEC = "spec"
+    QEMU = "qemu"
+
+
+def pack_dma_write(layout: DmaLayout, address: int, data: bytes) -> bytes:
+    """A server->client DMA_WRITE request payload in the peer's layout."""
+    if layout is DmaLayout.QEMU:
+        return QEMU_DMA_RW.pack(address, len(data)) + data + bytes(4)
+    return DMA_RW.pack(address, len(data)) + data
+
+
+def unpack_dma_read_reply(
+    payload: bytes | memoryview, address: int, count: int, layout: DmaLayout = DmaLayout.SPEC
+) -> bytes:
+    """The data of a DMA_READ reply, checked against what was asked."""
     require(len(payload) == DMA_RW.size + count, f"DMA_READ reply: {len(payload)} bytes")
-    got_address, got_count = DMA_RW.unpack_from(payload)
+    if layout is DmaLayout.QEMU:
+        got_address, got_count = QEMU_DMA_RW.unpack_from(payload)
+        start = QEMU_DMA_RW.size
+    else:
+        got_address, got_count = DMA_RW.unpack_from(payload)
+        start = DMA_RW.size
     require(got_address == address, f"DMA_READ reply for {got_address:#x}, asked {address:#x}")
-    if got_count == count:
-        return bytes(payload[DMA_RW.size :])
-    _, qemu_count = QEMU_DMA_RW.unpack_from(payload)
-    require(qemu_count == count, f"DMA_READ reply count {got_count}, asked {count}")
-    start = QEMU_DMA_RW.size
+    require(got_count == count, f"DMA_READ reply count {got_count}, asked {count}")
     return bytes(payload[start : start + count])
 
 
@@ -568,6 +589,8 @@ class RegionWriteMulti:
     def pack(self) -> bytes:
         out = [U64.pack(len(self.entries))]
         for e in self.entries:
+            if not 0 < len(e.data) <= MULTI_MAX_DATA or e.count != len(e.data):
+                raise ValueError(f"write-multi entry of {len(e.data)} bytes (1..8, = count)")
             out.append(MULTI_ENTRY.pack(e.offset, e.region, e.count, e.data.ljust(8, b"\0")))
         return b"".join(out)
 

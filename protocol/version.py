@@ -65,6 +65,10 @@ class ServerCapabilities:
             raise ValueError(f"max_dma_maps must be 1..{MAX_DMA_MAPS_LIMIT}")
         if self.pgsizes <= 0 or self.pgsizes % PAGE_SIZE:
             raise ValueError("pgsizes must be a non-zero multiple of 4096")
+        if self.migration_pgsize is not None and (
+            self.migration_pgsize <= 0 or self.migration_pgsize % PAGE_SIZE
+        ):
+            raise ValueError("migration pgsize must be a non-zero multiple of 4096")
 
     def to_json(self) -> str:
         caps: dict[str, Any] = {

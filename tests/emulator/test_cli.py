@@ -36,7 +36,7 @@ def wait_for(path: Path, timeout: float = 10.0) -> None:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [PYTHON, "-m", "emulator", *args], capture_output=True, text=True, timeout=30
+        [PYTHON, "-m", "emulator", *args], capture_output=True, text=True, timeout=30, check=False
     )
 
 
@@ -90,7 +90,10 @@ def test_serve_from_inherited_fd(tmp_path: Path) -> None:
     os.set_inheritable(fd, True)
     proc = subprocess.Popen(
         [PYTHON, "-m", "emulator", "serve", f"--fd={fd}"],
-        pass_fds=(fd,), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        pass_fds=(fd,),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     listener.close()
     try:

@@ -969,15 +969,19 @@ async def test_trace_hook(nursery):
     async def script(peer: Peer) -> None:
         msg = await peer.expect(Command.DEVICE_RESET)
         await peer.error(msg, errno.EBUSY)
+        data, _ = await receive_chunk(peer.sock, 100, 0)
+        assert data == b"\1\2"
         await peer.expect_eof()
 
     async with connected(nursery, script, trace=lines.append) as client:
         with pytest.raises(ClientError):
             await client.reset()
+        await client.send_raw(b"\1\2")
     assert lines[0].startswith("-> id=0 VERSION size=")
     assert lines[1].startswith("<- id=0 VERSION size=")
     assert lines[2] == "-> id=1 DEVICE_RESET size=16 flags=0x0"
     assert lines[3] == f"<- id=1 DEVICE_RESET size=16 flags=0x21 errno={errno.EBUSY}"
+    assert lines[4] == "-> 2 raw bytes, fds=0"
 
 
 def test_guest_memory_bounds():
@@ -995,7 +999,7 @@ def test_guest_memory_bounds():
 
 
 def _config_space() -> bytes:
-    cfg = bytearray(256)
+    cfg = bytearray(4096)
     struct.pack_into("<HHHH", cfg, 0, 0x8086, 0x10D3, 0x0006, 0x0010)  # ids, command, status
     struct.pack_into("<I", cfg, 0x08, 0x02000003)  # class 020000, revision 3
     struct.pack_into("<IIIII", cfg, 0x10, 0x0, 0xC, 0x0, 0x1, 0x0)  # BAR0..4
@@ -1006,6 +1010,8 @@ def _config_space() -> bytes:
     struct.pack_into("<BBH", cfg, 0x50, 0x05, 0x70, 0x0086)  # MSI: 8 vectors, 64-bit
     struct.pack_into("<BBH", cfg, 0x70, 0x10, 0xA0, 0x0002)  # PCIe v2 endpoint
     struct.pack_into("<BBHII", cfg, 0xA0, 0x11, 0x00, 0x0004, 0x3, 0x2003)  # MSI-X
+    struct.pack_into("<I", cfg, 0x100, 0x0001 | 2 << 16 | 0x148 << 20)  # AER v2
+    struct.pack_into("<I", cfg, 0x148, 0x0003 | 1 << 16)  # DSN v1, end of list
     return bytes(cfg)
 
 
@@ -1020,7 +1026,7 @@ async def test_describe(nursery):
         4: (0, 0, []),
         5: (0, 0, []),
         6: (0, 0, []),
-        7: (3, 256, []),
+        7: (3, 4096, []),
     }
     irqs = {0: (1, 1), 1: (1, 8), 2: (1, 5), 3: (1, 1), 4: (1, 1)}
     r, w = pipe_with_peer_copy()
@@ -1069,7 +1075,7 @@ async def test_describe(nursery):
         "BAR1     size 0x4000 (16K)  [R/W]  mem64, prefetchable",
         "BAR2     size 0x0 (0)  [-]",
         "BAR3     size 0x20 (32)  [R/W]  I/O",
-        "CONFIG   size 0x100 (256)  [R/W]",
+        "CONFIG   size 0x1000 (4K)  [R/W]",
         "VGA      error: DEVICE_GET_REGION_INFO: EINVAL",
         "INTx   count 1  [EVENTFD]",
         "MSI-X  count 5  [EVENTFD]",
@@ -1080,3 +1086,40 @@ async def test_describe(nursery):
     ]
     for text in expected:
         assert text in report, f"{text!r} missing from:\n{report}"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        struct.pack("<HHIII", 0, 4, 16, 2, 0),  # message type 2
+        struct.pack("<HHIII", 0, 4, 8, 1, 0),  # size below the header
+    ],
+    ids=["type-2", "size-8"],
+)
+async def test_framing_damage_breaks_the_connection(nursery, bad):
+    async def script(peer: Peer) -> None:
+        await peer.expect(Command.DEVICE_GET_INFO)
+        await peer.send(bad)
+        await peer.expect_eof()
+
+    async with connected(nursery, script) as client:
+        with pytest.raises(InvalidReply):
+            await client.get_info()
+        with pytest.raises(InvalidReply):
+            await client.reset()
+
+
+async def test_message_ids_wrap_around(nursery):
+    async def script(peer: Peer) -> None:
+        msgs = [await peer.expect(Command.DEVICE_RESET) for _ in range(4)]
+        assert [m.header.msg_id for m in msgs] == [0xFFFE, 0xFFFF, 0, 1]
+        for msg in msgs:
+            await peer.reply(msg)
+        await peer.expect_eof()
+
+    async with connected(nursery, script) as client:
+        client._next_id = 0xFFFE
+        async with trio.open_nursery() as inner:
+            for _ in range(4):
+                inner.start_soon(client.reset)
+                await trio.sleep(0)  # keep the send order deterministic

@@ -147,14 +147,16 @@ async def test_dma_map_limit(tmp_path) -> None:
     from emulator.testing import served_device
     from protocol.version import ServerCapabilities
 
-    async with served_device(TestDev(), tmp_path,
-                             capabilities=ServerCapabilities(max_dma_maps=3)) as served:
-        async with Client.connect(served.socket_path) as client:
-            for i in range(3):
-                await client.dma_map(i * 0x1000, 0x1000)
-            with pytest.raises(ClientError) as exc:
-                await client.dma_map(0x10000, 0x1000)
-            assert exc.value.errno == errno.ENOSPC
+    caps = ServerCapabilities(max_dma_maps=3)
+    async with (
+        served_device(TestDev(), tmp_path, capabilities=caps) as served,
+        Client.connect(served.socket_path) as client,
+    ):
+        for i in range(3):
+            await client.dma_map(i * 0x1000, 0x1000)
+        with pytest.raises(ClientError) as exc:
+            await client.dma_map(0x10000, 0x1000)
+        assert exc.value.errno == errno.ENOSPC
 
 
 # -- interrupts -----------------------------------------------------------------------------
@@ -319,3 +321,110 @@ async def test_reset_stops_device_work_and_clears_interrupts(client: Client) -> 
     await trio.sleep(0.05)
     assert irq.take() == 0  # the line went down with the reset
     irq.close()
+
+
+async def test_msi_vector_with_per_vector_mask(served: ServedDevice, client: Client) -> None:
+    config = served.device.config
+    cap = config.find_capability(0x05)
+    assert cap is not None
+    irq = EventFd()
+    control = struct.unpack("<H", await client.region_read(7, cap + 2, 2))[0]
+    await client.region_write(7, cap + 2, struct.pack("<H", control | 1))  # MSI enable
+    await client.set_irqs(IrqIndex.MSI, TRIGGER_EVENTFD, 0, 1, fds=[irq.fd])
+    await write32(client, td.REG_DOORBELL, 0)
+    assert await irq.wait() == 1
+    mask_offset = cap + 0x10  # 64-bit capability: mask bits after the data register
+    await client.region_write(7, mask_offset, struct.pack("<I", 1))
+    await write32(client, td.REG_DOORBELL, 0)
+    await trio.sleep(0.05)
+    assert irq.take() == 0
+    assert config.msi_vector_pending(0)  # visible to the guest in the Pending Bits
+    await client.region_write(7, mask_offset, struct.pack("<I", 0))
+    assert await irq.wait() == 1
+    assert not config.msi_vector_pending(0)
+    irq.close()
+
+
+async def test_unmap_during_message_dma_stops_the_transfer(client: Client) -> None:
+    """A copy in flight over DMA messages must not touch a range once its unmap is
+    answered: the device sees a fault, the rest of the range is never accessed."""
+    unmapped = trio.Event()
+    first_read = trio.Event()
+    reads_after_unmap: list[int] = []
+
+    class Slow(GuestMemory):
+        def read(self, address: int, count: int) -> bytes:
+            if unmapped.is_set():
+                reads_after_unmap.append(address)
+            first_read.set()
+            return super().read(address, count)
+
+    memory = Slow(0, 0x40000)
+    client.serve_dma(memory)
+    await client.dma_map(0, 0x40000)
+    for reg, value in [(td.REG_DMA_SRC, 0), (td.REG_DMA_DST, 0x30000), (td.REG_DMA_LEN, 0x8000)]:
+        await write32(client, reg, value)
+    await write32(client, td.REG_DMA_CTRL, 1)
+    await first_read.wait()
+    await client.dma_unmap(0, 0x40000)
+    unmapped.set()
+    with trio.fail_after(5):
+        while (status := await read32(client, td.REG_DMA_STATUS)) == td.DMA_BUSY:
+            await trio.sleep(0.001)
+    # The 32 KiB copy needs 32 one-KiB... (1 MiB transfer size: 1 read); either the copy
+    # finished before the unmap was processed, or it failed and stopped reading.
+    assert status in (td.DMA_DONE, td.DMA_FAILED)
+    if status == td.DMA_FAILED:
+        assert reads_after_unmap == []
+
+
+async def test_in_band_dma_with_qemu_layout(served: ServedDevice) -> None:
+    """A client proposing minor 0 (QEMU) gets DMA_WRITE with data at payload offset 12 and
+    has its DMA_READ replies parsed that way, even when the data starts with zeros."""
+    from emulator.transport import send_message
+    from protocol.constants import Command as C
+    from protocol.header import pack_message, pack_reply
+    from protocol.messages import DmaMap, RegionAccess, RegionData, VersionPayload
+
+    from .test_server import raw_socket, read_message
+
+    sock = await raw_socket(served.socket_path)
+    source = b"\0\0\0\0QEMU layout data" * 4
+    guest: dict[int, bytes] = {}
+
+    async def call(msg_id: int, command: int, payload: bytes) -> bytes:
+        await send_message(sock, pack_message(msg_id, command, payload))
+        while True:
+            header, body = await read_message(sock)
+            if header.is_reply:
+                assert header.msg_id == msg_id and not header.is_error
+                return body
+            # A DMA request from the server, in QEMU's layout.
+            address, count = struct.unpack_from("<QI", body)
+            if header.command == C.DMA_READ:
+                reply = struct.pack("<QI", address, count) + source[:count] + b"\xee" * 4
+            else:
+                guest[address] = body[12 : 12 + count]
+                reply = b""  # QEMU answers DMA_WRITE header-only
+            await send_message(sock, pack_reply(header.msg_id, header.command, reply))
+
+    await call(1, C.VERSION, VersionPayload(0, 0, "{}").pack())
+    await call(2, C.DMA_MAP, DmaMap(32, 3, 0, 0x10000, 0x10000).pack())
+    for msg_id, (reg, value) in enumerate(
+        [
+            (td.REG_DMA_SRC, 0x10000),
+            (td.REG_DMA_DST, 0x18000),
+            (td.REG_DMA_LEN, len(source)),
+            (td.REG_DMA_CTRL, 1),
+        ],
+        start=3,
+    ):
+        await call(msg_id, C.REGION_WRITE, RegionData(reg, 0, 4, struct.pack("<I", value)).pack())
+    with trio.fail_after(5):
+        while True:
+            body = await call(20, C.REGION_READ, RegionAccess(td.REG_DMA_STATUS, 0, 4).pack())
+            if struct.unpack_from("<I", body, 16)[0] != td.DMA_BUSY:
+                break
+    assert struct.unpack_from("<I", body, 16)[0] == td.DMA_DONE
+    assert guest == {0x18000: source}
+    sock.close()

@@ -147,7 +147,7 @@ async def test_region_info_layout(client: Client) -> None:
 
 
 async def test_region_info_small_argsz_gets_fixed_part_and_no_fd(client: Client) -> None:
-    header, payload, fds = await client.request(
+    _, payload, fds = await client.request(
         Command.DEVICE_GET_REGION_INFO, RegionInfo(32, 0, 2, 0, 0, 0).pack()
     )
     info = RegionInfo.unpack(payload)
@@ -197,7 +197,9 @@ async def test_config_space_reads(client: Client) -> None:
     # Any size and alignment is accepted (QEMU forwards every guest access).
     for offset in range(0, 0x48, 3):
         for count in (1, 2, 3, 4, 8):
-            assert await client.region_read(CONFIG, offset, count) == header[offset : offset + count]
+            assert (
+                await client.region_read(CONFIG, offset, count) == header[offset : offset + count]
+            )
 
 
 async def test_bar_sizing_through_config_space(client: Client) -> None:
@@ -210,8 +212,9 @@ async def test_bar_sizing_through_config_space(client: Client) -> None:
 
 async def test_scratch_registers_and_posted_writes(client: Client) -> None:
     for i in range(td.SCRATCH_COUNT):
-        await client.region_write(BAR0, td.REG_SCRATCH + 4 * i, struct.pack("<I", 0x1000 + i),
-                                  posted=i % 2 == 0)
+        await client.region_write(
+            BAR0, td.REG_SCRATCH + 4 * i, struct.pack("<I", 0x1000 + i), posted=i % 2 == 0
+        )
     for i in range(td.SCRATCH_COUNT):
         value = await client.region_read(BAR0, td.REG_SCRATCH + 4 * i, 4)
         assert struct.unpack("<I", value)[0] == 0x1000 + i
@@ -257,35 +260,67 @@ MALFORMED = [
     ("dma-map-argsz", Command.DMA_MAP, DmaMap(16, 3, 0, 0, 4096).pack(), errno.EINVAL),
     ("dma-map-flags", Command.DMA_MAP, DmaMap(32, 0x100, 0, 0, 4096).pack(), errno.EINVAL),
     ("dma-unmap-short", Command.DMA_UNMAP, bytes(10), errno.EINVAL),
-    ("dma-unmap-missing", Command.DMA_UNMAP, struct.pack("<IIQQ", 24, 0, 0x5000, 0x1000),
-     errno.ENOENT),
+    (
+        "dma-unmap-missing",
+        Command.DMA_UNMAP,
+        struct.pack("<IIQQ", 24, 0, 0x5000, 0x1000),
+        errno.ENOENT,
+    ),
     ("get-info-short", Command.DEVICE_GET_INFO, bytes(8), errno.EINVAL),
     ("get-info-argsz", Command.DEVICE_GET_INFO, DeviceInfo(8, 0, 0, 0).pack(), errno.EINVAL),
     ("region-info-short", Command.DEVICE_GET_REGION_INFO, bytes(20), errno.EINVAL),
-    ("region-info-argsz", Command.DEVICE_GET_REGION_INFO, RegionInfo(16, 0, 0, 0, 0, 0).pack(),
-     errno.EINVAL),
-    ("region-info-index", Command.DEVICE_GET_REGION_INFO, RegionInfo(32, 0, 9, 0, 0, 0).pack(),
-     errno.EINVAL),
-    ("io-fds-flags", Command.DEVICE_GET_REGION_IO_FDS, struct.pack("<IIII", 16, 1, 0, 0),
-     errno.EINVAL),
+    (
+        "region-info-argsz",
+        Command.DEVICE_GET_REGION_INFO,
+        RegionInfo(16, 0, 0, 0, 0, 0).pack(),
+        errno.EINVAL,
+    ),
+    (
+        "region-info-index",
+        Command.DEVICE_GET_REGION_INFO,
+        RegionInfo(32, 0, 9, 0, 0, 0).pack(),
+        errno.EINVAL,
+    ),
+    (
+        "io-fds-flags",
+        Command.DEVICE_GET_REGION_IO_FDS,
+        struct.pack("<IIII", 16, 1, 0, 0),
+        errno.EINVAL,
+    ),
     ("irq-info-short", Command.DEVICE_GET_IRQ_INFO, bytes(12), errno.EINVAL),
     ("irq-info-index", Command.DEVICE_GET_IRQ_INFO, IrqInfo(16, 0, 7, 0).pack(), errno.EINVAL),
     ("set-irqs-short", Command.DEVICE_SET_IRQS, bytes(16), errno.EINVAL),
-    ("set-irqs-two-actions", Command.DEVICE_SET_IRQS, IrqSet(20, 0x1 | 0x8 | 0x10, 0, 0, 1).pack(),
-     errno.EINVAL),
+    (
+        "set-irqs-two-actions",
+        Command.DEVICE_SET_IRQS,
+        IrqSet(20, 0x1 | 0x8 | 0x10, 0, 0, 1).pack(),
+        errno.EINVAL,
+    ),
     ("set-irqs-range", Command.DEVICE_SET_IRQS, IrqSet(20, 0x21, 2, 3, 2).pack(), errno.EINVAL),
     ("set-irqs-index", Command.DEVICE_SET_IRQS, IrqSet(20, 0x21, 9, 0, 1).pack(), errno.EINVAL),
-    ("set-irqs-bool-count", Command.DEVICE_SET_IRQS, IrqSet(22, 0x22, 2, 0, 3).pack()[:20] + b"\1\1",
-     errno.EINVAL),
+    (
+        "set-irqs-bool-count",
+        Command.DEVICE_SET_IRQS,
+        IrqSet(22, 0x22, 2, 0, 3).pack()[:20] + b"\1\1",
+        errno.EINVAL,
+    ),
     ("read-short", Command.REGION_READ, bytes(12), errno.EINVAL),
     ("read-region", Command.REGION_READ, RegionAccess(0, 99, 4).pack(), errno.EINVAL),
     ("read-empty-region", Command.REGION_READ, RegionAccess(0, 1, 4).pack(), errno.EINVAL),
     ("read-offset", Command.REGION_READ, RegionAccess(0xFFE, BAR0, 4).pack(), errno.EINVAL),
-    ("read-huge-offset", Command.REGION_READ, RegionAccess(2**64 - 2, BAR0, 4).pack(),
-     errno.EINVAL),
+    (
+        "read-huge-offset",
+        Command.REGION_READ,
+        RegionAccess(2**64 - 2, BAR0, 4).pack(),
+        errno.EINVAL,
+    ),
     ("read-count", Command.REGION_READ, RegionAccess(0, BAR0, 2**20 + 1).pack(), errno.EINVAL),
-    ("write-count-mismatch", Command.REGION_WRITE, RegionAccess(0, BAR0, 8).pack() + b"abc",
-     errno.EINVAL),
+    (
+        "write-count-mismatch",
+        Command.REGION_WRITE,
+        RegionAccess(0, BAR0, 8).pack() + b"abc",
+        errno.EINVAL,
+    ),
     ("write-offset", Command.REGION_WRITE, RegionData(0x1000, BAR0, 1, b"x").pack(), errno.EINVAL),
     ("multi-zero", Command.REGION_WRITE_MULTI, struct.pack("<Q", 0), errno.EINVAL),
     ("reset-payload", Command.DEVICE_RESET, b"junk", errno.EINVAL),
@@ -298,8 +333,9 @@ MALFORMED = [
 ]
 
 
-@pytest.mark.parametrize(("command", "payload", "expected"),
-                         [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
+@pytest.mark.parametrize(
+    ("command", "payload", "expected"), [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED]
+)
 async def test_malformed_request_gets_errno_and_server_keeps_serving(
     client: Client, command: int, payload: bytes, expected: int
 ) -> None:
@@ -429,11 +465,14 @@ def test_inherited_fd_must_be_a_listening_unix_socket(tmp_path: Path) -> None:
 
 async def test_trace_logs_each_message(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="vfio_user_emu.trace")
-    async with served_device(TestDev(), tmp_path, trace=True) as served, \
-            Client.connect(served.socket_path) as client:
+    async with (
+        served_device(TestDev(), tmp_path, trace=True) as served,
+        Client.connect(served.socket_path) as client,
+    ):
         await client.region_read(BAR0, 0, 4)
     lines = [r.getMessage() for r in caplog.records if r.name == "vfio_user_emu.trace"]
     assert any("VERSION cmd" in line and "json=" in line for line in lines)
-    assert any("REGION_READ cmd" in line and "region=0 offset=0x0 count=4" in line
-               for line in lines)
+    assert any(
+        "REGION_READ cmd" in line and "region=0 offset=0x0 count=4" in line for line in lines
+    )
     assert any("REGION_READ reply" in line for line in lines)

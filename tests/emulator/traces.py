@@ -22,6 +22,7 @@ TRACE_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "interop"
 
 LVU_CLIENT = "lvu-client-server.jsonl"
 QEMU_GPIO = "qemu-gpio.jsonl"
+QEMU_GPIO_NOFD = "qemu-gpio-nofd.jsonl"
 QEMU_E1000 = "qemu-e1000-remote.jsonl"
 
 
@@ -86,7 +87,9 @@ def _parse(line: str) -> TraceMessage | None:
     )
 
 
-def messages(name: str, *, conn: str | None = None, max_seq: int | None = None) -> Iterator[TraceMessage]:
+def messages(
+    name: str, *, conn: str | None = None, max_seq: int | None = None
+) -> Iterator[TraceMessage]:
     """Messages of one trace in capture order (both directions), read lazily.
 
     ``conn`` keeps one connection's messages; iteration stops after ``max_seq``.
@@ -102,7 +105,9 @@ def messages(name: str, *, conn: str | None = None, max_seq: int | None = None) 
                 yield msg
 
 
-def requests(name: str, *, conn: str | None = None, max_seq: int | None = None) -> Iterator[TraceMessage]:
+def requests(
+    name: str, *, conn: str | None = None, max_seq: int | None = None
+) -> Iterator[TraceMessage]:
     """Only the client->server messages."""
     return (msg for msg in messages(name, conn=conn, max_seq=max_seq) if msg.from_client)
 

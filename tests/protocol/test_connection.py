@@ -151,10 +151,11 @@ def test_invalid_version_rejected_and_closed(payload: bytes) -> None:
     assert conn.state is ConnState.CLOSED
 
 
-def test_reply_before_version_is_not_answered() -> None:
+def test_reply_before_version_is_fatal_and_not_answered() -> None:
     conn = new()
     event = one(conn, pack_reply(1, Command.DMA_READ, b""))
-    assert isinstance(event, Rejected) and event.reply is None
+    assert isinstance(event, Fatal)
+    assert conn.state is ConnState.CLOSED
 
 
 # -- READY ---------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.constants import (
@@ -26,6 +26,7 @@ from protocol.messages import (
     DeviceFeatureMsg,
     DeviceInfo,
     DmaData,
+    DmaLayout,
     DmaMap,
     DmaRw,
     DmaUnmap,
@@ -45,6 +46,7 @@ from protocol.messages import (
     VersionPayload,
     WriteMultiEntry,
     check_dma_write_reply,
+    pack_dma_write,
     pack_region_caps,
     unpack_dma_read_reply,
     unpack_region_caps,
@@ -722,22 +724,29 @@ def test_dma_read_reply_spec_layout(address: int, data: bytes) -> None:
 @given(u64, st.binary(min_size=1, max_size=200), st.binary(min_size=4, max_size=4))
 def test_dma_read_reply_qemu_layout(address: int, data: bytes, pad: bytes) -> None:
     # QEMU 10.x (facts 4.4): address u64, count u32, data, then 4 trailing bytes.
-    # With the first data bytes all zero the two layouts read identically (see the xfail).
-    assume(data[:4].strip(b"\0"))
     payload = struct.pack("<QI", address, len(data)) + data + pad
     assert len(payload) == 16 + len(data)
-    assert unpack_dma_read_reply(payload, address, len(data)) == data
+    assert unpack_dma_read_reply(payload, address, len(data), DmaLayout.QEMU) == data
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="QEMU-layout DMA_READ reply whose first 4 data bytes are zero is indistinguishable "
-    "from a spec-layout reply; the parser picks the spec layout",
-)
 def test_dma_read_reply_qemu_layout_leading_zero_data() -> None:
+    # Ambiguous in isolation (it also parses as a spec reply): the layout is per connection.
     data = b"\0\0\0\0" + b"payload!"
     payload = struct.pack("<QI", 0x1000, len(data)) + data + b"\0" * 4
-    assert unpack_dma_read_reply(payload, 0x1000, len(data)) == data
+    assert unpack_dma_read_reply(payload, 0x1000, len(data), DmaLayout.QEMU) == data
+    assert unpack_dma_read_reply(payload, 0x1000, len(data), DmaLayout.SPEC) != data
+
+
+@FAST
+@given(u64, st.binary(max_size=200))
+def test_dma_write_request_layouts(address: int, data: bytes) -> None:
+    spec = pack_dma_write(DmaLayout.SPEC, address, data)
+    assert DmaData.unpack(spec) == DmaData(address, len(data), data)
+    qemu = pack_dma_write(DmaLayout.QEMU, address, data)
+    # QEMU reads count (u32) at 8 and data at 12, and wants msg_size - 32 >= count.
+    assert len(qemu) == 16 + len(data)
+    assert struct.unpack_from("<QI", qemu) == (address, len(data))
+    assert qemu[12 : 12 + len(data)] == data
 
 
 def test_dma_read_reply_lvu_trace() -> None:

@@ -16,26 +16,18 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
+from protocol.constants import MigState
+
+from .errors import DeviceError, DmaFault
 from .irq import InterruptController
+from .migration import DEFAULT_CAPS, EnvelopeCodec, MigrationCodec, MigrationEngine
 from .pci import ConfigAccessError, ConfigSpace
+from .state_stream import StreamLimits
+
+__all__ = ["DeviceError", "DmaFault"]
 
 REGION_CONFIG = 7
 PCI_FIXED_REGIONS = 9
-
-
-class DeviceError(Exception):
-    """A device refuses an access or operation; ``errno`` is what the client is told."""
-
-    def __init__(self, err: int, message: str) -> None:
-        super().__init__(message)
-        self.errno = err
-
-
-class DmaFault(DeviceError):
-    """A DMA access outside the client's mappings or against their permissions."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.EFAULT, message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,10 +361,24 @@ class Device:
     Subclasses build ``self.config``, call :meth:`add_region` for their BARs, and create
     ``self.irq`` with the vector counts they support. They may override :meth:`reset`
     (call ``super().reset()``), :meth:`on_attach` and :meth:`on_detach`.
+
+    Migration: a device implements :meth:`save_state` / :meth:`load_state` (snapshot style)
+    and, to shrink downtime, :meth:`precopy_start` / :meth:`precopy_changes` /
+    :meth:`stop_copy_sections` (iterative style). Config space and interrupt state are saved
+    by the engine itself. :meth:`migration_arc` is called for every direct arc; raising
+    DeviceError fails it. :meth:`pause` / :meth:`resume` stop and restart timers and
+    backends when the device leaves / re-enters a running state.
     """
 
     type_name: ClassVar[str] = "device"
     supports_reset: ClassVar[bool] = True
+    #: Migration capabilities the model can do (MigrationCaps bits: 1 STOP_COPY, 2 P2P,
+    #: 4 PRE_COPY); users narrow them with the ``mig-caps=`` option.
+    migration_caps: ClassVar[int] = 0x7
+    #: Version of the device's saved-state layout; a receiver accepts versions <= its own.
+    model_version: ClassVar[int] = 1
+    #: Whether the engine adds config-space and interrupt sections to the stream.
+    migration_generic_state: ClassVar[bool] = True
 
     def __init__(self, config: ConfigSpace, irq: InterruptController) -> None:
         self.config = config
@@ -441,6 +447,54 @@ class Device:
         for region in self.regions.values():
             region.reset()
         self.irq.reset()
+
+    # -- migration ---------------------------------------------------------------------------
+    @property
+    def migration(self) -> MigrationEngine:
+        engine = self.__dict__.get("_migration")
+        if engine is None:
+            caps = self.__dict__.get("mig_caps", DEFAULT_CAPS & self.migration_caps)
+            engine = self.__dict__["_migration"] = MigrationEngine(self, caps)
+        return engine
+
+    def set_migration_caps(self, caps: int) -> None:
+        """Narrow what is advertised (the ``mig-caps=`` device option)."""
+        self.__dict__["mig_caps"] = caps
+        self.__dict__["_migration"] = MigrationEngine(self, caps)
+
+    def save_state(self) -> list[tuple[str, bytes]]:
+        raise DeviceError(errno.ENOTSUP, f"{self.type_name} cannot save its state")
+
+    def load_state(self, sections: list[tuple[str, bytes]]) -> None:
+        """Validate every section, then apply: on any error nothing may have changed."""
+        raise DeviceError(errno.ENOTSUP, f"{self.type_name} cannot load state")
+
+    def precopy_start(self) -> list[tuple[str, bytes]]:
+        return []
+
+    def precopy_changes(self) -> list[tuple[str, bytes]]:
+        return []
+
+    def precopy_end(self) -> None:
+        pass
+
+    def stop_copy_sections(self, after_precopy: bool) -> list[tuple[str, bytes]]:
+        return self.save_state()
+
+    def migration_size_estimate(self) -> int:
+        return sum(len(payload) for _, payload in self.save_state())
+
+    def migration_codec(self, limits: StreamLimits) -> MigrationCodec:
+        return EnvelopeCodec(self.type_name, self.model_version, limits)
+
+    def migration_arc(self, arc: tuple[MigState, MigState]) -> None:
+        """Called for every direct arc; raise DeviceError to make it fail."""
+
+    def pause(self) -> None:
+        """Stop advancing on its own (timers, backends); called when leaving RUNNING."""
+
+    def resume(self) -> None:
+        """Continue after :meth:`pause`; re-submit any work queued while paused."""
 
 
 class MsixTableRegion(Region):

@@ -181,6 +181,47 @@ class InterruptController:
         value = sum(1 << i for i, bit in enumerate(pending) if bit)
         return value.to_bytes(8 * words, "little")
 
+    # -- migration ---------------------------------------------------------------------------
+    _SNAP_HEAD = struct.Struct("<BBI")  # format 1, INTx line level, MSI-X table bytes
+
+    def _pending_bytes(self, index: int) -> int:
+        return (self.count(index) + 7) // 8
+
+    def snapshot(self) -> bytes:
+        """Interrupt state that belongs to the device: MSI-X table, pending bits, INTx line.
+        (vfio masks and eventfds belong to the client connection and are not saved.)"""
+        parts = [self._SNAP_HEAD.pack(1, int(self.intx_line), len(self.msix_table))]
+        parts.append(bytes(self.msix_table))
+        for index in range(NUM_IRQ_INDEXES):
+            bits = sum(1 << i for i, p in enumerate(self._vectors[index].pending) if p)
+            parts.append(bits.to_bytes(self._pending_bytes(index), "little"))
+        return b"".join(parts)
+
+    def restore(self, blob: bytes) -> None:
+        """Inverse of :meth:`snapshot`; raises ValueError (changing nothing) on a bad blob."""
+        head = self._SNAP_HEAD
+        expected = head.size + len(self.msix_table)
+        expected += sum(self._pending_bytes(i) for i in range(NUM_IRQ_INDEXES))
+        if len(blob) != expected:
+            raise ValueError(f"interrupt state of {len(blob)} bytes, expected {expected}")
+        version, line, table_size = head.unpack_from(blob)
+        if version != 1 or line > 1 or table_size != len(self.msix_table):
+            raise ValueError("interrupt state: bad version, line level or MSI-X table size")
+        pos = head.size + table_size
+        pending: list[list[bool]] = []
+        for index in range(NUM_IRQ_INDEXES):
+            width = self._pending_bytes(index)
+            bits = int.from_bytes(blob[pos : pos + width], "little")
+            if bits >> self.count(index):
+                raise ValueError(f"interrupt state: pending bits beyond index {index}'s vectors")
+            pending.append([bool(bits >> i & 1) for i in range(self.count(index))])
+            pos += width
+        self.msix_table[:] = blob[head.size : head.size + table_size]
+        for index, bits_list in enumerate(pending):
+            self._vectors[index].pending = bits_list
+        self.intx_line = bool(line)
+        self.config.set_interrupt_status(self.intx_line)
+
     # -- run state -----------------------------------------------------------------------
     def suspend(self) -> None:
         self.delivery = Delivery.SUSPENDED

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .api import Device
+from .migration import parse_mig_caps
 from .testdev import TestDev, TestDevOptions
 
 
@@ -78,14 +79,29 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     return name, options
 
 
+#: Options every device type takes.
+COMMON_OPTIONS = {
+    "mig-caps": "migration capabilities to advertise: stop_copy[+p2p][+pre_copy] "
+    "(default stop_copy+pre_copy, as libvfio-user)",
+}
+
+
 def create_device(spec: str) -> Device:
     name, options = parse_spec(spec)
     device_type = DEVICE_TYPES.get(name)
     if device_type is None:
         known = ", ".join(sorted(DEVICE_TYPES))
         raise DeviceSpecError(f"unknown device type {name!r} (known: {known})")
-    unknown = sorted(set(options) - set(device_type.options))
+    accepted = set(device_type.options) | set(COMMON_OPTIONS)
+    unknown = sorted(set(options) - accepted)
     if unknown:
-        valid = ", ".join(sorted(device_type.options)) or "none"
+        valid = ", ".join(sorted(accepted))
         raise DeviceSpecError(f"{name}: unknown option(s) {', '.join(unknown)} (valid: {valid})")
-    return device_type.build(options)
+    mig_caps = options.pop("mig-caps", None)
+    device = device_type.build(options)
+    if mig_caps is not None:
+        try:
+            device.set_migration_caps(parse_mig_caps(mig_caps))
+        except ValueError as exc:
+            raise DeviceSpecError(f"{name}: mig-caps: {exc}") from None
+    return device

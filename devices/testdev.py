@@ -27,6 +27,7 @@ Layout (all registers 32-bit, little-endian)::
 from __future__ import annotations
 
 import errno
+import struct
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -64,6 +65,7 @@ REG_DMA_DONE = 0x5C
 REG_DMA_ERROR = 0x60
 REG_IOEVENT = 0x80
 REG_IOEVENT_COUNT = 0x84
+REG_DMA_CTRL_LATCH = 0x88  # internal: the DMA_CTRL value of the copy in progress
 
 DMA_CTRL_START = 1 << 0
 DMA_CTRL_IRQ = 1 << 1
@@ -71,6 +73,10 @@ DMA_IDLE, DMA_BUSY, DMA_DONE, DMA_FAILED = range(4)
 DMA_MAX_LEN = 16 * 1024 * 1024
 
 BAR_REGS, BAR_RAM, BAR_MSIX = 0, 2, 4
+PAGE = 4096
+RAM_CHUNK = 1 << 20  # initial PRE_COPY data goes out in sections of this size
+REG_ENTRY = struct.Struct("<II")
+PAGE_HEADER = struct.Struct("<Q")
 REGS_SIZE = 0x1000
 MSIX_BAR_SIZE = 0x1000
 PBA_OFFSET = 0x800
@@ -134,6 +140,8 @@ class TestDev(Device):
             ),
         )
         self.add_ioeventfd(IoEventFd(BAR_REGS, REG_IOEVENT, 4, None, self._ioevent))
+        self._copy_queued = False  # a copy job is queued or running in this process
+        self._shadow: bytearray | None = None  # RAM as last sent during PRE_COPY
 
     # -- registers ---------------------------------------------------------------------------
     def _build_registers(self) -> RegisterBank:
@@ -156,6 +164,7 @@ class TestDev(Device):
         bank.add(REG_DMA_ERROR, "DMA_ERROR", writable=0)
         bank.add(REG_IOEVENT, "IOEVENT", on_read=lambda: 0, on_write=lambda _v: self._ioevent())
         bank.add(REG_IOEVENT_COUNT, "IOEVENT_COUNT", writable=0)
+        bank.add(REG_DMA_CTRL_LATCH, "DMA_CTRL_LATCH", writable=0)
         return bank
 
     def _raise(self, vector: int) -> None:
@@ -183,15 +192,26 @@ class TestDev(Device):
             return
         if self.regs.get(REG_DMA_STATUS) == DMA_BUSY:
             return  # one copy at a time; the guest polls DMA_STATUS
+        self.regs.set(REG_DMA_CTRL_LATCH, value)
+        self.regs.set(REG_DMA_STATUS, DMA_BUSY)
+        self._submit_copy()
+
+    def _submit_copy(self) -> None:
+        """Queue the copy the registers describe. While the device is stopped the job waits
+        in the queue; the BUSY status is what migrates, and the destination resubmits it."""
         src = self.regs.get(REG_DMA_SRC) | self.regs.get(REG_DMA_SRC + 4) << 32
         dst = self.regs.get(REG_DMA_DST) | self.regs.get(REG_DMA_DST + 4) << 32
         length = self.regs.get(REG_DMA_LEN)
-        notify = bool(value & DMA_CTRL_IRQ)
-        vector = (value >> 8) & 0xFF
-        self.regs.set(REG_DMA_STATUS, DMA_BUSY)
+        ctrl = self.regs.get(REG_DMA_CTRL_LATCH)
+        notify = bool(ctrl & DMA_CTRL_IRQ)
+        vector = (ctrl >> 8) & 0xFF
+        self._copy_queued = True
 
         async def copy() -> None:
-            await self._copy(src, dst, length, notify, vector)
+            try:
+                await self._copy(src, dst, length, notify, vector)
+            finally:
+                self._copy_queued = False
 
         self.context.submit(copy)
 
@@ -209,3 +229,100 @@ class TestDev(Device):
             self.regs.set(REG_DMA_DONE, (self.regs.get(REG_DMA_DONE) + 1) & 0xFFFFFFFF)
         if notify:
             self._raise(vector)
+
+    def reset(self) -> None:
+        super().reset()
+        self._shadow = None
+
+    # -- migration ------------------------------------------------------------------------
+    # Sections: "regs" (offset, value) pairs of every register; "ram" the whole RAM BAR;
+    # "ram.page" an offset (u64) and page-aligned bytes that replace that part of RAM.
+
+    def _regs_blob(self) -> bytes:
+        regs = sorted(self.regs.values.items())
+        return b"".join(REG_ENTRY.pack(offset, value) for offset, value in regs)
+
+    def save_state(self) -> list[tuple[str, bytes]]:
+        return [("regs", self._regs_blob()), ("ram", bytes(self.ram.buffer))]
+
+    def precopy_start(self) -> list[tuple[str, bytes]]:
+        self._shadow = bytearray(self.ram.buffer)
+        return [
+            ("ram.page", PAGE_HEADER.pack(at) + bytes(self._shadow[at : at + RAM_CHUNK]))
+            for at in range(0, self.ram.size, RAM_CHUNK)
+        ]
+
+    def precopy_changes(self) -> list[tuple[str, bytes]]:
+        """RAM pages changed since last sent (by REGION_WRITE or through the client's mmap,
+        which only a comparison can see), as runs of adjacent pages."""
+        if self._shadow is None:
+            return []
+        ram, shadow = self.ram.buffer, self._shadow
+        runs: list[tuple[str, bytes]] = []
+        start = None
+        for at in range(0, self.ram.size + PAGE, PAGE):
+            dirty = at < self.ram.size and ram[at : at + PAGE] != shadow[at : at + PAGE]
+            if dirty and start is None:
+                start = at
+            elif not dirty and start is not None:
+                shadow[start:at] = ram[start:at]
+                runs.append(("ram.page", PAGE_HEADER.pack(start) + bytes(shadow[start:at])))
+                start = None
+        return runs
+
+    def precopy_end(self) -> None:
+        self._shadow = None
+
+    def stop_copy_sections(self, after_precopy: bool) -> list[tuple[str, bytes]]:
+        if after_precopy and self._shadow is not None:
+            return [("regs", self._regs_blob()), *self.precopy_changes()]
+        return self.save_state()
+
+    def migration_size_estimate(self) -> int:
+        return len(self._regs_blob()) + self.ram.size
+
+    def load_state(self, sections: list[tuple[str, bytes]]) -> None:
+        regs: dict[int, int] | None = None
+        ram = bytearray(self.ram.buffer)
+        for name, payload in sections:
+            if name == "regs":
+                regs = self._parse_regs(payload)
+            elif name == "ram":
+                if len(payload) != self.ram.size:
+                    raise DeviceError(errno.EINVAL, f"ram section of {len(payload)} bytes")
+                ram[:] = payload
+            elif name == "ram.page":
+                self._apply_page(ram, payload)
+            else:
+                raise DeviceError(errno.EINVAL, f"unknown testdev section {name!r}")
+        if regs is None:
+            raise DeviceError(errno.EINVAL, "testdev state without registers")
+        # Everything validated: apply.
+        self.ram.buffer[:] = ram
+        self.regs.values.update(regs)
+        self._copy_queued = False
+
+    def _parse_regs(self, payload: bytes) -> dict[int, int]:
+        known = {reg.offset for reg in self.regs.registers()}
+        if len(payload) != REG_ENTRY.size * len(known):
+            raise DeviceError(errno.EINVAL, f"regs section of {len(payload)} bytes")
+        regs = dict(REG_ENTRY.iter_unpack(payload))
+        if set(regs) != known:
+            raise DeviceError(errno.EINVAL, "regs section names unknown or missing registers")
+        if regs[REG_ID] != ID_VALUE or regs[REG_DMA_STATUS] > DMA_FAILED:
+            raise DeviceError(errno.EINVAL, "regs section holds impossible register values")
+        return regs
+
+    def _apply_page(self, ram: bytearray, payload: bytes) -> None:
+        if len(payload) < PAGE_HEADER.size:
+            raise DeviceError(errno.EINVAL, "ram.page section too short")
+        (offset,) = PAGE_HEADER.unpack_from(payload)
+        data = payload[PAGE_HEADER.size :]
+        if offset % PAGE or not data or offset + len(data) > self.ram.size:
+            raise DeviceError(errno.EINVAL, f"ram.page [{offset:#x}, +{len(data):#x}) is bad")
+        ram[offset : offset + len(data)] = data
+
+    def resume(self) -> None:
+        # Work that arrived while stopped, or that came with migrated state, runs now.
+        if self.regs.get(REG_DMA_STATUS) == DMA_BUSY and not self._copy_queued:
+            self._submit_copy()

@@ -10,7 +10,13 @@ from collections.abc import Sequence
 
 import trio
 
-from devices.registry import DEFAULT_DEVICE, DEVICE_TYPES, DeviceSpecError, create_device
+from devices.registry import (
+    COMMON_OPTIONS,
+    DEFAULT_DEVICE,
+    DEVICE_TYPES,
+    DeviceSpecError,
+    create_device,
+)
 from protocol.messages import DmaLayout
 from protocol.version import ServerCapabilities
 
@@ -29,6 +35,9 @@ def _device_help() -> str:
         lines.append(f"  {dtype.name}: {dtype.summary}")
         for key, text in dtype.options.items():
             lines.append(f"      {key}=...  {text}")
+    lines.append("options of every device type:")
+    for key, text in COMMON_OPTIONS.items():
+        lines.append(f"      {key}=...  {text}")
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ import trio
 
 from devices.api import Device, DeviceError, DmaFault
 from devices.irq import NullSink
+from devices.migration import NoWork
 from protocol.connection import (
     CommandReceived,
     Fatal,
@@ -45,7 +46,7 @@ from protocol.version import ClientCapabilities, ServerCapabilities
 
 from .dma import DirtyLog, DmaEngine, IovaMap
 from .irqs import IrqBindings
-from .session import IoEventFds, RegionFds, Session
+from .session import Deferred, IoEventFds, Outcome, RegionFds, Session
 from .trace import Tracer
 from .transport import TransportError, close_fds, receive_chunk, send_message
 
@@ -61,6 +62,9 @@ class Limits:
     max_dma_maps: int = 65535
     dma_reply_timeout: float = 10.0
     max_queued_jobs: int = 4096
+    #: Commands held back (in order) while a deferred command runs; past this the
+    #: reader stops reading until they are processed.
+    max_backlog: int = 1024
     #: In-band DMA layout: None = decide per client (QEMU proposes minor 0, see
     #: protocol.messages.DmaLayout), or force one.
     dma_layout: DmaLayout | None = None
@@ -113,6 +117,13 @@ class ClientSession:
         self._jobs: deque[Callable[[], Awaitable[None]]] = deque()
         self._jobs_ready = trio.Event()
         self._current_job: trio.CancelScope | None = None
+        self._work_paused = False
+        self._job_idle = trio.Event()
+        self._job_idle.set()
+        self._deferred_running = False
+        self._backlog: deque[CommandReceived] = deque()
+        self._backlog_drained = trio.Event()
+        self._backlog_drained.set()
         self._watches: dict[int, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self.closed = False
@@ -134,6 +145,9 @@ class ClientSession:
         """Client gone: drop DMA maps and irq fds, keep the device's state (spec)."""
         self.closed = True
         self._jobs.clear()
+        self._backlog.clear()
+        if self.device.migration.work is self:
+            self.device.migration.work = NoWork()
         if self.engine is not None:
             self.engine.enabled = False
         self.device.detach()
@@ -170,10 +184,16 @@ class ClientSession:
                 if not await self._dispatch(event):
                     return
             close_fds(self.proto.take_orphan_fds())
+            if len(self._backlog) >= self.limits.max_backlog:
+                await self._backlog_drained.wait()
 
     async def _dispatch(self, event: object) -> bool:
         """Handle one event; False when the connection must close."""
         if isinstance(event, CommandReceived):
+            if self._deferred_running:
+                self._backlog.append(event)  # processed in order once the deferred one ends
+                self._backlog_drained = trio.Event()
+                return True
             await self._command(event)
             return True
         if isinstance(event, ReplyReceived):
@@ -221,10 +241,41 @@ class ClientSession:
                 await self._send(reply)
             return
         close_fds(fds)
+        if isinstance(outcome, Deferred):
+            self._deferred_running = True
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_deferred, header, outcome)
+            return
+        await self._send_outcome(header, outcome)
+
+    async def _send_outcome(self, header: Header, outcome: Outcome) -> None:
         reply = self.proto.reply(header, outcome.payload)
         if reply is not None:
             self.tracer.reply(header, outcome.payload, len(outcome.fds))
             await self._send(reply, outcome.fds)
+
+    async def _run_deferred(self, header: Header, deferred: Deferred) -> None:
+        """Run a waiting command while the reader keeps routing DMA replies, then answer it
+        and process the commands that arrived meanwhile, in order."""
+        try:
+            outcome = await deferred.work()
+        except (ProtocolError, DeviceError) as exc:
+            self.tracer.failed(header, exc.errno, str(exc))
+            reply = self.proto.error_reply(header, exc.errno)
+            if reply is not None:
+                await self._send(reply)
+        except Exception:
+            log.exception("device failed on %s", header.command_name())
+            reply = self.proto.error_reply(header, errno.EIO)
+            if reply is not None:
+                await self._send(reply)
+        else:
+            await self._send_outcome(header, outcome)
+        self._deferred_running = False
+        while self._backlog and not self._deferred_running:
+            await self._command(self._backlog.popleft())
+        if not self._backlog:
+            self._backlog_drained.set()
 
     def _start_session(self, client: ClientCapabilities) -> None:
         self.client = client
@@ -243,6 +294,9 @@ class ClientSession:
         )
         self.device.irq.sink = self.irqs
         self.device.attach(self)
+        engine = self.device.migration
+        engine.work = self
+        self._work_paused = not engine.operating
 
     async def _send(self, data: bytes, fds: list[int] | None = None) -> None:
         async with self._send_lock:
@@ -269,11 +323,12 @@ class ClientSession:
 
     async def _worker(self) -> None:
         while True:
-            if not self._jobs:
+            if not self._jobs or self._work_paused:
                 self._jobs_ready = trio.Event()
                 await self._jobs_ready.wait()
                 continue
             job = self._jobs.popleft()
+            self._job_idle = trio.Event()
             with trio.CancelScope() as scope:
                 self._current_job = scope
                 try:
@@ -283,6 +338,17 @@ class ClientSession:
                 except Exception:
                     log.exception("device job crashed")
             self._current_job = None
+            self._job_idle.set()
+
+    # -- WorkControl (the migration engine pauses the device through it) ----------------------
+    async def pause_work(self) -> None:
+        """No new jobs start; the one in progress, with its DMA, completes first."""
+        self._work_paused = True
+        await self._job_idle.wait()
+
+    def resume_work(self) -> None:
+        self._work_paused = False
+        self._jobs_ready.set()
 
     # -- MessageChannel: server -> client DMA ----------------------------------------------
     async def dma_read(self, address: int, count: int) -> bytes:

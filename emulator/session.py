@@ -11,27 +11,36 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from devices.api import Device, DeviceError, Region
 from protocol.constants import (
+    FEATURE_GET,
+    FEATURE_INDEX_MASK,
+    FEATURE_PROBE,
+    FEATURE_SET,
     PCI_NUM_IRQS,
     Command,
+    DeviceFeature,
     DeviceFlags,
     IoeventfdFlags,
     IoFdType,
+    MigState,
     RegionFlags,
 )
 from protocol.errors import ProtocolError, require
 from protocol.header import Header
 from protocol.messages import (
+    DeviceFeatureMsg,
     DeviceInfo,
     DmaMap,
     DmaUnmap,
     IoFdEntry,
     IrqInfo,
     IrqSet,
+    MigData,
+    MigDataRead,
     RegionAccess,
     RegionData,
     RegionInfo,
@@ -47,6 +56,15 @@ from .dma import IovaMap
 from .irqs import IrqBindings
 
 U64 = struct.Struct("<Q")
+MIG_STATE = struct.Struct("<Ii")
+MIG_DATA_HEADER = 8  # argsz, size
+REGION_CONFIG = 7
+#: Features served, with the operations each supports (kernel/libvfio-user semantics).
+FEATURE_OPS = {
+    DeviceFeature.MIGRATION: FEATURE_GET,
+    DeviceFeature.MIG_DEVICE_STATE: FEATURE_GET | FEATURE_SET,
+    DeviceFeature.MIG_DATA_SIZE: FEATURE_GET,
+}
 
 
 @dataclass(slots=True)
@@ -56,6 +74,15 @@ class Outcome:
 
 
 EMPTY = Outcome()
+
+
+@dataclass(slots=True)
+class Deferred:
+    """A command that must wait (e.g. for outstanding DMA before a migration arc). The
+    connection runs ``work`` while it keeps routing DMA replies, holds later commands back
+    so they are still processed in order, and sends the Outcome when ``work`` returns."""
+
+    work: Callable[[], Awaitable[Outcome]]
 
 
 class RegionFds:
@@ -102,7 +129,7 @@ class Session:
         self.region_fds = region_fds
         self.io_fds = io_fds
         self.cancel_device_work = cancel_device_work
-        self.handlers: dict[int, Callable[[Header, bytes, list[int]], Outcome]] = {
+        self.handlers: dict[int, Callable[[Header, bytes, list[int]], Outcome | Deferred]] = {
             Command.DMA_MAP: self.dma_map,
             Command.DMA_UNMAP: self.dma_unmap,
             Command.DEVICE_GET_INFO: self.get_info,
@@ -115,11 +142,11 @@ class Session:
             Command.REGION_WRITE_MULTI: self.region_write_multi,
             Command.DEVICE_RESET: self.reset,
             Command.DEVICE_FEATURE: self.device_feature,
-            Command.MIG_DATA_READ: self.no_migration,
-            Command.MIG_DATA_WRITE: self.no_migration,
+            Command.MIG_DATA_READ: self.mig_data_read,
+            Command.MIG_DATA_WRITE: self.mig_data_write,
         }
 
-    def handle(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+    def handle(self, header: Header, payload: bytes, fds: list[int]) -> Outcome | Deferred:
         handler = self.handlers.get(header.command)
         if handler is None:
             raise ProtocolError(errno.EINVAL, f"command {header.command_name()} not served")
@@ -233,10 +260,28 @@ class Session:
         data = self.device.region_read(request.region, request.offset, request.count)
         return Outcome(RegionData(request.offset, request.region, request.count, data).pack())
 
+    def _check_writable_now(self, region: int, offset: int, count: int) -> None:
+        """While the state is being read out (STOP_COPY) or loaded (RESUMING), a BAR write
+        would change state behind the stream's back. Config space and the MSI-X table stay
+        writable in every state."""
+        if self.device.migration.state not in (MigState.STOP_COPY, MigState.RESUMING):
+            return
+        if region == REGION_CONFIG:
+            return
+        msix = self.device.config.msix_layout
+        if msix is not None and region == msix.table_bar:
+            table_end = msix.table_offset + 16 * msix.table_size
+            if msix.table_offset <= offset and offset + count <= table_end:
+                return
+        raise DeviceError(
+            errno.EINVAL, f"region {region} is not writable in {self.device.migration.state.name}"
+        )
+
     def region_write(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
         request = RegionData.unpack(payload)
         self._check_count(request.count)
         self._region(request.region)
+        self._check_writable_now(request.region, request.offset, request.count)
         if request.count:
             self.device.region_write(request.region, request.offset, request.data)
         return Outcome(RegionAccess(request.offset, request.region, request.count).pack())
@@ -246,6 +291,7 @@ class Session:
         request = RegionWriteMulti.unpack(payload)
         for entry in request.entries:
             self._region(entry.region)
+            self._check_writable_now(entry.region, entry.offset, entry.count)
             self.device.region_write(entry.region, entry.offset, entry.data)
         return Outcome(U64.pack(len(request.entries)))
 
@@ -256,6 +302,7 @@ class Session:
         # The device must not touch guest memory or interrupts after the reply.
         self.cancel_device_work()
         self.device.reset()
+        self.device.migration.reset()  # -> RUNNING, also out of ERROR (kernel, spec)
         return EMPTY
 
     # -- interrupts -------------------------------------------------------------------------
@@ -275,9 +322,69 @@ class Session:
         self.irqs.set_irqs(IrqSet.unpack(payload), fds)
         return EMPTY
 
-    # -- migration (served once the migration engine exists) --------------------------------
-    def device_feature(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
-        raise ProtocolError(errno.EINVAL, "device has no features (migration not configured)")
+    # -- migration ---------------------------------------------------------------------------
+    def device_feature(self, header: Header, payload: bytes, fds: list[int]) -> Outcome | Deferred:
+        request = DeviceFeatureMsg.unpack(payload)
+        if not self.device.migration_caps:
+            raise ProtocolError(errno.EINVAL, "device has no migration features")
+        feature = request.flags & FEATURE_INDEX_MASK
+        ops = request.flags & (FEATURE_GET | FEATURE_SET | FEATURE_PROBE)
+        require(bool(ops), "DEVICE_FEATURE: no operation")
+        require(
+            bool(ops & FEATURE_PROBE) or (ops & (FEATURE_GET | FEATURE_SET)).bit_count() == 1,
+            "DEVICE_FEATURE: GET and SET together without PROBE",
+        )
+        supported = FEATURE_OPS.get(DeviceFeature(feature)) if feature in FEATURE_OPS else None
+        require(supported is not None, f"DEVICE_FEATURE: feature {feature} not supported")
+        assert supported is not None
+        asked = ops & (FEATURE_GET | FEATURE_SET)
+        require(asked & supported == asked, f"DEVICE_FEATURE {feature}: operation not supported")
+        if ops & FEATURE_PROBE:
+            return Outcome(payload)  # "data is not used for probing"
+        if ops & FEATURE_GET:
+            return Outcome(self._feature_get(request, feature))
+        return self._set_state(request, payload)
 
-    def no_migration(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
-        raise ProtocolError(errno.EINVAL, "migration not configured")
+    def _feature_get(self, request: DeviceFeatureMsg, feature: int) -> bytes:
+        engine = self.device.migration
+        if feature == DeviceFeature.MIGRATION:
+            data = U64.pack(engine.caps)
+        elif feature == DeviceFeature.MIG_DEVICE_STATE:
+            data = MIG_STATE.pack(engine.state, -1)
+        else:
+            data = U64.pack(engine.stop_copy_estimate())
+        size = DeviceFeatureMsg.HEADER_SIZE + len(data)
+        require(request.argsz >= size, f"DEVICE_FEATURE GET: argsz {request.argsz} < {size}")
+        return DeviceFeatureMsg(size, request.flags, data).pack()
+
+    def _set_state(self, request: DeviceFeatureMsg, payload: bytes) -> Deferred:
+        require(len(request.data) >= MIG_STATE.size, "MIG_DEVICE_STATE SET: data too short")
+        require(request.argsz >= len(payload), "MIG_DEVICE_STATE SET: argsz below the request")
+        target, _data_fd = MIG_STATE.unpack_from(request.data)
+
+        async def transition() -> Outcome:
+            await self.device.migration.set_state(target)
+            # libvfio-user's client compares the reply with its request byte for byte.
+            return Outcome(payload)
+
+        return Deferred(transition)
+
+    def mig_data_read(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+        request = MigDataRead.unpack(payload)
+        require(
+            request.size <= self.client.max_data_xfer_size,
+            f"MIG_DATA_READ of {request.size} bytes exceeds the client's max_data_xfer_size",
+        )
+        data = self.device.migration.read_data(request.size)
+        # libvfio-user pads the reply to the requested size; ``size`` says what is valid.
+        reply = MigData(MIG_DATA_HEADER + len(data), len(data), data)
+        return Outcome(reply.pack(pad_to=request.size))
+
+    def mig_data_write(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+        request = MigData.unpack(payload)
+        end = MIG_DATA_HEADER + request.size
+        require(len(payload) == end, "MIG_DATA_WRITE: size and payload differ")
+        require(request.argsz >= end, "MIG_DATA_WRITE: argsz < 8 + size")
+        self._check_count(request.size)
+        self.device.migration.write_data(request.data)
+        return EMPTY

@@ -1,0 +1,433 @@
+"""The per-device migration engine: the VFIO v2 state machine driving a device's arcs.
+
+The table of legal steps is :mod:`protocol.migration_fsm`; this module executes it. A
+SET request becomes a list of direct arcs (:func:`protocol.migration_fsm.plan`); each arc
+runs the engine's own action for it (pause/resume the device, open/close data sessions,
+validate and apply resumed state) and then the device's hook for that arc. If an arc fails,
+the engine walks the executed arcs back in reverse; if that fails too (or no reverse arc
+exists) the device enters ERROR, from which only a device reset (-> RUNNING) leaves.
+
+What each state means is enforced here, not left to devices: outside RUNNING and PRE_COPY the
+device's work queue is paused (outstanding DMA completes first), interrupts are latched, and
+the device's ``pause`` hook stops its timers and backends.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import struct
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from protocol.constants import MigrationCaps, MigState
+from protocol.errors import ProtocolError
+from protocol.migration_fsm import (
+    OPENS_RESUMING,
+    OPENS_SAVING,
+    OPERATING_STATES,
+    SAVING_STATES,
+    Arc,
+    direct_arcs,
+    plan,
+    valid_caps,
+)
+
+from .errors import DeviceError
+from .state_stream import Section, StreamError, StreamLimits, StreamWriter, decode
+
+if TYPE_CHECKING:
+    from .api import Device
+
+ERROR, STOP, RUNNING, STOP_COPY, RESUMING = (
+    MigState.ERROR,
+    MigState.STOP,
+    MigState.RUNNING,
+    MigState.STOP_COPY,
+    MigState.RESUMING,
+)
+PRE_COPY, PRE_COPY_P2P = MigState.PRE_COPY, MigState.PRE_COPY_P2P
+
+#: What libvfio-user advertises, and so what we advertise unless told otherwise.
+DEFAULT_CAPS = MigrationCaps.STOP_COPY | MigrationCaps.PRE_COPY
+ALL_CAPS = MigrationCaps.STOP_COPY | MigrationCaps.P2P | MigrationCaps.PRE_COPY
+
+CAP_NAMES = {
+    "stop_copy": MigrationCaps.STOP_COPY,
+    "p2p": MigrationCaps.P2P,
+    "pre_copy": MigrationCaps.PRE_COPY,
+}
+
+#: Sections the engine adds for every device (config space and interrupt state).
+CONFIG_SECTION = "pci.config"
+IRQ_SECTION = "pci.irq"
+DEFAULT_MAX_RESUME = 1 << 32
+
+
+def parse_mig_caps(text: str) -> MigrationCaps:
+    """``stop_copy+pre_copy`` -> flags. STOP_COPY is mandatory."""
+    caps = MigrationCaps(0)
+    for name in filter(None, text.replace(",", "+").split("+")):
+        flag = CAP_NAMES.get(name.strip())
+        if flag is None:
+            raise ValueError(f"unknown migration capability {name!r} (stop_copy, p2p, pre_copy)")
+        caps |= flag
+    if not caps & MigrationCaps.STOP_COPY:
+        raise ValueError("mig-caps must include stop_copy (it is mandatory)")
+    return caps
+
+
+# ---------------------------------------------------------------------------------------------
+# Stream codecs
+
+
+class MigrationCodec(Protocol):
+    """Turns sections into the bytes a client reads, and resumed bytes back into sections."""
+
+    def begin(self, session_id: bytes) -> bytes: ...
+
+    def sections(self, sections: Sequence[Section]) -> bytes: ...
+
+    def end(self) -> bytes: ...
+
+    def decode(self, data: bytes) -> list[Section]: ...
+
+
+class EnvelopeCodec:
+    """Our versioned, checksummed envelope (:mod:`devices.state_stream`)."""
+
+    def __init__(self, device_type: str, model_version: int, limits: StreamLimits) -> None:
+        self.device_type = device_type
+        self.model_version = model_version
+        self.limits = limits
+        self._writer: StreamWriter | None = None
+
+    def begin(self, session_id: bytes) -> bytes:
+        self._writer = StreamWriter(self.device_type, self.model_version, session_id)
+        return self._writer.header()
+
+    def sections(self, sections: Sequence[Section]) -> bytes:
+        assert self._writer is not None
+        return self._writer.sections(sections)
+
+    def end(self) -> bytes:
+        assert self._writer is not None
+        return self._writer.trailer()
+
+    def decode(self, data: bytes) -> list[Section]:
+        _, sections = decode(
+            data,
+            device_type=self.device_type,
+            max_model_version=self.model_version,
+            limits=self.limits,
+        )
+        return sections
+
+
+# ---------------------------------------------------------------------------------------------
+# Data sessions
+
+
+class SavingSession:
+    """Bytes produced for the client to read, in order; PRE_COPY appends as changes occur."""
+
+    def __init__(self, codec: MigrationCodec) -> None:
+        self.codec = codec
+        self.session_id = os.urandom(16)
+        self._chunks: deque[memoryview] = deque()
+        self.produced = 0
+        self.consumed = 0
+        self.complete = False
+        self._append(codec.begin(self.session_id))
+
+    def _append(self, data: bytes) -> None:
+        if data:
+            self._chunks.append(memoryview(data))
+            self.produced += len(data)
+
+    def add(self, sections: Sequence[Section]) -> None:
+        if sections:
+            self._append(self.codec.sections(sections))
+
+    def finish(self, sections: Sequence[Section]) -> None:
+        self.add(sections)
+        self._append(self.codec.end())
+        self.complete = True
+
+    @property
+    def pending(self) -> int:
+        return self.produced - self.consumed
+
+    def read(self, size: int) -> bytes:
+        out = []
+        left = size
+        while left and self._chunks:
+            chunk = self._chunks[0]
+            take = chunk[:left]
+            out.append(take)
+            left -= len(take)
+            if len(take) == len(chunk):
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = chunk[len(take) :]
+        data = b"".join(out)
+        self.consumed += len(data)
+        return data
+
+
+class ResumingSession:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        if len(self.data) + len(data) > self.limit:
+            raise DeviceError(errno.EFBIG, f"resumed stream exceeds {self.limit} bytes")
+        self.data += data
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+
+
+class RunState(enum.Enum):
+    """Whether the device may act on its own (qemu.qmp-style explicit state)."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+
+
+class WorkControl(Protocol):
+    """The runtime's side of pausing a device: its job queue."""
+
+    async def pause_work(self) -> None:
+        """Stop starting jobs; return once the job in progress (and its DMA) finished."""
+        ...
+
+    def resume_work(self) -> None: ...
+
+
+class NoWork:
+    async def pause_work(self) -> None:
+        return None
+
+    def resume_work(self) -> None:
+        return None
+
+
+@dataclass(slots=True)
+class TransitionResult:
+    arcs: list[Arc]
+    state: MigState
+
+
+class MigrationEngine:
+    def __init__(
+        self,
+        device: Device,
+        caps: int | None = None,
+        *,
+        stream_limits: StreamLimits | None = None,
+        max_resume: int = DEFAULT_MAX_RESUME,
+    ) -> None:
+        wanted = int(device.migration_caps if caps is None else caps)
+        if not valid_caps(wanted):
+            raise ValueError(f"invalid migration capabilities {wanted:#x}")
+        if wanted & ~int(device.migration_caps):
+            raise ValueError(f"{device.type_name} cannot do migration capabilities {wanted:#x}")
+        self.device = device
+        self.caps = wanted
+        self.arcs = direct_arcs(wanted)
+        self.state = RUNNING
+        self.run_state = RunState.RUNNING
+        self.history: list[Arc] = []
+        self.stream_limits = stream_limits or StreamLimits()
+        self.max_resume = max_resume
+        self.saving: SavingSession | None = None
+        self.resuming: ResumingSession | None = None
+        self.work: WorkControl = NoWork()
+
+    # -- queries -----------------------------------------------------------------------------
+    @property
+    def operating(self) -> bool:
+        return self.state in OPERATING_STATES
+
+    # -- transitions ------------------------------------------------------------------------
+    async def set_state(self, target: int) -> TransitionResult:
+        """Run the combination transition to ``target``.
+
+        Raises ProtocolError(EINVAL) for an impossible request (nothing changes) and
+        DeviceError with the failing arc's errno when an arc fails (after unwinding).
+        """
+        if self.state == ERROR:
+            raise ProtocolError(errno.EINVAL, "device is in ERROR; only a reset leaves it")
+        arcs = plan(self.caps, self.state, target)
+        done: list[Arc] = []
+        self.history = []
+        for arc in arcs:
+            try:
+                await self._run(arc)
+            except DeviceError as exc:
+                await self._unwind(done)
+                raise DeviceError(exc.errno, f"arc {arc[0].name}->{arc[1].name}: {exc}") from exc
+            done.append(arc)
+        return TransitionResult(done, self.state)
+
+    async def _run(self, arc: Arc) -> None:
+        """One direct arc: the device's hook, then the engine's action; all or nothing."""
+        source, dest = arc
+        stopping = source in OPERATING_STATES and dest not in OPERATING_STATES
+        if stopping:
+            await self._pause()
+        try:
+            self.device.migration_arc(arc)
+            self._data_action(arc)
+        except DeviceError:
+            self._undo_data_action(arc)
+            if stopping:
+                self._resume()
+            raise
+        if dest in OPERATING_STATES and source not in OPERATING_STATES:
+            self._resume()
+        self.state = dest
+        self.history.append(arc)
+
+    async def _unwind(self, done: list[Arc]) -> None:
+        for source, dest in reversed(done):
+            back = (dest, source)
+            if back not in self.arcs:
+                self._enter_error()
+                return
+            try:
+                if back == (RESUMING, STOP):
+                    self.resuming = None  # abandoning a resume loads nothing
+                    self.device.migration_arc(back)
+                    self.state = STOP
+                    self.history.append(back)
+                else:
+                    await self._run(back)
+            except DeviceError:
+                self._enter_error()
+                return
+
+    def _data_action(self, arc: Arc) -> None:
+        source, dest = arc
+        if arc in OPENS_SAVING:
+            self.saving = SavingSession(self.device.migration_codec(self.stream_limits))
+            if dest == STOP_COPY:
+                self.saving.finish(self._stop_copy_sections(after_precopy=False))
+            else:
+                self.saving.add(self.device.precopy_start())
+        elif source in (PRE_COPY, PRE_COPY_P2P) and dest == STOP_COPY:
+            assert self.saving is not None
+            self.saving.finish(self._stop_copy_sections(after_precopy=True))
+        elif source in SAVING_STATES and dest not in SAVING_STATES:
+            self.saving = None
+            self.device.precopy_end()
+        elif arc in OPENS_RESUMING:
+            self.resuming = ResumingSession(self.max_resume)
+        elif source == RESUMING:
+            self._apply_resumed()
+
+    def _undo_data_action(self, arc: Arc) -> None:
+        if arc in OPENS_SAVING:
+            self.saving = None
+        elif arc in OPENS_RESUMING:
+            self.resuming = None
+
+    def _stop_copy_sections(self, *, after_precopy: bool) -> list[Section]:
+        own = list(self.device.stop_copy_sections(after_precopy))
+        if not self.device.migration_generic_state:
+            return own
+        generic = [
+            (CONFIG_SECTION, self.device.config.snapshot()),
+            (IRQ_SECTION, self.device.irq.snapshot()),
+        ]
+        return generic + own
+
+    def _apply_resumed(self) -> None:
+        """RESUMING -> STOP: validate everything, then apply atomically or not at all."""
+        assert self.resuming is not None
+        data = bytes(self.resuming.data)
+        # On any failure the partial data is discarded and a fresh stream may be written.
+        self.resuming = ResumingSession(self.max_resume)
+        codec = self.device.migration_codec(self.stream_limits)
+        sections = codec.decode(data)
+        generic = {name: payload for name, payload in sections if name.startswith("pci.")}
+        own = [(name, payload) for name, payload in sections if not name.startswith("pci.")]
+        config_blob = generic.get(CONFIG_SECTION)
+        irq_blob = generic.get(IRQ_SECTION)
+        if self.device.migration_generic_state and (config_blob is None or irq_blob is None):
+            raise StreamError("config-space or interrupt section missing")
+        old_config = self.device.config.snapshot()
+        old_irq = self.device.irq.snapshot()
+        try:
+            if config_blob is not None:
+                self.device.config.restore(config_blob)
+            if irq_blob is not None:
+                self.device.irq.restore(irq_blob)
+            self.device.load_state(own)
+        except (ValueError, struct.error) as exc:
+            self._restore_generic(old_config, old_irq)
+            raise StreamError(str(exc)) from None
+        except DeviceError:
+            self._restore_generic(old_config, old_irq)
+            raise
+        self.resuming = None
+
+    def _restore_generic(self, config: bytes, irq: bytes) -> None:
+        self.device.config.restore(config)
+        self.device.irq.restore(irq)
+
+    async def _pause(self) -> None:
+        if self.run_state is RunState.PAUSED:
+            return
+        self.run_state = RunState.PAUSED
+        self.device.irq.suspend()
+        self.device.pause()
+        await self.work.pause_work()
+
+    def _resume(self) -> None:
+        if self.run_state is RunState.RUNNING:
+            return
+        self.run_state = RunState.RUNNING
+        self.device.resume()
+        self.work.resume_work()
+        self.device.irq.resume()
+
+    def _enter_error(self) -> None:
+        self.state = ERROR
+        self.saving = None
+        self.resuming = None
+        self.run_state = RunState.PAUSED
+        self.device.irq.suspend()
+        self.device.pause()
+
+    # -- reset -------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """DEVICE_RESET: back to RUNNING from any state, ERROR included (kernel, spec)."""
+        self.saving = None
+        self.resuming = None
+        self.state = RUNNING
+        self.run_state = RunState.PAUSED  # so _resume runs the full resume path
+        self._resume()
+
+    # -- data --------------------------------------------------------------------------------
+    def read_data(self, size: int) -> bytes:
+        if self.state not in SAVING_STATES or self.saving is None:
+            raise ProtocolError(errno.EINVAL, f"no migration data to read in {self.state.name}")
+        if not self.saving.pending and not self.saving.complete:
+            self.saving.add(self.device.precopy_changes())
+        return self.saving.read(size)
+
+    def write_data(self, data: bytes) -> None:
+        if self.state != RESUMING or self.resuming is None:
+            raise ProtocolError(errno.EINVAL, f"migration data written in {self.state.name}")
+        self.resuming.write(data)
+
+    def stop_copy_estimate(self) -> int:
+        """Rough STOP_COPY size (VFIO_DEVICE_FEATURE_MIG_DATA_SIZE semantics)."""
+        return self.device.migration_size_estimate()

@@ -1,0 +1,211 @@
+"""The migration stream envelope: a versioned, checksummed container of named sections.
+
+Layout (little-endian)::
+
+    header   64 B  magic "VFUSTATE", format u16, checksum-algorithm u16, header size u32,
+                   session id 16 B, device type 24 B (ASCII, NUL-padded), model version u32,
+                   header CRC u32 (of the 60 bytes before it)
+    section  24 B  tag "SECT", index u32 (0, 1, 2, ... in order), name length u16,
+                   flags u16 (0), payload length u64, CRC u32 of name + payload
+             then  the name (ASCII, 1-64 bytes) and the payload
+    trailer  16 B  tag "END!", section count u32, CRC u32 of every byte before the trailer,
+                   reserved u32
+
+The receiver treats a stream as hostile: every length is bounded before anything is
+allocated, each section's CRC and index are checked, the trailer's count and whole-stream CRC
+must match, nothing may follow the trailer, and the device type and model version are
+checked before a single section reaches the device. Any defect raises :class:`StreamError`
+(errno EINVAL) and nothing else.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import struct
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .errors import DeviceError
+
+MAGIC = b"VFUSTATE"
+FORMAT_VERSION = 1
+CHECKSUM_CRC32 = 1  # CRC-32/ISO-HDLC (zlib)
+
+HEADER = struct.Struct("<8sHHI16s24sII")
+SECTION = struct.Struct("<4sIHHQI")
+TRAILER = struct.Struct("<4sIII")
+SECTION_TAG = b"SECT"
+TRAILER_TAG = b"END!"
+assert HEADER.size == 64 and SECTION.size == 24 and TRAILER.size == 16
+
+MAX_NAME = 64
+_NAME = re.compile(rb"[a-z0-9][a-z0-9_.\-]*")
+
+Section = tuple[str, bytes]
+
+
+class StreamError(DeviceError):
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EINVAL, f"migration stream: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    max_stream: int = 1 << 34  # 16 GiB
+    max_section: int = 1 << 32  # 4 GiB
+    max_sections: int = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class StreamHeader:
+    session_id: bytes
+    device_type: str
+    model_version: int
+
+
+def _crc(data: bytes | memoryview, crc: int = 0) -> int:
+    return int(zlib.crc32(data, crc)) & 0xFFFFFFFF
+
+
+class StreamWriter:
+    """Builds a stream piece by piece (PRE_COPY sends sections as they appear)."""
+
+    def __init__(self, device_type: str, model_version: int, session_id: bytes) -> None:
+        encoded = device_type.encode("ascii")
+        if not 0 < len(encoded) <= 24 or len(session_id) != 16:
+            raise ValueError("device type must be 1-24 ASCII bytes, session id 16 bytes")
+        self._type = encoded
+        self._version = model_version
+        self._session = session_id
+        self._count = 0
+        self._crc = 0
+        self.ended = False
+
+    def _emit(self, *parts: bytes | memoryview) -> bytes:
+        data = b"".join(parts)
+        self._crc = _crc(data, self._crc)
+        return data
+
+    def header(self) -> bytes:
+        fixed = HEADER.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            CHECKSUM_CRC32,
+            HEADER.size,
+            self._session,
+            self._type,
+            self._version,
+            0,
+        )[:-4]
+        return self._emit(fixed, struct.pack("<I", _crc(fixed)))
+
+    def section(self, name: str, payload: bytes | memoryview) -> bytes:
+        raw_name = name.encode("ascii")
+        if not _NAME.fullmatch(raw_name) or len(raw_name) > MAX_NAME:
+            raise ValueError(f"bad section name {name!r}")
+        crc = _crc(payload, _crc(raw_name))
+        head = SECTION.pack(SECTION_TAG, self._count, len(raw_name), 0, len(payload), crc)
+        self._count += 1
+        return self._emit(head, raw_name, payload)
+
+    def sections(self, sections: Iterable[Section]) -> bytes:
+        return b"".join(self.section(name, payload) for name, payload in sections)
+
+    def trailer(self) -> bytes:
+        self.ended = True
+        return TRAILER.pack(TRAILER_TAG, self._count, self._crc, 0)
+
+
+def encode(
+    device_type: str, model_version: int, session_id: bytes, sections: Iterable[Section]
+) -> bytes:
+    writer = StreamWriter(device_type, model_version, session_id)
+    return writer.header() + writer.sections(sections) + writer.trailer()
+
+
+def parse_header(data: bytes | memoryview) -> StreamHeader:
+    if len(data) < HEADER.size:
+        raise StreamError(f"{len(data)} bytes is shorter than the header")
+    magic, fmt, checksum, size, session, dtype, version, crc = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise StreamError("bad magic (not a vfio-user-emu state stream)")
+    if fmt != FORMAT_VERSION:
+        raise StreamError(f"format version {fmt} unsupported (we read {FORMAT_VERSION})")
+    if checksum != CHECKSUM_CRC32 or size != HEADER.size:
+        raise StreamError(f"checksum algorithm {checksum} / header size {size} unsupported")
+    if _crc(memoryview(data)[: HEADER.size - 4]) != crc:
+        raise StreamError("header checksum mismatch")
+    name = dtype.rstrip(b"\0")
+    if not name or b"\0" in name or not name.isascii():
+        raise StreamError("bad device type field")
+    return StreamHeader(session, name.decode("ascii"), version)
+
+
+def decode(
+    data: bytes | memoryview,
+    *,
+    device_type: str,
+    max_model_version: int,
+    limits: StreamLimits | None = None,
+) -> tuple[StreamHeader, list[Section]]:
+    """Validate a whole stream and return its sections in order."""
+    limits = limits or StreamLimits()
+    view = memoryview(data).cast("B")
+    if len(view) > limits.max_stream:
+        raise StreamError(f"{len(view)} bytes exceeds the {limits.max_stream}-byte limit")
+    header = parse_header(view)
+    if header.device_type != device_type:
+        raise StreamError(f"stream is for device {header.device_type!r}, not {device_type!r}")
+    if not 1 <= header.model_version <= max_model_version:
+        raise StreamError(
+            f"device model version {header.model_version} unsupported (max {max_model_version})"
+        )
+    sections: list[Section] = []
+    pos = HEADER.size
+    while True:
+        if len(view) - pos < 4:
+            raise StreamError("truncated: no trailer")
+        tag = bytes(view[pos : pos + 4])
+        if tag == TRAILER_TAG:
+            break
+        if tag != SECTION_TAG:
+            raise StreamError(f"unknown record tag {tag!r} at offset {pos}")
+        pos = _section(view, pos, len(sections), limits, sections)
+    if len(view) - pos != TRAILER.size:
+        raise StreamError("truncated trailer or bytes after it")
+    _tag, count, crc, _r = TRAILER.unpack_from(view, pos)
+    if count != len(sections):
+        raise StreamError(f"trailer counts {count} sections, stream has {len(sections)}")
+    if _crc(view[:pos]) != crc:
+        raise StreamError("stream checksum mismatch")
+    return header, sections
+
+
+def _section(
+    view: memoryview, pos: int, index: int, limits: StreamLimits, out: list[Section]
+) -> int:
+    if len(view) - pos < SECTION.size:
+        raise StreamError("truncated section header")
+    _tag, got_index, name_len, flags, length, crc = SECTION.unpack_from(view, pos)
+    if got_index != index:
+        raise StreamError(f"section {got_index} where {index} was expected (reordered?)")
+    if index >= limits.max_sections:
+        raise StreamError(f"more than {limits.max_sections} sections")
+    if flags or not 0 < name_len <= MAX_NAME:
+        raise StreamError(f"section {index}: bad flags {flags:#x} or name length {name_len}")
+    if length > limits.max_section:
+        raise StreamError(f"section {index}: {length} bytes exceeds the section limit")
+    start = pos + SECTION.size
+    end = start + name_len + length
+    if end > len(view):
+        raise StreamError(f"section {index}: truncated ({length} payload bytes announced)")
+    raw_name = bytes(view[start : start + name_len])
+    payload = view[start + name_len : end]
+    if not _NAME.fullmatch(raw_name):
+        raise StreamError(f"section {index}: bad name {raw_name!r}")
+    if _crc(payload, _crc(raw_name)) != crc:
+        raise StreamError(f"section {index} ({raw_name.decode()}): checksum mismatch")
+    out.append((raw_name.decode("ascii"), bytes(payload)))
+    return int(end)

@@ -56,10 +56,13 @@ class DeviceContext(Protocol):
     @property
     def dma(self) -> Dma: ...
 
-    def submit(self, job: Callable[[], Awaitable[None]]) -> None:
+    def submit(self, job: Callable[[], Awaitable[None]]) -> bool:
         """Queue device work (DMA, long operations) to run after the current request is
         answered, in submission order. Never DMA from inside a region access handler: the
-        client may be blocked waiting for that access's reply."""
+        client may be blocked waiting for that access's reply.
+
+        Returns False when the work was not accepted (no client, queue full): the device
+        should then fail the operation in its own registers rather than stay "busy"."""
         ...
 
 
@@ -88,10 +91,8 @@ class DetachedContext:
     def dma(self) -> Dma:
         return self._dma
 
-    def submit(self, job: Callable[[], Awaitable[None]]) -> None:
-        close = getattr(job, "close", None)
-        if callable(close):
-            close()
+    def submit(self, job: Callable[[], Awaitable[None]]) -> bool:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +392,10 @@ class Device:
     def add_region(self, index: int, region: Region) -> None:
         if index in self.regions:
             raise ValueError(f"region {index} defined twice")
+        bar = self.config.bars().get(index) if index < 6 else None
+        if index < 6 and (bar is None or bar.size != region.size):
+            # The BAR register the guest sizes and the region the client sees must agree.
+            raise ValueError(f"region {index} needs a BAR of {region.size:#x} bytes in config")
         if index >= PCI_FIXED_REGIONS and region.type_cap is None:
             raise ValueError("device-specific regions need a type capability")
         self.regions[index] = region

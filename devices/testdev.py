@@ -213,7 +213,10 @@ class TestDev(Device):
             finally:
                 self._copy_queued = False
 
-        self.context.submit(copy)
+        if not self.context.submit(copy):
+            self._copy_queued = False
+            self.regs.set(REG_DMA_ERROR, errno.EAGAIN)
+            self.regs.set(REG_DMA_STATUS, DMA_FAILED)
 
     async def _copy(self, src: int, dst: int, length: int, notify: bool, vector: int) -> None:
         try:

@@ -52,6 +52,8 @@ from .transport import TransportError, close_fds, receive_chunk, send_message
 
 log = logging.getLogger("vfio_user_emu")
 
+SEND_TIMEOUT = 30.0
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -127,6 +129,7 @@ class ClientSession:
         self._watches: dict[int, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self.closed = False
+        self.finished = trio.Event()
 
     # -- life cycle ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -138,8 +141,11 @@ class ClientSession:
                     await self._read_loop()
                 finally:
                     nursery.cancel_scope.cancel()
+        except* (TransportError, OSError, trio.ClosedResourceError, trio.BrokenResourceError) as eg:
+            log.info("connection ended: %s", eg.exceptions[0])
         finally:
             self._teardown()
+            self.finished.set()
 
     def _teardown(self) -> None:
         """Client gone: drop DMA maps and irq fds, keep the device's state (spec)."""
@@ -172,6 +178,8 @@ class ClientSession:
                 )
             except TransportError as exc:
                 log.warning("closing connection: %s", exc)
+                return
+            except trio.ClosedResourceError:
                 return
             except OSError as exc:
                 log.info("connection lost: %s", exc)
@@ -299,8 +307,16 @@ class ClientSession:
         self._work_paused = not engine.operating
 
     async def _send(self, data: bytes, fds: list[int] | None = None) -> None:
+        # A message is sent whole or the connection is dropped: a cancelled half-sent
+        # message (a device job cancelled by DEVICE_RESET mid DMA_WRITE) would desynchronise
+        # the stream. A peer that stops reading for SEND_TIMEOUT is dropped instead.
         async with self._send_lock:
-            await send_message(self.sock, data, fds or ())
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(SEND_TIMEOUT) as timeout:
+                    await send_message(self.sock, data, fds or ())
+            if timeout.cancelled_caught:
+                self.sock.close()
+                raise TransportError(errno.ETIMEDOUT, "peer stopped reading; connection dropped")
 
     # -- DeviceContext ----------------------------------------------------------------------
     @property
@@ -309,12 +325,13 @@ class ClientSession:
             raise DmaFault("no client session")
         return self.engine
 
-    def submit(self, job: Callable[[], Awaitable[None]]) -> None:
+    def submit(self, job: Callable[[], Awaitable[None]]) -> bool:
         if self.closed or len(self._jobs) >= self.limits.max_queued_jobs:
             log.warning("device work dropped (%s)", "closed" if self.closed else "queue full")
-            return
+            return False
         self._jobs.append(job)
         self._jobs_ready.set()
+        return True
 
     def cancel_device_work(self) -> None:
         self._jobs.clear()
@@ -351,6 +368,9 @@ class ClientSession:
         self._jobs_ready.set()
 
     # -- MessageChannel: server -> client DMA ----------------------------------------------
+    async def checkpoint(self) -> None:
+        await trio.lowlevel.checkpoint()
+
     async def dma_read(self, address: int, count: int) -> bytes:
         _, payload = await self._dma_request(Command.DMA_READ, DmaRw(address, count).pack())
         try:

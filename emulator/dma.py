@@ -213,6 +213,10 @@ class MessageChannel(Protocol):
 
     max_transfer: int
 
+    async def checkpoint(self) -> None:
+        """Let other tasks run between segments of a long transfer."""
+        ...
+
     async def dma_read(self, address: int, count: int) -> bytes: ...
 
     async def dma_write(self, address: int, data: bytes) -> None: ...
@@ -264,6 +268,7 @@ class DmaEngine:
             if mapping.fd_backed:
                 self._check_live(mapping)
                 parts.append(mapping.read(offset, chunk))
+                await self.channel.checkpoint()
                 continue
             address = mapping.address + offset
             for start in range(0, chunk, self.channel.max_transfer):
@@ -282,6 +287,7 @@ class DmaEngine:
                 self._check_live(mapping)
                 mapping.write(offset, view[pos : pos + chunk])
                 self.dirty.record(address, chunk)
+                await self.channel.checkpoint()
             else:
                 for start in range(0, chunk, self.channel.max_transfer):
                     self._check_live(mapping)

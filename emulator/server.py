@@ -184,7 +184,13 @@ class DeviceServer:
     async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         while True:
             sock, _ = await listener.accept()
-            if self.active is not None:
+            active = self.active
+            if active is not None and active.closed:
+                # The previous client is gone and its teardown is finishing: a reconnect
+                # right after a disconnect is served, not refused.
+                await active.finished.wait()
+                active = self.active
+            if active is not None:
                 nursery.start_soon(self._refuse, sock)
                 continue
             nursery.start_soon(self._serve_client, sock, nursery.cancel_scope)
@@ -204,6 +210,9 @@ class DeviceServer:
         log.info("%s: client connected", self.name)
         try:
             await session.run()
+        except Exception:
+            # Whatever one client does, the server goes on serving the next one.
+            log.exception("%s: session failed", self.name)
         finally:
             self.active = None
             self.sessions_served += 1
@@ -236,6 +245,8 @@ async def serve(
     *,
     socket_path: str | os.PathLike[str] | None = None,
     listen_fd: int | None = None,
+    capabilities: ServerCapabilities | None = None,
+    limits: Limits | None = None,
     trace: bool = False,
     once: bool = False,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -245,6 +256,12 @@ async def serve(
     trio.run(functools.partial(serve, device, socket_path="/tmp/dev.sock"))
     """
     server = DeviceServer(
-        device, socket_path=socket_path, listen_fd=listen_fd, trace=trace, once=once
+        device,
+        socket_path=socket_path,
+        listen_fd=listen_fd,
+        capabilities=capabilities,
+        limits=limits,
+        trace=trace,
+        once=once,
     )
     await server.serve(task_status=task_status)

@@ -11,6 +11,8 @@ import trio
 from devices import testdev as td
 from emulator.client import Client, ClientError, GuestMemory
 from emulator.testing import EventFd, GuestRam, ServedDevice
+from emulator.transport import receive_chunk
+from protocol.header import Header
 from protocol.constants import IrqIndex
 
 BAR0 = 0
@@ -428,3 +430,78 @@ async def test_in_band_dma_with_qemu_layout(served: ServedDevice) -> None:
     assert struct.unpack_from("<I", body, 16)[0] == td.DMA_DONE
     assert guest == {0x18000: source}
     sock.close()
+
+
+async def test_reset_during_large_message_dma_keeps_the_stream_intact(
+    served: ServedDevice,
+) -> None:
+    """DEVICE_RESET arrives while the device is blocked half-way through sending a 1 MiB
+    DMA_WRITE (the client stopped reading): the message still goes out whole, the reset is
+    answered, and the byte stream stays in sync."""
+    from emulator.transport import send_message
+    from protocol.constants import Command as C
+    from protocol.header import pack_message, pack_reply
+    from protocol.messages import DmaMap, RegionData, VersionPayload
+
+    from .test_server import raw_socket, read_message
+
+    size = 1 << 20
+    sock = await raw_socket(served.socket_path)
+
+    async def command(msg_id: int, cmd: int, payload: bytes) -> None:
+        await send_message(sock, pack_message(msg_id, cmd, payload))
+
+    await command(1, C.VERSION, VersionPayload(0, 2, "{}").pack())
+    assert (await read_message(sock))[0].msg_id == 1
+    await command(2, C.DMA_MAP, DmaMap(32, 3, 0, 0, 4 * size).pack())
+    assert (await read_message(sock))[0].msg_id == 2
+    for msg_id, (reg, value) in enumerate(
+        [
+            (td.REG_DMA_SRC, 0),
+            (td.REG_DMA_DST, size),
+            (td.REG_DMA_LEN, 2 * size),
+            (td.REG_DMA_CTRL, 1),
+        ],
+        start=3,
+    ):
+        await command(
+            msg_id, C.REGION_WRITE, RegionData(reg, 0, 4, struct.pack("<I", value)).pack()
+        )
+    with trio.fail_after(10):
+        # Answer the DMA_READs until the first DMA_WRITE starts, then read only its header.
+        while True:
+            data = b""
+            while len(data) < 16:
+                chunk, _ = await receive_chunk(sock, 16 - len(data), 0)
+                data += chunk
+            header = Header.unpack(data)
+            if header.command == C.DMA_WRITE:
+                break
+            if header.is_reply:
+                await read_rest(sock, header)
+                continue
+            body = await read_rest(sock, header)
+            address, count = struct.unpack_from("<QQ", body)
+            reply = struct.pack("<QQ", address, count) + bytes(count)
+            await send_message(sock, pack_reply(header.msg_id, header.command, reply))
+        await trio.sleep(0.2)  # the server is now blocked mid-message: its socket buffer is full
+        await command(50, C.DEVICE_RESET, b"")
+        rest = await read_rest(sock, header)  # the rest of the DMA_WRITE must arrive intact
+        assert len(rest) == header.payload_size
+        await send_message(sock, pack_reply(header.msg_id, C.DMA_WRITE, b""))
+        while True:
+            reply, _ = await read_message(sock)
+            if reply.is_reply and reply.msg_id == 50:
+                break
+            assert reply.command in (C.DMA_WRITE, C.REGION_WRITE), reply  # well-formed
+        assert not reply.is_error
+    sock.close()
+
+
+async def read_rest(sock: trio.socket.SocketType, header: Header) -> bytes:
+    body = b""
+    while len(body) < header.payload_size:
+        chunk, _ = await receive_chunk(sock, header.payload_size - len(body), 0)
+        assert chunk, "connection closed mid-message"
+        body += chunk
+    return body

@@ -38,6 +38,9 @@ class FakeChannel:
         self.memory: dict[int, int] = {}
         self.messages = 0
 
+    async def checkpoint(self) -> None:
+        return None
+
     async def dma_read(self, address: int, count: int) -> bytes:
         assert count <= self.max_transfer
         self.messages += 1

@@ -12,8 +12,8 @@ from devices import testdev as td
 from emulator.client import Client, ClientError, GuestMemory
 from emulator.testing import EventFd, GuestRam, ServedDevice
 from emulator.transport import receive_chunk
-from protocol.header import Header
 from protocol.constants import IrqIndex
+from protocol.header import Header
 
 BAR0 = 0
 TRIGGER_EVENTFD = 0x24  # DATA_EVENTFD | ACTION_TRIGGER
@@ -490,11 +490,11 @@ async def test_reset_during_large_message_dma_keeps_the_stream_intact(
         assert len(rest) == header.payload_size
         await send_message(sock, pack_reply(header.msg_id, C.DMA_WRITE, b""))
         while True:
-            reply, _ = await read_message(sock)
-            if reply.is_reply and reply.msg_id == 50:
+            answer, _ = await read_message(sock)
+            if answer.is_reply and answer.msg_id == 50:
                 break
-            assert reply.command in (C.DMA_WRITE, C.REGION_WRITE), reply  # well-formed
-        assert not reply.is_error
+            assert answer.command in (C.DMA_WRITE, C.REGION_WRITE), answer  # well-formed
+        assert not answer.is_error
     sock.close()
 
 

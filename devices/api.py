@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -22,7 +22,7 @@ from .errors import DeviceError, DmaFault
 from .irq import InterruptController
 from .migration import DEFAULT_CAPS, EnvelopeCodec, MigrationCodec, MigrationEngine
 from .pci import ConfigAccessError, ConfigSpace
-from .state_stream import StreamLimits
+from .state_stream import Section, StreamLimits
 
 __all__ = ["DeviceError", "DmaFault"]
 
@@ -51,10 +51,27 @@ class Dma(Protocol):
         self, segments: list[tuple[int, int]], data: bytes | bytearray | memoryview
     ) -> None: ...
 
+    def regions(self) -> list[tuple[int, int] | None]:
+        """``(iova, size)`` of the client's mappings by slot, in DMA_MAP order; a slot
+        freed by DMA_UNMAP is None until the next map reuses it."""
+        ...
+
+    async def message_read(self, iova: int, length: int) -> bytes:
+        """Read through DMA_READ messages even where the range is mmapped."""
+        ...
+
+    async def message_write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
+        """Write through DMA_WRITE messages even where the range is mmapped."""
+        ...
+
 
 class DeviceContext(Protocol):
     @property
     def dma(self) -> Dma: ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait inside a device job (timers: autonegotiation, interrupt throttling...)."""
+        ...
 
     def submit(self, job: Callable[[], Awaitable[None]]) -> bool:
         """Queue device work (DMA, long operations) to run after the current request is
@@ -81,6 +98,15 @@ class _DetachedDma:
     ) -> None:
         raise DmaFault("no client is attached")
 
+    def regions(self) -> list[tuple[int, int] | None]:
+        return []
+
+    async def message_read(self, iova: int, length: int) -> bytes:
+        raise DmaFault("no client is attached")
+
+    async def message_write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
+        raise DmaFault("no client is attached")
+
 
 class DetachedContext:
     """The context of a device nobody is attached to: work is dropped, DMA faults."""
@@ -93,6 +119,9 @@ class DetachedContext:
 
     def submit(self, job: Callable[[], Awaitable[None]]) -> bool:
         return False
+
+    async def sleep(self, seconds: float) -> None:
+        raise DeviceError(errno.ENODEV, "no client is attached")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,6 +488,8 @@ class Device:
         engine = self.__dict__.get("_migration")
         if engine is None:
             caps = self.__dict__.get("mig_caps", DEFAULT_CAPS & self.migration_caps)
+            if caps and not caps & 1:
+                caps = 0  # a model without STOP_COPY does not migrate at all
             engine = self.__dict__["_migration"] = MigrationEngine(self, caps)
         return engine
 
@@ -467,23 +498,23 @@ class Device:
         self.__dict__["mig_caps"] = caps
         self.__dict__["_migration"] = MigrationEngine(self, caps)
 
-    def save_state(self) -> list[tuple[str, bytes]]:
+    def save_state(self) -> Sequence[Section]:
         raise DeviceError(errno.ENOTSUP, f"{self.type_name} cannot save its state")
 
-    def load_state(self, sections: list[tuple[str, bytes]]) -> None:
+    def load_state(self, sections: Sequence[Section]) -> None:
         """Validate every section, then apply: on any error nothing may have changed."""
         raise DeviceError(errno.ENOTSUP, f"{self.type_name} cannot load state")
 
-    def precopy_start(self) -> list[tuple[str, bytes]]:
+    def precopy_start(self) -> Sequence[Section]:
         return []
 
-    def precopy_changes(self) -> list[tuple[str, bytes]]:
+    def precopy_changes(self) -> Sequence[Section]:
         return []
 
     def precopy_end(self) -> None:
         pass
 
-    def stop_copy_sections(self, after_precopy: bool) -> list[tuple[str, bytes]]:
+    def stop_copy_sections(self, after_precopy: bool) -> Sequence[Section]:
         return self.save_state()
 
     def migration_size_estimate(self) -> int:

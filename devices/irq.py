@@ -197,7 +197,7 @@ class InterruptController:
             parts.append(bits.to_bytes(self._pending_bytes(index), "little"))
         return b"".join(parts)
 
-    def restore(self, blob: bytes) -> None:
+    def restore(self, blob: bytes | bytearray | memoryview) -> None:
         """Inverse of :meth:`snapshot`; raises ValueError (changing nothing) on a bad blob."""
         head = self._SNAP_HEAD
         expected = head.size + len(self.msix_table)

@@ -19,7 +19,7 @@ import errno
 import os
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -37,7 +37,7 @@ from protocol.migration_fsm import (
 )
 
 from .errors import DeviceError
-from .state_stream import Section, StreamError, StreamLimits, StreamWriter, decode
+from .state_stream import Buffer, Section, StreamError, StreamLimits, StreamWriter, decode
 
 if TYPE_CHECKING:
     from .api import Device
@@ -89,11 +89,13 @@ class MigrationCodec(Protocol):
 
     def begin(self, session_id: bytes) -> bytes: ...
 
-    def sections(self, sections: Sequence[Section]) -> bytes: ...
+    def sections(self, sections: Sequence[Section]) -> list[Buffer]:
+        """The encoded sections as pieces (payload views are passed through uncopied)."""
+        ...
 
     def end(self) -> bytes: ...
 
-    def decode(self, data: bytes) -> list[Section]: ...
+    def decode(self, data: memoryview) -> list[Section]: ...
 
 
 class EnvelopeCodec:
@@ -109,15 +111,18 @@ class EnvelopeCodec:
         self._writer = StreamWriter(self.device_type, self.model_version, session_id)
         return self._writer.header()
 
-    def sections(self, sections: Sequence[Section]) -> bytes:
+    def sections(self, sections: Sequence[Section]) -> list[Buffer]:
         assert self._writer is not None
-        return self._writer.sections(sections)
+        pieces: list[Buffer] = []
+        for name, payload in sections:
+            pieces += self._writer.section_pieces(name, payload)
+        return pieces
 
     def end(self) -> bytes:
         assert self._writer is not None
         return self._writer.trailer()
 
-    def decode(self, data: bytes) -> list[Section]:
+    def decode(self, data: memoryview) -> list[Section]:
         _, sections = decode(
             data,
             device_type=self.device_type,
@@ -143,14 +148,15 @@ class SavingSession:
         self.complete = False
         self._append(codec.begin(self.session_id))
 
-    def _append(self, data: bytes) -> None:
-        if data:
-            self._chunks.append(memoryview(data))
-            self.produced += len(data)
+    def _append(self, data: Buffer) -> None:
+        if len(data):
+            view = memoryview(data).cast("B")
+            self._chunks.append(view)
+            self.produced += len(view)
 
     def add(self, sections: Sequence[Section]) -> None:
-        if sections:
-            self._append(self.codec.sections(sections))
+        for piece in self.codec.sections(sections) if sections else ():
+            self._append(piece)
 
     def finish(self, sections: Sequence[Section]) -> None:
         self.add(sections)
@@ -160,6 +166,19 @@ class SavingSession:
     @property
     def pending(self) -> int:
         return self.produced - self.consumed
+
+    def take(self, size: int) -> memoryview:
+        """Up to ``size`` bytes of the next piece, as a view (for the data-fd writer)."""
+        if not self._chunks:
+            return memoryview(b"")
+        chunk = self._chunks[0]
+        view = chunk[:size]
+        if len(view) == len(chunk):
+            self._chunks.popleft()
+        else:
+            self._chunks[0] = chunk[len(view) :]
+        self.consumed += len(view)
+        return view
 
     def read(self, size: int) -> bytes:
         out = []
@@ -178,15 +197,54 @@ class SavingSession:
         return data
 
 
-class ResumingSession:
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.data = bytearray()
+class Staging(Protocol):
+    """Where resumed bytes wait for validation. The runtime provides one backed by a memfd
+    so a large stream never lives in Python objects; the default is in memory."""
 
-    def write(self, data: bytes) -> None:
-        if len(self.data) + len(data) > self.limit:
+    @property
+    def size(self) -> int: ...
+
+    def append(self, data: Buffer) -> None: ...
+
+    def view(self) -> memoryview: ...
+
+    def close(self) -> None: ...
+
+
+class MemoryStaging:
+    def __init__(self) -> None:
+        self._data = bytearray()
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+    def append(self, data: Buffer) -> None:
+        self._data += data
+
+    def view(self) -> memoryview:
+        return memoryview(self._data)
+
+    def close(self) -> None:
+        self._data = bytearray()
+
+
+class ResumingSession:
+    def __init__(self, limit: int, staging: Staging) -> None:
+        self.limit = limit
+        self.staging = staging
+
+    @property
+    def size(self) -> int:
+        return self.staging.size
+
+    def write(self, data: Buffer) -> None:
+        if self.staging.size + len(data) > self.limit:
             raise DeviceError(errno.EFBIG, f"resumed stream exceeds {self.limit} bytes")
-        self.data += data
+        self.staging.append(data)
+
+    def close(self) -> None:
+        self.staging.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,11 +265,18 @@ class WorkControl(Protocol):
         """Stop starting jobs; return once the job in progress (and its DMA) finished."""
         ...
 
+    def hold_work(self) -> None:
+        """Stop starting jobs now, without waiting (entering ERROR)."""
+        ...
+
     def resume_work(self) -> None: ...
 
 
 class NoWork:
     async def pause_work(self) -> None:
+        return None
+
+    def hold_work(self) -> None:
         return None
 
     def resume_work(self) -> None:
@@ -234,7 +299,8 @@ class MigrationEngine:
         max_resume: int = DEFAULT_MAX_RESUME,
     ) -> None:
         wanted = int(device.migration_caps if caps is None else caps)
-        if not valid_caps(wanted):
+        # 0 = the device does not migrate: every request fails with EINVAL (nothing supported).
+        if wanted and not valid_caps(wanted):
             raise ValueError(f"invalid migration capabilities {wanted:#x}")
         if wanted & ~int(device.migration_caps):
             raise ValueError(f"{device.type_name} cannot do migration capabilities {wanted:#x}")
@@ -249,6 +315,8 @@ class MigrationEngine:
         self.saving: SavingSession | None = None
         self.resuming: ResumingSession | None = None
         self.work: WorkControl = NoWork()
+        #: Makes staging buffers for resumed data (the runtime installs a memfd-backed one).
+        self.staging_factory: Callable[[], Staging] = MemoryStaging
 
     # -- queries -----------------------------------------------------------------------------
     @property
@@ -303,7 +371,7 @@ class MigrationEngine:
                 return
             try:
                 if back == (RESUMING, STOP):
-                    self.resuming = None  # abandoning a resume loads nothing
+                    self._drop_resuming()  # abandoning a resume loads nothing
                     self.device.migration_arc(back)
                     self.state = STOP
                     self.history.append(back)
@@ -328,21 +396,30 @@ class MigrationEngine:
             self.saving = None
             self.device.precopy_end()
         elif arc in OPENS_RESUMING:
-            self.resuming = ResumingSession(self.max_resume)
+            self._new_resuming()
         elif source == RESUMING:
             self._apply_resumed()
+
+    def _new_resuming(self) -> None:
+        self._drop_resuming()
+        self.resuming = ResumingSession(self.max_resume, self.staging_factory())
+
+    def _drop_resuming(self) -> None:
+        if self.resuming is not None:
+            self.resuming.close()
+            self.resuming = None
 
     def _undo_data_action(self, arc: Arc) -> None:
         if arc in OPENS_SAVING:
             self.saving = None
         elif arc in OPENS_RESUMING:
-            self.resuming = None
+            self._drop_resuming()
 
-    def _stop_copy_sections(self, *, after_precopy: bool) -> list[Section]:
+    def _stop_copy_sections(self, *, after_precopy: bool) -> Sequence[Section]:
         own = list(self.device.stop_copy_sections(after_precopy))
         if not self.device.migration_generic_state:
             return own
-        generic = [
+        generic: list[Section] = [
             (CONFIG_SECTION, self.device.config.snapshot()),
             (IRQ_SECTION, self.device.irq.snapshot()),
         ]
@@ -351,12 +428,25 @@ class MigrationEngine:
     def _apply_resumed(self) -> None:
         """RESUMING -> STOP: validate everything, then apply atomically or not at all."""
         assert self.resuming is not None
-        data = bytes(self.resuming.data)
+        received = self.resuming
         # On any failure the partial data is discarded and a fresh stream may be written.
-        self.resuming = ResumingSession(self.max_resume)
+        self.resuming = ResumingSession(self.max_resume, self.staging_factory())
+        try:
+            self._decode_and_apply(received.staging.view())
+        finally:
+            received.close()
+        self._drop_resuming()
+
+    def _decode_and_apply(self, data: memoryview) -> None:
         codec = self.device.migration_codec(self.stream_limits)
         sections = codec.decode(data)
-        generic = {name: payload for name, payload in sections if name.startswith("pci.")}
+        generic: dict[str, Buffer] = {}
+        for name, payload in sections:
+            if not name.startswith("pci."):
+                continue
+            if name not in (CONFIG_SECTION, IRQ_SECTION) or name in generic:
+                raise StreamError(f"unknown or repeated engine section {name!r}")
+            generic[name] = payload
         own = [(name, payload) for name, payload in sections if not name.startswith("pci.")]
         config_blob = generic.get(CONFIG_SECTION)
         irq_blob = generic.get(IRQ_SECTION)
@@ -376,7 +466,6 @@ class MigrationEngine:
         except DeviceError:
             self._restore_generic(old_config, old_irq)
             raise
-        self.resuming = None
 
     def _restore_generic(self, config: bytes, irq: bytes) -> None:
         self.device.config.restore(config)
@@ -399,20 +488,22 @@ class MigrationEngine:
         self.device.irq.resume()
 
     def _enter_error(self) -> None:
+        """A device in ERROR does nothing on its own: no jobs, no DMA, no interrupts."""
         self.state = ERROR
         self.saving = None
-        self.resuming = None
-        self.run_state = RunState.PAUSED
-        self.device.irq.suspend()
-        self.device.pause()
+        self._drop_resuming()
+        if self.run_state is RunState.RUNNING:
+            self.run_state = RunState.PAUSED
+            self.device.irq.suspend()
+            self.device.pause()
+        self.work.hold_work()
 
     # -- reset -------------------------------------------------------------------------------
     def reset(self) -> None:
         """DEVICE_RESET: back to RUNNING from any state, ERROR included (kernel, spec)."""
         self.saving = None
-        self.resuming = None
+        self._drop_resuming()
         self.state = RUNNING
-        self.run_state = RunState.PAUSED  # so _resume runs the full resume path
         self._resume()
 
     # -- data --------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .api import Device
+from .lvu_sample import LvuSample
 from .migration import parse_mig_caps
 from .testdev import TestDev, TestDevOptions
 
@@ -54,12 +55,23 @@ def _build_testdev(opts: dict[str, str]) -> Device:
         raise DeviceSpecError(f"testdev: {exc}") from None
 
 
+def _build_lvu_sample(opts: dict[str, str]) -> Device:
+    return LvuSample()  # its BAR0 timer sleeps with DeviceContext.sleep
+
+
 DEVICE_TYPES: dict[str, DeviceType] = {
     "testdev": DeviceType(
         "testdev",
         "test device: scratch registers, doorbell interrupts, DMA copy, RAM BAR, MSI-X",
         {"ram": "RAM BAR size (power of two, default 64K)", "vectors": "MSI-X vectors (1-32)"},
         _build_testdev,
+    ),
+    "lvu-sample": DeviceType(
+        "lvu-sample",
+        "libvfio-user's sample server device (dead:beef): BAR0 time_t timer raising INTx and "
+        "DMA, 16 KiB sparse-mmap RAM BAR1, raw PRE_COPY/STOP_COPY stream",
+        {},
+        _build_lvu_sample,
     ),
 }
 

@@ -43,7 +43,9 @@ assert HEADER.size == 64 and SECTION.size == 24 and TRAILER.size == 16
 MAX_NAME = 64
 _NAME = re.compile(rb"[a-z0-9][a-z0-9_.\-]*")
 
-Section = tuple[str, bytes]
+Buffer = bytes | bytearray | memoryview
+#: A named section. Decoded payloads are views into the received stream (not copies).
+Section = tuple[str, Buffer]
 
 
 class StreamError(DeviceError):
@@ -65,7 +67,7 @@ class StreamHeader:
     model_version: int
 
 
-def _crc(data: bytes | memoryview, crc: int = 0) -> int:
+def _crc(data: Buffer, crc: int = 0) -> int:
     return int(zlib.crc32(data, crc)) & 0xFFFFFFFF
 
 
@@ -74,7 +76,7 @@ class StreamWriter:
 
     def __init__(self, device_type: str, model_version: int, session_id: bytes) -> None:
         encoded = device_type.encode("ascii")
-        if not 0 < len(encoded) <= 24 or len(session_id) != 16:
+        if not 0 < len(encoded) <= 24 or b"\0" in encoded or len(session_id) != 16:
             raise ValueError("device type must be 1-24 ASCII bytes, session id 16 bytes")
         self._type = encoded
         self._version = model_version
@@ -82,11 +84,6 @@ class StreamWriter:
         self._count = 0
         self._crc = 0
         self.ended = False
-
-    def _emit(self, *parts: bytes | memoryview) -> bytes:
-        data = b"".join(parts)
-        self._crc = _crc(data, self._crc)
-        return data
 
     def header(self) -> bytes:
         fixed = HEADER.pack(
@@ -99,16 +96,25 @@ class StreamWriter:
             self._version,
             0,
         )[:-4]
-        return self._emit(fixed, struct.pack("<I", _crc(fixed)))
+        head = fixed + struct.pack("<I", _crc(fixed))
+        self._crc = _crc(head, self._crc)
+        return head
 
-    def section(self, name: str, payload: bytes | memoryview) -> bytes:
+    def section_pieces(self, name: str, payload: Buffer) -> list[Buffer]:
+        """A section as pieces: its header and name, then the payload itself, not copied
+        (large device memory goes out as a view of the device's own buffer)."""
         raw_name = name.encode("ascii")
         if not _NAME.fullmatch(raw_name) or len(raw_name) > MAX_NAME:
             raise ValueError(f"bad section name {name!r}")
         crc = _crc(payload, _crc(raw_name))
         head = SECTION.pack(SECTION_TAG, self._count, len(raw_name), 0, len(payload), crc)
+        head += raw_name
         self._count += 1
-        return self._emit(head, raw_name, payload)
+        self._crc = _crc(payload, _crc(head, self._crc))
+        return [head, payload] if len(payload) else [head]
+
+    def section(self, name: str, payload: Buffer) -> bytes:
+        return b"".join(self.section_pieces(name, payload))
 
     def sections(self, sections: Iterable[Section]) -> bytes:
         return b"".join(self.section(name, payload) for name, payload in sections)
@@ -125,7 +131,7 @@ def encode(
     return writer.header() + writer.sections(sections) + writer.trailer()
 
 
-def parse_header(data: bytes | memoryview) -> StreamHeader:
+def parse_header(data: Buffer) -> StreamHeader:
     if len(data) < HEADER.size:
         raise StreamError(f"{len(data)} bytes is shorter than the header")
     magic, fmt, checksum, size, session, dtype, version, crc = HEADER.unpack_from(data)
@@ -144,7 +150,7 @@ def parse_header(data: bytes | memoryview) -> StreamHeader:
 
 
 def decode(
-    data: bytes | memoryview,
+    data: Buffer,
     *,
     device_type: str,
     max_model_version: int,
@@ -175,7 +181,10 @@ def decode(
         pos = _section(view, pos, len(sections), limits, sections)
     if len(view) - pos != TRAILER.size:
         raise StreamError("truncated trailer or bytes after it")
-    _tag, count, crc, _r = TRAILER.unpack_from(view, pos)
+    _tag, count, crc, reserved = TRAILER.unpack_from(view, pos)
+    if reserved:
+        # Not covered by the stream CRC (which ends before the trailer): must be exact.
+        raise StreamError(f"trailer reserved word is {reserved:#x}, not 0")
     if count != len(sections):
         raise StreamError(f"trailer counts {count} sections, stream has {len(sections)}")
     if _crc(view[:pos]) != crc:
@@ -207,5 +216,5 @@ def _section(
         raise StreamError(f"section {index}: bad name {raw_name!r}")
     if _crc(payload, _crc(raw_name)) != crc:
         raise StreamError(f"section {index} ({raw_name.decode()}): checksum mismatch")
-    out.append((raw_name.decode("ascii"), bytes(payload)))
+    out.append((raw_name.decode("ascii"), payload))
     return int(end)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -43,6 +44,7 @@ from .api import (
 )
 from .irq import InterruptController
 from .pci import BarKind, BarSpec, ConfigSpace
+from .state_stream import Buffer, Section
 
 VENDOR_ID = 0x1B36
 DEVICE_ID = 0x0F00
@@ -77,6 +79,7 @@ PAGE = 4096
 RAM_CHUNK = 1 << 20  # initial PRE_COPY data goes out in sections of this size
 REG_ENTRY = struct.Struct("<II")
 PAGE_HEADER = struct.Struct("<Q")
+GEOMETRY = struct.Struct("<QI")  # RAM BAR size, MSI-X vectors
 REGS_SIZE = 0x1000
 MSIX_BAR_SIZE = 0x1000
 PBA_OFFSET = 0x800
@@ -245,8 +248,16 @@ class TestDev(Device):
         regs = sorted(self.regs.values.items())
         return b"".join(REG_ENTRY.pack(offset, value) for offset, value in regs)
 
+    def _geometry(self) -> bytes:
+        """What must match between source and destination before anything is applied."""
+        return GEOMETRY.pack(self.ram.size, self.options.msix_vectors)
+
     def save_state(self) -> list[tuple[str, bytes]]:
-        return [("regs", self._regs_blob()), ("ram", bytes(self.ram.buffer))]
+        return [
+            ("geometry", self._geometry()),
+            ("regs", self._regs_blob()),
+            ("ram", bytes(self.ram.buffer)),
+        ]
 
     def precopy_start(self) -> list[tuple[str, bytes]]:
         self._shadow = bytearray(self.ram.buffer)
@@ -278,17 +289,23 @@ class TestDev(Device):
 
     def stop_copy_sections(self, after_precopy: bool) -> list[tuple[str, bytes]]:
         if after_precopy and self._shadow is not None:
-            return [("regs", self._regs_blob()), *self.precopy_changes()]
+            changes = self.precopy_changes()
+            return [("geometry", self._geometry()), ("regs", self._regs_blob()), *changes]
         return self.save_state()
 
     def migration_size_estimate(self) -> int:
         return len(self._regs_blob()) + self.ram.size
 
-    def load_state(self, sections: list[tuple[str, bytes]]) -> None:
+    def load_state(self, sections: Sequence[Section]) -> None:
         regs: dict[int, int] | None = None
+        geometry = None
         ram = bytearray(self.ram.buffer)
         for name, payload in sections:
-            if name == "regs":
+            if name == "geometry":
+                geometry = bytes(payload)
+                if geometry != self._geometry():
+                    raise DeviceError(errno.EINVAL, "testdev geometry (RAM size, vectors) differs")
+            elif name == "regs":
                 regs = self._parse_regs(payload)
             elif name == "ram":
                 if len(payload) != self.ram.size:
@@ -298,14 +315,14 @@ class TestDev(Device):
                 self._apply_page(ram, payload)
             else:
                 raise DeviceError(errno.EINVAL, f"unknown testdev section {name!r}")
-        if regs is None:
-            raise DeviceError(errno.EINVAL, "testdev state without registers")
+        if regs is None or geometry is None:
+            raise DeviceError(errno.EINVAL, "testdev state without geometry or registers")
         # Everything validated: apply.
         self.ram.buffer[:] = ram
         self.regs.values.update(regs)
         self._copy_queued = False
 
-    def _parse_regs(self, payload: bytes) -> dict[int, int]:
+    def _parse_regs(self, payload: Buffer) -> dict[int, int]:
         known = {reg.offset for reg in self.regs.registers()}
         if len(payload) != REG_ENTRY.size * len(known):
             raise DeviceError(errno.EINVAL, f"regs section of {len(payload)} bytes")
@@ -316,7 +333,7 @@ class TestDev(Device):
             raise DeviceError(errno.EINVAL, "regs section holds impossible register values")
         return regs
 
-    def _apply_page(self, ram: bytearray, payload: bytes) -> None:
+    def _apply_page(self, ram: bytearray, payload: Buffer) -> None:
         if len(payload) < PAGE_HEADER.size:
             raise DeviceError(errno.EINVAL, "ram.page section too short")
         (offset,) = PAGE_HEADER.unpack_from(payload)

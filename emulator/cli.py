@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 
 import trio
 
@@ -23,6 +24,12 @@ from protocol.version import ServerCapabilities
 from .client import Client, ClientError
 from .connection import Limits
 from .info import describe
+from .migration import (
+    DEFAULT_PRECOPY_ROUNDS,
+    DEFAULT_PRECOPY_THRESHOLD,
+    MigrationError,
+    migrate,
+)
 from .qemu import qemu_args, qemu_command_line
 from .server import DeviceServer, ServerError
 
@@ -82,6 +89,26 @@ def build_parser() -> argparse.ArgumentParser:
     qemu = sub.add_parser("qemu-args", help="print QEMU arguments that attach to our sockets")
     qemu.add_argument("--socket-path", action="append", required=True)
     qemu.add_argument("--memory", default="512M", help="guest RAM (memfd, share=on)")
+
+    mig = sub.add_parser(
+        "migrate",
+        help="migrate a device's state from one server to another (VFIO migration v2)",
+        description="Move the state of the device behind --from to the device behind --to: "
+        "on success the source is stopped (STOP) and the destination runs (RUNNING).",
+    )
+    mig.add_argument("--from", dest="source", required=True, metavar="SRC_SOCKET")
+    mig.add_argument("--to", dest="destination", required=True, metavar="DST_SOCKET")
+    mig.add_argument("--mode", choices=["stop-copy", "pre-copy"], default="stop-copy")
+    mig.add_argument("--chunk", type=int, help="bytes per MIG_DATA_READ/WRITE (default: auto)")
+    mig.add_argument(
+        "--precopy-rounds", type=int, default=DEFAULT_PRECOPY_ROUNDS, help="at most this many"
+    )
+    mig.add_argument(
+        "--precopy-threshold",
+        type=int,
+        default=DEFAULT_PRECOPY_THRESHOLD,
+        help="stop pre-copy once a round moves at most this many bytes",
+    )
     return parser
 
 
@@ -139,6 +166,35 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _migrate(args: argparse.Namespace) -> int:
+    def fail(message: str) -> int:
+        print(f"vfio-user-emu: migrate: {message}", file=sys.stderr)
+        return 1
+
+    async with AsyncExitStack() as stack:
+        clients: list[Client] = []
+        for side, path in (("source", args.source), ("destination", args.destination)):
+            try:
+                clients.append(await stack.enter_async_context(Client.connect(path)))
+            except (OSError, ClientError) as exc:
+                return fail(f"cannot connect to the {side} {path}: {exc}")
+        try:
+            report = await migrate(
+                clients[0],
+                clients[1],
+                mode=args.mode,
+                chunk=args.chunk,
+                precopy_rounds=args.precopy_rounds,
+                precopy_threshold=args.precopy_threshold,
+            )
+        except (MigrationError, ValueError) as exc:
+            return fail(str(exc))
+    print(f"migrated {args.source} -> {args.destination}")
+    for line in report.lines():
+        print(line)
+    return 0
+
+
 async def _info(args: argparse.Namespace) -> int:
     try:
         async with Client.connect(args.socket_path) as client:
@@ -160,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return trio.run(_serve, args)
     if args.command == "info":
         return trio.run(_info, args)
+    if args.command == "migrate":
+        return trio.run(_migrate, args)
     if args.command == "qemu-args":
         print(" ".join(qemu_args(args.socket_path, args.memory)))
         return 0

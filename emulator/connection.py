@@ -44,6 +44,7 @@ from protocol.messages import (
 )
 from protocol.version import ClientCapabilities, ServerCapabilities
 
+from .datafd import DataFdSessions, MemfdStaging
 from .dma import DirtyLog, DmaEngine, IovaMap
 from .irqs import IrqBindings
 from .session import Deferred, IoEventFds, Outcome, RegionFds, Session
@@ -130,12 +131,14 @@ class ClientSession:
         self._nursery: trio.Nursery | None = None
         self.closed = False
         self.finished = trio.Event()
+        self.data_fds: DataFdSessions | None = None
 
     # -- life cycle ------------------------------------------------------------------------
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self.data_fds = DataFdSessions(nursery)
                 nursery.start_soon(self._worker)
                 try:
                     await self._read_loop()
@@ -150,6 +153,8 @@ class ClientSession:
     def _teardown(self) -> None:
         """Client gone: drop DMA maps and irq fds, keep the device's state (spec)."""
         self.closed = True
+        if self.data_fds is not None:
+            self.data_fds.close()
         self._jobs.clear()
         self._backlog.clear()
         if self.device.migration.work is self:
@@ -257,10 +262,13 @@ class ClientSession:
         await self._send_outcome(header, outcome)
 
     async def _send_outcome(self, header: Header, outcome: Outcome) -> None:
-        reply = self.proto.reply(header, outcome.payload)
-        if reply is not None:
-            self.tracer.reply(header, outcome.payload, len(outcome.fds))
-            await self._send(reply, outcome.fds)
+        try:
+            reply = self.proto.reply(header, outcome.payload)
+            if reply is not None:
+                self.tracer.reply(header, outcome.payload, len(outcome.fds))
+                await self._send(reply, outcome.fds)
+        finally:
+            close_fds(outcome.transient_fds)
 
     async def _run_deferred(self, header: Header, deferred: Deferred) -> None:
         """Run a waiting command while the reader keeps routing DMA replies, then answer it
@@ -299,11 +307,13 @@ class ClientSession:
             region_fds=self.region_fds,
             io_fds=self.io_fds,
             cancel_device_work=self.cancel_device_work,
+            data_fds=self.data_fds,
         )
         self.device.irq.sink = self.irqs
         self.device.attach(self)
         engine = self.device.migration
         engine.work = self
+        engine.staging_factory = MemfdStaging
         self._work_paused = not engine.operating
 
     async def _send(self, data: bytes, fds: list[int] | None = None) -> None:
@@ -332,6 +342,9 @@ class ClientSession:
         self._jobs.append(job)
         self._jobs_ready.set()
         return True
+
+    async def sleep(self, seconds: float) -> None:
+        await trio.sleep(seconds)
 
     def cancel_device_work(self) -> None:
         self._jobs.clear()
@@ -362,6 +375,9 @@ class ClientSession:
         """No new jobs start; the one in progress, with its DMA, completes first."""
         self._work_paused = True
         await self._job_idle.wait()
+
+    def hold_work(self) -> None:
+        self._work_paused = True
 
     def resume_work(self) -> None:
         self._work_paused = False

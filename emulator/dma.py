@@ -120,6 +120,7 @@ class IovaMap:
         self.max_maps = max_maps
         self._starts: list[int] = []
         self._maps: list[Mapping] = []
+        self._slots: list[Mapping | None] = []  # DMA_MAP order, freed slots reused
 
     def __len__(self) -> int:
         return len(self._maps)
@@ -149,6 +150,10 @@ class IovaMap:
         at = bisect.bisect_left(self._starts, mapping.address)
         self._starts.insert(at, mapping.address)
         self._maps.insert(at, mapping)
+        if None in self._slots:
+            self._slots[self._slots.index(None)] = mapping
+        else:
+            self._slots.append(mapping)
 
     def remove(self, address: int, size: int) -> Mapping:
         at = bisect.bisect_left(self._starts, address)
@@ -158,6 +163,7 @@ class IovaMap:
             )
         del self._starts[at]
         mapping = self._maps.pop(at)
+        self._slots[self._slots.index(mapping)] = None
         mapping.close()
         return mapping
 
@@ -166,6 +172,10 @@ class IovaMap:
             mapping.close()
         self._starts.clear()
         self._maps.clear()
+        self._slots.clear()
+
+    def slots(self) -> list[tuple[int, int] | None]:
+        return [None if m is None else (m.address, m.size) for m in self._slots]
 
     def _overlapping(self, start: int, end: int) -> list[Mapping]:
         at = max(bisect.bisect_right(self._starts, start) - 1, 0)
@@ -295,6 +305,32 @@ class DmaEngine:
                     piece = bytes(view[pos + start : pos + start + count])
                     await self.channel.dma_write(address + start, piece)
                     self.dirty.record(address + start, count)
+            pos += chunk
+
+    def regions(self) -> list[tuple[int, int] | None]:
+        return self.maps.slots()
+
+    async def message_read(self, iova: int, length: int) -> bytes:
+        self._check_enabled()
+        parts = []
+        for mapping, offset, chunk in self.maps.segments(iova, length, write=False):
+            address = mapping.address + offset
+            for start in range(0, chunk, self.channel.max_transfer):
+                self._check_live(mapping)
+                count = min(self.channel.max_transfer, chunk - start)
+                parts.append(await self.channel.dma_read(address + start, count))
+        return b"".join(parts)
+
+    async def message_write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
+        self._check_enabled()
+        view = memoryview(data).cast("B")
+        pos = 0
+        for mapping, offset, chunk in self.maps.segments(iova, len(view), write=True):
+            address = mapping.address + offset
+            for start in range(0, chunk, self.channel.max_transfer):
+                self._check_live(mapping)
+                count = min(self.channel.max_transfer, chunk - start)
+                await self.channel.dma_write(address + start, bytes(view[pos + start :][:count]))
             pos += chunk
 
     async def read_sg(self, segments: list[tuple[int, int]]) -> bytes:

@@ -52,6 +52,7 @@ from protocol.messages import (
 )
 from protocol.version import ClientCapabilities, ServerCapabilities
 
+from .datafd import DataFdSessions
 from .dma import IovaMap
 from .irqs import IrqBindings
 
@@ -71,6 +72,8 @@ FEATURE_OPS = {
 class Outcome:
     payload: bytes = b""
     fds: list[int] = field(default_factory=list)  # sent with the reply; still owned by us
+    #: fds sent with the reply that are ours to close once sent (a data fd's client end).
+    transient_fds: list[int] = field(default_factory=list)
 
 
 EMPTY = Outcome()
@@ -120,6 +123,7 @@ class Session:
         region_fds: RegionFds,
         io_fds: IoEventFds,
         cancel_device_work: Callable[[], None],
+        data_fds: DataFdSessions | None = None,
     ) -> None:
         self.device = device
         self.client = client
@@ -129,6 +133,7 @@ class Session:
         self.region_fds = region_fds
         self.io_fds = io_fds
         self.cancel_device_work = cancel_device_work
+        self.data_fds = data_fds
         self.handlers: dict[int, Callable[[Header, bytes, list[int]], Outcome | Deferred]] = {
             Command.DMA_MAP: self.dma_map,
             Command.DMA_UNMAP: self.dma_unmap,
@@ -361,13 +366,34 @@ class Session:
         require(len(request.data) >= MIG_STATE.size, "MIG_DEVICE_STATE SET: data too short")
         require(request.argsz >= len(payload), "MIG_DEVICE_STATE SET: argsz below the request")
         target, _data_fd = MIG_STATE.unpack_from(request.data)
+        data_fds = self.data_fds if self._uses_data_fd() else None
 
         async def transition() -> Outcome:
-            await self.device.migration.set_state(target)
-            # libvfio-user's client compares the reply with its request byte for byte.
-            return Outcome(payload)
+            engine = self.device.migration
+            if data_fds is None:
+                await engine.set_state(target)
+                # libvfio-user's client compares the reply with its request byte for byte.
+                return Outcome(payload)
+            await data_fds.before_transition(engine, target)
+            result = await engine.set_state(target)
+            fd = data_fds.after_transition(engine, result.arcs)
+            # As the kernel's ioctl returns a new data_fd: here the index of the passed fd.
+            field_at = DeviceFeatureMsg.HEADER_SIZE + 4
+            reply = payload[:field_at] + MIG_STATE.pack(0, -1 if fd is None else 0)[4:]
+            reply += payload[field_at + 4 :]
+            if fd is None:
+                return Outcome(reply)
+            return Outcome(reply, [fd], transient_fds=[fd])
 
         return Deferred(transition)
+
+    def _uses_data_fd(self) -> bool:
+        return (
+            self.data_fds is not None
+            and self.client.migration_data_fd
+            and self.server.migration_data_fd
+            and self.client.max_msg_fds > 0
+        )
 
     def mig_data_read(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
         request = MigDataRead.unpack(payload)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 from dataclasses import dataclass
@@ -52,8 +53,11 @@ class ServerCapabilities:
     max_dma_maps: int = MAX_DMA_MAPS_LIMIT
     pgsizes: int = PAGE_SIZE
     write_multiple: bool = True
-    migration_pgsize: int | None = None
-    migration_data_fd: bool = False
+    #: Dirty-page granularity advertised as "migration": {"pgsize": N}, as libvfio-user
+    #: does when migration is configured (QEMU requires a multiple of 4096).
+    migration_pgsize: int | None = PAGE_SIZE
+    #: Offer migration data over a passed fd to clients that ask (extension key).
+    migration_data_fd: bool = True
 
     def __post_init__(self) -> None:
         # QEMU refuses the whole device if any of these is out of its range.
@@ -167,12 +171,5 @@ def negotiate(
     minor = min(version.minor, PROTOCOL_MINOR)
     if not client.migration_data_fd and ours.migration_data_fd:
         # Clients that did not ask for the extension see exactly the standard protocol.
-        ours = ServerCapabilities(
-            max_msg_fds=ours.max_msg_fds,
-            max_data_xfer_size=ours.max_data_xfer_size,
-            max_dma_maps=ours.max_dma_maps,
-            pgsizes=ours.pgsizes,
-            write_multiple=ours.write_multiple,
-            migration_pgsize=ours.migration_pgsize,
-        )
+        ours = dataclasses.replace(ours, migration_data_fd=False)
     return client, VersionPayload(PROTOCOL_MAJOR, minor, ours.to_json())

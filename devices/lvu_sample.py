@@ -1,0 +1,368 @@
+"""``lvu-sample``: the device of libvfio-user's sample server, as its sample client sees it.
+
+Written from the behaviour described in ``shared/reference/lvu-sample-device.md`` and the
+traced run ``shared/interop/lvu-client-server.jsonl``, so that libvfio-user's sample client
+can run its whole session, migration included, against this emulator.
+
+Layout::
+
+  config   dead:beef, subsystem cafe:babe, class 0, 256 bytes, INTA#, no capabilities
+  BAR0     8 bytes, I/O BAR: a 64-bit little-endian time_t T (only 8-byte accesses at 0)
+           write: arm the timer to fire when wall-clock time reaches T, counted like
+                  setitimer(T - time(NULL)) in whole seconds; a T not in the future
+                  leaves the timer disarmed
+           read:  now - T (whole seconds)
+  BAR1     0x4000 bytes RAM, I/O BAR, mmap-able through the sparse areas [0x0, +0x1000]
+           and [0x2000, +0x1000]
+  irqs     INTx 1, MSI 0, MSI-X 0, ERR 1, REQ 1
+
+When the timer fires the device signals INTx and then runs two DMA rounds, each writing
+four 1 KiB chunks (chunk i filled with ``'A' + i``) and reading the 4 KiB back as two 2 KiB
+reads, failing if anything differs: round 1 into the second DMA region the client mapped,
+through the runtime's ordinary path (the region's mmap for an fd-backed map, which logs
+the page dirty); round 2 into the first region through DMA_WRITE / DMA_READ messages even
+if it is fd-backed, split at the client's max_data_xfer_size.
+
+Migration (STOP_COPY | PRE_COPY) uses libvfio-user's raw stream, not our envelope:
+PRE_COPY yields BAR1 (0x4000 bytes) as it is when each chunk is read; STOP_COPY yields
+BAR1 then BAR0 (0x4008 bytes) as they were when STOP_COPY was entered. The destination
+accepts exactly 0x4008 bytes and answers anything else with EINVAL. Config space and
+interrupt state are not part of the stream (libvfio-user's sample does not send them).
+
+The model stays free of trio: its timer waits in a device job that polls the wall clock
+with a ``sleep`` function handed in by whoever builds it (``devices.registry`` passes the
+runtime's), because :class:`~devices.api.DeviceContext` offers no timer yet.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import ClassVar
+
+from protocol.constants import MigrationCaps
+
+from .api import Device, DeviceError, DmaFault, RamRegion, Region
+from .irq import InterruptController
+from .migration import MigrationCodec
+from .pci import BarKind, BarSpec, ConfigSpace
+from .state_stream import Buffer, Section, StreamLimits
+
+log = logging.getLogger("vfio_user_emu.lvu_sample")
+
+VENDOR_ID = 0xDEAD
+DEVICE_ID = 0xBEEF
+SUBSYSTEM_VENDOR_ID = 0xCAFE
+SUBSYSTEM_ID = 0xBABE
+CLASS_CODE = 0x000000
+
+BAR_TIME, BAR_RAM = 0, 1
+TIME_SIZE = 8
+RAM_SIZE = 0x4000
+SPARSE_AREAS = ((0x0, 0x1000), (0x2000, 0x1000))
+
+#: STOP_COPY stream: BAR1, then BAR0.
+STOP_COPY_SIZE = RAM_SIZE + TIME_SIZE
+SECTION_RAM = "bar1"
+SECTION_TIME = "bar0"
+#: A PRE_COPY section standing for "BAR1 as it is when read" (the codec streams it live).
+SECTION_RAM_LIVE = "bar1.live"
+
+DMA_CHUNK = 1024
+DMA_CHUNKS = 4
+DMA_READ_SIZE = 2048
+DMA_SPAN = DMA_CHUNK * DMA_CHUNKS
+DMA_PATTERN = b"".join(bytes([ord("A") + i]) * DMA_CHUNK for i in range(DMA_CHUNKS))
+
+DEFAULT_POLL_INTERVAL = 0.02
+_U64 = (1 << 64) - 1
+
+Sleep = Callable[[float], Awaitable[object]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Regions
+
+
+class TimeRegister(Region):
+    """BAR0: the 64-bit time_t. Like the sample, only whole 8-byte accesses at 0 work."""
+
+    size = TIME_SIZE
+
+    def __init__(self, now: Callable[[], int], written: Callable[[], None]) -> None:
+        self._now = now
+        self._written = written
+        #: T, a signed 64-bit time_t.
+        self.value = 0
+
+    @staticmethod
+    def _check(offset: int, count: int) -> None:
+        if offset != 0 or count != TIME_SIZE:
+            raise DeviceError(
+                errno.EINVAL,
+                f"BAR0: access [{offset:#x}, +{count:#x}) is not the 8-byte time_t at 0",
+            )
+
+    def read(self, offset: int, count: int) -> bytes:
+        self._check(offset, count)
+        return ((self._now() - self.value) & _U64).to_bytes(TIME_SIZE, "little")
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._check(offset, len(data))
+        self.value = int.from_bytes(data, "little", signed=True)
+        self._written()
+
+    def reset(self) -> None:
+        self.value = 0
+
+
+class SparseRam(RamRegion):
+    """BAR1: RAM whose mmap-able part is the two sparse areas."""
+
+    def __init__(self) -> None:
+        super().__init__(RAM_SIZE)
+        self.mmap_areas = SPARSE_AREAS
+
+
+# ---------------------------------------------------------------------------------------------
+# Migration stream
+
+
+class LvuRawCodec:
+    """libvfio-user's sample stream: the bytes of the sections, nothing around them.
+
+    A :data:`SECTION_RAM_LIVE` section becomes a view of BAR1 itself, so each read of the
+    PRE_COPY data sees BAR1 as it is at that moment (what the sample server does).
+    """
+
+    def __init__(self, ram: RamRegion) -> None:
+        self._ram = ram
+
+    def begin(self, session_id: bytes) -> bytes:
+        return b""
+
+    def sections(self, sections: Sequence[Section]) -> list[Buffer]:
+        pieces: list[Buffer] = []
+        for name, payload in sections:
+            if name == SECTION_RAM_LIVE:
+                pieces.append(self._ram.buffer)
+            elif name in (SECTION_RAM, SECTION_TIME):
+                pieces.append(payload)
+            else:
+                raise DeviceError(errno.EINVAL, f"lvu-sample stream: unknown section {name!r}")
+        return pieces
+
+    def end(self) -> bytes:
+        return b""
+
+    def decode(self, data: Buffer) -> list[Section]:
+        view = memoryview(data).cast("B")
+        if len(view) != STOP_COPY_SIZE:
+            raise DeviceError(
+                errno.EINVAL,
+                f"lvu-sample stream of {len(view):#x} bytes; it must be BAR1 + BAR0 "
+                f"({STOP_COPY_SIZE:#x} bytes)",
+            )
+        return [(SECTION_RAM, view[:RAM_SIZE]), (SECTION_TIME, view[RAM_SIZE:])]
+
+
+# ---------------------------------------------------------------------------------------------
+# The device
+
+
+class LvuSample(Device):
+    type_name: ClassVar[str] = "lvu-sample"
+    migration_caps: ClassVar[int] = int(MigrationCaps.STOP_COPY | MigrationCaps.PRE_COPY)
+    migration_generic_state: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        *,
+        sleep: Sleep | None = None,
+        clock: Callable[[], float] = time.time,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+    ) -> None:
+        """``sleep``: an async sleep of the runtime the device is served by (without one the
+        timer cannot run unless the device context offers ``sleep``); ``clock``: wall-clock
+        seconds (time_t comes from it); ``poll_interval``: longest sleep of the timer job,
+        so a migration stop waits at most this long for it."""
+        if poll_interval <= 0:
+            raise ValueError("poll_interval must be positive")
+        config = ConfigSpace(
+            vendor_id=VENDOR_ID,
+            device_id=DEVICE_ID,
+            subsystem_vendor_id=SUBSYSTEM_VENDOR_ID,
+            subsystem_id=SUBSYSTEM_ID,
+            class_code=CLASS_CODE,
+            interrupt_pin=1,
+        )
+        # The traced sample server shows its BARs as I/O BARs (bit 0 set in config).
+        config.add_bar(BarSpec(BAR_TIME, TIME_SIZE, BarKind.IO))
+        config.add_bar(BarSpec(BAR_RAM, RAM_SIZE, BarKind.IO))
+        super().__init__(config, InterruptController(config))
+        self._sleep = sleep
+        self._clock = clock
+        self.poll_interval = poll_interval
+        self.bar0 = TimeRegister(self._now, self._arm)
+        self.bar1 = SparseRam()
+        self.add_region(BAR_TIME, self.bar0)
+        self.add_region(BAR_RAM, self.bar1)
+        #: Wall-clock second (``clock()``) at which the timer fires; None = disarmed.
+        self.deadline: float | None = None
+        self.expirations = 0  # times the timer fired
+        self.dma_rounds_done = 0  # expirations whose two DMA rounds succeeded
+        self._paused = False
+        self._attached = False
+        self._waiter_queued = False
+
+    # -- time and the timer -----------------------------------------------------------------
+    @property
+    def time_value(self) -> int:
+        """T, the time_t in BAR0."""
+        return self.bar0.value
+
+    @property
+    def armed(self) -> bool:
+        return self.deadline is not None
+
+    def _now(self) -> int:
+        return math.floor(self._clock())
+
+    def _arm(self) -> None:
+        """(Re)arm from T like setitimer(T - time(NULL)): whole seconds from now; a delay
+        that is not positive leaves the timer disarmed."""
+        now = self._clock()
+        delay = self.bar0.value - math.floor(now)
+        self.deadline = now + delay if delay > 0 else None
+        self._start_waiter()
+
+    def _sleeper(self) -> Sleep | None:
+        return self._sleep if self._sleep is not None else self.context.sleep
+
+    def _start_waiter(self) -> None:
+        if self.deadline is None or self._paused or not self._attached or self._waiter_queued:
+            return
+        sleep = self._sleeper()
+        if sleep is None:
+            log.warning("lvu-sample: no sleep function was given; the BAR0 timer cannot run")
+            return
+        self._waiter_queued = True
+        if not self.context.submit(lambda: self._wait_and_fire(sleep)):
+            self._waiter_queued = False  # no client, or its queue is full; attach re-arms
+            log.warning("lvu-sample: the runtime refused the timer job")
+
+    async def _wait_and_fire(self, sleep: Sleep) -> None:
+        try:
+            while True:
+                if self.deadline is None or self._paused:
+                    return  # disarmed, or stopped: resume() re-arms
+                remaining = self.deadline - self._clock()
+                if remaining <= 0:
+                    break
+                await sleep(min(remaining, self.poll_interval))
+        finally:
+            self._waiter_queued = False
+        self.deadline = None
+        await self.expire()
+
+    async def expire(self) -> None:
+        """What the timer does when it fires: INTx, then the two DMA rounds."""
+        self.expirations += 1
+        # An edge, like the sample's eventfd write: nothing acknowledges a level here.
+        self.irq.raise_intx()
+        self.irq.lower_intx()
+        await self._dma_rounds()
+        self.dma_rounds_done += 1
+
+    # -- DMA ----------------------------------------------------------------------------------
+    async def _dma_rounds(self) -> None:
+        dma = self.context.dma
+        slots = dma.regions()
+        regions = [slot for slot in slots[:2] if slot is not None]
+        if len(regions) < 2:
+            raise DmaFault(f"lvu-sample: needs DMA regions in slots 0 and 1, have {slots[:2]}")
+        for iova, size in regions:
+            if size < DMA_SPAN:
+                raise DmaFault(f"lvu-sample: DMA region at {iova:#x} is smaller than 4 KiB")
+
+        # Round 1: the second region, the ordinary way (mmap when fd-backed; dirty-logged).
+        iova = regions[1][0]
+        for i in range(DMA_CHUNKS):
+            at = i * DMA_CHUNK
+            await dma.write(iova + at, DMA_PATTERN[at : at + DMA_CHUNK])
+        back = [
+            await dma.read(iova + at, DMA_READ_SIZE) for at in range(0, DMA_SPAN, DMA_READ_SIZE)
+        ]
+        self._compare(b"".join(back), "round 1", iova)
+
+        # Round 2: the first region, through messages.
+        iova = regions[0][0]
+        for i in range(DMA_CHUNKS):
+            at = i * DMA_CHUNK
+            await dma.message_write(iova + at, DMA_PATTERN[at : at + DMA_CHUNK])
+        back = [
+            await dma.message_read(iova + at, DMA_READ_SIZE)
+            for at in range(0, DMA_SPAN, DMA_READ_SIZE)
+        ]
+        self._compare(b"".join(back), "round 2", iova)
+
+    @staticmethod
+    def _compare(got: bytes, what: str, iova: int) -> None:
+        if got != DMA_PATTERN:
+            raise DeviceError(errno.EIO, f"lvu-sample: DMA {what} at {iova:#x} read back wrong")
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def on_attach(self) -> None:
+        self._attached = True
+        self._waiter_queued = False
+        self._start_waiter()
+
+    def on_detach(self) -> None:
+        self._attached = False
+        self._waiter_queued = False  # the runtime drops queued and running jobs
+
+    def reset(self) -> None:
+        super().reset()
+        self.deadline = None
+        self._waiter_queued = False  # DEVICE_RESET cancels device jobs first
+
+    def pause(self) -> None:
+        self._paused = True  # the timer job sees it within poll_interval and ends
+
+    def resume(self) -> None:
+        # The sample re-arms from BAR0 whenever it enters RUNNING (so a migrated T counts).
+        self._paused = False
+        self._arm()
+
+    # -- migration ----------------------------------------------------------------------------
+    def migration_codec(self, limits: StreamLimits) -> MigrationCodec:
+        return LvuRawCodec(self.bar1)
+
+    def _time_bytes(self) -> bytes:
+        return (self.bar0.value & _U64).to_bytes(TIME_SIZE, "little")
+
+    def save_state(self) -> list[tuple[str, bytes]]:
+        return [(SECTION_RAM, bytes(self.bar1.buffer)), (SECTION_TIME, self._time_bytes())]
+
+    def precopy_start(self) -> list[tuple[str, bytes]]:
+        return [(SECTION_RAM_LIVE, b"")]
+
+    def stop_copy_sections(self, after_precopy: bool) -> list[tuple[str, bytes]]:
+        return self.save_state()
+
+    def migration_size_estimate(self) -> int:
+        return STOP_COPY_SIZE
+
+    def load_state(self, sections: Sequence[Section]) -> None:
+        names = [name for name, _ in sections]
+        if names != [SECTION_RAM, SECTION_TIME]:
+            raise DeviceError(errno.EINVAL, f"lvu-sample state with sections {names}")
+        ram, stamp = sections[0][1], sections[1][1]
+        if len(ram) != RAM_SIZE or len(stamp) != TIME_SIZE:
+            raise DeviceError(errno.EINVAL, "lvu-sample state of the wrong size")
+        self.bar1.buffer[:] = ram
+        self.bar0.value = int.from_bytes(stamp, "little", signed=True)
+        # Not armed here: the destination arms when it enters RUNNING (resume).

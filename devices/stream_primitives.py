@@ -1,0 +1,317 @@
+"""Byte-stream primitives for the migration stream: CRC-32C, zero-page maps, page elision.
+
+This module is the pure-Python *reference* implementation.  The runtime may install a
+faster implementation with the same behaviour (``emulator.fastpath`` provides a C one);
+code that wants the fastest available primitive calls ``current().crc32c(...)`` /
+``current().zero_page_bitmap(...)``, while the module-level functions :func:`crc32c` and
+:func:`zero_page_bitmap` are always the Python reference.
+
+CRC-32C is the Castagnoli CRC (polynomial 0x1EDC6F41, reflected 0x82F63B78) with the usual
+initial value and final XOR of 0xFFFFFFFF: ``crc32c(b"123456789") == 0xE3069283`` and
+``crc32c(b, crc32c(a)) == crc32c(a + b)``.
+
+Elided page encoding (little-endian), produced by :func:`pack_pages`::
+
+    page_size   u32    power of two, 512 B .. 1 MiB
+    total_len   u64    length of the original data
+    bitmap      ceil(pages / 8) bytes; page k is bit k % 8 of byte k // 8 (LSB first),
+                set when the page is all zero; the unused high bits of the last byte are 0
+    pages       the non-zero pages, concatenated in order; the last page is
+                total_len - (pages - 1) * page_size bytes long (it may be partial)
+
+where ``pages = ceil(total_len / page_size)``.  No imports from the runtime (no trio).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+Buffer = bytes | bytearray | memoryview
+
+CRC32C_POLY = 0x1EDC6F41
+CRC32C_POLY_REFLECTED = 0x82F63B78
+CRC32C_CHECK = 0xE3069283  # crc32c(b"123456789")
+
+PAGES_HEADER = struct.Struct("<IQ")  # page_size, total_len
+MIN_PAGE_SIZE = 512
+MAX_PAGE_SIZE = 1 << 20
+_MASK32 = 0xFFFFFFFF
+_ZERO_CHUNK = 1 << 20  # largest zero block allocated at once when clearing a destination
+
+
+class Crc32cFunction(Protocol):
+    def __call__(self, data: Buffer, crc: int = 0) -> int: ...
+
+
+class ZeroPageBitmapFunction(Protocol):
+    def __call__(self, data: Buffer, page_size: int) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Impl:
+    """One implementation of the primitives (``name`` is "python" or "c")."""
+
+    name: str
+    crc32c: Crc32cFunction
+    zero_page_bitmap: ZeroPageBitmapFunction
+
+
+def byte_view(data: Buffer) -> memoryview:
+    """A flat, C-contiguous, unsigned-byte view of ``data`` (copies only if not contiguous)."""
+    view = memoryview(data)
+    if not view.c_contiguous:
+        view = memoryview(view.tobytes())
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+def check_crc(crc: int) -> int:
+    if not 0 <= crc <= _MASK32:
+        raise ValueError(f"CRC value out of range: {crc!r}")
+    return crc
+
+
+def check_page_size(page_size: int) -> int:
+    """Any positive page size is allowed for bitmaps; see :func:`check_stream_page_size`."""
+    if page_size <= 0:
+        raise ValueError(f"page size must be positive, not {page_size!r}")
+    return page_size
+
+
+def check_stream_page_size(page_size: int) -> int:
+    if not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE or page_size & (page_size - 1):
+        raise ValueError(
+            f"page size must be a power of two in {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}, "
+            f"not {page_size!r}"
+        )
+    return page_size
+
+
+def page_count(total_len: int, page_size: int) -> int:
+    return -(-total_len // page_size)
+
+
+def bitmap_len(total_len: int, page_size: int) -> int:
+    return (page_count(total_len, page_size) + 7) // 8
+
+
+# --------------------------------------------------------------------------- CRC-32C
+
+
+def _make_tables() -> tuple[tuple[int, ...], ...]:
+    first = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ CRC32C_POLY_REFLECTED if crc & 1 else crc >> 1
+        first.append(crc)
+    tables = [first]
+    for _ in range(7):
+        prev = tables[-1]
+        tables.append([(value >> 8) ^ first[value & 0xFF] for value in prev])
+    return tuple(tuple(table) for table in tables)
+
+
+_T0, _T1, _T2, _T3, _T4, _T5, _T6, _T7 = _make_tables()
+_WORDS = struct.Struct("<II")
+
+
+def crc32c(data: Buffer, crc: int = 0) -> int:
+    """CRC-32C of ``data``, continuing from the finished CRC ``crc`` (0 to start)."""
+    view = byte_view(data)
+    raw = check_crc(crc) ^ _MASK32
+    t0, t1, t2, t3, t4, t5, t6, t7 = _T0, _T1, _T2, _T3, _T4, _T5, _T6, _T7
+    bulk = len(view) & ~7
+    if bulk:
+        # Slicing-by-8: one iteration folds eight bytes through eight tables.
+        for word, hi in _WORDS.iter_unpack(view[:bulk]):
+            lo = word ^ raw
+            raw = (
+                t7[lo & 0xFF]
+                ^ t6[(lo >> 8) & 0xFF]
+                ^ t5[(lo >> 16) & 0xFF]
+                ^ t4[lo >> 24]
+                ^ t3[hi & 0xFF]
+                ^ t2[(hi >> 8) & 0xFF]
+                ^ t1[(hi >> 16) & 0xFF]
+                ^ t0[hi >> 24]
+            )
+    for byte in view[bulk:]:
+        raw = t0[(raw ^ byte) & 0xFF] ^ (raw >> 8)
+    return raw ^ _MASK32
+
+
+# --------------------------------------------------------------------------- zero pages
+
+
+def zero_page_bitmap(data: Buffer, page_size: int) -> bytes:
+    """One bit per page (LSB first), set when the page is all zero; the last may be partial."""
+    check_page_size(page_size)
+    view = byte_view(data)
+    total = len(view)
+    pages = page_count(total, page_size)
+    out = bytearray((pages + 7) // 8)
+    if not pages:
+        return bytes(out)
+    zero = bytes(min(page_size, total))
+    for page in range(pages):
+        start = page * page_size
+        chunk = view[start : start + page_size]
+        # bytes(...) == bytes is a memcpy + memcmp: far faster than comparing memoryviews.
+        if bytes(chunk) == (zero if len(chunk) == len(zero) else bytes(len(chunk))):
+            out[page >> 3] |= 1 << (page & 7)
+    return bytes(out)
+
+
+# --------------------------------------------------------------------------- implementations
+
+IMPL = Impl(name="python", crc32c=crc32c, zero_page_bitmap=zero_page_bitmap)
+#: Alias of :data:`IMPL`, the pure-Python reference.
+PYTHON = IMPL
+_current: Impl = IMPL
+
+
+def current() -> Impl:
+    """The implementation everything should call (Python unless a faster one is installed)."""
+    return _current
+
+
+def install(impl: Impl) -> Impl:
+    """Make ``impl`` the current implementation; returns the previous one."""
+    global _current
+    previous, _current = _current, impl
+    return previous
+
+
+def use_python() -> Impl:
+    """Force the pure-Python reference implementation; returns the previous one."""
+    return install(IMPL)
+
+
+# --------------------------------------------------------------------------- page elision
+
+
+def _runs(bitmap: Buffer, pages: int) -> Iterator[tuple[int, int, bool]]:
+    """Maximal runs ``(first_page, end_page, is_zero)`` of the bitmap's first ``pages`` bits."""
+    if not pages:
+        return
+    start, page = 0, 0
+    state = bool(bitmap[0] & 1)
+    while page < pages:
+        byte = bitmap[page >> 3]
+        if not page & 7 and page + 8 <= pages and byte == (0xFF if state else 0):
+            page += 8  # eight pages continuing the current run
+            continue
+        bit = bool((byte >> (page & 7)) & 1)
+        if bit != state:
+            yield start, page, state
+            start, state = page, bit
+        page += 1
+    yield start, pages, state
+
+
+def pack_pages(data: Buffer, page_size: int) -> list[bytes | memoryview]:
+    """Encode ``data`` with its all-zero pages elided.
+
+    Returns the pieces to send in order: header + bitmap (``bytes``), then views of the
+    non-zero pages (adjacent non-zero pages share one view).  Nothing is copied, so ``data``
+    must not change until the pieces have been consumed; ``b"".join(pieces)`` is the payload.
+    """
+    check_stream_page_size(page_size)
+    view = byte_view(data)
+    total = len(view)
+    bitmap = current().zero_page_bitmap(view, page_size)
+    pieces: list[bytes | memoryview] = [PAGES_HEADER.pack(page_size, total) + bitmap]
+    for first, end, is_zero in _runs(bitmap, page_count(total, page_size)):
+        if not is_zero:
+            pieces.append(view[first * page_size : min(end * page_size, total)])
+    return pieces
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    page_size: int
+    total_len: int
+    pages: int
+    bitmap: memoryview
+    body: memoryview
+
+
+def _parse(payload: Buffer, max_total: int) -> _Layout:
+    view = byte_view(payload)
+    if len(view) < PAGES_HEADER.size:
+        raise ValueError(f"page payload of {len(view)} bytes is shorter than its header")
+    page_size, total = PAGES_HEADER.unpack_from(view)
+    check_stream_page_size(page_size)
+    if total > max_total:
+        raise ValueError(f"page payload claims {total} bytes, more than the {max_total} allowed")
+    pages = page_count(total, page_size)
+    bitmap_end = PAGES_HEADER.size + (pages + 7) // 8
+    if len(view) < bitmap_end:
+        raise ValueError("page payload is truncated inside its bitmap")
+    bitmap = view[PAGES_HEADER.size : bitmap_end]
+    if pages % 8 and bitmap[-1] >> (pages % 8):
+        raise ValueError("page bitmap has bits set beyond the last page")
+    zero_pages = int.from_bytes(bitmap, "little").bit_count()
+    expected = (pages - zero_pages) * page_size
+    last = total - (pages - 1) * page_size if pages else 0
+    if pages and not (bitmap[(pages - 1) >> 3] >> ((pages - 1) & 7)) & 1:
+        expected -= page_size - last  # the last page is sent and may be partial
+    body = view[bitmap_end:]
+    if len(body) != expected:
+        raise ValueError(f"page payload carries {len(body)} bytes of pages, expected {expected}")
+    return _Layout(page_size, total, pages, bitmap, body)
+
+
+def _write(layout: _Layout, dest: memoryview, clear: bool) -> None:
+    page_size, total, body = layout.page_size, layout.total_len, layout.body
+    offset = 0
+    zero: bytes | None = None
+    for first, end, is_zero in _runs(layout.bitmap, layout.pages):
+        start, stop = first * page_size, min(end * page_size, total)
+        if not is_zero:
+            size = stop - start
+            dest[start:stop] = body[offset : offset + size]
+            offset += size
+        elif clear:
+            if zero is None:
+                zero = bytes(min(_ZERO_CHUNK, total))
+            for chunk in range(start, stop, len(zero)):
+                size = min(len(zero), stop - chunk)
+                dest[chunk : chunk + size] = zero[:size]
+
+
+def unpack_pages(payload: Buffer, max_total: int) -> bytearray:
+    """Rebuild the data encoded by :func:`pack_pages`.
+
+    The payload is treated as hostile: the header, bitmap and length are validated before
+    anything is allocated (at most ``max_total`` bytes), and any defect raises
+    :class:`ValueError` (and nothing else).
+    """
+    layout = _parse(payload, max_total)
+    out = bytearray(layout.total_len)
+    _write(layout, memoryview(out), clear=False)
+    return out
+
+
+def unpack_pages_into(payload: Buffer, dest: memoryview) -> None:
+    """Rebuild the encoded data into ``dest``, which must be exactly ``total_len`` bytes.
+
+    Everything is validated before the first byte is written, so on :class:`ValueError`
+    ``dest`` is unchanged.  ``dest`` must not overlap ``payload``.
+    """
+    if dest.readonly:
+        raise ValueError("destination buffer is read-only")
+    if not dest.c_contiguous:
+        raise ValueError("destination buffer must be C-contiguous")
+    target = byte_view(dest)
+    layout = _parse(payload, len(target))
+    if layout.total_len != len(target):
+        raise ValueError(
+            f"page payload holds {layout.total_len} bytes, destination is {len(target)}"
+        )
+    _write(layout, target, clear=True)

@@ -1,0 +1,222 @@
+"""Migration data over a passed file descriptor (the kernel's ``data_fd`` semantics).
+
+Negotiated with ``"migration": {"data_fd": true}`` in VERSION. A SET MIG_DEVICE_STATE whose
+arcs start STOP_COPY data (STOP->STOP_COPY, or PRE_COPY->STOP_COPY) or open a RESUMING
+session returns one end of a pipe with the reply (SCM_RIGHTS, ``data_fd`` = its index 0):
+
+* saving: we write the stream into the pipe from a background task; the client reads until
+  EOF. A client that stops reading only stalls that task, never the control socket.
+* resuming: the client writes the stream and closes its end; a background task moves it
+  into a memfd (``splice``, no copy through Python) so a large stream never lives in Python
+  objects. RESUMING->STOP first drains what is still in the pipe, then validates.
+
+Leaving the state ends the session and closes our end; a new session gets a new pipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import mmap
+import os
+
+import trio
+
+from devices.errors import DeviceError
+from devices.migration import MigrationEngine, SavingSession
+from devices.state_stream import Buffer
+from protocol.constants import MigState
+from protocol.migration_fsm import Arc
+
+log = logging.getLogger("vfio_user_emu")
+
+PIPE_SIZE = 1 << 20
+CHUNK = 1 << 20
+
+STARTS_STOP_COPY_DATA = frozenset(
+    {
+        (MigState.STOP, MigState.STOP_COPY),
+        (MigState.PRE_COPY, MigState.STOP_COPY),
+        (MigState.PRE_COPY_P2P, MigState.STOP_COPY),
+    }
+)
+OPENS_RESUME = (MigState.STOP, MigState.RESUMING)
+
+
+class MemfdStaging:
+    """Resumed bytes kept in a memfd: outside the Python heap, mapped only to validate."""
+
+    def __init__(self) -> None:
+        self.fd = os.memfd_create("vfio-user-emu-resume", os.MFD_CLOEXEC)
+        self._size = 0
+        self._map: mmap.mmap | None = None
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def append(self, data: Buffer) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            written = os.pwrite(self.fd, view, self._size)
+            self._size += written
+            view = view[written:]
+
+    def fill_from(self, source: int, count: int) -> int:
+        """Move up to ``count`` bytes from a pipe into the staging file; 0 at EOF.
+        Raises BlockingIOError when the pipe is empty."""
+        try:
+            moved = os.splice(source, self.fd, count, offset_dst=self._size)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                raise
+            data = os.read(source, count)  # no splice into this file: copy instead
+            self.append(data)
+            return len(data)
+        self._size += moved
+        return moved
+
+    def view(self) -> memoryview:
+        if not self.size:
+            return memoryview(b"")
+        self._map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+        return memoryview(self._map)
+
+    def close(self) -> None:
+        if self._map is not None:
+            # Views of it may still be referenced (e.g. from a traceback); then the mapping
+            # goes away with them.
+            with contextlib.suppress(BufferError):
+                self._map.close()
+            self._map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _pipe() -> tuple[int, int]:
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    return read_end, write_end
+
+
+class DataFdSessions:
+    """The data-fd side of one client session (at most one pipe at a time)."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self._our_end: int | None = None
+        self._scope: trio.CancelScope | None = None
+        self._resume_engine: MigrationEngine | None = None
+        self.failure: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self._our_end is not None
+
+    async def before_transition(self, engine: MigrationEngine, target: int) -> None:
+        """A resume session's data must all be staged before RESUMING -> anything."""
+        if self._resume_engine is not None and target != MigState.RESUMING:
+            self._drain(self._resume_engine)
+            self.close()
+
+    def after_transition(self, engine: MigrationEngine, arcs: list[Arc]) -> int | None:
+        """Open a pipe if the arcs started a data session; returns the client's end."""
+        if self.active and engine.state not in (MigState.STOP_COPY, MigState.RESUMING):
+            self.close()
+        if any(arc in STARTS_STOP_COPY_DATA for arc in arcs) and engine.saving is not None:
+            return self._open_saving(engine.saving)
+        if OPENS_RESUME in arcs and engine.resuming is not None:
+            return self._open_resuming(engine)
+        return None
+
+    def _open_saving(self, session: SavingSession) -> int:
+        self.close()
+        read_end, write_end = _pipe()
+        os.set_blocking(write_end, False)
+        self._our_end = write_end
+        self._scope = trio.CancelScope()
+        self.nursery.start_soon(self._pump_out, session, write_end, self._scope)
+        return read_end
+
+    def _open_resuming(self, engine: MigrationEngine) -> int:
+        self.close()
+        read_end, write_end = _pipe()
+        os.set_blocking(read_end, False)
+        self._our_end = read_end
+        self._resume_engine = engine
+        self._scope = trio.CancelScope()
+        self.nursery.start_soon(self._pump_in, engine, read_end, self._scope)
+        return write_end
+
+    async def _pump_out(self, session: SavingSession, fd: int, scope: trio.CancelScope) -> None:
+        with scope:
+            while True:
+                view = session.take(CHUNK)
+                if not view:
+                    break  # the whole stream is written (STOP_COPY data is complete)
+                while view:
+                    try:
+                        written = os.write(fd, view)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(fd)
+                        continue
+                    except BrokenPipeError:
+                        log.info("data fd: the client closed its end early")
+                        return
+                    view = view[written:]
+                await trio.lowlevel.checkpoint()
+            self._close_fd()  # EOF for the client: that was the whole state
+
+    async def _pump_in(self, engine: MigrationEngine, fd: int, scope: trio.CancelScope) -> None:
+        with scope:
+            while True:
+                try:
+                    if not self._move(engine, fd):
+                        return  # EOF: the client closed its end
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(fd)
+                except DeviceError as exc:
+                    self.failure = str(exc)
+                    log.warning("data fd: %s", exc)
+                    return
+
+    def _move(self, engine: MigrationEngine, fd: int) -> bool:
+        session = engine.resuming
+        if session is None:
+            return False
+        room = session.limit - session.size
+        if room <= 0:
+            raise DeviceError(errno.EFBIG, f"resumed stream exceeds {session.limit} bytes")
+        staging = session.staging
+        if isinstance(staging, MemfdStaging):
+            return staging.fill_from(fd, min(CHUNK, room)) > 0
+        data = os.read(fd, min(CHUNK, room))
+        session.write(data)
+        return bool(data)
+
+    def _drain(self, engine: MigrationEngine) -> None:
+        """Move whatever the client already wrote (it is in the pipe) into staging."""
+        fd = self._our_end
+        if fd is None or self.failure is not None:
+            return
+        with contextlib.suppress(BlockingIOError):
+            while self._move(engine, fd):
+                pass
+
+    def _close_fd(self) -> None:
+        if self._our_end is not None:
+            trio.lowlevel.notify_closing(self._our_end)
+            os.close(self._our_end)
+            self._our_end = None
+
+    def close(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+            self._scope = None
+        self._close_fd()
+        self._resume_engine = None
+        self.failure = None

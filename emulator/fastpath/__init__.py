@@ -1,0 +1,128 @@
+"""The C fast path for :mod:`devices.stream_primitives` (CRC-32C, zero-page bitmaps).
+
+The extension ``emulator.fastpath._fastpath`` is built by cffi (API mode) when the project
+is installed (``setup.py`` / ``build.py``); if it could not be compiled the pure-Python
+reference stays in use.  Call :func:`install_best` once at start-up::
+
+    VFIO_USER_EMU_FASTPATH=0        force the Python implementation (also "python")
+    VFIO_USER_EMU_FASTPATH=c        ask for C (a warning, then Python, if it is missing)
+    unset / empty / "auto" / "1"    C when available, else Python
+
+The compiled module has no type information, so it is imported through importlib and only
+used behind the typed wrappers below.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from typing import Any
+
+from devices import stream_primitives
+from devices.stream_primitives import Buffer, Impl
+
+__all__ = ["ENV_VAR", "MODULE", "hardware_crc", "install_best", "load", "load_error"]
+
+log = logging.getLogger("vfio_user_emu.fastpath")
+
+ENV_VAR = "VFIO_USER_EMU_FASTPATH"
+MODULE = "emulator.fastpath._fastpath"
+_PYTHON_VALUES = frozenset({"0", "python", "py", "off", "no", "false"})
+_C_VALUES = frozenset({"c", "on", "yes", "true"})
+_AUTO_VALUES = frozenset({"", "1", "auto"})
+
+_module: Any = None
+_load_error: str | None = None
+
+
+def _import() -> Any:
+    global _module, _load_error  # noqa: PLW0603 - one import per process
+    if _module is None and _load_error is None:
+        try:
+            _module = importlib.import_module(MODULE)
+        except ImportError as exc:
+            _load_error = f"{MODULE} is not built ({exc})"
+    return _module
+
+
+def load_error() -> str | None:
+    """Why the extension could not be loaded (None if it loaded or was not tried)."""
+    _import()
+    return _load_error
+
+
+def _make_impl(module: Any) -> Impl:
+    ffi = module.ffi
+    lib = module.lib
+
+    def _cbuf(data: Buffer) -> Any:
+        # Zero-copy pointer into the caller's buffer; only non-contiguous views are copied.
+        if isinstance(data, memoryview) and not data.c_contiguous:
+            data = data.tobytes()
+        return ffi.from_buffer("uint8_t[]", data)
+
+    def crc32c(data: Buffer, crc: int = 0) -> int:
+        stream_primitives.check_crc(crc)
+        buf = _cbuf(data)
+        return int(lib.vfe_crc32c(crc, buf, len(buf)))
+
+    def zero_page_bitmap(data: Buffer, page_size: int) -> bytes:
+        stream_primitives.check_page_size(page_size)
+        buf = _cbuf(data)
+        total = len(buf)
+        out = bytearray(stream_primitives.bitmap_len(total, page_size))
+        if total:
+            # A page larger than the data covers it all; clamping keeps it within size_t.
+            page = min(page_size, total)
+            lib.vfe_zero_page_bitmap(buf, total, page, ffi.from_buffer("uint8_t[]", out))
+        return bytes(out)
+
+    return Impl(name="c", crc32c=crc32c, zero_page_bitmap=zero_page_bitmap)
+
+
+def load() -> Impl | None:
+    """The C implementation, or None when the extension is not built."""
+    module = _import()
+    return None if module is None else _make_impl(module)
+
+
+def hardware_crc() -> bool:
+    """True when the extension computes CRC-32C with the SSE4.2 instruction."""
+    module = _import()
+    return module is not None and bool(module.lib.vfe_crc32c_hw_active())
+
+
+def _self_test(impl: Impl) -> str | None:
+    sample = bytes(range(256)) * 33 + bytes(4096) + b"\x01"
+    if impl.crc32c(b"123456789") != stream_primitives.CRC32C_CHECK:
+        return "CRC-32C check value mismatch"
+    if impl.crc32c(sample) != stream_primitives.crc32c(sample):
+        return "CRC-32C disagrees with the Python reference"
+    if impl.zero_page_bitmap(sample, 512) != stream_primitives.zero_page_bitmap(sample, 512):
+        return "zero-page bitmap disagrees with the Python reference"
+    return None
+
+
+def install_best() -> Impl:
+    """Install the fastest working implementation (honouring ``VFIO_USER_EMU_FASTPATH``)."""
+    setting = os.environ.get(ENV_VAR, "").strip().lower()
+    if setting in _PYTHON_VALUES:
+        stream_primitives.use_python()
+        log.info("stream primitives: python (forced by %s=%s)", ENV_VAR, setting)
+        return stream_primitives.current()
+    if setting not in _C_VALUES | _AUTO_VALUES:
+        log.warning("ignoring unknown %s=%r (expected 0, python, c or auto)", ENV_VAR, setting)
+    impl = load()
+    problem = load_error() if impl is None else _self_test(impl)
+    if impl is None or problem is not None:
+        stream_primitives.use_python()
+        # Built but wrong is an error (never use it); not built is worth a warning, since
+        # CRC-32C in Python runs at ~15 MB/s (set VFIO_USER_EMU_FASTPATH=python to silence).
+        level = logging.ERROR if impl is not None else logging.WARNING
+        log.log(level, "stream primitives: python (C fast path unavailable: %s)", problem)
+        return stream_primitives.current()
+    stream_primitives.install(impl)
+    kind = "sse4.2" if hardware_crc() else "software tables"
+    log.info("stream primitives: c (CRC-32C via %s)", kind)
+    return impl

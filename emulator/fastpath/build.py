@@ -1,0 +1,52 @@
+"""cffi (API mode) builder for the C fast path: ``emulator.fastpath._fastpath``.
+
+Used by ``setup.py`` (``cffi_modules=["emulator/fastpath/build.py:ffibuilder"]``); cffi
+executes this file directly rather than importing it.  To rebuild the extension in the
+source tree after editing ``fastpath.c`` (same result as ``pip install -e .``)::
+
+    .venv/bin/python emulator/fastpath/build.py
+
+The C source is ``fastpath.c`` next to this file.  cffi is imported through importlib so
+that mypy --strict does not need stubs for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+MODULE_NAME = "emulator.fastpath._fastpath"
+
+CDEF = """
+uint32_t vfe_crc32c(uint32_t crc, const uint8_t *buf, size_t len);
+uint32_t vfe_crc32c_soft(uint32_t crc, const uint8_t *buf, size_t len);
+int vfe_crc32c_hw_active(void);
+void vfe_zero_page_bitmap(const uint8_t *buf, size_t len, size_t page, uint8_t *out);
+"""
+
+_HERE = Path(__file__).resolve().parent
+
+
+def make_builder() -> Any:
+    cffi = importlib.import_module("cffi")
+    builder = cffi.FFI()
+    builder.cdef(CDEF)
+    builder.set_source(
+        MODULE_NAME,
+        (_HERE / "fastpath.c").read_text(encoding="utf-8"),
+        extra_compile_args=["-O3"],
+    )
+    return builder
+
+
+ffibuilder = make_builder()
+
+if __name__ == "__main__":
+    # Rebuild in place exactly as ``pip install -e .`` does (same abi3 file name, generated C
+    # kept under build/), without reinstalling anything.
+    root = _HERE.parent.parent
+    command = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]
+    raise SystemExit(subprocess.run(command, cwd=root, check=False).returncode)

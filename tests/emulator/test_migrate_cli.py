@@ -1,0 +1,127 @@
+"""``vfio-user-emu migrate`` between two real ``serve`` processes."""
+
+from __future__ import annotations
+
+import re
+import struct
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from devices import testdev as td
+from emulator.client import Client
+from emulator.migration import get_state
+from protocol.constants import MigState
+
+PYTHON = sys.executable
+
+
+@asynccontextmanager
+async def server(path: Path, device: str = "testdev") -> AsyncIterator[None]:
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "emulator", "serve", "--socket-path", str(path), "--device", device],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with trio.fail_after(15):
+            while not path.exists():
+                assert proc.poll() is None, proc.communicate()[1]
+                await trio.sleep(0.02)
+        yield
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0, err
+
+
+async def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(30):
+        return await trio.run_process(
+            [PYTHON, "-m", "emulator", *args], capture_stdout=True, capture_stderr=True, check=False
+        )
+
+
+async def write_guest_state(path: Path) -> None:
+    async with Client.connect(path) as client:
+        await client.region_write(0, td.REG_SCRATCH, struct.pack("<I", 0xFEEDF00D))
+        await client.region_write(td.BAR_RAM, 0x1000, b"migrated by the CLI")
+
+
+@pytest.mark.parametrize("mode", ["stop-copy", "pre-copy"])
+async def test_migrate_between_two_servers(tmp_path: Path, mode: str) -> None:
+    src, dst = tmp_path / "src.sock", tmp_path / "dst.sock"
+    async with server(src), server(dst):
+        await write_guest_state(src)
+        result = await cli("migrate", "--from", str(src), "--to", str(dst), "--mode", mode)
+        out, err = result.stdout.decode(), result.stderr.decode()
+        assert result.returncode == 0, err
+        assert err == ""
+        lines = out.splitlines()
+        assert lines[0] == f"migrated {src} -> {dst}"
+        assert lines[1] == f"mode: {mode}"
+        fields = dict(line.split(": ", 1) for line in lines[1:])
+        moved = int(fields["bytes moved"])
+        pre = re.fullmatch(r"(\d+) in (\d+) round\(s\)", fields["pre-copy bytes"])
+        assert pre is not None
+        stop = int(fields["stop-copy bytes"])
+        assert moved == int(pre[1]) + stop > 64 * 1024
+        assert (int(pre[2]) > 0) == (mode == "pre-copy")
+        assert re.fullmatch(r"\d+\.\d\d MB/s", fields["throughput"])
+        assert re.fullmatch(r"\d+\.\d{3} ms", fields["downtime"])
+        assert re.fullmatch(r"\d+\.\d{3} ms", fields["total time"])
+        async with Client.connect(dst) as client:
+            assert await get_state(client) == MigState.RUNNING
+            scratch = await client.region_read(0, td.REG_SCRATCH, 4)
+            assert struct.unpack("<I", scratch)[0] == 0xFEEDF00D
+            assert await client.region_read(td.BAR_RAM, 0x1000, 19) == b"migrated by the CLI"
+        async with Client.connect(src) as client:
+            assert await get_state(client) == MigState.STOP
+
+
+async def test_missing_socket_is_a_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.sock"
+    result = await cli("migrate", "--from", str(missing), "--to", str(tmp_path / "other.sock"))
+    err = result.stderr.decode()
+    assert result.returncode == 1
+    assert result.stdout == b""
+    assert err == (
+        f"vfio-user-emu: migrate: cannot connect to the source {missing}: "
+        "[Errno 2] No such file or directory\n"
+    )
+    src = tmp_path / "src.sock"
+    async with server(src):
+        result = await cli("migrate", "--from", str(src), "--to", str(missing))
+        err = result.stderr.decode()
+        assert result.returncode == 1
+        assert err.startswith(
+            f"vfio-user-emu: migrate: cannot connect to the destination {missing}"
+        )
+        assert "Traceback" not in err
+
+
+async def test_failures_exit_1_and_leave_the_source_running(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src.sock", tmp_path / "dst.sock"
+    async with server(src, "testdev,mig-caps=stop_copy"), server(dst, "testdev,ram=128K"):
+        result = await cli("migrate", "--from", str(src), "--to", str(dst), "--mode", "pre-copy")
+        err = result.stderr.decode()
+        assert result.returncode == 1
+        assert err.startswith("vfio-user-emu: migrate: pre-copy mode needs PRE_COPY")
+        # A destination configured differently refuses the state; both devices recover.
+        result = await cli("migrate", "--from", str(src), "--to", str(dst))
+        err = result.stderr.decode()
+        assert result.returncode == 1, err
+        assert result.stdout == b""
+        assert "RESUMING -> STOP" in err and "EINVAL" in err
+        assert "recovery: source STOP -> RUNNING" in err
+        assert "Traceback" not in err
+        async with Client.connect(src) as client:
+            assert await get_state(client) == MigState.RUNNING
+        async with Client.connect(dst) as client:
+            assert await get_state(client) == MigState.RUNNING

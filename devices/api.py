@@ -22,7 +22,7 @@ from .errors import DeviceError, DmaFault
 from .irq import InterruptController
 from .migration import DEFAULT_CAPS, EnvelopeCodec, MigrationCodec, MigrationEngine
 from .pci import ConfigAccessError, ConfigSpace
-from .state_stream import Section, StreamLimits
+from .state_stream import LoadedSection, Section, StreamLimits
 
 __all__ = ["DeviceError", "DmaFault"]
 
@@ -501,7 +501,7 @@ class Device:
     def save_state(self) -> Sequence[Section]:
         raise DeviceError(errno.ENOTSUP, f"{self.type_name} cannot save its state")
 
-    def load_state(self, sections: Sequence[Section]) -> None:
+    def load_state(self, sections: Sequence[LoadedSection]) -> None:
         """Validate every section, then apply: on any error nothing may have changed."""
         raise DeviceError(errno.ENOTSUP, f"{self.type_name} cannot load state")
 

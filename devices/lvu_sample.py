@@ -49,7 +49,7 @@ from .api import Device, DeviceError, DmaFault, RamRegion, Region
 from .irq import InterruptController
 from .migration import MigrationCodec
 from .pci import BarKind, BarSpec, ConfigSpace
-from .state_stream import Buffer, Section, StreamLimits
+from .state_stream import Buffer, LoadedSection, Section, StreamLimits, payload_parts
 
 log = logging.getLogger("vfio_user_emu.lvu_sample")
 
@@ -150,7 +150,7 @@ class LvuRawCodec:
             if name == SECTION_RAM_LIVE:
                 pieces.append(self._ram.buffer)
             elif name in (SECTION_RAM, SECTION_TIME):
-                pieces.append(payload)
+                pieces += payload_parts(payload)
             else:
                 raise DeviceError(errno.EINVAL, f"lvu-sample stream: unknown section {name!r}")
         return pieces
@@ -158,7 +158,7 @@ class LvuRawCodec:
     def end(self) -> bytes:
         return b""
 
-    def decode(self, data: Buffer) -> list[Section]:
+    def decode(self, data: memoryview) -> list[LoadedSection]:
         view = memoryview(data).cast("B")
         if len(view) != STOP_COPY_SIZE:
             raise DeviceError(
@@ -356,7 +356,7 @@ class LvuSample(Device):
     def migration_size_estimate(self) -> int:
         return STOP_COPY_SIZE
 
-    def load_state(self, sections: Sequence[Section]) -> None:
+    def load_state(self, sections: Sequence[LoadedSection]) -> None:
         names = [name for name, _ in sections]
         if names != [SECTION_RAM, SECTION_TIME]:
             raise DeviceError(errno.EINVAL, f"lvu-sample state with sections {names}")

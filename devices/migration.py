@@ -37,7 +37,15 @@ from protocol.migration_fsm import (
 )
 
 from .errors import DeviceError
-from .state_stream import Buffer, Section, StreamError, StreamLimits, StreamWriter, decode
+from .state_stream import (
+    Buffer,
+    LoadedSection,
+    Section,
+    StreamError,
+    StreamLimits,
+    StreamWriter,
+    decode,
+)
 
 if TYPE_CHECKING:
     from .api import Device
@@ -95,7 +103,7 @@ class MigrationCodec(Protocol):
 
     def end(self) -> bytes: ...
 
-    def decode(self, data: memoryview) -> list[Section]: ...
+    def decode(self, data: memoryview) -> list[LoadedSection]: ...
 
 
 class EnvelopeCodec:
@@ -122,7 +130,7 @@ class EnvelopeCodec:
         assert self._writer is not None
         return self._writer.trailer()
 
-    def decode(self, data: memoryview) -> list[Section]:
+    def decode(self, data: memoryview) -> list[LoadedSection]:
         _, sections = decode(
             data,
             device_type=self.device_type,

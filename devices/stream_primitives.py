@@ -50,6 +50,10 @@ class ZeroPageBitmapFunction(Protocol):
     def __call__(self, data: Buffer, page_size: int) -> bytes: ...
 
 
+class DiffPagesFunction(Protocol):
+    def __call__(self, current: Buffer, previous: Buffer, page_size: int) -> bytes: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Impl:
     """One implementation of the primitives (``name`` is "python" or "c")."""
@@ -57,6 +61,7 @@ class Impl:
     name: str
     crc32c: Crc32cFunction
     zero_page_bitmap: ZeroPageBitmapFunction
+    diff_pages: DiffPagesFunction
 
 
 def byte_view(data: Buffer) -> memoryview:
@@ -167,9 +172,31 @@ def zero_page_bitmap(data: Buffer, page_size: int) -> bytes:
     return bytes(out)
 
 
+def diff_pages(current: Buffer, previous: Buffer, page_size: int) -> bytes:
+    """One bit per page (LSB first), set when the page differs between the two buffers."""
+    check_page_size(page_size)
+    a, b = byte_view(current), byte_view(previous)
+    if len(a) != len(b):
+        raise ValueError("diff_pages needs two buffers of the same size")
+    pages = page_count(len(a), page_size)
+    out = bytearray((pages + 7) // 8)
+    block = max(page_size, 1 << 20)
+    for base in range(0, len(a), block):
+        # Compare a large block first (bytes == bytes is a memcmp); look at its pages only
+        # when it differs.
+        if bytes(a[base : base + block]) == bytes(b[base : base + block]):
+            continue
+        for start in range(base, min(base + block, len(a)), page_size):
+            end = start + page_size
+            if bytes(a[start:end]) != bytes(b[start:end]):
+                page = start // page_size
+                out[page >> 3] |= 1 << (page & 7)
+    return bytes(out)
+
+
 # --------------------------------------------------------------------------- implementations
 
-IMPL = Impl(name="python", crc32c=crc32c, zero_page_bitmap=zero_page_bitmap)
+IMPL = Impl(name="python", crc32c=crc32c, zero_page_bitmap=zero_page_bitmap, diff_pages=diff_pages)
 #: Alias of :data:`IMPL`, the pure-Python reference.
 PYTHON = IMPL
 _current: Impl = IMPL
@@ -283,6 +310,11 @@ def _write(layout: _Layout, dest: memoryview, clear: bool) -> None:
             for chunk in range(start, stop, len(zero)):
                 size = min(len(zero), stop - chunk)
                 dest[chunk : chunk + size] = zero[:size]
+
+
+def check_pages(payload: Buffer, max_total: int) -> int:
+    """Validate an elided-pages payload without writing anything; returns its length."""
+    return int(_parse(payload, max_total).total_len)
 
 
 def unpack_pages(payload: Buffer, max_total: int) -> bytearray:

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from . import stream_primitives
 from .api import (
     Device,
     DeviceError,
@@ -44,7 +45,7 @@ from .api import (
 )
 from .irq import InterruptController
 from .pci import BarKind, BarSpec, ConfigSpace
-from .state_stream import Buffer, Section
+from .state_stream import Buffer, LoadedSection, Section
 
 VENDOR_ID = 0x1B36
 DEVICE_ID = 0x0F00
@@ -145,6 +146,7 @@ class TestDev(Device):
         self.add_ioeventfd(IoEventFd(BAR_REGS, REG_IOEVENT, 4, None, self._ioevent))
         self._copy_queued = False  # a copy job is queued or running in this process
         self._shadow: bytearray | None = None  # RAM as last sent during PRE_COPY
+        self._sent_upto = 0  # how far the PRE_COPY initial pass got
 
     # -- registers ---------------------------------------------------------------------------
     def _build_registers(self) -> RegisterBank:
@@ -241,8 +243,10 @@ class TestDev(Device):
         self._shadow = None
 
     # -- migration ------------------------------------------------------------------------
-    # Sections: "regs" (offset, value) pairs of every register; "ram" the whole RAM BAR;
-    # "ram.page" an offset (u64) and page-aligned bytes that replace that part of RAM.
+    # Sections: "geometry" (RAM size, vectors: must match), "regs" (offset, value) pairs of
+    # every register, and RAM as "ram.z" (the whole RAM BAR) or "ram.zpage" (an offset u64
+    # then that part of RAM), both zero-page-elided (devices.stream_primitives.pack_pages).
+    # The raw forms "ram" / "ram.page" (offset u64 + bytes) are accepted on load.
 
     def _regs_blob(self) -> bytes:
         regs = sorted(self.regs.values.items())
@@ -252,75 +256,133 @@ class TestDev(Device):
         """What must match between source and destination before anything is applied."""
         return GEOMETRY.pack(self.ram.size, self.options.msix_vectors)
 
-    def save_state(self) -> list[tuple[str, bytes]]:
+    def _ram_section(self, offset: int, data: Buffer) -> Section:
+        pieces = stream_primitives.pack_pages(data, PAGE)
+        return ("ram.zpage", [PAGE_HEADER.pack(offset), *pieces])
+
+    def save_state(self) -> list[Section]:
+        # Views of the live RAM, not a copy: the device is stopped while they are sent.
         return [
             ("geometry", self._geometry()),
             ("regs", self._regs_blob()),
-            ("ram", bytes(self.ram.buffer)),
+            ("ram.z", stream_primitives.pack_pages(self.ram.buffer, PAGE)),
         ]
 
-    def precopy_start(self) -> list[tuple[str, bytes]]:
-        self._shadow = bytearray(self.ram.buffer)
-        return [
-            ("ram.page", PAGE_HEADER.pack(at) + bytes(self._shadow[at : at + RAM_CHUNK]))
-            for at in range(0, self.ram.size, RAM_CHUNK)
-        ]
+    def precopy_start(self) -> list[Section]:
+        # The initial pass goes out one chunk per read, so memory stays bounded; pages the
+        # guest changes meanwhile are found later by comparing with what was sent.
+        self._shadow = bytearray(self.ram.size)
+        self._sent_upto = 0
+        return self._next_initial_chunk()
 
-    def precopy_changes(self) -> list[tuple[str, bytes]]:
-        """RAM pages changed since last sent (by REGION_WRITE or through the client's mmap,
-        which only a comparison can see), as runs of adjacent pages."""
+    def _next_initial_chunk(self) -> list[Section]:
+        assert self._shadow is not None
+        at = self._sent_upto
+        if at >= self.ram.size:
+            return []
+        end = min(at + RAM_CHUNK, self.ram.size)
+        chunk = bytes(self.ram.buffer[at:end])  # immutable: safe to queue by reference
+        self._shadow[at:end] = chunk
+        self._sent_upto = end
+        return [self._ram_section(at, chunk)]
+
+    def precopy_changes(self) -> list[Section]:
+        """The rest of the initial pass, then RAM pages changed since they were sent (by
+        REGION_WRITE or through the client's mmap, which only a comparison can see)."""
         if self._shadow is None:
             return []
-        ram, shadow = self.ram.buffer, self._shadow
-        runs: list[tuple[str, bytes]] = []
+        if self._sent_upto < self.ram.size:
+            return self._next_initial_chunk()
+        return self._changed_runs(self.ram.size)
+
+    def _changed_runs(self, end: int) -> list[Section]:
+        assert self._shadow is not None
+        ram, shadow = self.ram.buffer[:end], memoryview(self._shadow)[:end]
+        bitmap = stream_primitives.current().diff_pages(ram, shadow, PAGE)
+        runs: list[Section] = []
         start = None
-        for at in range(0, self.ram.size + PAGE, PAGE):
-            dirty = at < self.ram.size and ram[at : at + PAGE] != shadow[at : at + PAGE]
+        pages = (end + PAGE - 1) // PAGE
+        for page in range(pages + 1):
+            dirty = page < pages and bitmap[page >> 3] >> (page & 7) & 1
             if dirty and start is None:
-                start = at
+                start = page * PAGE
             elif not dirty and start is not None:
-                shadow[start:at] = ram[start:at]
-                runs.append(("ram.page", PAGE_HEADER.pack(start) + bytes(shadow[start:at])))
+                stop = min(page * PAGE, end)
+                data = bytes(ram[start:stop])
+                shadow[start:stop] = data
+                runs.append(self._ram_section(start, data))
                 start = None
         return runs
 
     def precopy_end(self) -> None:
         self._shadow = None
 
-    def stop_copy_sections(self, after_precopy: bool) -> list[tuple[str, bytes]]:
-        if after_precopy and self._shadow is not None:
-            changes = self.precopy_changes()
-            return [("geometry", self._geometry()), ("regs", self._regs_blob()), *changes]
-        return self.save_state()
+    def stop_copy_sections(self, after_precopy: bool) -> list[Section]:
+        if not after_precopy or self._shadow is None:
+            return self.save_state()
+        sections: list[Section] = [("geometry", self._geometry()), ("regs", self._regs_blob())]
+        sections += self._changed_runs(self._sent_upto)
+        if self._sent_upto < self.ram.size:  # the initial pass did not finish: the rest
+            rest = self.ram.buffer[self._sent_upto :]
+            sections.append(self._ram_section(self._sent_upto, rest))
+        return sections
 
     def migration_size_estimate(self) -> int:
         return len(self._regs_blob()) + self.ram.size
 
-    def load_state(self, sections: Sequence[Section]) -> None:
+    def load_state(self, sections: Sequence[LoadedSection]) -> None:
+        """Validate everything first, then write straight into RAM (no copy of RAM)."""
         regs: dict[int, int] | None = None
         geometry = None
-        ram = bytearray(self.ram.buffer)
+        ram_updates: list[tuple[int, Buffer, bool]] = []  # offset, payload, elided
         for name, payload in sections:
+            data = memoryview(payload).cast("B")
             if name == "geometry":
-                geometry = bytes(payload)
+                geometry = bytes(data)
                 if geometry != self._geometry():
                     raise DeviceError(errno.EINVAL, "testdev geometry (RAM size, vectors) differs")
             elif name == "regs":
-                regs = self._parse_regs(payload)
-            elif name == "ram":
-                if len(payload) != self.ram.size:
-                    raise DeviceError(errno.EINVAL, f"ram section of {len(payload)} bytes")
-                ram[:] = payload
-            elif name == "ram.page":
-                self._apply_page(ram, payload)
+                regs = self._parse_regs(data)
+            elif name in ("ram", "ram.z"):
+                elided = name == "ram.z"
+                ram_updates.append(self._checked_ram(0, data, elided=elided, whole=True))
+            elif name in ("ram.page", "ram.zpage"):
+                if len(data) < PAGE_HEADER.size:
+                    raise DeviceError(errno.EINVAL, f"{name} section too short")
+                (offset,) = PAGE_HEADER.unpack_from(data)
+                body = data[PAGE_HEADER.size :]
+                elided = name == "ram.zpage"
+                ram_updates.append(self._checked_ram(offset, body, elided=elided, whole=False))
             else:
                 raise DeviceError(errno.EINVAL, f"unknown testdev section {name!r}")
         if regs is None or geometry is None:
             raise DeviceError(errno.EINVAL, "testdev state without geometry or registers")
-        # Everything validated: apply.
-        self.ram.buffer[:] = ram
+        # Everything validated: apply, in stream order (later pages replace earlier ones).
+        memory = self.ram.buffer
+        for offset, update, elided in ram_updates:
+            if elided:
+                total = stream_primitives.check_pages(update, self.ram.size - offset)
+                stream_primitives.unpack_pages_into(update, memory[offset : offset + total])
+            else:
+                memory[offset : offset + len(update)] = update
         self.regs.values.update(regs)
         self._copy_queued = False
+
+    def _checked_ram(
+        self, offset: int, body: memoryview, *, elided: bool, whole: bool
+    ) -> tuple[int, Buffer, bool]:
+        """Check one RAM update without applying it; whole-RAM forms must cover it all."""
+        if offset % PAGE or offset >= self.ram.size:
+            raise DeviceError(errno.EINVAL, f"RAM update at {offset:#x} is not a page in RAM")
+        try:
+            length = (
+                stream_primitives.check_pages(body, self.ram.size - offset) if elided else len(body)
+            )
+        except ValueError as exc:
+            raise DeviceError(errno.EINVAL, f"RAM update at {offset:#x}: {exc}") from None
+        if not length or offset + length > self.ram.size or (whole and length != self.ram.size):
+            raise DeviceError(errno.EINVAL, f"RAM update [{offset:#x}, +{length:#x}) is bad")
+        return offset, body, elided
 
     def _parse_regs(self, payload: Buffer) -> dict[int, int]:
         known = {reg.offset for reg in self.regs.registers()}
@@ -332,15 +394,6 @@ class TestDev(Device):
         if regs[REG_ID] != ID_VALUE or regs[REG_DMA_STATUS] > DMA_FAILED:
             raise DeviceError(errno.EINVAL, "regs section holds impossible register values")
         return regs
-
-    def _apply_page(self, ram: bytearray, payload: Buffer) -> None:
-        if len(payload) < PAGE_HEADER.size:
-            raise DeviceError(errno.EINVAL, "ram.page section too short")
-        (offset,) = PAGE_HEADER.unpack_from(payload)
-        data = payload[PAGE_HEADER.size :]
-        if offset % PAGE or not data or offset + len(data) > self.ram.size:
-            raise DeviceError(errno.EINVAL, f"ram.page [{offset:#x}, +{len(data):#x}) is bad")
-        ram[offset : offset + len(data)] = data
 
     def resume(self) -> None:
         # Work that arrived while stopped, or that came with migrated state, runs now.

@@ -78,7 +78,18 @@ def _make_impl(module: Any) -> Impl:
             lib.vfe_zero_page_bitmap(buf, total, page, ffi.from_buffer("uint8_t[]", out))
         return bytes(out)
 
-    return Impl(name="c", crc32c=crc32c, zero_page_bitmap=zero_page_bitmap)
+    def diff_pages(current: Buffer, previous: Buffer, page_size: int) -> bytes:
+        stream_primitives.check_page_size(page_size)
+        a, b = _cbuf(current), _cbuf(previous)
+        if len(a) != len(b):
+            raise ValueError("diff_pages needs two buffers of the same size")
+        out = bytearray(stream_primitives.bitmap_len(len(a), page_size))
+        if len(a):
+            page = min(page_size, len(a))
+            lib.vfe_diff_pages(a, b, len(a), page, ffi.from_buffer("uint8_t[]", out))
+        return bytes(out)
+
+    return Impl(name="c", crc32c=crc32c, zero_page_bitmap=zero_page_bitmap, diff_pages=diff_pages)
 
 
 def load() -> Impl | None:
@@ -101,6 +112,9 @@ def _self_test(impl: Impl) -> str | None:
         return "CRC-32C disagrees with the Python reference"
     if impl.zero_page_bitmap(sample, 512) != stream_primitives.zero_page_bitmap(sample, 512):
         return "zero-page bitmap disagrees with the Python reference"
+    other = sample[:1000] + b"x" + sample[1001:]
+    if impl.diff_pages(sample, other, 512) != stream_primitives.diff_pages(sample, other, 512):
+        return "page diff disagrees with the Python reference"
     return None
 
 

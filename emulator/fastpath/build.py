@@ -25,6 +25,7 @@ uint32_t vfe_crc32c(uint32_t crc, const uint8_t *buf, size_t len);
 uint32_t vfe_crc32c_soft(uint32_t crc, const uint8_t *buf, size_t len);
 int vfe_crc32c_hw_active(void);
 void vfe_zero_page_bitmap(const uint8_t *buf, size_t len, size_t page, uint8_t *out);
+void vfe_diff_pages(const uint8_t *a, const uint8_t *b, size_t len, size_t page, uint8_t *out);
 """
 
 _HERE = Path(__file__).resolve().parent

@@ -272,3 +272,22 @@ static void vfe_zero_page_bitmap(const uint8_t *buf, size_t len, size_t page, ui
             out[k / 8] |= (uint8_t)(1u << (k % 8));
     }
 }
+
+/*
+ * One bit per page (LSB first), set when the page differs between `a` and `b` (both `len`
+ * bytes): finding the pages a guest changed through its mmap of device RAM.
+ */
+static void vfe_diff_pages(const uint8_t *a, const uint8_t *b, size_t len, size_t page,
+                           uint8_t *out)
+{
+    if (page == 0)
+        return;
+    size_t pages = len / page + (len % page != 0);
+    memset(out, 0, (pages + 7) / 8);
+    for (size_t k = 0; k < pages; k++) {
+        size_t off = k * page;
+        size_t n = len - off < page ? len - off : page;
+        if (memcmp(a + off, b + off, n) != 0)
+            out[k / 8] |= (uint8_t)(1u << (k % 8));
+    }
+}

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import errno
 import struct
-import zlib
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from devices.state_stream import StreamError, StreamLimits, decode, encode
+from devices.stream_primitives import crc32c
 
 DTYPE = "testdev"
 MAXV = 2
@@ -27,7 +27,7 @@ FUZZ = settings(
 
 
 def crc(data: bytes | bytearray) -> int:
-    return zlib.crc32(data) & 0xFFFFFFFF
+    return crc32c(data)
 
 
 def check(data: bytes, limits: StreamLimits | None = None) -> bool:

@@ -11,7 +11,6 @@ import contextlib
 import errno
 import struct
 import tracemalloc
-import zlib
 from collections.abc import Callable
 
 import pytest
@@ -32,6 +31,7 @@ from devices.state_stream import (
     encode,
     parse_header,
 )
+from devices.stream_primitives import crc32c
 
 Sec = tuple[str, bytes]
 DTYPE = "testdev"
@@ -42,7 +42,7 @@ HEADER_SIZE, SECTION_SIZE, TRAILER_SIZE = 64, 24, 16
 
 
 def crc(data: bytes, start: int = 0) -> int:
-    return zlib.crc32(data, start) & 0xFFFFFFFF
+    return crc32c(data, start)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,7 +55,7 @@ def raw_header(
     *,
     magic: bytes = b"VFUSTATE",
     fmt: int = 1,
-    checksum: int = 1,
+    checksum: int = 2,
     size: int = 64,
     session: bytes = SESSION,
     dtype: bytes = DTYPE.encode(),
@@ -194,7 +194,7 @@ def test_header_fields_are_where_the_docstring_says() -> None:
     head = data[:HEADER_SIZE]
     assert head[0:8] == b"VFUSTATE"
     assert struct.unpack_from("<H", head, 8)[0] == 1  # format version
-    assert struct.unpack_from("<H", head, 10)[0] == 1  # CRC-32
+    assert struct.unpack_from("<H", head, 10)[0] == 2  # CRC-32C
     assert struct.unpack_from("<I", head, 12)[0] == 64  # header size
     assert head[16:32] == SESSION
     assert head[32:56] == b"my-dev".ljust(24, b"\0")
@@ -358,7 +358,7 @@ def test_raw_builder_matches_encode() -> None:
         (raw_header(fmt=2), "format version"),
         (raw_header(fmt=0xFFFF), "format version"),
         (raw_header(checksum=0), "checksum algorithm"),
-        (raw_header(checksum=2), "checksum algorithm"),
+        (raw_header(checksum=1), "checksum algorithm"),
         (raw_header(size=63), "header size"),
         (raw_header(size=65), "header size"),
         (raw_header(header_crc=crc(raw_header()[:60]) ^ 1), "header checksum"),

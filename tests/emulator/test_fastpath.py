@@ -176,7 +176,7 @@ def test_pack_with_c_matches_python(data: bytes, page_size: int) -> None:
 @pytest.mark.parametrize("value", ["0", "python", " Python "])
 def test_env_forces_python(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv(fastpath.ENV_VAR, value)
-    sp.install(sp.Impl("other", sp.crc32c, sp.zero_page_bitmap))
+    sp.install(sp.Impl("other", sp.crc32c, sp.zero_page_bitmap, sp.diff_pages))
     impl = fastpath.install_best()
     assert impl is sp.IMPL
     assert sp.current().name == "python"
@@ -223,7 +223,7 @@ def test_broken_c_is_never_installed(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.delenv(fastpath.ENV_VAR, raising=False)
-    broken = sp.Impl("c", lambda data, crc=0: 0, c_impl().zero_page_bitmap)
+    broken = sp.Impl("c", lambda data, crc=0: 0, c_impl().zero_page_bitmap, c_impl().diff_pages)
     monkeypatch.setattr(fastpath, "_make_impl", lambda module: broken)
     with caplog.at_level(logging.ERROR, logger="vfio_user_emu.fastpath"):
         assert fastpath.install_best() is sp.IMPL

@@ -71,7 +71,7 @@ async def test_migrate_between_two_servers(tmp_path: Path, mode: str) -> None:
         pre = re.fullmatch(r"(\d+) in (\d+) round\(s\)", fields["pre-copy bytes"])
         assert pre is not None
         stop = int(fields["stop-copy bytes"])
-        assert moved == int(pre[1]) + stop > 64 * 1024
+        assert moved == int(pre[1]) + stop > 4096  # RAM goes zero-page-elided
         assert (int(pre[2]) > 0) == (mode == "pre-copy")
         assert re.fullmatch(r"\d+\.\d\d MB/s", fields["throughput"])
         assert re.fullmatch(r"\d+\.\d{3} ms", fields["downtime"])

@@ -316,7 +316,7 @@ async def test_data_read_reply_framing(tmp_path: Path):
         assert sizes[-2] > 0  # the last non-empty chunk may be short
         # Still 0 afterwards; the stream is what a typed read of a fresh session gives.
         assert await client.mig_data_read(want) == b""
-        assert len(total) > 64 * 1024  # RAM BAR + registers + config space
+        assert len(total) > 4096  # registers, config space and the (elided) RAM BAR
 
 
 async def test_pre_copy_empty_read_then_new_data(tmp_path: Path):

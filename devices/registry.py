@@ -45,8 +45,8 @@ class DeviceType:
 
 def _build_testdev(opts: dict[str, str]) -> Device:
     kwargs: dict[str, int] = {}
-    if "ram" in opts:
-        kwargs["ram_size"] = parse_size(opts["ram"])
+    if "ram-size" in opts:
+        kwargs["ram_size"] = parse_size(opts["ram-size"])
     if "vectors" in opts:
         kwargs["msix_vectors"] = parse_int(opts["vectors"])
     try:
@@ -63,7 +63,10 @@ DEVICE_TYPES: dict[str, DeviceType] = {
     "testdev": DeviceType(
         "testdev",
         "test device: scratch registers, doorbell interrupts, DMA copy, RAM BAR, MSI-X",
-        {"ram": "RAM BAR size (power of two, default 64K)", "vectors": "MSI-X vectors (1-32)"},
+        {
+            "ram-size": "RAM BAR size, migrated with the device (power of two, default 64K)",
+            "vectors": "MSI-X vectors (1-32)",
+        },
         _build_testdev,
     ),
     "lvu-sample": DeviceType(

@@ -94,7 +94,9 @@ class TestDevOptions:
 
     def __post_init__(self) -> None:
         if self.ram_size < 4096 or self.ram_size & (self.ram_size - 1):
-            raise ValueError("ram size must be a power of two >= 4096")
+            raise ValueError("ram-size must be a power of two >= 4096")
+        if self.ram_size > 1 << 36:
+            raise ValueError("ram-size is at most 64G")
         if not 1 <= self.msix_vectors <= 32:
             raise ValueError("msix vectors must be 1..32")
 

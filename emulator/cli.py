@@ -25,6 +25,7 @@ from .client import Client, ClientError
 from .connection import Limits
 from .info import describe
 from .migration import (
+    DATA_FD_CAPABILITIES,
     DEFAULT_PRECOPY_ROUNDS,
     DEFAULT_PRECOPY_THRESHOLD,
     MigrationError,
@@ -99,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--from", dest="source", required=True, metavar="SRC_SOCKET")
     mig.add_argument("--to", dest="destination", required=True, metavar="DST_SOCKET")
     mig.add_argument("--mode", choices=["stop-copy", "pre-copy"], default="stop-copy")
+    mig.add_argument(
+        "--transport",
+        choices=["inband", "fd"],
+        default="inband",
+        help="STOP_COPY data in MIG_DATA messages, or over data fds passed by the servers",
+    )
     mig.add_argument("--chunk", type=int, help="bytes per MIG_DATA_READ/WRITE (default: auto)")
     mig.add_argument(
         "--precopy-rounds", type=int, default=DEFAULT_PRECOPY_ROUNDS, help="at most this many"
@@ -175,7 +182,9 @@ async def _migrate(args: argparse.Namespace) -> int:
         clients: list[Client] = []
         for side, path in (("source", args.source), ("destination", args.destination)):
             try:
-                clients.append(await stack.enter_async_context(Client.connect(path)))
+                caps = DATA_FD_CAPABILITIES if args.transport == "fd" else None
+                connection = Client.connect(path, capabilities=caps)
+                clients.append(await stack.enter_async_context(connection))
             except (OSError, ClientError) as exc:
                 return fail(f"cannot connect to the {side} {path}: {exc}")
         try:
@@ -186,6 +195,7 @@ async def _migrate(args: argparse.Namespace) -> int:
                 chunk=args.chunk,
                 precopy_rounds=args.precopy_rounds,
                 precopy_threshold=args.precopy_threshold,
+                transport=args.transport,
             )
         except (MigrationError, ValueError) as exc:
             return fail(str(exc))

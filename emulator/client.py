@@ -28,6 +28,7 @@ import json
 import math
 import os
 import socket
+import struct
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from protocol.constants import (
     DEFAULT_MAX_DATA_XFER_SIZE,
     FEATURE_GET,
     FEATURE_PROBE,
+    FEATURE_SET,
     FLAG_ERROR,
     FLAG_NO_REPLY,
     FLAGS_TYPE_MASK,
@@ -46,6 +48,7 @@ from protocol.constants import (
     PROTOCOL_MINOR,
     QEMU_MAX_XFER_SIZE,
     Command,
+    DeviceFeature,
     DmaMapFlags,
     DmaUnmapFlags,
     MsgType,
@@ -774,6 +777,34 @@ class Client:
         if len(payload) > argsz:
             raise InvalidReply(cmd, f"reply of {len(payload)} bytes exceeds argsz {argsz}")
         return payload
+
+    @property
+    def data_fd_negotiated(self) -> bool:
+        """The server agreed to pass migration data fds (the ``data_fd`` extension)."""
+        migration = self.server_caps.get("migration")
+        return isinstance(migration, dict) and migration.get("data_fd") is True
+
+    async def set_mig_state(self, state: int) -> int | None:
+        """SET MIG_DEVICE_STATE; returns the data fd the server passed (caller owns it).
+
+        Without the ``data_fd`` extension the reply must echo the request byte for byte.
+        With it, the reply's data_fd field is 0 (the index of the one fd passed) when the
+        transition opened a data session, else -1, and nothing else may differ.
+        """
+        cmd = Command.DEVICE_FEATURE
+        flags = FEATURE_SET | DeviceFeature.MIG_DEVICE_STATE
+        request = DeviceFeatureMsg(16, flags, struct.pack("<Ii", state, -1)).pack()
+        _, payload, fds = await self.request(cmd, request)
+        if not self.data_fd_negotiated:
+            self._no_fds(cmd, fds)
+            if payload != request:
+                raise InvalidReply(cmd, "SET reply does not echo the request")
+            return None
+        expected = request[:12] + struct.pack("<i", 0 if fds else -1)
+        if payload != expected or len(fds) > 1:
+            close_fds(fds)
+            raise InvalidReply(cmd, "SET reply's data_fd does not match the fds passed")
+        return fds[0] if fds else None
 
     async def mig_data_read(self, size: int) -> bytes:
         """Up to ``size`` bytes of migration data (fewer = end of data for now).

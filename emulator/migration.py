@@ -51,6 +51,7 @@ devices in the wrong state) raise :class:`MigrationError` without touching eithe
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -61,7 +62,6 @@ import trio
 
 from protocol.constants import (
     FEATURE_GET,
-    FEATURE_SET,
     Command,
     DeviceFeature,
     MigrationCaps,
@@ -87,6 +87,15 @@ __all__ = [
 
 _T = TypeVar("_T")
 Mode = Literal["stop-copy", "pre-copy"]
+Transport = Literal["inband", "fd"]
+TRANSPORTS: tuple[str, ...] = get_args(Transport)
+#: What a client sends in VERSION to be offered migration data fds.
+DATA_FD_CAPABILITIES = {
+    "max_msg_fds": 16,
+    "max_data_xfer_size": 1024 * 1024,
+    "migration": {"pgsize": 4096, "data_fd": True},
+}
+PIPE_CHUNK = 1 << 20
 MODES: tuple[str, ...] = get_args(Mode)
 
 #: ``struct vfio_device_feature_mig_state``: device_state, data_fd (-1: unused in vfio-user).
@@ -198,12 +207,57 @@ async def get_state(client: Client) -> MigState:
 
 async def set_state(client: Client, state: MigState) -> None:
     """SET VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE (argsz 16, data_fd -1). The server runs the
-    whole combination transition before replying; the reply must echo the request."""
-    flags = FEATURE_SET | DeviceFeature.MIG_DEVICE_STATE
-    data = MIG_STATE.pack(int(state), -1)
-    reply = await client.device_feature(flags, data, argsz=FEATURE_ARGSZ)
-    if reply != DeviceFeatureMsg(FEATURE_ARGSZ, flags, data).pack():
-        raise InvalidReply(Command.DEVICE_FEATURE, f"SET {state.name}: reply is not an echo")
+    whole combination transition before replying; the reply is checked by the client. A
+    data fd the server may pass (``data_fd`` extension) is not wanted here and closed."""
+    fd = await client.set_mig_state(int(state))
+    if fd is not None:
+        os.close(fd)
+
+
+async def set_state_with_fd(client: Client, state: MigState) -> int | None:
+    """SET MIG_DEVICE_STATE, keeping the data fd the server passes (caller closes it)."""
+    return await client.set_mig_state(int(state))
+
+
+async def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to a (non-blocking) pipe, waiting when it is full."""
+    os.set_blocking(fd, False)
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(fd)
+
+
+async def pump_pipe(source: int, sink: int) -> int:
+    """Move everything from ``source`` to ``sink`` until EOF (both pipes: ``splice``, so
+    the bytes never enter Python); returns the byte count."""
+    os.set_blocking(source, False)
+    os.set_blocking(sink, False)
+    moved = 0
+    while True:
+        try:
+            count = os.splice(
+                source, sink, PIPE_CHUNK, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+            )
+        except BlockingIOError:
+            # Either side may be the one not ready: wait for whichever unblocks first.
+            async with trio.open_nursery() as nursery:
+
+                async def wait(fd: int, writable: bool) -> None:
+                    if writable:
+                        await trio.lowlevel.wait_writable(fd)
+                    else:
+                        await trio.lowlevel.wait_readable(fd)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(wait, source, False)
+                nursery.start_soon(wait, sink, True)
+            continue
+        if count == 0:
+            return moved
+        moved += count
 
 
 async def stop_copy_size(client: Client) -> int:
@@ -233,7 +287,10 @@ class _Migration:
         precopy_rounds: int,
         precopy_threshold: int,
         on_precopy_round: PrecopyHook | None,
+        transport: Transport = "inband",
     ) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         if chunk is not None and chunk <= 0:
@@ -261,6 +318,8 @@ class _Migration:
         self.rounds = 0
         self.precopy_bytes = 0
         self.transfer_s = 0.0
+        self.transport: Transport = transport
+        self.destination_fd: int | None = None
 
     # -- before anything changes -------------------------------------------------------------
     async def preflight(self) -> None:
@@ -327,7 +386,19 @@ class _Migration:
     async def transfer(self, started: float) -> MigrationReport:
         src, dst = self.source, self.destination
         self.destination_touched = True
-        await self._set(dst, MigState.RESUMING, "moving the destination RUNNING -> RESUMING")
+        if self.transport == "fd":
+            if not (src.data_fd_negotiated and dst.data_fd_negotiated):
+                raise MigrationError(
+                    "fd transport needs both servers to offer migration data fds "
+                    '(connect with "migration": {"data_fd": true})',
+                    stage=self.stage,
+                )
+            self.stage = "moving the destination RUNNING -> RESUMING"
+            self.destination_fd = await set_state_with_fd(dst, MigState.RESUMING)
+            if self.destination_fd is None:
+                raise MigrationError("destination passed no data fd", stage=self.stage)
+        else:
+            await self._set(dst, MigState.RESUMING, "moving the destination RUNNING -> RESUMING")
         if self.mode == "pre-copy":
             self.source_touched = True
             await self._set(src, MigState.PRE_COPY, "moving the source RUNNING -> PRE_COPY")
@@ -335,8 +406,15 @@ class _Migration:
         before = "PRE_COPY" if self.mode == "pre-copy" else self.source_initial.name
         stopped = time.perf_counter()
         self.source_touched = True
-        await self._set(src, MigState.STOP_COPY, f"moving the source {before} -> STOP_COPY")
-        stop_copy_bytes = await self._drain(None, "stop-copy")
+        if self.transport == "fd":
+            self.stage = f"moving the source {before} -> STOP_COPY"
+            source_fd = await set_state_with_fd(src, MigState.STOP_COPY)
+            if source_fd is None:
+                raise MigrationError("source passed no data fd", stage=self.stage)
+            stop_copy_bytes = await self._pump(source_fd)
+        else:
+            await self._set(src, MigState.STOP_COPY, f"moving the source {before} -> STOP_COPY")
+            stop_copy_bytes = await self._drain(None, "stop-copy")
         await self._set(src, MigState.STOP, "moving the source STOP_COPY -> STOP")
         await self._set(
             dst,
@@ -356,6 +434,19 @@ class _Migration:
             throughput=moved / self.transfer_s if self.transfer_s > 0 else 0.0,
             precopy_rounds=self.rounds,
         )
+
+    async def _pump(self, source_fd: int) -> int:
+        """STOP_COPY data from the source's fd to the destination's, then EOF to it."""
+        assert self.destination_fd is not None
+        self.stage = "stop-copy: moving migration data between the data fds"
+        began = time.perf_counter()
+        try:
+            return await pump_pipe(source_fd, self.destination_fd)
+        finally:
+            self.transfer_s += time.perf_counter() - began
+            os.close(source_fd)
+            os.close(self.destination_fd)  # the destination reads to EOF: the whole stream
+            self.destination_fd = None
 
     async def _precopy(self) -> None:
         while True:
@@ -383,7 +474,10 @@ class _Migration:
                 if not data:
                     break
                 self.stage = writing
-                await self.destination.mig_data_write(data)
+                if self.destination_fd is not None:
+                    await write_all(self.destination_fd, data)
+                else:
+                    await self.destination.mig_data_write(data)
                 moved += len(data)
                 # A short read usually means the end of the data for now; the read that
                 # confirms it asks for little, as a server may pad every reply to the size
@@ -395,6 +489,9 @@ class _Migration:
 
     # -- after a failure ------------------------------------------------------------------------
     async def recover(self) -> list[str]:
+        if self.destination_fd is not None:
+            os.close(self.destination_fd)
+            self.destination_fd = None
         notes: list[str] = []
         with trio.CancelScope(shield=True), trio.move_on_after(RECOVERY_TIMEOUT) as scope:
             if self.source_touched:
@@ -459,8 +556,13 @@ async def migrate(
     precopy_rounds: int = DEFAULT_PRECOPY_ROUNDS,
     precopy_threshold: int = DEFAULT_PRECOPY_THRESHOLD,
     on_precopy_round: PrecopyHook | None = None,
+    transport: Transport = "inband",
 ) -> MigrationReport:
     """Migrate the device behind ``source`` to the device behind ``destination``.
+
+    ``transport`` "fd" moves the STOP_COPY data over the data fds the servers pass (both
+    clients must have negotiated ``data_fd``: see :data:`DATA_FD_CAPABILITIES`); pre-copy
+    data still goes in-band.
 
     ``chunk`` bounds each MIG_DATA_READ / MIG_DATA_WRITE (default and upper bound: the
     smaller of the source client's and the destination server's max_data_xfer_size).
@@ -480,6 +582,7 @@ async def migrate(
         precopy_rounds=precopy_rounds,
         precopy_threshold=precopy_threshold,
         on_precopy_round=on_precopy_round,
+        transport=transport,
     )
     await run.preflight()
     try:

@@ -395,8 +395,16 @@ class Session:
             and self.client.max_msg_fds > 0
         )
 
+    def _check_no_data_fd(self) -> None:
+        # One stream, one reader: once a data fd carries this session, in-band is refused.
+        require(
+            self.data_fds is None or not self.data_fds.active,
+            "migration data of this session goes over the passed data fd",
+        )
+
     def mig_data_read(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
         request = MigDataRead.unpack(payload)
+        self._check_no_data_fd()
         require(
             request.size <= self.client.max_data_xfer_size,
             f"MIG_DATA_READ of {request.size} bytes exceeds the client's max_data_xfer_size",
@@ -408,6 +416,7 @@ class Session:
 
     def mig_data_write(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
         request = MigData.unpack(payload)
+        self._check_no_data_fd()
         end = MIG_DATA_HEADER + request.size
         require(len(payload) == end, "MIG_DATA_WRITE: size and payload differ")
         require(request.argsz >= end, "MIG_DATA_WRITE: argsz < 8 + size")

@@ -112,7 +112,7 @@ def test_serve_from_inherited_fd(tmp_path: Path) -> None:
     ("spec", "message"),
     [
         ("nosuchdev", "unknown device type 'nosuchdev'"),
-        ("testdev,ram=3K", "power of two"),
+        ("testdev,ram-size=3K", "power of two"),
         ("testdev,colour=blue", "unknown option(s) colour"),
         ("testdev,ram", "not key=value"),
     ],

@@ -108,7 +108,7 @@ async def test_missing_socket_is_a_clear_error(tmp_path: Path) -> None:
 
 async def test_failures_exit_1_and_leave_the_source_running(tmp_path: Path) -> None:
     src, dst = tmp_path / "src.sock", tmp_path / "dst.sock"
-    async with server(src, "testdev,mig-caps=stop_copy"), server(dst, "testdev,ram=128K"):
+    async with server(src, "testdev,mig-caps=stop_copy"), server(dst, "testdev,ram-size=128K"):
         result = await cli("migrate", "--from", str(src), "--to", str(dst), "--mode", "pre-copy")
         err = result.stderr.decode()
         assert result.returncode == 1

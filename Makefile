@@ -6,10 +6,13 @@ SOCKET ?= ./vfio-user.sock
 DEVICE ?= testdev
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit venv clean
+.PHONY: run test lint typecheck unit venv clean fastpath
 
-# The venv is rebuilt when the project's metadata changes.
-$(STAMP): pyproject.toml
+# The venv (and the C fast path, built in place by the editable install) is rebuilt when
+# the project's metadata or the C sources change.
+FASTPATH_SOURCES := setup.py emulator/fastpath/fastpath.c emulator/fastpath/build.py
+
+$(STAMP): pyproject.toml $(FASTPATH_SOURCES)
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
 	  echo "error: $(PYTHON) lacks venv/ensurepip; on Debian: apt-get install python3-venv" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +21,10 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 venv: $(STAMP)
+
+# Rebuild only the C fast path in place (after editing emulator/fastpath/fastpath.c).
+fastpath: $(STAMP)
+	$(BIN)/python emulator/fastpath/build.py
 
 run: $(STAMP)
 	$(BIN)/vfio-user-emu serve --device $(DEVICE) --socket-path $(SOCKET) --print-qemu
@@ -36,3 +43,4 @@ test: lint typecheck unit
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -f emulator/fastpath/_fastpath*.so

@@ -28,6 +28,7 @@ from protocol.constants import HEADER_SIZE
 from protocol.header import Header, pack_error_reply
 from protocol.version import ServerCapabilities
 
+from . import fastpath
 from .connection import ClientSession, Limits
 from .session import RegionFds
 from .trace import Tracer
@@ -132,6 +133,17 @@ class RamBacking:
         self.fds.clear()
 
 
+_FAST_PATH_CHOSEN = False
+
+
+def _install_fast_path() -> None:
+    """Pick the C fast path for migration streams once per process (or the fallback)."""
+    global _FAST_PATH_CHOSEN
+    if not _FAST_PATH_CHOSEN:
+        _FAST_PATH_CHOSEN = True
+        fastpath.install_best()
+
+
 class DeviceServer:
     def __init__(
         self,
@@ -147,6 +159,7 @@ class DeviceServer:
     ) -> None:
         if (socket_path is None) == (listen_fd is None):
             raise ServerError("give exactly one of socket_path and listen_fd")
+        _install_fast_path()
         self.device = device
         self.socket_path = Path(socket_path) if socket_path is not None else None
         self.listen_fd = listen_fd

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import errno
 import logging
 import mmap
@@ -133,15 +134,10 @@ class RamBacking:
         self.fds.clear()
 
 
-_FAST_PATH_CHOSEN = False
-
-
+@functools.cache
 def _install_fast_path() -> None:
     """Pick the C fast path for migration streams once per process (or the fallback)."""
-    global _FAST_PATH_CHOSEN
-    if not _FAST_PATH_CHOSEN:
-        _FAST_PATH_CHOSEN = True
-        fastpath.install_best()
+    fastpath.install_best()
 
 
 class DeviceServer:

@@ -12,8 +12,8 @@
 from __future__ import annotations
 
 import enum
-import functools
 import errno
+import functools
 import logging
 import mmap
 import os

@@ -272,66 +272,60 @@ class DmaEngine:
             raise DmaFault(f"DMA: [{mapping.address:#x}, {mapping.end:#x}) was unmapped")
 
     async def read(self, iova: int, length: int) -> bytes:
-        self._check_enabled()
-        parts = []
-        for mapping, offset, chunk in self.maps.segments(iova, length, write=False):
-            if mapping.fd_backed:
-                self._check_live(mapping)
-                parts.append(mapping.read(offset, chunk))
-                await self.channel.checkpoint()
-                continue
-            address = mapping.address + offset
-            for start in range(0, chunk, self.channel.max_transfer):
-                self._check_live(mapping)
-                count = min(self.channel.max_transfer, chunk - start)
-                parts.append(await self.channel.dma_read(address + start, count))
-        return b"".join(parts)
+        return await self._read(iova, length, mmap_allowed=True)
 
     async def write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
-        self._check_enabled()
-        view = memoryview(data).cast("B")
-        pos = 0
-        for mapping, offset, chunk in self.maps.segments(iova, len(view), write=True):
-            address = mapping.address + offset
-            if mapping.fd_backed:
-                self._check_live(mapping)
-                mapping.write(offset, view[pos : pos + chunk])
-                self.dirty.record(address, chunk)
-                await self.channel.checkpoint()
-            else:
-                for start in range(0, chunk, self.channel.max_transfer):
-                    self._check_live(mapping)
-                    count = min(self.channel.max_transfer, chunk - start)
-                    piece = bytes(view[pos + start : pos + start + count])
-                    await self.channel.dma_write(address + start, piece)
-                    self.dirty.record(address + start, count)
-            pos += chunk
+        await self._write(iova, data, mmap_allowed=True)
 
     def regions(self) -> list[tuple[int, int] | None]:
         return self.maps.slots()
 
     async def message_read(self, iova: int, length: int) -> bytes:
+        return await self._read(iova, length, mmap_allowed=False)
+
+    async def message_write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
+        await self._write(iova, data, mmap_allowed=False)
+
+    async def _read(self, iova: int, length: int, *, mmap_allowed: bool) -> bytes:
         self._check_enabled()
         parts = []
         for mapping, offset, chunk in self.maps.segments(iova, length, write=False):
-            address = mapping.address + offset
-            for start in range(0, chunk, self.channel.max_transfer):
+            if mapping.fd_backed and mmap_allowed:
                 self._check_live(mapping)
-                count = min(self.channel.max_transfer, chunk - start)
+                parts.append(mapping.read(offset, chunk))
+                await self.channel.checkpoint()
+                continue
+            address = mapping.address + offset
+            for start, count in self._pieces(chunk):
+                self._check_live(mapping)
                 parts.append(await self.channel.dma_read(address + start, count))
         return b"".join(parts)
 
-    async def message_write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
+    async def _write(
+        self, iova: int, data: bytes | bytearray | memoryview, *, mmap_allowed: bool
+    ) -> None:
         self._check_enabled()
         view = memoryview(data).cast("B")
         pos = 0
         for mapping, offset, chunk in self.maps.segments(iova, len(view), write=True):
             address = mapping.address + offset
-            for start in range(0, chunk, self.channel.max_transfer):
+            if mapping.fd_backed and mmap_allowed:
                 self._check_live(mapping)
-                count = min(self.channel.max_transfer, chunk - start)
-                await self.channel.dma_write(address + start, bytes(view[pos + start :][:count]))
+                mapping.write(offset, view[pos : pos + chunk])
+                self.dirty.record(address, chunk)
+                await self.channel.checkpoint()
+            else:
+                for start, count in self._pieces(chunk):
+                    self._check_live(mapping)
+                    piece = bytes(view[pos + start : pos + start + count])
+                    await self.channel.dma_write(address + start, piece)
+                    self.dirty.record(address + start, count)  # DMA_WRITEs we send count too
             pos += chunk
+
+    def _pieces(self, length: int) -> list[tuple[int, int]]:
+        """(start, count) messages for ``length`` bytes, split at the client's transfer size."""
+        step = self.channel.max_transfer
+        return [(start, min(step, length - start)) for start in range(0, length, step)]
 
     async def read_sg(self, segments: list[tuple[int, int]]) -> bytes:
         """Gather ``(iova, length)`` segments; all are checked before any is read."""

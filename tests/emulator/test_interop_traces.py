@@ -54,9 +54,8 @@ from protocol.messages import (
     SparseMmapCap,
     unpack_region_caps,
 )
-
-from . import traces
-from .traces import LVU_CLIENT, QEMU_E1000, QEMU_GPIO, QEMU_GPIO_NOFD, TraceMessage
+from tests import traces
+from tests.traces import LVU_CLIENT, QEMU_E1000, QEMU_GPIO, QEMU_GPIO_NOFD, TraceMessage
 
 GUEST_RAM_SIZE = 512 * 1024 * 1024  # the traces' QEMU guests: -m 512M, memfd RAM
 REPLY_TIMEOUT = 5.0  # QEMU's x-msg-timeout default

@@ -28,8 +28,7 @@ from protocol.messages import (
     unpack_dma_read_reply,
 )
 from protocol.version import ServerCapabilities
-
-from . import traces
+from tests import traces
 
 LIMIT = 4096
 VERSION_MSG = pack_message(0, Command.VERSION, VersionPayload(0, 0, "{}").pack())

@@ -51,8 +51,7 @@ from protocol.messages import (
     unpack_dma_read_reply,
     unpack_region_caps,
 )
-
-from . import traces
+from tests import traces
 
 FAST = settings(max_examples=200, deadline=None)
 

@@ -23,8 +23,7 @@ from protocol.version import (
     parse_capabilities_json,
     parse_client_version,
 )
-
-from . import traces
+from tests import traces
 
 FAST = settings(max_examples=200, deadline=None)
 

@@ -8,7 +8,9 @@ that stops iterating early never reads the rest of a large trace (the e1000 one 
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,12 @@ import pytest
 from protocol.constants import FLAG_NO_REPLY, HEADER_SIZE
 from protocol.header import Header
 
-TRACE_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "interop"
+#: The interop traces live in shared/ beside the repository (as CI checks it out);
+#: VFIO_USER_TRACES points elsewhere.
+TRACE_DIR = Path(
+    os.environ.get("VFIO_USER_TRACES")
+    or Path(__file__).resolve().parents[1].parent / "shared" / "interop"
+)
 
 LVU_CLIENT = "lvu-client-server.jsonl"
 QEMU_GPIO = "qemu-gpio.jsonl"
@@ -118,3 +125,31 @@ def first_request(name: str, command: int, *, conn: str | None = None) -> TraceM
         if msg.command == command:
             return msg
     raise LookupError(f"{name}: no client request with command {command}")
+
+
+ALL_TRACES = (
+    QEMU_GPIO,
+    QEMU_GPIO_NOFD,
+    QEMU_E1000,
+    LVU_CLIENT,
+    "lvu-v1-client-server.jsonl",
+)
+QEMU_TRACES = ALL_TRACES[:3]
+
+
+@functools.cache
+def _load(name: str) -> tuple[TraceMessage, ...]:
+    return tuple(messages(name))
+
+
+def load(name: str) -> tuple[TraceMessage, ...]:
+    """All messages of one trace file, in capture order; skips the test if it is missing."""
+    trace_path(name)
+    return _load(name)
+
+
+def by_seq(name: str, seq: int) -> TraceMessage:
+    for msg in load(name):
+        if msg.seq == seq:
+            return msg
+    raise LookupError(f"{name}: no message with seq {seq}")

@@ -45,6 +45,7 @@ from protocol.messages import (
 from protocol.version import ClientCapabilities, ServerCapabilities
 
 from .datafd import DataFdSessions, MemfdStaging
+from .dirty import LoggingFeature, covered
 from .dma import DirtyLog, DmaEngine, IovaMap
 from .irqs import IrqBindings
 from .session import Deferred, IoEventFds, Outcome, RegionFds, Session
@@ -108,6 +109,8 @@ class ClientSession:
         self.proto = ServerConnection(capabilities, limits.max_message_size)
         self.maps = IovaMap(min(limits.max_dma_maps, capabilities.max_dma_maps))
         self.dirty = DirtyLog()
+        self.logging = LoggingFeature(self._mapped)
+        self.dirty.sink = self.logging.record
         self.irqs = IrqBindings(device.irq, self)
         self.io_fds = IoEventFds(self._create_ioeventfds)
         self.session: Session | None = None
@@ -308,6 +311,7 @@ class ClientSession:
             io_fds=self.io_fds,
             cancel_device_work=self.cancel_device_work,
             data_fds=self.data_fds,
+            logging=self.logging,
         )
         self.device.irq.sink = self.irqs
         self.device.attach(self)
@@ -327,6 +331,9 @@ class ClientSession:
             if timeout.cancelled_caught:
                 self.sock.close()
                 raise TransportError(errno.ETIMEDOUT, "peer stopped reading; connection dropped")
+
+    def _mapped(self, iova: int, length: int) -> bool:
+        return covered((slot for slot in self.maps.slots() if slot is not None), iova, length)
 
     # -- DeviceContext ----------------------------------------------------------------------
     @property

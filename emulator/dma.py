@@ -13,7 +13,7 @@ import errno
 import mmap
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -239,8 +239,12 @@ class DirtyLog:
     def __init__(self, page_size: int = PAGE_SIZE) -> None:
         self.page_size = page_size
         self.pages: set[int] = set()
+        #: Also told of every write: the client's dirty-logging session, when started.
+        self.sink: Callable[[int, int], None] | None = None
 
     def record(self, iova: int, length: int) -> None:
+        if self.sink is not None:
+            self.sink(iova, length)
         if length:
             first = iova // self.page_size
             last = (iova + length - 1) // self.page_size

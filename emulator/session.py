@@ -53,6 +53,7 @@ from protocol.messages import (
 from protocol.version import ClientCapabilities, ServerCapabilities
 
 from .datafd import DataFdSessions
+from .dirty import LoggingFeature
 from .dma import IovaMap
 from .irqs import IrqBindings
 
@@ -64,8 +65,19 @@ REGION_CONFIG = 7
 FEATURE_OPS = {
     DeviceFeature.MIGRATION: FEATURE_GET,
     DeviceFeature.MIG_DEVICE_STATE: FEATURE_GET | FEATURE_SET,
+    DeviceFeature.DMA_LOGGING_START: FEATURE_SET,
+    DeviceFeature.DMA_LOGGING_STOP: FEATURE_SET,
+    DeviceFeature.DMA_LOGGING_REPORT: FEATURE_GET,
     DeviceFeature.MIG_DATA_SIZE: FEATURE_GET,
 }
+#: Dirty logging is served for every device (it is about the client's memory, not state).
+LOGGING_FEATURES = frozenset(
+    {
+        DeviceFeature.DMA_LOGGING_START,
+        DeviceFeature.DMA_LOGGING_STOP,
+        DeviceFeature.DMA_LOGGING_REPORT,
+    }
+)
 
 
 @dataclass(slots=True)
@@ -124,6 +136,7 @@ class Session:
         io_fds: IoEventFds,
         cancel_device_work: Callable[[], None],
         data_fds: DataFdSessions | None = None,
+        logging: LoggingFeature | None = None,
     ) -> None:
         self.device = device
         self.client = client
@@ -134,6 +147,7 @@ class Session:
         self.io_fds = io_fds
         self.cancel_device_work = cancel_device_work
         self.data_fds = data_fds
+        self.logging = logging
         self.handlers: dict[int, Callable[[Header, bytes, list[int]], Outcome | Deferred]] = {
             Command.DMA_MAP: self.dma_map,
             Command.DMA_UNMAP: self.dma_unmap,
@@ -330,9 +344,9 @@ class Session:
     # -- migration ---------------------------------------------------------------------------
     def device_feature(self, header: Header, payload: bytes, fds: list[int]) -> Outcome | Deferred:
         request = DeviceFeatureMsg.unpack(payload)
-        if not self.device.migration_caps:
-            raise ProtocolError(errno.EINVAL, "device has no migration features")
         feature = request.flags & FEATURE_INDEX_MASK
+        if feature not in LOGGING_FEATURES and not self.device.migration.caps:
+            raise ProtocolError(errno.EINVAL, "device has no migration features")
         ops = request.flags & (FEATURE_GET | FEATURE_SET | FEATURE_PROBE)
         require(bool(ops), "DEVICE_FEATURE: no operation")
         require(
@@ -346,9 +360,25 @@ class Session:
         require(asked & supported == asked, f"DEVICE_FEATURE {feature}: operation not supported")
         if ops & FEATURE_PROBE:
             return Outcome(payload)  # "data is not used for probing"
+        if feature in LOGGING_FEATURES:
+            return Outcome(self._logging(request, feature, payload))
         if ops & FEATURE_GET:
             return Outcome(self._feature_get(request, feature))
         return self._set_state(request, payload)
+
+    def _logging(self, request: DeviceFeatureMsg, feature: int, payload: bytes) -> bytes:
+        require(self.logging is not None, "dirty logging is not available on this session")
+        assert self.logging is not None
+        if feature == DeviceFeature.DMA_LOGGING_START:
+            self.logging.start(request.data)
+            return payload  # SET replies echo the request (libvfio-user's client checks)
+        if feature == DeviceFeature.DMA_LOGGING_STOP:
+            self.logging.stop()
+            return payload
+        data = self.logging.report(request.data, request.argsz)
+        return DeviceFeatureMsg(
+            DeviceFeatureMsg.HEADER_SIZE + len(data), request.flags, data
+        ).pack()
 
     def _feature_get(self, request: DeviceFeatureMsg, feature: int) -> bytes:
         engine = self.device.migration

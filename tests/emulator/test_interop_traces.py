@@ -625,11 +625,6 @@ async def test_lvu_client_session_setup(tmp_path, stand_ins):
         assert maps == 16
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DMA logging (DEVICE_FEATURE 6/7/8) is not served yet (the dirty-page logging "
-    "issue): libvfio-user's client aborts at DMA_LOGGING_START right after INTx setup",
-)
 async def test_lvu_client_dma_logging_start_stop(tmp_path, stand_ins):
     """DMA_LOGGING_START/STOP with 0 ranges: reply = the 24-byte request echoed (or empty)."""
     async with connect_testdev(tmp_path) as wire:

@@ -111,17 +111,22 @@ class DataFdSessions:
         self._our_end: int | None = None
         self._scope: trio.CancelScope | None = None
         self._resume_engine: MigrationEngine | None = None
-        self.failure: str | None = None
+        #: The session's data goes over a pipe (until the state is left or reset), even
+        #: after the saving pump delivered everything and closed its end.
+        self._session_open = False
+        self.failure: DeviceError | None = None
 
     @property
     def active(self) -> bool:
-        return self._our_end is not None
+        return self._session_open
 
     async def before_transition(self, engine: MigrationEngine, target: int) -> None:
-        """A resume session's data must all be staged before RESUMING -> anything."""
+        """A resume session's data must all be staged before RESUMING -> anything.
+        The session itself stays until the transition succeeded (a refused SET keeps it)."""
         if self._resume_engine is not None and target != MigState.RESUMING:
             self._drain(self._resume_engine)
-            self.close()
+            if self.failure is not None:
+                raise self.failure  # e.g. EFBIG: bytes were refused, the stream is incomplete
 
     def after_transition(self, engine: MigrationEngine, arcs: list[Arc]) -> int | None:
         """Open a pipe if the arcs started a data session; returns the client's end."""
@@ -138,6 +143,7 @@ class DataFdSessions:
         read_end, write_end = _pipe()
         os.set_blocking(write_end, False)
         self._our_end = write_end
+        self._session_open = True
         self._scope = trio.CancelScope()
         self.nursery.start_soon(self._pump_out, session, write_end, self._scope)
         return read_end
@@ -147,6 +153,7 @@ class DataFdSessions:
         read_end, write_end = _pipe()
         os.set_blocking(read_end, False)
         self._our_end = read_end
+        self._session_open = True
         self._resume_engine = engine
         self._scope = trio.CancelScope()
         self.nursery.start_soon(self._pump_in, engine, read_end, self._scope)
@@ -180,7 +187,7 @@ class DataFdSessions:
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(fd)
                 except DeviceError as exc:
-                    self.failure = str(exc)
+                    self.failure = exc
                     log.warning("data fd: %s", exc)
                     return
 
@@ -214,9 +221,11 @@ class DataFdSessions:
             self._our_end = None
 
     def close(self) -> None:
+        """End the session (state left, device reset, client gone): our end is closed."""
         if self._scope is not None:
             self._scope.cancel()
             self._scope = None
         self._close_fd()
         self._resume_engine = None
+        self._session_open = False
         self.failure = None

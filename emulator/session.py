@@ -320,6 +320,8 @@ class Session:
             raise DeviceError(errno.ENOTSUP, "device does not support reset")
         # The device must not touch guest memory or interrupts after the reply.
         self.cancel_device_work()
+        if self.data_fds is not None:
+            self.data_fds.close()  # a reset ends any migration data session
         self.device.reset()
         self.device.migration.reset()  # -> RUNNING, also out of ERROR (kernel, spec)
         return EMPTY
@@ -404,8 +406,12 @@ class Session:
                 await engine.set_state(target)
                 # libvfio-user's client compares the reply with its request byte for byte.
                 return Outcome(payload)
-            await data_fds.before_transition(engine, target)
-            result = await engine.set_state(target)
+            try:
+                await data_fds.before_transition(engine, target)
+                result = await engine.set_state(target)
+            except DeviceError:
+                data_fds.close()  # the data was consumed and refused: the session is over
+                raise
             fd = data_fds.after_transition(engine, result.arcs)
             # As the kernel's ioctl returns a new data_fd: here the index of the passed fd.
             field_at = DeviceFeatureMsg.HEADER_SIZE + 4

@@ -169,7 +169,8 @@ def negotiate(
     """Validate the client's VERSION and build our reply (minor = min(theirs, ours))."""
     client = parse_client_version(version)
     minor = min(version.minor, PROTOCOL_MINOR)
-    if not client.migration_data_fd and ours.migration_data_fd:
-        # Clients that did not ask for the extension see exactly the standard protocol.
+    if ours.migration_data_fd and not (client.migration_data_fd and client.max_msg_fds > 0):
+        # Clients that did not ask for the extension (or cannot take fds) see exactly the
+        # standard protocol.
         ours = dataclasses.replace(ours, migration_data_fd=False)
     return client, VersionPayload(PROTOCOL_MAJOR, minor, ours.to_json())

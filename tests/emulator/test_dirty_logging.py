@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from collections.abc import Awaitable, Sequence
 
 import pytest
 from hypothesis import given, settings
@@ -19,13 +20,15 @@ START, STOP, REPORT = 6, 7, 8
 PAGE = 4096
 
 
-def start_data(page_size: int, ranges: list[tuple[int, int]] = ()) -> bytes:  # type: ignore[assignment]
+def start_data(page_size: int, ranges: Sequence[tuple[int, int]] = ()) -> bytes:
     return struct.pack("<QII", page_size, len(ranges), 0) + b"".join(
         struct.pack("<QQ", iova, length) for iova, length in ranges
     )
 
 
-async def start(client: Client, page_size: int = PAGE, ranges=()) -> None:  # type: ignore[no-untyped-def]
+async def start(
+    client: Client, page_size: int = PAGE, ranges: tuple[tuple[int, int], ...] = ()
+) -> None:
     data = start_data(page_size, list(ranges))
     reply = await client.device_feature(FEATURE_SET | START, data)
     assert reply == struct.pack("<II", 8 + len(data), FEATURE_SET | START) + data
@@ -41,7 +44,7 @@ async def report(client: Client, iova: int, length: int, page_size: int = PAGE) 
     return int.from_bytes(reply[32:], "little")
 
 
-async def errno_of(coro) -> int:  # type: ignore[no-untyped-def]
+async def errno_of(coro: Awaitable[object]) -> int:
     with pytest.raises(ClientError) as info:
         await coro
     return info.value.errno
@@ -95,7 +98,7 @@ async def test_finer_report_pages_and_messages(served: ServedDevice, client: Cli
 async def test_explicit_ranges_limit_what_is_logged(client: Client) -> None:
     with GuestRam(0x10000) as ram:
         await client.dma_map(0, 0x10000, fd=ram.fd)
-        await start(client, ranges=[(0x8000, 0x4000)])
+        await start(client, ranges=((0x8000, 0x4000),))
         await copy(client, 0, 0x1000, 16)  # outside the logged range: not logged
         await copy(client, 0, 0x9000, 16)
         assert await report(client, 0x8000, 0x4000) == 0b10

@@ -21,6 +21,7 @@ from devices.registry import (
 from protocol.messages import DmaLayout
 from protocol.version import ServerCapabilities
 
+from .bench import add_bench_parser, run_bench
 from .client import Client, ClientError
 from .connection import Limits
 from .info import describe
@@ -31,6 +32,7 @@ from .migration import (
     MigrationError,
     migrate,
 )
+from .netdev import NetdevError, netdev_help, setup_netdevs
 from .qemu import qemu_args, qemu_command_line
 from .server import DeviceServer, ServerError
 
@@ -60,13 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="serve a device on a UNIX socket",
-        epilog=_device_help(),
+        epilog=_device_help() + "\n" + netdev_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--device", default=DEFAULT_DEVICE, help="TYPE[,key=value,...]")
     where = serve.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket-path", help="create the listening socket here (mode 0600)")
     where.add_argument("--fd", type=int, help="use an inherited listening socket")
+    serve.add_argument(
+        "--netdev",
+        action="append",
+        default=[],
+        metavar="TYPE,id=ID,...",
+        help="a network backend for the device with netdev=ID (repeatable; types below)",
+    )
     serve.add_argument("--trace", action="store_true", help="log every message, decoded")
     serve.add_argument("--once", action="store_true", help="exit when the first client leaves")
     serve.add_argument("--print-qemu", action="store_true", help="print the QEMU command line")
@@ -116,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_PRECOPY_THRESHOLD,
         help="stop pre-copy once a round moves at most this many bytes",
     )
+    add_bench_parser(sub)
     return parser
 
 
@@ -125,7 +135,8 @@ async def _serve(args: argparse.Namespace) -> int:
         capabilities = ServerCapabilities(
             max_data_xfer_size=args.max_data_xfer_size, max_dma_maps=args.max_dma_maps
         )
-    except (DeviceSpecError, ValueError) as exc:
+        netdevs = setup_netdevs(args.netdev, [device])
+    except (DeviceSpecError, NetdevError, ValueError) as exc:
         print(f"vfio-user-emu: {exc}", file=sys.stderr)
         return 2
     layout = None if args.dma_layout == "auto" else DmaLayout(args.dma_layout)
@@ -141,6 +152,7 @@ async def _serve(args: argparse.Namespace) -> int:
         ),
         trace=args.trace,
         once=args.once,
+        netdevs=netdevs,
     )
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -152,10 +164,14 @@ async def _serve(args: argparse.Namespace) -> int:
             try:
                 await nursery.start(run_server)
             except (ServerError, OSError) as exc:
+                for netdev in netdevs:
+                    netdev.close()
                 print(f"vfio-user-emu: {exc}", file=sys.stderr)
                 return 1
             where = args.socket_path or f"fd {args.fd}"
             print(f"serving {device.type_name} on {where}", flush=True)
+            for netdev in netdevs:
+                print(netdev.describe(), flush=True)
             if args.print_qemu and args.socket_path:
                 print("attach a guest with:", flush=True)
                 print(
@@ -228,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return trio.run(_info, args)
     if args.command == "migrate":
         return trio.run(_migrate, args)
+    if args.command == "bench":
+        return run_bench(args)
     if args.command == "qemu-args":
         print(" ".join(qemu_args(args.socket_path, args.memory)))
         return 0

@@ -19,8 +19,10 @@ import mmap
 import os
 import socket
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -34,6 +36,9 @@ from .connection import ClientSession, Limits
 from .session import RegionFds
 from .trace import Tracer
 from .transport import close_fds, receive_chunk, send_message
+
+if TYPE_CHECKING:
+    from .netdev import NetBackend
 
 log = logging.getLogger("vfio_user_emu")
 
@@ -152,6 +157,7 @@ class DeviceServer:
         trace: bool = False,
         once: bool = False,
         name: str | None = None,
+        netdevs: Sequence[NetBackend] = (),
     ) -> None:
         if (socket_path is None) == (listen_fd is None):
             raise ServerError("give exactly one of socket_path and listen_fd")
@@ -168,6 +174,8 @@ class DeviceServer:
         self.active: ClientSession | None = None
         self.sessions_served = 0
         self._backing: RamBacking | None = None
+        #: Network backends (emulator.netdev) run in the server's nursery, stop with it.
+        self.netdevs = tuple(netdevs)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled (or, with ``once``, until the first client leaves)."""
@@ -181,6 +189,8 @@ class DeviceServer:
         self.state = ServerState.LISTENING
         try:
             async with trio.open_nursery() as nursery:
+                for netdev in self.netdevs:
+                    await nursery.start(netdev.run)
                 task_status.started()
                 await self._accept_loop(listener, nursery)
         finally:
@@ -258,6 +268,7 @@ async def serve(
     limits: Limits | None = None,
     trace: bool = False,
     once: bool = False,
+    netdevs: Sequence[NetBackend] = (),
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``device`` from a script::
@@ -272,5 +283,6 @@ async def serve(
         limits=limits,
         trace=trace,
         once=once,
+        netdevs=netdevs,
     )
     await server.serve(task_status=task_status)

@@ -53,6 +53,7 @@ from .migration import (
     DATA_FD_CAPABILITIES,
     DEFAULT_PRECOPY_ROUNDS,
     DEFAULT_PRECOPY_THRESHOLD,
+    MigrationError,
     MigrationReport,
     Mode,
     PrecopyHook,
@@ -256,26 +257,36 @@ def same_contents(a: mmap.mmap, b: mmap.mmap, size: int, chunk: int = 64 * MIB) 
 
 class RamWriter:
     """A "guest" writing ``pages_per_second`` random pages of the RAM BAR through the mmap
-    (8 bytes per page: enough to dirty it) until :meth:`stop`."""
+    (8 bytes per page: enough to dirty it), ``ticks`` times a second, until :meth:`stop`."""
 
-    def __init__(self, ram: mmap.mmap, size: int, pages_per_second: int, seed: int = 7) -> None:
+    def __init__(
+        self,
+        ram: mmap.mmap,
+        size: int,
+        pages_per_second: int,
+        ticks: int = TICKS_PER_SECOND,
+        seed: int = 7,
+    ) -> None:
         self.ram = ram
         self.pages = size // PAGE
-        self.per_tick = max(1, pages_per_second // TICKS_PER_SECOND)
+        self.ticks = max(1, ticks)
+        self.per_tick = max(1, pages_per_second // self.ticks)
         self.rng = random.Random(seed)
         self.running = True
         self.written = 0
         self.started = 0.0
         self.stopped = 0.0
+        self.stopped_by = ""
 
-    def stop(self) -> None:
+    def stop(self, why: str = "") -> None:
         if self.running:
             self.running = False
             self.stopped = time.perf_counter()
+            self.stopped_by = why
 
     async def run(self) -> None:
         self.started = time.perf_counter()
-        tick = 1.0 / TICKS_PER_SECOND
+        tick = 1.0 / self.ticks
         deadline = trio.current_time()
         while self.running:
             for _ in range(self.per_tick):
@@ -311,8 +322,14 @@ class MigrationRun:
     src: MemoryPeak
     dst: MemoryPeak
     verified: bool | None  # None: not checked
+    error: str | None = None  # the MigrationError of a failed migration
     pages_written: int = 0  # by the RAM writer (pre-copy comparison)
     write_rate: float = 0.0
+    #: Why the RAM writer stopped: "stop-copy" (before the migration), "last round" (the
+    #: pre-copy round after which the source stops), "budget" (pre-copy ran out of time).
+    writer_stopped_by: str = ""
+    #: Seconds from the start of the migration to the writer's stop.
+    writer_stopped_after_s: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -351,13 +368,23 @@ async def migrate_once(
     mode: Mode,
     verify: bool,
     write_rate: int = 0,
+    write_ticks: int = TICKS_PER_SECOND,
+    precopy_budget: float = 0.0,
 ) -> MigrationRun:
     """Fill the source RAM with ``pattern``, migrate, read the memory figures, check the
-    destination RAM. With ``write_rate`` (pages/s) a writer dirties the source RAM from
-    WRITER_WARMUP seconds before the migration until the source stops (the last pre-copy
-    round, or before a stop-copy migration: the guest is paused then)."""
+    destination RAM.
+
+    With ``write_rate`` (pages/s) a writer dirties the source RAM from WRITER_WARMUP seconds
+    before the migration until the source stops: before a stop-copy migration (the guest is
+    paused then), or after the pre-copy round the driver ends pre-copy with. A pre-copy round
+    ends only on an empty read, which a steadily written RAM may never give, so the writer
+    also stops ``precopy_budget`` seconds into the migration (the guest throttled to a halt,
+    as auto-converge would): the run records which came first.
+    """
     size = len(pattern)
     caps = DATA_FD_CAPABILITIES if transport == "fd" else None
+    error: str | None = None
+    report: MigrationReport | None = None
     async with (
         Client.connect(src.socket_path, capabilities=caps) as source,
         Client.connect(dst.socket_path, capabilities=caps) as destination,
@@ -365,46 +392,47 @@ async def migrate_once(
         src_ram = await _map_ram(source, size)
         try:
             src_ram[:] = pattern
-            peaks = {src.pid: MemoryPeak(), dst.pid: MemoryPeak()}
-            for pid, peak in peaks.items():
-                before = proc_status(pid)
-                peak.startup_hwm, peak.anon_before = before.hwm, before.anon
-                peak.hwm_reset = reset_peak_rss(pid)
-            writer = RamWriter(src_ram, size, write_rate) if write_rate else None
-            hook: PrecopyHook | None = None
-            if writer is not None and mode == "pre-copy":
+            peaks = _memory_before(src.pid, dst.pid)
+            writer = RamWriter(src_ram, size, write_rate, write_ticks) if write_rate else None
+            hook = _stop_after_last_round(writer) if writer and mode == "pre-copy" else None
 
-                async def last_round_stops_the_guest(round_number: int, moved: int) -> None:
-                    # The driver's own stop condition: the source leaves PRE_COPY next.
-                    if moved <= DEFAULT_PRECOPY_THRESHOLD or round_number >= DEFAULT_PRECOPY_ROUNDS:
-                        writer.stop()
-                    await trio.lowlevel.checkpoint()
+            async def budget() -> None:
+                assert writer is not None
+                await trio.sleep(precopy_budget)
+                writer.stop("budget")
 
-                hook = last_round_stops_the_guest
+            started = 0.0
             async with trio.open_nursery() as nursery:
                 await nursery.start(_sample_memory, list(peaks.items()))
                 if writer is not None:
                     nursery.start_soon(writer.run)
                     await trio.sleep(WRITER_WARMUP)
                     if mode == "stop-copy":
-                        writer.stop()
-                report: MigrationReport = await migrate(
-                    source,
-                    destination,
-                    mode=mode,
-                    transport=transport,
-                    precopy_rounds=DEFAULT_PRECOPY_ROUNDS,
-                    precopy_threshold=DEFAULT_PRECOPY_THRESHOLD,
-                    on_precopy_round=hook,
-                )
-                if writer is not None:
-                    writer.stop()
-                nursery.cancel_scope.cancel()
+                        writer.stop("stop-copy")
+                    elif precopy_budget > 0:
+                        nursery.start_soon(budget)
+                started = time.perf_counter()
+                try:
+                    report = await migrate(
+                        source,
+                        destination,
+                        mode=mode,
+                        transport=transport,
+                        precopy_rounds=DEFAULT_PRECOPY_ROUNDS,
+                        precopy_threshold=DEFAULT_PRECOPY_THRESHOLD,
+                        on_precopy_round=hook,
+                    )
+                except MigrationError as exc:
+                    error = str(exc)
+                finally:
+                    if writer is not None:
+                        writer.stop("end of the migration")
+                    nursery.cancel_scope.cancel()
             for pid, peak in peaks.items():
                 peak.sample(pid)
                 peak.hwm = proc_status(pid).hwm
             verified: bool | None = None
-            if verify:
+            if verify and report is not None:
                 dst_ram = await _map_ram(destination, size)
                 try:
                     verified = same_contents(src_ram, dst_ram, size)
@@ -412,23 +440,85 @@ async def migrate_once(
                     dst_ram.close()
         finally:
             src_ram.close()
-    return MigrationRun(
-        size=size,
-        transport=transport,
-        mode=mode,
-        bytes_moved=report.bytes_moved,
-        total_s=report.total_s,
-        downtime_s=report.downtime_s,
-        transfer_s=report.bytes_moved / report.throughput if report.throughput else 0.0,
-        precopy_bytes=report.precopy_bytes,
-        stop_copy_bytes=report.stop_copy_bytes,
-        precopy_rounds=report.precopy_rounds,
+    return _make_run(
+        size,
+        transport,
+        mode,
+        report=report,
         src=peaks[src.pid],
         dst=peaks[dst.pid],
         verified=verified,
-        pages_written=writer.written if writer is not None else 0,
-        write_rate=writer.rate if writer is not None else 0.0,
+        error=error,
+        writer=writer,
+        started=started,
     )
+
+
+def _memory_before(*pids: int) -> dict[int, MemoryPeak]:
+    """Start-up figures of each server; then VmHWM reset for the migration."""
+    peaks = {}
+    for pid in pids:
+        before = proc_status(pid)
+        peak = MemoryPeak(startup_hwm=before.hwm, anon_before=before.anon)
+        peak.hwm_reset = reset_peak_rss(pid)
+        peaks[pid] = peak
+    return peaks
+
+
+def _stop_after_last_round(writer: RamWriter) -> PrecopyHook:
+    async def last_round_stops_the_guest(round_number: int, moved: int) -> None:
+        # The driver's own stop condition: the source leaves PRE_COPY next.
+        if moved <= DEFAULT_PRECOPY_THRESHOLD or round_number >= DEFAULT_PRECOPY_ROUNDS:
+            writer.stop("last round")
+        await trio.lowlevel.checkpoint()
+
+    return last_round_stops_the_guest
+
+
+def _make_run(
+    size: int,
+    transport: str,
+    mode: str,
+    *,
+    report: MigrationReport | None,
+    src: MemoryPeak,
+    dst: MemoryPeak,
+    verified: bool | None,
+    error: str | None,
+    writer: RamWriter | None,
+    started: float,
+) -> MigrationRun:
+    run = MigrationRun(
+        size=size,
+        transport=transport,
+        mode=mode,
+        bytes_moved=0,
+        total_s=0.0,
+        downtime_s=0.0,
+        transfer_s=0.0,
+        precopy_bytes=0,
+        stop_copy_bytes=0,
+        precopy_rounds=0,
+        src=src,
+        dst=dst,
+        verified=verified,
+        error=error,
+    )
+    if report is not None:
+        run.bytes_moved = report.bytes_moved
+        run.total_s = report.total_s
+        run.downtime_s = report.downtime_s
+        if report.throughput:
+            run.transfer_s = report.bytes_moved / report.throughput
+        run.precopy_bytes = report.precopy_bytes
+        run.stop_copy_bytes = report.stop_copy_bytes
+        run.precopy_rounds = report.precopy_rounds
+    if writer is not None:
+        run.pages_written = writer.written
+        run.write_rate = writer.rate
+        run.writer_stopped_by = writer.stopped_by
+        run.writer_stopped_after_s = max(0.0, writer.stopped - started)
+    return run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,7 +607,7 @@ def measure_baseline(pattern: bytearray, nbytes: int, repeat: int) -> Baseline:
 
 @dataclass(slots=True)
 class Row:
-    """The best of the runs of one (size, transport, mode)."""
+    """The runs of one (size, transport, mode); figures are the best of the successful ones."""
 
     size: int
     transport: str
@@ -525,23 +615,27 @@ class Row:
     runs: list[MigrationRun]
 
     @property
+    def ok(self) -> list[MigrationRun]:
+        return [run for run in self.runs if run.error is None]
+
+    @property
     def best_rate(self) -> float:
-        return max(run.rate for run in self.runs)
+        return max((run.rate for run in self.ok), default=0.0)
 
     @property
     def best_total_s(self) -> float:
-        return min(run.total_s for run in self.runs)
+        return min((run.total_s for run in self.ok), default=0.0)
 
     @property
     def best_downtime_s(self) -> float:
-        return min(run.downtime_s for run in self.runs)
+        return min((run.downtime_s for run in self.ok), default=0.0)
 
     @property
     def bytes_moved(self) -> int:
-        return max(run.bytes_moved for run in self.runs)
+        return max((run.bytes_moved for run in self.ok), default=0)
 
     def peak(self, side: str, what: str) -> int:
-        return max(int(getattr(getattr(run, side), what)) for run in self.runs)
+        return max((int(getattr(getattr(run, side), what)) for run in self.runs), default=0)
 
 
 @dataclass(slots=True)
@@ -555,6 +649,9 @@ class Results:
     baselines: dict[int, Baseline] = field(default_factory=dict)
     precopy: list[Row] = field(default_factory=list)
     precopy_write_rate: int = 0
+    precopy_write_ticks: int = 0
+    precopy_budget_s: float = 0.0
+    seconds: float = 0.0
 
 
 def _size_text(size: int) -> str:
@@ -582,105 +679,110 @@ def _server_env(fastpath: str | None) -> dict[str, str]:
     return env
 
 
-def _progress(quiet: bool, message: str) -> None:
-    if not quiet:
-        print(message, file=sys.stderr, flush=True)
+class _Runner:
+    """Runs migrations between fresh server pairs in one temporary directory."""
 
+    def __init__(self, directory: Path, args: argparse.Namespace, results: Results) -> None:
+        self.directory = directory
+        self.env = _server_env(args.fastpath)
+        self.verify = not args.no_verify
+        self.quiet = args.quiet
+        self.results = results
+        self.started = time.perf_counter()
 
-def _run_one(
-    directory: Path,
-    pattern: bytearray,
-    env: dict[str, str],
-    results: Results,
-    *,
-    transport: Transport,
-    mode: Mode,
-    verify: bool,
-    write_rate: int = 0,
-) -> MigrationRun:
-    with server_pair(directory, len(pattern), env) as (src, dst):
-        run = trio.run(
-            functools.partial(
-                migrate_once,
-                src,
-                dst,
-                pattern,
-                transport=transport,
-                mode=mode,
-                verify=verify,
-                write_rate=write_rate,
+    def progress(self, message: str) -> None:
+        if not self.quiet:
+            elapsed = time.perf_counter() - self.started
+            print(f"[{elapsed:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    def row(
+        self,
+        pattern: bytearray,
+        repeat: int,
+        transport: Transport,
+        mode: Mode,
+        label: str = "",
+        **writer: Any,
+    ) -> Row:
+        row = Row(len(pattern), transport, mode, [])
+        for attempt in range(repeat):
+            what = (
+                f"{label}{_size_text(len(pattern))} {transport} {mode} run {attempt + 1}/{repeat}"
             )
-        )
-        for server in (src, dst):
-            results.checksum.add(server.checksum_impl())
-    if run.verified is False:
-        raise RuntimeError(
-            f"{_size_text(run.size)} {transport} {mode}: destination RAM differs from the source"
-        )
-    return run
+            self.progress(f"{what} ...")
+            run = self.one(pattern, transport, mode, **writer)
+            row.runs.append(run)
+            if run.error is not None:
+                self.progress(f"{what}: FAILED: {run.error}")
+            else:
+                self.progress(
+                    f"{what}: {run.rate:,.0f} MB/s, downtime {run.downtime_s * 1e3:,.1f} ms"
+                )
+        return row
+
+    def one(
+        self, pattern: bytearray, transport: Transport, mode: Mode, **writer: Any
+    ) -> MigrationRun:
+        with server_pair(self.directory, len(pattern), self.env) as (src, dst):
+            run = trio.run(
+                functools.partial(
+                    migrate_once,
+                    src,
+                    dst,
+                    pattern,
+                    transport=transport,
+                    mode=mode,
+                    verify=self.verify,
+                    **writer,
+                )
+            )
+            for server in (src, dst):
+                self.results.checksum.add(server.checksum_impl())
+        if run.verified is False:
+            raise RuntimeError(
+                f"{_size_text(run.size)} {transport} {mode}: the destination's RAM differs "
+                "from the source's"
+            )
+        return run
 
 
 def run_migration_bench(args: argparse.Namespace) -> Results:
     results = Results(fastpath_env=args.fastpath or os.environ.get(FASTPATH_ENV_VAR, ""))
-    env = _server_env(args.fastpath)
     modes: list[Mode] = ["stop-copy", "pre-copy"] if args.mode == "both" else [args.mode]
-    transports: list[Transport] = list(args.transport)
-    quiet = args.quiet
     with tempfile.TemporaryDirectory(prefix="vfio-user-emu-bench-") as tmp:
-        directory = Path(tmp)
+        runner = _Runner(Path(tmp), args, results)
         for size in [] if args.no_table else args.sizes:
             repeat = _repeat_for(size, args.repeat)
             pattern = make_pattern(size)
-            for transport in transports:
-                for mode in modes:
-                    row = Row(size, transport, mode, [])
-                    for attempt in range(repeat):
-                        _progress(
-                            quiet,
-                            f"  {_size_text(size)} {transport} {mode} "
-                            f"run {attempt + 1}/{repeat} ...",
-                        )
-                        run = _run_one(
-                            directory,
-                            pattern,
-                            env,
-                            results,
-                            transport=transport,
-                            mode=mode,
-                            verify=not args.no_verify,
-                        )
-                        row.runs.append(run)
-                    results.rows.append(row)
-            nbytes = max(row.bytes_moved for row in results.rows if row.size == size)
-            _progress(quiet, f"  {_size_text(size)} baselines (socket copy, memcpy) ...")
+            rows = [
+                runner.row(pattern, repeat, transport, mode)
+                for transport in args.transport
+                for mode in modes
+            ]
+            results.rows += rows
+            nbytes = max(row.bytes_moved for row in rows) or size
+            runner.progress(f"{_size_text(size)} baselines (socket copy, memcpy) ...")
             results.baselines[size] = measure_baseline(pattern, nbytes, repeat)
             del pattern
         if args.precopy_compare:
             size = args.precopy_size
-            repeat = _repeat_for(size, args.repeat)
             pattern = make_pattern(size)
             results.precopy_write_rate = args.write_rate
+            results.precopy_write_ticks = args.write_ticks
+            results.precopy_budget_s = args.precopy_budget
             for pc_mode in ("stop-copy", "pre-copy"):
-                row = Row(size, args.precopy_transport, pc_mode, [])
-                for attempt in range(repeat):
-                    _progress(
-                        quiet,
-                        f"  pre-copy comparison: {_size_text(size)} {pc_mode} "
-                        f"run {attempt + 1}/{repeat} ...",
-                    )
-                    row.runs.append(
-                        _run_one(
-                            directory,
-                            pattern,
-                            env,
-                            results,
-                            transport=args.precopy_transport,
-                            mode=pc_mode,
-                            verify=not args.no_verify,
-                            write_rate=args.write_rate,
-                        )
-                    )
+                row = runner.row(
+                    pattern,
+                    _repeat_for(size, args.repeat),
+                    args.precopy_transport,
+                    pc_mode,
+                    label="pre-copy comparison: ",
+                    write_rate=args.write_rate,
+                    write_ticks=args.write_ticks,
+                    precopy_budget=args.precopy_budget,
+                )
                 results.precopy.append(row)
+    results.seconds = time.perf_counter() - runner.started
     return results
 
 
@@ -689,21 +791,33 @@ def run_migration_bench(args: argparse.Namespace) -> Results:
 
 
 def _ratio(value: float, reference: float) -> str:
-    return f"{value / reference:.0%}" if reference > 0 else "-"
+    return f"{value / reference:.0%}" if reference > 0 and value > 0 else "-"
 
 
-def print_results(results: Results, args: argparse.Namespace) -> None:
+def print_results(results: Results) -> None:
     print(
         f"python {results.python}, {results.cpus} CPUs, {results.machine}; MB = 10^6 bytes, "
         "MiB = 2^20 bytes"
     )
     checksum = "; ".join(sorted(results.checksum)) or "-"
-    forced = f" ({FASTPATH_ENV_VAR}={results.fastpath_env})" if results.fastpath_env else ""
+    forced = ""
+    if results.fastpath_env and FASTPATH_ENV_VAR not in checksum:
+        forced = f" ({FASTPATH_ENV_VAR}={results.fastpath_env})"
     print(f"servers' stream checksum (CRC-32C) implementation: {checksum}{forced}")
     if results.rows:
         _print_table(results)
     if results.precopy:
         _print_precopy(results)
+    failures = [
+        f"  {_size_text(run.size)} {run.transport} {run.mode}: {run.error}"
+        for row in results.rows + results.precopy
+        for run in row.runs
+        if run.error is not None
+    ]
+    if failures:
+        print("\nfailed runs (left out of the figures):")
+        print("\n".join(failures))
+    print(f"\nbenchmark time: {results.seconds:.0f} s")
 
 
 def _print_table(results: Results) -> None:
@@ -711,9 +825,9 @@ def _print_table(results: Results) -> None:
     print(
         "each figure is the best of its runs: "
         + ", ".join(f"{_size_text(size)}: {count}" for size, count in repeats)
-        + " (MB/s and ratios: highest; times: lowest; memory: highest)\n"
+        + " run(s) (MB/s and ratios: highest; times: lowest; memory: highest)\n"
     )
-    print("baselines on the same byte count (the migration stream's size):")
+    print("baselines on the same byte count (the migration stream's size), same best-of:")
     header = f"{'size':>8}  {'bytes':>13}  {'socket copy MB/s':>16}  {'memcpy MB/s':>11}"
     print(header)
     print("-" * len(header))
@@ -724,7 +838,7 @@ def _print_table(results: Results) -> None:
         )
     print(
         "socket copy: one process sendall()s into a UNIX stream socketpair, another "
-        f"recv_into()s a {COPY_CHUNK // MIB} MiB buffer; memcpy: memoryview slice assignment "
+        f"recv_into()s a {COPY_CHUNK // MIB} MiB buffer;\nmemcpy: memoryview slice assignment "
         "into a preallocated buffer\n"
     )
     header = (
@@ -737,18 +851,21 @@ def _print_table(results: Results) -> None:
     for row in results.rows:
         base = results.baselines.get(row.size)
         rate = row.best_rate
-        print(
-            f"{_size_text(row.size):>8}  {row.transport:<9} {row.mode:<9} {rate:>7,.0f} "
-            f"{row.best_total_s * 1e3:>9,.1f} {row.best_downtime_s * 1e3:>11,.1f} "
+        figures = (
+            f"{rate:>7,.0f} {row.best_total_s * 1e3:>9,.1f} {row.best_downtime_s * 1e3:>11,.1f} "
             f"{_ratio(rate, base.socket_rate) if base else '-':>7} "
-            f"{_ratio(rate, base.memcpy_rate) if base else '-':>7}  "
+            f"{_ratio(rate, base.memcpy_rate) if base else '-':>7}"
+            if row.ok
+            else f"{'failed':>7} {'-':>9} {'-':>11} {'-':>7} {'-':>7}"
+        )
+        print(
+            f"{_size_text(row.size):>8}  {row.transport:<9} {row.mode:<9} {figures}  "
             f"{_mib(row.peak('src', 'hwm')):>7} {_mib(row.peak('src', 'peak_anon')):>8}  "
             f"{_mib(row.peak('dst', 'hwm')):>7} {_mib(row.peak('dst', 'peak_anon')):>8}"
         )
-    reset = all(run.src.hwm_reset and run.dst.hwm_reset for row in results.rows for run in row.runs)
-    startup = max(
-        max(run.src.startup_hwm, run.dst.startup_hwm) for row in results.rows for run in row.runs
-    )
+    runs = [run for row in results.rows for run in row.runs]
+    reset = all(run.src.hwm_reset and run.dst.hwm_reset for run in runs)
+    startup = max(max(run.src.startup_hwm, run.dst.startup_hwm) for run in runs)
     print(
         "MB/s: bytes moved / total migration time; /socket, /memcpy: that rate as a share of "
         "the baselines'.\nHWM: VmHWM in MiB "
@@ -757,21 +874,24 @@ def _print_table(results: Results) -> None:
             if reset
             else "since the server started (clear_refs refused: includes start-up)"
         )
-        + "; anon: peak RssAnon in MiB, sampled every "
-        f"{SAMPLE_INTERVAL * 1e3:g} ms. The RAM BAR is a memfd (RssShmem), counted in HWM only."
-        f"\nlargest VmHWM before a migration (start-up + RAM fill): {_mib(startup)} MiB"
+        + f";\nanon: peak RssAnon in MiB, sampled every {SAMPLE_INTERVAL * 1e3:g} ms. The RAM "
+        "BAR and the destination's staging are memfds (RssShmem): in HWM, not in anon.\n"
+        f"largest VmHWM before a migration (server start-up + RAM fill): {_mib(startup)} MiB"
     )
     _print_targets(results)
 
 
+#: (transport, share of the socket copy) that stop-copy at 256 MiB should reach.
+TARGETS = (("fd", 0.50), ("inband", 0.25))
+
+
 def _print_targets(results: Results) -> None:
-    targets = (("fd", 0.50), ("inband", 0.25))
     lines = []
     for row in results.rows:
         base = results.baselines.get(row.size)
         if row.size != 256 * MIB or row.mode != "stop-copy" or base is None:
             continue
-        for transport, share in targets:
+        for transport, share in TARGETS:
             if row.transport == transport:
                 got = row.best_rate / base.socket_rate
                 verdict = "met" if got >= share else "NOT met"
@@ -788,35 +908,52 @@ def _print_precopy(results: Results) -> None:
     size = results.precopy[0].size
     transport = results.precopy[0].transport
     print(
-        f"\npre-copy vs stop-copy downtime: {_size_text(size)} testdev, {transport} transport, "
-        f"the benchmark writing {results.precopy_write_rate:,} random pages/s into the source "
-        "RAM (through the mmap) until the source stops"
+        f"\npre-copy vs stop-copy downtime: {_size_text(size)} testdev, {transport} transport; "
+        f"the benchmark writes {results.precopy_write_rate:,} random pages/s into the source "
+        f"RAM\n(through the mmap, {results.precopy_write_ticks} bursts a second) until the "
+        "source stops: before a stop-copy migration, after the last pre-copy round,\nor "
+        f"{results.precopy_budget_s:g} s into the migration (budget) if pre-copy has not "
+        "ended by then"
     )
     header = (
         f"{'mode':<9} {'runs':>4} {'downtime ms':>11} {'total ms':>9} {'rounds':>6} "
-        f"{'pre-copy MiB':>12} {'stop-copy MiB':>13} {'pages written':>13} {'pages/s':>8}"
+        f"{'pre-copy MiB':>12} {'stop-copy MiB':>13} {'pages written':>13} {'pages/s':>8}  "
+        "writer stopped"
     )
     print(header)
     print("-" * len(header))
     for row in results.precopy:
-        best = min(row.runs, key=lambda run: run.downtime_s)
+        if not row.ok:
+            print(f"{row.mode:<9} {len(row.runs):>4} failed")
+            continue
+        best = min(row.ok, key=lambda run: run.downtime_s)
+        stopped = best.writer_stopped_by
+        if best.mode == "pre-copy":
+            stopped += f" ({best.writer_stopped_after_s:.1f} s in)"
         print(
             f"{row.mode:<9} {len(row.runs):>4} {best.downtime_s * 1e3:>11,.1f} "
             f"{best.total_s * 1e3:>9,.1f} {best.precopy_rounds:>6} "
             f"{best.precopy_bytes / MIB:>12,.1f} {best.stop_copy_bytes / MIB:>13,.1f} "
-            f"{best.pages_written:>13,} {best.write_rate:>8,.0f}"
+            f"{best.pages_written:>13,} {best.write_rate:>8,.0f}  {stopped}"
         )
-    by_mode = {row.mode: row.best_downtime_s for row in results.precopy}
+    by_mode = {row.mode: row.best_downtime_s for row in results.precopy if row.ok}
     stop, pre = by_mode.get("stop-copy"), by_mode.get("pre-copy")
     if stop and pre:
         print(
             f"downtime pre-copy / stop-copy: {pre / stop:.3f} "
-            f"(pre-copy cuts the downtime {stop / pre:,.1f}x); best of each, figures of the "
-            "run with the lowest downtime"
+            f"(pre-copy cuts the downtime {stop / pre:,.1f}x); lowest downtime of each mode, "
+            "shown with the rest of that run's figures"
+        )
+    budget = [run for row in results.precopy for run in row.ok if run.writer_stopped_by == "budget"]
+    if budget:
+        print(
+            f"pre-copy did not end by itself in {len(budget)} run(s): a round ends only on an "
+            "empty MIG_DATA_READ, and\nwhile the RAM keeps being written every read finds "
+            "freshly dirtied pages; the writer was stopped after the budget."
         )
 
 
-def results_json(results: Results, args: argparse.Namespace) -> dict[str, Any]:
+def results_json(results: Results) -> dict[str, Any]:
     def row_json(row: Row) -> dict[str, Any]:
         base = results.baselines.get(row.size)
         return {
@@ -824,12 +961,16 @@ def results_json(results: Results, args: argparse.Namespace) -> dict[str, Any]:
             "transport": row.transport,
             "mode": row.mode,
             "repeat": len(row.runs),
+            "failed": len(row.runs) - len(row.ok),
             "best_mb_per_s": row.best_rate,
             "best_total_s": row.best_total_s,
             "best_downtime_s": row.best_downtime_s,
             "share_of_socket_copy": row.best_rate / base.socket_rate if base else None,
             "share_of_memcpy": row.best_rate / base.memcpy_rate if base else None,
-            "runs": [asdict(run) | {"mb_per_s": run.rate} for run in row.runs],
+            "runs": [
+                asdict(run) | {"mb_per_s": run.rate if run.error is None else None}
+                for run in row.runs
+            ],
         }
 
     return {
@@ -841,6 +982,7 @@ def results_json(results: Results, args: argparse.Namespace) -> dict[str, Any]:
         "checksum_implementation": sorted(results.checksum),
         "fastpath_env": results.fastpath_env,
         "mb": "10^6 bytes",
+        "seconds": results.seconds,
         "rows": [row_json(row) for row in results.rows],
         "baselines": [
             asdict(base)
@@ -849,6 +991,8 @@ def results_json(results: Results, args: argparse.Namespace) -> dict[str, Any]:
         ],
         "precopy_compare": {
             "write_pages_per_s": results.precopy_write_rate,
+            "write_bursts_per_s": results.precopy_write_ticks,
+            "budget_s": results.precopy_budget_s,
             "rows": [row_json(row) for row in results.precopy],
         }
         if results.precopy
@@ -940,7 +1084,20 @@ def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
         "--write-rate",
         type=int,
         default=2000,
-        help="pages per second the RAM writer dirties (default 2000, 8 MB/s)",
+        help="pages per second the RAM writer dirties (default 2000: 8 MB/s)",
+    )
+    parser.add_argument(
+        "--write-ticks",
+        type=int,
+        default=TICKS_PER_SECOND,
+        help=f"bursts per second the writer spreads them over (default {TICKS_PER_SECOND})",
+    )
+    parser.add_argument(
+        "--precopy-budget",
+        type=float,
+        default=5.0,
+        help="seconds into a pre-copy migration after which the writer stops if pre-copy "
+        "has not ended (default 5)",
     )
     parser.add_argument(
         "--no-table", action="store_true", help="skip the main table (with --precopy-compare)"
@@ -951,16 +1108,14 @@ def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
 def run_migration(args: argparse.Namespace) -> int:
     if args.quick:
         args.sizes = [16 * MIB]
-    if args.write_rate < 1:
-        print("bench migration: --write-rate must be positive", file=sys.stderr)
+    if args.write_rate < 1 or args.write_ticks < 1:
+        print("bench migration: --write-rate and --write-ticks must be positive", file=sys.stderr)
         return 2
-    started = time.perf_counter()
     results = run_migration_bench(args)
-    print_results(results, args)
-    print(f"\nbenchmark time: {time.perf_counter() - started:.0f} s")
+    print_results(results)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as out:
-            json.dump(results_json(results, args), out, indent=2)
+            json.dump(results_json(results), out, indent=2)
             out.write("\n")
     return 0
 

@@ -287,14 +287,27 @@ class RamRegion(Region):
 
     def __init__(self, size: int, *, mmap: bool = True) -> None:
         self.size = size
-        self.buffer: memoryview = memoryview(bytearray(size))
+        # Allocated on first use: a served device gets the runtime's memfd mapping first and
+        # never holds a second, anonymous copy of its RAM.
+        self._buffer: memoryview | None = None
         self.mmap_areas = ((0, size),) if mmap else ()
+
+    @property
+    def buffer(self) -> memoryview:
+        if self._buffer is None:
+            self._buffer = memoryview(bytearray(self.size))
+        return self._buffer
+
+    @buffer.setter
+    def buffer(self, value: memoryview) -> None:
+        self._buffer = value
 
     def bind(self, buffer: memoryview) -> None:
         if len(buffer) != self.size:
             raise ValueError("RAM backing of the wrong size")
-        buffer[:] = self.buffer
-        self.buffer = buffer
+        if self._buffer is not None:
+            buffer[:] = self._buffer  # keep what was written before binding
+        self._buffer = buffer
 
     def read(self, offset: int, count: int) -> bytes:
         return bytes(self.buffer[offset : offset + count])
@@ -303,7 +316,10 @@ class RamRegion(Region):
         self.buffer[offset : offset + len(data)] = data
 
     def reset(self) -> None:
-        self.buffer[:] = bytes(self.size)
+        view = self.buffer
+        zeros = bytes(min(self.size, 1 << 20))
+        for at in range(0, self.size, len(zeros)):  # no RAM-sized temporary
+            view[at : at + len(zeros)] = zeros[: self.size - at]
 
 
 class SplitRegion(Region):

@@ -21,6 +21,7 @@ import fcntl
 import logging
 import mmap
 import os
+import threading
 
 import trio
 
@@ -81,19 +82,35 @@ class MemfdStaging:
     def view(self) -> memoryview:
         if not self.size:
             return memoryview(b"")
-        self._map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+        # Prefault the whole mapping in one go: validation reads every byte anyway.
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        self._map = mmap.mmap(self.fd, self.size, flags, mmap.PROT_READ)
         return memoryview(self._map)
 
     def close(self) -> None:
-        if self._map is not None:
-            # Views of it may still be referenced (e.g. from a traceback); then the mapping
-            # goes away with them.
-            with contextlib.suppress(BufferError):
-                self._map.close()
-            self._map = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Release the staged stream. Unmapping and freeing a large memfd takes a while, so
+        it happens in a thread, off the migration's critical path (the SET's reply)."""
+        mapping, fd = self._map, self.fd
+        self._map, self.fd = None, -1
+        if mapping is None and fd < 0:
+            return
+        if self._size < LARGE_STAGING:
+            _release(mapping, fd)
+            return
+        threading.Thread(target=_release, args=(mapping, fd), daemon=True).start()
+
+
+LARGE_STAGING = 16 << 20
+
+
+def _release(mapping: mmap.mmap | None, fd: int) -> None:
+    if mapping is not None:
+        # Views of it may still be referenced (e.g. from a traceback); then the mapping
+        # goes away with them.
+        with contextlib.suppress(BufferError):
+            mapping.close()
+    if fd >= 0:
+        os.close(fd)
 
 
 def _pipe() -> tuple[int, int]:

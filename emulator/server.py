@@ -127,7 +127,11 @@ class RamBacking:
             if isinstance(region, RamRegion) and region.mmap_areas and region.size:
                 fd = os.memfd_create(f"{name}-region{index}", os.MFD_CLOEXEC)
                 os.ftruncate(fd, region.size)
-                mapping = mmap.mmap(fd, region.size, mmap.MAP_SHARED)
+                # Populated up front: the device's RAM is resident from the start (as the
+                # anonymous buffer it replaces would be), so no page fault lands inside a
+                # migration's downtime.
+                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+                mapping = mmap.mmap(fd, region.size, flags)
                 region.bind(memoryview(mapping))
                 backing.fds[index] = fd
                 backing.maps.append(mapping)

@@ -312,6 +312,7 @@ class _Migration:
         self.on_precopy_round = on_precopy_round
         self.stage = "checking the devices"
         self.source_initial = MigState.RUNNING
+        self.destination_initial = MigState.RUNNING
         self.source_touched = False
         self.destination_touched = False
         self.round_limit = ROUND_LIMIT_WITHOUT_ESTIMATE
@@ -352,12 +353,15 @@ class _Migration:
                 f"source is in {src_state.name}; {self.mode} migration starts from {names}",
                 stage=self.stage,
             )
-        if dst_state != MigState.RUNNING:
+        if dst_state not in (MigState.RUNNING, MigState.STOP):
+            # RUNNING: a fresh device; STOP: e.g. the source of an earlier migration, so a
+            # device can be migrated back and forth (STOP -> RESUMING is a direct arc).
             raise MigrationError(
-                f"destination is in {dst_state.name}; it must be a RUNNING (fresh) device",
+                f"destination is in {dst_state.name}; it must be RUNNING or STOP",
                 stage=self.stage,
             )
         self.source_initial = src_state
+        self.destination_initial = dst_state
         try:
             estimate = await stop_copy_size(self.source)
         except ClientError:
@@ -393,12 +397,16 @@ class _Migration:
                     '(connect with "migration": {"data_fd": true})',
                     stage=self.stage,
                 )
-            self.stage = "moving the destination RUNNING -> RESUMING"
+            self.stage = f"moving the destination {self.destination_initial.name} -> RESUMING"
             self.destination_fd = await set_state_with_fd(dst, MigState.RESUMING)
             if self.destination_fd is None:
                 raise MigrationError("destination passed no data fd", stage=self.stage)
         else:
-            await self._set(dst, MigState.RESUMING, "moving the destination RUNNING -> RESUMING")
+            await self._set(
+                dst,
+                MigState.RESUMING,
+                f"moving the destination {self.destination_initial.name} -> RESUMING",
+            )
         if self.mode == "pre-copy":
             self.source_touched = True
             await self._set(src, MigState.PRE_COPY, "moving the source RUNNING -> PRE_COPY")

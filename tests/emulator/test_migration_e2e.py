@@ -577,8 +577,8 @@ async def test_refuses_devices_in_the_wrong_state(tmp_path: Path) -> None:
         Client.connect(src_served.socket_path) as src,
         Client.connect(dst_served.socket_path) as dst,
     ):
-        await set_state(dst, MigState.STOP)
-        with pytest.raises(MigrationError, match="destination is in STOP"):
+        await set_state(dst, MigState.STOP_COPY)
+        with pytest.raises(MigrationError, match="destination is in STOP_COPY"):
             await migrate(src, dst)
         await set_state(dst, MigState.RUNNING)
         await set_state(src, MigState.STOP)
@@ -588,6 +588,25 @@ async def test_refuses_devices_in_the_wrong_state(tmp_path: Path) -> None:
         assert await get_state(dst) == MigState.RUNNING
         with pytest.raises(ValueError, match="mode"):
             await migrate(src, dst, mode="post-copy")  # type: ignore[arg-type]
+
+
+async def test_migrate_back_and_forth(tmp_path: Path) -> None:
+    """The source of one migration (left in STOP) is a valid destination for the next."""
+    async with (
+        two_devices(tmp_path) as (a_served, b_served),
+        Client.connect(a_served.socket_path) as a,
+        Client.connect(b_served.socket_path) as b,
+    ):
+        for round_trip in range(3):
+            await write32(a, td.REG_SCRATCH, 100 + round_trip)
+            await migrate(a, b, mode="pre-copy" if round_trip % 2 else "stop-copy")
+            assert await get_state(a) == MigState.STOP
+            assert await read32(b, td.REG_SCRATCH) == 100 + round_trip
+            await write32(b, td.REG_SCRATCH + 4, 200 + round_trip)
+            await migrate(b, a)
+            assert await get_state(b) == MigState.STOP
+            assert await get_state(a) == MigState.RUNNING
+            assert await read32(a, td.REG_SCRATCH + 4) == 200 + round_trip
 
 
 async def test_destination_lost_mid_precopy(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .api import Device
+from .e1000 import DEFAULT_MAC, E1000, E1000Options, parse_mac
 from .lvu_sample import LvuSample
 from .migration import parse_mig_caps
 from .testdev import TestDev, TestDevOptions
@@ -59,6 +60,17 @@ def _build_lvu_sample(opts: dict[str, str]) -> Device:
     return LvuSample()  # its BAR0 timer sleeps with DeviceContext.sleep
 
 
+def _build_e1000(opts: dict[str, str]) -> Device:
+    try:
+        mac = parse_mac(opts["mac"]) if "mac" in opts else DEFAULT_MAC
+        netdev = opts.get("netdev")
+        if netdev == "":
+            raise ValueError("netdev= needs an id")
+        return E1000(E1000Options(mac=mac, netdev=netdev))
+    except ValueError as exc:
+        raise DeviceSpecError(f"e1000: {exc}") from None
+
+
 DEVICE_TYPES: dict[str, DeviceType] = {
     "testdev": DeviceType(
         "testdev",
@@ -75,6 +87,16 @@ DEVICE_TYPES: dict[str, DeviceType] = {
         "DMA, 16 KiB sparse-mmap RAM BAR1, raw PRE_COPY/STOP_COPY stream",
         {},
         _build_lvu_sample,
+    ),
+    "e1000": DeviceType(
+        "e1000",
+        "Intel 82540EM Gigabit Ethernet (8086:100e): EEPROM, PHY, checksum offload, TSO, "
+        "INTx; frames through a --netdev backend",
+        {
+            "mac": "MAC address (default 52:54:00:12:34:56)",
+            "netdev": "id of the --netdev backend carrying its frames",
+        },
+        _build_e1000,
     ),
 }
 

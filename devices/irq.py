@@ -175,6 +175,20 @@ class InterruptController:
         for vector in range(first, last + 1):
             self._retry_pending(MSIX, vector)
 
+    def program_msix_vector(self, vector: int, live: bool) -> None:
+        """The client bound (live) or released an eventfd for ``vector``.
+
+        As the host kernel does for a vfio-pci device: binding programs the vector into the
+        function's table unmasked, releasing masks it. A client that emulates the table itself
+        (QEMU) never writes ours, and without this every vector would stay masked from reset.
+        """
+        if not 0 <= vector < self.count(MSIX):
+            return
+        at = vector * MSIX_ENTRY_SIZE + 12
+        ctrl = struct.unpack_from("<I", self.msix_table, at)[0]
+        ctrl = ctrl & ~MSIX_CTRL_MASKBIT if live else ctrl | MSIX_CTRL_MASKBIT
+        self.msix_table_write(at, struct.pack("<I", ctrl))
+
     def pba_bytes(self) -> bytes:
         pending = self._vectors[MSIX].pending
         words = (len(pending) + 63) // 64

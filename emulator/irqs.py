@@ -115,6 +115,8 @@ class IrqBindings:
                 old = table.pop(start + i, None)
                 if old is not None:
                     os.close(old)
+                if index == MSIX:
+                    self.controller.program_msix_vector(start + i, live=bool(fds))
             if fds:
                 for i in range(count):
                     table[start + i] = fds.pop(0)
@@ -137,8 +139,10 @@ class IrqBindings:
 
     def _disable(self, index: int) -> None:
         table = self.triggers[index]
-        for fd in table.values():
+        for vector, fd in table.items():
             os.close(fd)
+            if index == MSIX:
+                self.controller.program_msix_vector(vector, live=False)
         table.clear()
         if index == INTX:
             self._drop_unmask_fd()

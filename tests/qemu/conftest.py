@@ -1,0 +1,223 @@
+"""Fixtures for tests that boot a real Linux guest in an unmodified QEMU with our devices.
+
+Nothing is built here: the tests use the QEMU in ``$QEMU`` or the one
+``scripts/qemu/build-qemu`` left in the cache, and the guest ``scripts/qemu/build-guest``
+assembled, and are skipped with the reason (and the command to run) when either is missing.
+The cache is ``$VFIO_USER_EMU_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/vfio-user-emu``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = REPO / "scripts" / "qemu"
+MIN_QEMU = (10, 1, 1)
+
+
+def cache_dir() -> Path:
+    if os.environ.get("VFIO_USER_EMU_CACHE"):
+        return Path(os.environ["VFIO_USER_EMU_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "vfio-user-emu"
+
+
+def _qemu_problem(binary: str) -> str | None:
+    """Why ``binary`` cannot run these tests, or None when it can."""
+    try:
+        version = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+        devices = subprocess.run(
+            [binary, "-nodefaults", "-machine", "none", "-device", "help"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{binary} does not run: {exc}"
+    match = re.search(r"version (\d+)\.(\d+)\.(\d+)", version)
+    if not match:
+        return f"{binary} printed no QEMU version"
+    found = tuple(int(part) for part in match.groups())
+    if found < MIN_QEMU:
+        return f"{binary} is QEMU {'.'.join(map(str, found))}, older than 10.1.1"
+    if '"vfio-user-pci"' not in devices:
+        return f"{binary} has no vfio-user-pci device"
+    return None
+
+
+@pytest.fixture(scope="session")
+def qemu_binary() -> str:
+    explicit = os.environ.get("QEMU")
+    binary = explicit or str(cache_dir() / "qemu" / "install" / "bin" / "qemu-system-x86_64")
+    if not explicit and not os.access(binary, os.X_OK):
+        pytest.skip(
+            f"no QEMU with vfio-user-pci: none in $QEMU nor at {binary} "
+            "(run scripts/qemu/build-qemu, ~5 min, or set QEMU=/path/to/qemu-system-x86_64)"
+        )
+    problem = _qemu_problem(binary)
+    if problem:
+        pytest.skip(f"no suitable QEMU: {problem} (run scripts/qemu/build-qemu or fix $QEMU)")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def guest_dir() -> Path:
+    guest = cache_dir() / "guest"
+    if not all((guest / name).is_file() for name in ("vmlinuz", "initramfs.cpio.gz")):
+        pytest.skip(f"no test guest in {guest} (run scripts/qemu/build-guest, ~20 s)")
+    for tool in ("cpio", "timeout"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"scripts/qemu/run-vm needs {tool} (apt-get install {tool})")
+    return guest
+
+
+def emulator_command() -> list[str]:
+    """Our CLI, from the interpreter running the tests (the project's venv)."""
+    return [sys.executable, "-m", "emulator"]
+
+
+@dataclass
+class Server:
+    """A ``vfio-user-emu serve --trace`` process and its logs."""
+
+    socket: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def trace(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+class ServerPool:
+    """Starts ``vfio-user-emu serve --trace`` processes in ``workdir``; stops them all."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.started: list[Server] = []
+
+    def start(self, device: str, *extra: str, name: str | None = None) -> Server:
+        """Start a server for ``device`` (TYPE[,key=value...]); returns once it listens."""
+        name = name or device.split(",", maxsplit=1)[0]
+        socket = self.workdir / f"{name}.sock"
+        log = self.workdir / f"{name}-server.log"
+        command = [*emulator_command(), "serve", "--device", device]
+        command += ["--socket-path", str(socket), "--trace", *extra]
+        with log.open("wb") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        server = Server(socket, process, log)
+        self.started.append(server)
+        deadline = time.monotonic() + 30
+        while not socket.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                server.stop()
+                pytest.fail(f"server for {device} did not start:\n{server.trace()}")
+            time.sleep(0.05)
+        return server
+
+    def stop_all(self) -> None:
+        for server in self.started:
+            server.stop()
+
+
+@pytest.fixture
+def vfio_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """``vfio_server("testdev")`` starts our server and returns a :class:`Server` once its
+    socket listens; every server started is stopped (SIGTERM) at teardown."""
+    pool = ServerPool(tmp_path)
+    yield pool.start
+    pool.stop_all()
+
+
+@dataclass
+class VmRun:
+    """What one ``scripts/qemu/run-vm`` run left behind."""
+
+    returncode: int
+    console: str
+    output: str  # run-vm's and QEMU's own stdout/stderr
+    wall_s: float
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def guest_times(self) -> str:
+        return ", ".join(f"{key} {value:.2f} s" for key, value in self.marks.items())
+
+
+def _boot_marks(console: str) -> dict[str, float]:
+    """Guest uptimes /init printed: when it started and when it powered off."""
+    marks: dict[str, float] = {}
+    if up := re.search(r"^GUEST: up ([\d.]+) s", console, re.M):
+        marks["init started at uptime"] = float(up.group(1))
+    if off := re.search(r"^GUEST: powering off at ([\d.]+) s", console, re.M):
+        marks["poweroff at uptime"] = float(off.group(1))
+    return marks
+
+
+def run_vm(
+    qemu_binary: str,
+    guest_dir: Path,
+    workdir: Path,
+    sockets: list[Path],
+    script: str,
+    *,
+    append: str = "",
+    timeout: int = 240,
+    memory: str = "512M",
+    name: str = "vm",
+) -> VmRun:
+    """Boot the guest with our sockets attached and ``script`` run as /test.sh
+    (scripts/qemu/run-vm); console, QEMU's vfio trace and the script go to ``workdir``."""
+    script_file = workdir / f"{name}-test.sh"
+    script_file.write_text(script)
+    console = workdir / f"{name}-console.log"
+    command = [str(SCRIPTS / "run-vm"), "--quiet", "--console", str(console)]
+    command += ["--script", str(script_file), "--timeout", str(timeout)]
+    command += ["--memory", memory, "--append", append]
+    command += ["--qemu-trace", str(workdir / f"{name}-qemu-trace.log")]
+    for socket in sockets:
+        command += ["--socket", str(socket)]
+    env = dict(os.environ, QEMU=qemu_binary)
+    emu = Path(sys.executable).with_name("vfio-user-emu")
+    if emu.exists():
+        env["VFIO_USER_EMU"] = str(emu)
+    start = time.monotonic()
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=timeout + 60, check=False
+    )
+    wall = time.monotonic() - start
+    text = console.read_text(errors="replace") if console.exists() else ""
+    text = text.replace("\r\n", "\n")
+    return VmRun(result.returncode, text, result.stdout + result.stderr, wall, _boot_marks(text))
+
+
+@pytest.fixture
+def vm(qemu_binary: str, guest_dir: Path, tmp_path: Path) -> Callable[..., VmRun]:
+    """``vm([socket, ...], script, append=...)``: :func:`run_vm` in this test's tmp_path."""
+
+    def run(sockets: list[Path], script: str, **options: object) -> VmRun:
+        return run_vm(qemu_binary, guest_dir, tmp_path, sockets, script, **options)  # type: ignore[arg-type]
+
+    return run

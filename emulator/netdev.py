@@ -66,7 +66,6 @@ import logging
 import math
 import os
 import socket
-import stat
 import struct
 import time
 from collections import deque
@@ -79,7 +78,7 @@ import trio
 from devices.net import NetDevice, NetStats
 
 from .pcap import PcapWriter
-from .server import ServerError, create_listener
+from .server import ServerError, create_listener, stale_socket
 
 log = logging.getLogger("vfio_user_emu")
 
@@ -458,21 +457,6 @@ def _unlink_if_ours(path: Path, inode: tuple[int, int] | None) -> None:
         path.unlink(missing_ok=True)
 
 
-def _datagram_path_is_stale(path: Path) -> bool:
-    if not stat.S_ISSOCK(path.lstat().st_mode):
-        return False
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    try:
-        probe.connect(str(path))
-    except ConnectionRefusedError:
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return False
-
-
 def _oserror_text(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
@@ -514,7 +498,7 @@ class DgramBackend(NetBackend):
     def _open(self) -> None:
         path = self.local
         if path.exists() or path.is_symlink():
-            if not _datagram_path_is_stale(path):
+            if not stale_socket(path, socket.SOCK_DGRAM):
                 raise NetdevError(
                     f"netdev {self.netdev_id}: local={path} exists and is not a stale "
                     "datagram socket; refusing to replace it"

@@ -56,11 +56,11 @@ class ServerError(Exception):
     pass
 
 
-def _stale_socket(path: Path) -> bool:
-    """True if ``path`` is a socket nobody listens on any more."""
+def stale_socket(path: Path, kind: int = socket.SOCK_STREAM) -> bool:
+    """True if ``path`` is a UNIX socket (of ``kind``) nobody serves any more."""
     if not stat.S_ISSOCK(path.lstat().st_mode):
         return False
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     try:
         probe.connect(str(path))
     except ConnectionRefusedError:
@@ -75,7 +75,7 @@ def _stale_socket(path: Path) -> bool:
 def create_listener(path: Path) -> socket.socket:
     """Bind, restrict to the owner, listen, then rename into place (atomic for clients)."""
     if path.exists() or path.is_symlink():
-        if not _stale_socket(path):
+        if not stale_socket(path):
             raise ServerError(f"{path} exists and is not a stale socket; refusing to replace it")
         path.unlink()
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")

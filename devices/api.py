@@ -418,6 +418,9 @@ class Device:
 
     type_name: ClassVar[str] = "device"
     supports_reset: ClassVar[bool] = True
+    #: DMA only while the guest enabled bus mastering (command register bit 2), as PCI
+    #: requires; a profile reproducing a server that does not check can turn it off.
+    dma_needs_bus_master: ClassVar[bool] = True
     #: Migration capabilities the model can do (MigrationCaps bits: 1 STOP_COPY, 2 P2P,
     #: 4 PRE_COPY); users narrow them with the ``mig-caps=`` option.
     migration_caps: ClassVar[int] = 0x7

@@ -177,6 +177,8 @@ class LvuSample(Device):
     type_name: ClassVar[str] = "lvu-sample"
     migration_caps: ClassVar[int] = int(MigrationCaps.STOP_COPY | MigrationCaps.PRE_COPY)
     migration_generic_state: ClassVar[bool] = False
+    #: libvfio-user does not check bus mastering, and its sample client never enables it.
+    dma_needs_bus_master: ClassVar[bool] = False
 
     def __init__(
         self,

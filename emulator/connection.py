@@ -300,7 +300,13 @@ class ClientSession:
         self.client = client
         self.max_transfer = max(1, client.max_data_xfer_size)
         self.dma_layout = self.limits.dma_layout or choose_dma_layout(client)
-        self.engine = DmaEngine(self.maps, self, self.dirty)
+        device = self.device
+        self.engine = DmaEngine(
+            self.maps,
+            self,
+            self.dirty,
+            bus_master=lambda: not device.dma_needs_bus_master or device.config.bus_master,
+        )
         self.session = Session(
             self.device,
             client=client,

@@ -258,15 +258,25 @@ class DirtyLog:
 class DmaEngine:
     """The :class:`devices.api.Dma` a device uses, bound to one client connection."""
 
-    def __init__(self, maps: IovaMap, channel: MessageChannel, dirty: DirtyLog) -> None:
+    def __init__(
+        self,
+        maps: IovaMap,
+        channel: MessageChannel,
+        dirty: DirtyLog,
+        bus_master: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.maps = maps
         self.channel = channel
         self.dirty = dirty
         self.enabled = True
+        #: Whether the guest lets the function master the bus (PCI command register bit 2).
+        self.bus_master = bus_master
 
     def _check_enabled(self) -> None:
         if not self.enabled:
             raise DmaFault("DMA is disabled (device reset, stopped or client gone)")
+        if not self.bus_master():
+            raise DmaFault("DMA while bus mastering is disabled (PCI command register)")
 
     def _check_live(self, mapping: Mapping) -> None:
         # Messages await the client, during which the client may unmap or reset; never

@@ -22,6 +22,7 @@ import trio
 from devices.api import Device
 from protocol.version import ServerCapabilities
 
+from .client import Client
 from .connection import Limits
 from .server import DeviceServer
 
@@ -122,3 +123,17 @@ class EventFd:
     def close(self) -> None:
         trio.lowlevel.notify_closing(self.fd)
         os.close(self.fd)
+
+
+PCI_COMMAND = 0x04
+PCI_COMMAND_MEMORY = 0x2
+PCI_COMMAND_MASTER = 0x4
+CONFIG_REGION = 7
+
+
+async def enable_bus_master(client: Client) -> None:
+    """What a guest driver does before its device may DMA (``pci_set_master``): set the
+    memory-space and bus-master bits of the command register."""
+    raw = await client.region_read(CONFIG_REGION, PCI_COMMAND, 2)
+    command = int.from_bytes(raw, "little") | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER
+    await client.region_write(CONFIG_REGION, PCI_COMMAND, command.to_bytes(2, "little"))

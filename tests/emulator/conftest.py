@@ -7,7 +7,7 @@ import pytest
 
 from devices.testdev import TestDev
 from emulator.client import Client
-from emulator.testing import ServedDevice, served_device
+from emulator.testing import ServedDevice, enable_bus_master, served_device
 
 
 @pytest.fixture
@@ -19,4 +19,5 @@ async def served(tmp_path: Path) -> AsyncIterator[ServedDevice]:
 @pytest.fixture
 async def client(served: ServedDevice) -> AsyncIterator[Client]:
     async with Client.connect(served.socket_path) as c:
+        await enable_bus_master(c)  # as a guest driver does before its device may DMA
         yield c

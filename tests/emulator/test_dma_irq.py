@@ -10,7 +10,7 @@ import trio
 
 from devices import testdev as td
 from emulator.client import Client, ClientError, GuestMemory
-from emulator.testing import EventFd, GuestRam, ServedDevice
+from emulator.testing import EventFd, GuestRam, ServedDevice, enable_bus_master
 from emulator.transport import receive_chunk
 from protocol.constants import IrqIndex
 from protocol.header import Header
@@ -70,6 +70,7 @@ async def test_dma_messages_respect_the_clients_transfer_size(served: ServedDevi
     async with Client.connect(
         served.socket_path, capabilities={"max_msg_fds": 8, "max_data_xfer_size": 1024}
     ) as client:
+        await enable_bus_master(client)
         seen: list[int] = []
 
         class Recording(GuestMemory):
@@ -411,6 +412,7 @@ async def test_in_band_dma_with_qemu_layout(served: ServedDevice) -> None:
             await send_message(sock, pack_reply(header.msg_id, header.command, reply))
 
     await call(1, C.VERSION, VersionPayload(0, 0, "{}").pack())
+    await call(2, C.REGION_WRITE, RegionData(4, 7, 2, b"\x06\x00").pack())  # memory + bus master
     await call(2, C.DMA_MAP, DmaMap(32, 3, 0, 0x10000, 0x10000).pack())
     for msg_id, (reg, value) in enumerate(
         [
@@ -454,6 +456,8 @@ async def test_reset_during_large_message_dma_keeps_the_stream_intact(
     await command(1, C.VERSION, VersionPayload(0, 2, "{}").pack())
     assert (await read_message(sock))[0].msg_id == 1
     await command(2, C.DMA_MAP, DmaMap(32, 3, 0, 0, 4 * size).pack())
+    assert (await read_message(sock))[0].msg_id == 2
+    await command(2, C.REGION_WRITE, RegionData(4, 7, 2, b"\x06\x00").pack())  # bus master on
     assert (await read_message(sock))[0].msg_id == 2
     for msg_id, (reg, value) in enumerate(
         [

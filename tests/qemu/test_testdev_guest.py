@@ -430,14 +430,11 @@ def test_msix_reaches_guest_cpu(guest: GuestResult) -> None:
     guest.expect("msix.delivered_to_vector_210")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="server bug: DMA runs while the guest has bus mastering disabled"
-)
 def test_no_dma_without_bus_master(guest: GuestResult) -> None:
     guest.expect("dma.no_copy_without_bus_master")
 
 
-KNOWN_FAILURES = {"dma.no_copy_without_bus_master"}
+KNOWN_FAILURES: set[str] = set()
 
 
 def test_no_other_guest_check_failed(guest: GuestResult) -> None:

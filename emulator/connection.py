@@ -300,6 +300,7 @@ class ClientSession:
         self.client = client
         self.max_transfer = max(1, client.max_data_xfer_size)
         self.dma_layout = self.limits.dma_layout or choose_dma_layout(client)
+        self.tracer.dma_layout = self.dma_layout
         device = self.device
         self.engine = DmaEngine(
             self.maps,

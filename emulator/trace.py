@@ -8,6 +8,7 @@ from protocol.constants import Command
 from protocol.describe import describe
 from protocol.errors import ProtocolError
 from protocol.header import Header, pack_message
+from protocol.messages import DmaLayout
 
 log = logging.getLogger("vfio_user_emu.trace")
 
@@ -16,10 +17,13 @@ class Tracer:
     def __init__(self, enabled: bool, name: str = "") -> None:
         self.enabled = enabled
         self.name = name
+        #: How the connection lays out in-band DMA (set when the client is known).
+        self.dma_layout = DmaLayout.SPEC
 
     def message(self, direction: str, header: Header, payload: bytes, nfds: int) -> None:
         if self.enabled:
-            log.info("%s %s %s", self.name, direction, describe(header, payload, nfds))
+            text = describe(header, payload, nfds, self.dma_layout)
+            log.info("%s %s %s", self.name, direction, text)
 
     def reply(self, request: Header, payload: bytes, nfds: int) -> None:
         if self.enabled:
@@ -29,7 +33,7 @@ class Tracer:
     def request(self, msg_id: int, command: Command, payload: bytes) -> None:
         if self.enabled:
             header = Header.unpack(pack_message(msg_id, command, payload))
-            log.info("%s -> %s", self.name, describe(header, payload))
+            log.info("%s -> %s", self.name, describe(header, payload, 0, self.dma_layout))
 
     def failed(self, request: Header, err: int, reason: str) -> None:
         if self.enabled:

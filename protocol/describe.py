@@ -8,8 +8,10 @@ from .constants import Command, IrqIndex
 from .errors import ProtocolError
 from .header import Header
 from .messages import (
+    QEMU_DMA_RW,
     DeviceFeatureMsg,
     DeviceInfo,
+    DmaLayout,
     DmaMap,
     DmaRw,
     DmaUnmap,
@@ -67,7 +69,10 @@ def _dma_unmap(p: bytes, reply: bool) -> str:
     return f"address={u.address:#x} size={u.size:#x} flags={u.flags:#x}"
 
 
-def _dma_rw(p: bytes, reply: bool) -> str:
+def _dma_rw(p: bytes, reply: bool, layout: DmaLayout = DmaLayout.SPEC) -> str:
+    if layout is DmaLayout.QEMU and len(p) >= QEMU_DMA_RW.size:
+        address, count = QEMU_DMA_RW.unpack_from(p)
+        return f"address={address:#x} count={count} data={len(p) - 16}B (qemu layout)"
     d = DmaRw.unpack(p)
     return f"address={d.address:#x} count={d.count} data={len(p) - 16}B"
 
@@ -121,7 +126,9 @@ _DECODERS: dict[int, Callable[[bytes, bool], str]] = {
 }
 
 
-def describe(header: Header, payload: bytes, nfds: int = 0) -> str:
+def describe(
+    header: Header, payload: bytes, nfds: int = 0, dma_layout: DmaLayout = DmaLayout.SPEC
+) -> str:
     kind = "reply" if header.is_reply else "cmd"
     flags = []
     if header.no_reply:
@@ -137,6 +144,9 @@ def describe(header: Header, payload: bytes, nfds: int = 0) -> str:
     if decoder is None or not payload:
         return head
     try:
+        if header.command in (Command.DMA_READ, Command.DMA_WRITE):
+            # In-band DMA is laid out per connection (QEMU's differs from the spec).
+            return f"{head} {_dma_rw(payload, header.is_reply, dma_layout)}"
         return f"{head} {decoder(payload, header.is_reply)}"
     except ProtocolError as exc:
         return f"{head} (undecodable: {exc})"

@@ -144,10 +144,6 @@ def payload_parts(payload: Payload) -> list[Buffer]:
     return [part for part in payload if len(part)]
 
 
-def payload_bytes(payload: Payload) -> bytes:
-    return b"".join(payload_parts(payload))
-
-
 def encode(
     device_type: str, model_version: int, session_id: bytes, sections: Iterable[Section]
 ) -> bytes:

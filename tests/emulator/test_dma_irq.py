@@ -509,3 +509,18 @@ async def read_rest(sock: trio.socket.SocketType, header: Header) -> bytes:
         assert chunk, "connection closed mid-message"
         body += chunk
     return body
+
+
+async def test_err_and_req_notifications(served: ServedDevice, client: Client) -> None:
+    """ERR makes QEMU stop the VM, REQ asks it to unplug the device: both are eventfds the
+    client binds, signalled only when the device model asks."""
+    err, req = EventFd(), EventFd()
+    irq = served.device.irq
+    assert not irq.signal_error()  # nothing bound yet: not delivered
+    await client.set_irqs(IrqIndex.ERR, TRIGGER_EVENTFD, 0, 1, fds=[err.fd])
+    await client.set_irqs(IrqIndex.REQ, TRIGGER_EVENTFD, 0, 1, fds=[req.fd])
+    assert irq.signal_error() and await err.wait() == 1
+    assert irq.request_release() and await req.wait() == 1
+    assert err.take() == req.take() == 0
+    err.close()
+    req.close()

@@ -172,3 +172,33 @@ class DmaModel(RuleBasedStateMachine):
 
 TestDmaModel = DmaModel.TestCase
 TestDmaModel.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+
+
+def test_scatter_gather_checks_every_segment_before_moving_a_byte() -> None:
+    with GuestRam(0x4000) as ram:
+        import os
+
+        maps = IovaMap(max_maps=4)
+        maps.add(DmaMap(32, 3, 0, 0x0, 0x2000), os.dup(ram.fd))
+        maps.add(DmaMap(32, 1, 0x2000, 0x2000, 0x1000), os.dup(ram.fd))  # read-only
+        engine = DmaEngine(maps, FakeChannel(), DirtyLog())
+        ram.write(0x0, b"AAAA")
+        ram.write(0x1FFE, b"BBCC")  # straddles the two maps
+        assert run(engine.read_sg([(0x0, 4), (0x1FFE, 4)])) == b"AAAABBCC"
+        run(engine.write_sg([(0x100, 2), (0x1000, 3)], b"xyzzy"))
+        assert ram.read(0x100, 2) == b"xy" and ram.read(0x1000, 3) == b"zzy"
+        # One segment into the read-only map: nothing at all is written.
+        try:
+            run(engine.write_sg([(0x200, 2), (0x2000, 2)], b"1234"))
+        except DmaFault:
+            pass
+        else:
+            raise AssertionError("a write into a read-only map must fault")
+        assert ram.read(0x200, 2) == bytes(2)
+        try:
+            run(engine.write_sg([(0x0, 2)], b"toolong"))
+        except DmaFault:
+            pass
+        else:
+            raise AssertionError("segments and data of different lengths must fault")
+        maps.clear()

@@ -337,6 +337,34 @@ class NetBackend:
         self._link_up = False
         self._drop_queued_tx()
 
+    async def _packet_rx_loop(
+        self, read_into: Callable[[bytearray], int], waitable: Any, what: str
+    ) -> None:
+        """Receive one frame per read (datagram sockets, tap) until cancelled."""
+        buffer = bytearray(MAX_FRAME_SIZE + 1)  # one more: a frame that fills it is too big
+        view = memoryview(buffer)
+        received = self._received
+        budget = RX_BATCH
+        while True:
+            try:
+                size = read_into(buffer)
+            except BlockingIOError:
+                budget = RX_BATCH
+                await trio.lowlevel.wait_readable(waitable)
+                continue
+            except OSError as exc:  # nothing expected; do not spin on it
+                log.warning("netdev %s: %s: %s", self.netdev_id, what, _oserror_text(exc))
+                await trio.sleep(DGRAM_RETRY_INTERVAL)
+                continue
+            if MIN_FRAME_SIZE <= size <= MAX_FRAME_SIZE:
+                received(bytes(view[:size]))
+            else:
+                self._count("rx_bad_size")
+            budget -= 1
+            if not budget:
+                budget = RX_BATCH
+                await trio.lowlevel.checkpoint()
+
     def _received(self, frame: bytes) -> None:
         """One frame from the wire (sizes checked by the caller)."""
         stats = self.stats
@@ -587,30 +615,7 @@ class DgramBackend(NetBackend):
     async def _rx_loop(self) -> None:
         sock = self._rx_sock
         assert sock is not None
-        buffer = bytearray(MAX_FRAME_SIZE + 1)  # one more: a datagram that fills it is too big
-        view = memoryview(buffer)
-        recv_into = sock.recv_into
-        received = self._received
-        budget = RX_BATCH
-        while True:
-            try:
-                size = recv_into(buffer)
-            except BlockingIOError:
-                budget = RX_BATCH
-                await trio.lowlevel.wait_readable(sock)
-                continue
-            except OSError as exc:  # nothing expected; do not spin on it
-                log.warning("netdev %s: receive: %s", self.netdev_id, _oserror_text(exc))
-                await trio.sleep(DGRAM_RETRY_INTERVAL)
-                continue
-            if MIN_FRAME_SIZE <= size <= MAX_FRAME_SIZE:
-                received(bytes(view[:size]))
-            else:
-                self._count("rx_bad_size")
-            budget -= 1
-            if not budget:
-                budget = RX_BATCH
-                await trio.lowlevel.checkpoint()
+        await self._packet_rx_loop(sock.recv_into, sock, "receive")
 
 
 # -- stream ------------------------------------------------------------------------------
@@ -939,31 +944,7 @@ class TapBackend(NetBackend):
     async def _rx_loop(self) -> None:
         fd = self._fd
         assert fd is not None
-        buffer = bytearray(MAX_FRAME_SIZE + 1)
-        view = memoryview(buffer)
-        buffers = [buffer]
-        readv = os.readv
-        received = self._received
-        budget = RX_BATCH
-        while True:
-            try:
-                size = readv(fd, buffers)
-            except BlockingIOError:
-                budget = RX_BATCH
-                await trio.lowlevel.wait_readable(fd)
-                continue
-            except OSError as exc:
-                log.warning("netdev %s: read: %s", self.netdev_id, _oserror_text(exc))
-                await trio.sleep(DGRAM_RETRY_INTERVAL)
-                continue
-            if MIN_FRAME_SIZE <= size <= MAX_FRAME_SIZE:
-                received(bytes(view[:size]))
-            else:
-                self._count("rx_bad_size")
-            budget -= 1
-            if not budget:
-                budget = RX_BATCH
-                await trio.lowlevel.checkpoint()
+        await self._packet_rx_loop(lambda buffer: os.readv(fd, [buffer]), fd, "read")
 
 
 # -- specs -------------------------------------------------------------------------------

@@ -137,3 +137,17 @@ async def enable_bus_master(client: Client) -> None:
     raw = await client.region_read(CONFIG_REGION, PCI_COMMAND, 2)
     command = int.from_bytes(raw, "little") | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER
     await client.region_write(CONFIG_REGION, PCI_COMMAND, command.to_bytes(2, "little"))
+
+
+async def read_migration_data(client: Client, chunk: int = 1 << 16) -> bytes:
+    """MIG_DATA_READ until the device has nothing more (the rest of the stream, in-band)."""
+    out = []
+    while data := await client.mig_data_read(chunk):
+        out.append(data)
+    return b"".join(out)
+
+
+async def write_migration_data(client: Client, data: bytes, chunk: int = 1 << 16) -> None:
+    """MIG_DATA_WRITE a stream in chunks of ``chunk`` bytes."""
+    for at in range(0, len(data), chunk):
+        await client.mig_data_write(data[at : at + chunk])

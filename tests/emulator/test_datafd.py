@@ -31,7 +31,7 @@ from devices import testdev as td
 from devices.testdev import TestDev, TestDevOptions
 from emulator.client import Client, ClientError
 from emulator.migration import DATA_FD_CAPABILITIES, migrate
-from emulator.testing import ServedDevice, served_device
+from emulator.testing import ServedDevice, read_migration_data, served_device, write_migration_data
 from protocol.constants import Command, MigState
 from protocol.version import ServerCapabilities
 
@@ -249,18 +249,6 @@ def access_mode(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
 
 
-async def read_in_band(client: Client, chunk: int = 1 << 16) -> bytes:
-    out = []
-    while data := await client.mig_data_read(chunk):
-        out.append(data)
-    return b"".join(out)
-
-
-async def write_in_band(client: Client, data: bytes, chunk: int = 1 << 16) -> None:
-    for at in range(0, len(data), chunk):
-        await client.mig_data_write(data[at : at + chunk])
-
-
 async def save_via_fd(client: Client) -> bytes:
     """RUNNING/STOP -> STOP_COPY, the stream read from the passed fd, then -> STOP."""
     fd = await client.set_mig_state(STOP_COPY)
@@ -371,16 +359,16 @@ async def test_standard_clients_get_byte_identical_echoes_and_no_fds(tmp_path: P
 
         before = snapshot(served)
         await echo(src, PRE_COPY, -1, b"")
-        precopy = await read_in_band(src)
+        precopy = await read_migration_data(src)
         await echo(src, PRE_COPY_P2P, 0, b"")
         await echo(src, STOP_COPY, 7, b"")
-        stream = precopy + await read_in_band(src)
+        stream = precopy + await read_migration_data(src)
         await echo(src, STOP, 0, b"tail")
         await echo(src, STOP_COPY, -1, b"")  # a fresh session
-        assert await read_in_band(src) != b""
+        assert await read_migration_data(src) != b""
         await echo(src, RESUMING, 3, b"")  # STOP_COPY -> STOP -> RESUMING
         await echo(dst, RESUMING, 0, bytes(8))  # RUNNING -> RUNNING_P2P -> STOP -> RESUMING
-        await write_in_band(dst, stream)
+        await write_migration_data(dst, stream)
         await echo(dst, RUNNING, 0x7FFFFFFF, b"")
         assert snapshot(dst_served) == before
 
@@ -538,7 +526,7 @@ async def test_stop_copy_fd_carries_exactly_the_in_band_stream(
         from_fd = await read_to_eof(fd)
         os.close(fd)
         await go(in_band, STOP_COPY)
-        expected = await read_in_band(in_band)
+        expected = await read_migration_data(in_band)
         assert len(from_fd) > 4 * td.PAGE
         assert from_fd == expected
         assert await by_fd.set_mig_state(STOP) is None
@@ -561,8 +549,8 @@ async def test_pre_copy_then_stop_copy_over_the_fd(tmp_path: Path, read_precopy:
             assert await client.set_mig_state(PRE_COPY) is None
         precopy = b""
         if read_precopy:
-            precopy = await read_in_band(by_fd)
-            assert precopy == await read_in_band(in_band)
+            precopy = await read_migration_data(by_fd)
+            assert precopy == await read_migration_data(in_band)
             assert precopy
         for client in (by_fd, in_band):
             # The guest keeps running: dirty a page and a register after the first pass.
@@ -573,7 +561,7 @@ async def test_pre_copy_then_stop_copy_over_the_fd(tmp_path: Path, read_precopy:
         rest = await read_to_eof(fd)
         os.close(fd)
         await go(in_band, STOP_COPY)
-        assert rest == await read_in_band(in_band)
+        assert rest == await read_migration_data(in_band)
         await load_via_fd(dst, precopy + rest, seed=5)
         assert snapshot(served_dst) == snapshot(served_a)
 
@@ -602,7 +590,7 @@ async def test_resume_from_the_fd_in_random_segments(tmp_path: Path, seed: int, 
         assert await by_fd.set_mig_state(STOP) is None
         assert await by_fd.set_mig_state(RUNNING) is None
         await go(in_band, RESUMING)
-        await write_in_band(in_band, stream)
+        await write_migration_data(in_band, stream)
         await go(in_band, RUNNING)
         assert snapshot(served_fd) == source
         assert snapshot(served_fd) == snapshot(served_ib)

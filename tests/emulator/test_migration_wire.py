@@ -17,7 +17,7 @@ from devices import testdev as td
 from devices.errors import DeviceError
 from devices.testdev import TestDev
 from emulator.client import Client, ClientError
-from emulator.testing import ServedDevice, served_device
+from emulator.testing import ServedDevice, read_migration_data, served_device, write_migration_data
 from protocol.constants import Command, MigState
 from tests.protocol.test_migration_fsm import ref_shortest_paths, ref_states
 
@@ -103,23 +103,11 @@ async def errno_of(call: object) -> int:
     return info.value.errno
 
 
-async def read_all(client: Client, chunk: int = 1 << 16) -> bytes:
-    out = []
-    while data := await client.mig_data_read(chunk):
-        out.append(data)
-    return b"".join(out)
-
-
-async def write_all(client: Client, data: bytes, chunk: int = 1 << 16) -> None:
-    for at in range(0, len(data), chunk):
-        await client.mig_data_write(data[at : at + chunk])
-
-
 async def stream_of(client: Client) -> bytes:
     """A complete stream taken from the device itself (leaves it RUNNING)."""
     await client.reset()
     await set_state(client, STOP_COPY)
-    stream = await read_all(client)
+    stream = await read_migration_data(client)
     await client.reset()
     return stream
 
@@ -129,7 +117,7 @@ async def drive_to(client: Client, state: MigState, stream: bytes) -> None:
     if state != RUNNING:
         await set_state(client, state)
     if state == RESUMING:
-        await write_all(client, stream)
+        await write_migration_data(client, stream)
     assert await get_state(client) == state
 
 
@@ -326,23 +314,23 @@ async def test_pre_copy_empty_read_then_new_data(tmp_path: Path):
     ):
         await source.region_write(BAR_RAM, 0x0, b"\x11" * 32)
         await set_state(source, PRE_COPY)
-        stream = await read_all(source)
+        stream = await read_migration_data(source)
         assert stream
         assert await source.mig_data_read(4096) == b""  # nothing more for now
         assert await get_state(source) == PRE_COPY  # not the end: still PRE_COPY
         # The device keeps running in PRE_COPY: a RAM write makes new data.
         await source.region_write(BAR_RAM, 0x3000, b"\xaa" * 64)
-        more = await read_all(source)
+        more = await read_migration_data(source)
         assert more
         assert await source.mig_data_read(4096) == b""
         await source.region_write(BAR_RAM, 0x5000, b"\xbb" * 8)
         await set_state(source, STOP_COPY)
-        rest = await read_all(source)
+        rest = await read_migration_data(source)
         assert rest
         assert await source.mig_data_read(4096) == b""
         # The whole stream resumes on another device with all three writes.
         await set_state(dest, RESUMING)
-        await write_all(dest, stream + more + rest, chunk=5000)
+        await write_migration_data(dest, stream + more + rest, chunk=5000)
         await set_state(dest, RUNNING)
         assert await dest.region_read(BAR_RAM, 0x0, 32) == b"\x11" * 32
         assert await dest.region_read(BAR_RAM, 0x3000, 64) == b"\xaa" * 64
@@ -381,7 +369,7 @@ async def test_reset_leaves_error(tmp_path: Path):
         await client.reset()
         assert await get_state(client) == RUNNING
         await set_state(client, STOP_COPY)
-        assert await read_all(client)
+        assert await read_migration_data(client)
 
 
 async def test_fault_reply_carries_the_arc_errno(tmp_path: Path):

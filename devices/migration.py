@@ -522,6 +522,15 @@ class MigrationEngine:
             self.saving.add(self.device.precopy_changes())
         return self.saving.read(size)
 
+    def pending_data(self) -> int:
+        """Bytes the saving stream holds now (the v1 region's ``pending_bytes``); in
+        PRE_COPY it first asks the device for changes, as :meth:`read_data` does."""
+        if self.state not in SAVING_STATES or self.saving is None:
+            return 0
+        if not self.saving.pending and not self.saving.complete:
+            self.saving.add(self.device.precopy_changes())
+        return self.saving.pending
+
     def write_data(self, data: bytes) -> None:
         if self.state != RESUMING or self.resuming is None:
             raise ProtocolError(errno.EINVAL, f"migration data written in {self.state.name}")

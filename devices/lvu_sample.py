@@ -32,7 +32,8 @@ interrupt state are not part of the stream (libvfio-user's sample does not send 
 ``legacy_v1`` (``--device lvu-sample,migration=v1``) is the older sample of libvfio-user
 protocol 0.1 (``shared/reference/lvu-sample-v1.md``): BAR1 is 0x3000 bytes (config space
 keeps a power-of-two 0x4000 BAR; that client never sizes BARs), the timer does only the
-message round (4 DMA_WRITEs, 4 DMA_READs to the first DMA region), and the device migrates
+message round (4 DMA_WRITEs of 'A' bytes, as traced, then 4 DMA_READs, to the first DMA
+region), and the device migrates
 through the v1 region (index 9, a 0x4000-byte data window) in raw segments: PRE_COPY yields
 BAR1, STOP_COPY BAR1 + BAR0 (0x3008 bytes). That client writes every segment it read to
 the destination, so the resumed stream is any number of BAR1 images followed by BAR1 +
@@ -85,6 +86,9 @@ DMA_CHUNKS = 4
 DMA_READ_SIZE = 2048
 DMA_SPAN = DMA_CHUNK * DMA_CHUNKS
 DMA_PATTERN = b"".join(bytes([ord("A") + i]) * DMA_CHUNK for i in range(DMA_CHUNKS))
+#: What the protocol-0.1 sample's DMA_WRITEs carried in its traced run: every chunk 'A'
+#: (lvu-sample-v1.md says 'A' + i; the wire shows 'A' four times, and the wire wins).
+LEGACY_DMA_PATTERN = b"A" * DMA_SPAN
 
 DEFAULT_POLL_INTERVAL = 0.02
 _U64 = (1 << 64) - 1
@@ -339,18 +343,19 @@ class LvuSample(Device):
     async def _message_round(self, iova: int) -> None:
         """Round 2: the first region, through DMA_WRITE / DMA_READ messages."""
         dma = self.context.dma
+        pattern = LEGACY_DMA_PATTERN if self.legacy_v1 else DMA_PATTERN
         for i in range(DMA_CHUNKS):
             at = i * DMA_CHUNK
-            await dma.message_write(iova + at, DMA_PATTERN[at : at + DMA_CHUNK])
+            await dma.message_write(iova + at, pattern[at : at + DMA_CHUNK])
         back = [
             await dma.message_read(iova + at, DMA_READ_SIZE)
             for at in range(0, DMA_SPAN, DMA_READ_SIZE)
         ]
-        self._compare(b"".join(back), "round 2", iova)
+        self._compare(b"".join(back), "round 2", iova, pattern)
 
     @staticmethod
-    def _compare(got: bytes, what: str, iova: int) -> None:
-        if got != DMA_PATTERN:
+    def _compare(got: bytes, what: str, iova: int, pattern: bytes = DMA_PATTERN) -> None:
+        if got != pattern:
             raise DeviceError(errno.EIO, f"lvu-sample: DMA {what} at {iova:#x} read back wrong")
 
     # -- life cycle ---------------------------------------------------------------------------

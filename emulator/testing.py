@@ -12,19 +12,24 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
 from devices.api import Device
+from protocol.constants import HEADER_SIZE
+from protocol.header import Header
 from protocol.version import ServerCapabilities
 
 from .client import Client
 from .connection import Limits
 from .server import DeviceServer
+from .transport import close_fds, receive_chunk, send_message
 
 
 @dataclass
@@ -151,3 +156,75 @@ async def write_migration_data(client: Client, data: bytes, chunk: int = 1 << 16
     """MIG_DATA_WRITE a stream in chunks of ``chunk`` bytes."""
     for at in range(0, len(data), chunk):
         await client.mig_data_write(data[at : at + chunk])
+
+
+# --------------------------------------------------------------------------------------------
+# Raw wire access (replaying recorded traces byte for byte)
+
+#: Seconds a :class:`RawWire` waits for one reply.
+RAW_REPLY_TIMEOUT = 5.0
+
+
+@dataclass
+class RawReply:
+    header: Header
+    payload: bytes
+    fds: list[int] = field(default_factory=list)
+
+    @property
+    def raw(self) -> bytes:
+        return self.header.pack() + self.payload
+
+
+class RawMessage(Protocol):
+    """Anything that knows its bytes on the wire (e.g. a recorded trace message)."""
+
+    @property
+    def raw(self) -> bytes: ...
+
+
+class RawWire:
+    """Raw messages out, replies framed by hand with the fds that came with them."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self._buffer = bytearray()
+        self._fds: list[int] = []
+        self._owned: list[int] = []
+
+    @classmethod
+    async def connect(cls, path: Path) -> RawWire:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.connect(str(path))
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock)
+
+    async def send(self, data: bytes, fds: Iterable[int] = ()) -> None:
+        await send_message(self.sock, data, list(fds))
+
+    async def receive(self) -> RawReply:
+        with trio.fail_after(RAW_REPLY_TIMEOUT):
+            while True:
+                if len(self._buffer) >= HEADER_SIZE:
+                    header = Header.unpack(self._buffer)
+                    if len(self._buffer) >= header.size:
+                        payload = bytes(self._buffer[HEADER_SIZE : header.size])
+                        del self._buffer[: header.size]
+                        fds, self._fds = self._fds, []
+                        return RawReply(header, payload, fds)
+                data, fds = await receive_chunk(self.sock, 256 * 1024, 16)
+                assert data, "server closed the connection"
+                self._owned += fds
+                self._fds += fds
+                self._buffer += data
+
+    async def request(self, msg: RawMessage, fds: Iterable[int] = ()) -> RawReply:
+        await self.send(msg.raw, fds)
+        return await self.receive()
+
+    def close(self) -> None:
+        close_fds(self._owned)
+        self.sock.close()

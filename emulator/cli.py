@@ -32,6 +32,7 @@ from .migration import (
     MigrationError,
     migrate,
 )
+from .migration_v1 import migrate as migrate_v1
 from .netdev import NetdevError, netdev_help, setup_netdevs
 from .qemu import qemu_args, qemu_command_line
 from .server import DeviceServer, ServerError
@@ -109,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--from", dest="source", required=True, metavar="SRC_SOCKET")
     mig.add_argument("--to", dest="destination", required=True, metavar="DST_SOCKET")
     mig.add_argument("--mode", choices=["stop-copy", "pre-copy"], default="stop-copy")
+    mig.add_argument(
+        "--protocol",
+        choices=["v2", "v1"],
+        default="v2",
+        help="v2: DEVICE_FEATURE and MIG_DATA; v1: the legacy migration region (devices "
+        "served with migration=v1 or both; --transport/--chunk/--precopy-* do not apply)",
+    )
     mig.add_argument(
         "--transport",
         choices=["inband", "fd"],
@@ -204,6 +212,9 @@ async def _migrate(args: argparse.Namespace) -> int:
             except (OSError, ClientError) as exc:
                 return fail(f"cannot connect to the {side} {path}: {exc}")
         try:
+            if args.protocol == "v1":
+                legacy = await migrate_v1(clients[0], clients[1], mode=args.mode)
+                return _print_migrated(args, legacy.lines())
             report = await migrate(
                 clients[0],
                 clients[1],
@@ -215,8 +226,12 @@ async def _migrate(args: argparse.Namespace) -> int:
             )
         except (MigrationError, ValueError) as exc:
             return fail(str(exc))
+    return _print_migrated(args, report.lines())
+
+
+def _print_migrated(args: argparse.Namespace, lines: list[str]) -> int:
     print(f"migrated {args.source} -> {args.destination}")
-    for line in report.lines():
+    for line in lines:
         print(line)
     return 0
 

@@ -52,6 +52,7 @@ from protocol.messages import (
     unpack_dma_read_reply,
     unpack_region_caps,
 )
+from protocol.migration_v1 import DirtyPages
 from protocol.version import ServerCapabilities, negotiate, parse_client_version
 
 FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -74,6 +75,7 @@ UNPACKERS: list[tuple[str, Callable[[Any], Any]]] = [
     ("DeviceFeatureMsg", DeviceFeatureMsg.unpack),
     ("MigDataRead", MigDataRead.unpack),
     ("MigData", MigData.unpack),
+    ("DirtyPages", DirtyPages.unpack),
 ]
 
 # Words that steer parsers past their first checks: sizes, flag values, boundary numbers.

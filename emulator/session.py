@@ -50,7 +50,7 @@ from protocol.messages import (
     TypeCap,
     pack_region_caps,
 )
-from protocol.migration_v1 import DirtyPages, DirtyPagesFlags
+from protocol.migration_v1 import DirtyPages, DirtyPagesFlags, bitmap_bytes
 from protocol.version import ClientCapabilities, ServerCapabilities
 
 from .datafd import DataFdSessions
@@ -194,7 +194,8 @@ class Session:
 
     def dma_unmap(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
         request = DmaUnmap.unpack(payload)
-        require(not request.wants_bitmap, "DMA_UNMAP: dirty bitmaps need migration v1")
+        if request.wants_bitmap:
+            return Outcome(self._unmap_with_bitmap(request))
         if request.unmap_all:
             self.maps.clear()
         else:
@@ -528,3 +529,34 @@ class Session:
         report = LOGGING_REPORT.pack(bitmap_range.iova, bitmap_range.size, bitmap_range.pgsize)
         data = self.logging.report(report, argsz=request.reply_argsz)
         return Outcome(request.pack_bitmap_reply(data[LOGGING_REPORT.size :]))
+
+    def _unmap_with_bitmap(self, request: DmaUnmap) -> bytes:
+        """DMA_UNMAP with GET_DIRTY_BITMAP (protocol 0.1): the mapping's dirty bitmap, read
+        and cleared from the dirty log, then the unmap. Reply: the 24-byte struct, the
+        ``pgsize, size`` pair, the bitmap (facts 9.3)."""
+        require(
+            self.client.migration_pgsize is not None,
+            "DMA_UNMAP: dirty bitmaps need the protocol 0.1 migration capability",
+        )
+        require(self.logging is not None, "dirty logging is not available on this session")
+        assert self.logging is not None
+        pgsize, bitmap_size = request.bitmap_pgsize, request.bitmap_size
+        require(pgsize >= 4096 and pgsize & (pgsize - 1) == 0, f"DMA_UNMAP: page size {pgsize}")
+        require(
+            bitmap_bytes(request.size, pgsize) <= bitmap_size <= 1 << 20,
+            f"DMA_UNMAP: bitmap of {bitmap_size} bytes for {request.size:#x} bytes",
+        )
+        head = request.pack()
+        require(
+            request.argsz >= len(head) + bitmap_size,
+            f"DMA_UNMAP: argsz {request.argsz} < {len(head) + bitmap_size}",
+        )
+        require(
+            (request.address, request.size) in self.maps.slots(),
+            f"DMA_UNMAP: no mapping is exactly [{request.address:#x}, +{request.size:#x})",
+            errno.ENOENT,
+        )
+        report = LOGGING_REPORT.pack(request.address, request.size, pgsize)
+        bitmap = self.logging.report(report, argsz=1 << 30)[LOGGING_REPORT.size :]
+        self.maps.remove(request.address, request.size)
+        return head + bitmap + bytes(bitmap_size - len(bitmap))

@@ -296,3 +296,43 @@ def test_migration_option() -> None:
     assert create_device("lvu-sample,migration=both").regions[1].size == 0x4000
     with pytest.raises(DeviceSpecError):
         create_device("testdev,migration=v3")
+
+
+def unmap(address: int, argsz: int = 48, bitmap_size: int = 8) -> bytes:
+    """DMA_UNMAP of 8 KiB at ``address`` with GET_DIRTY_BITMAP at 4 KiB pages."""
+    return struct.pack("<IIQQQQ", argsz, 1, address, 0x2000, 4096, bitmap_size)
+
+
+async def test_dma_unmap_with_dirty_bitmap(tmp_path: Path) -> None:
+    device = with_protocols(small_testdev(), "v1")
+    with GuestRam(0x4000) as ram:
+        async with clients(tmp_path, device) as (client,):
+            await client.dma_map(0x100000, 0x2000, fd=ram.fd)
+            await client.dma_map(0x102000, 0x2000, fd=ram.fd, offset=0x2000)
+            await client.region_write(7, 0x04, struct.pack("<H", 0x0006))
+
+            with pytest.raises(ClientError):  # dirty logging not started
+                await client.request(Command.DMA_UNMAP, unmap(0x100000))
+            await v1.dirty_pages_start(client)
+            await device.context.dma.write(0x101000, b"x")
+            for bad, code in (
+                (unmap(0x100000, argsz=40), errno.EINVAL),  # no room for the bitmap
+                (unmap(0x100000, bitmap_size=0), errno.EINVAL),
+                (unmap(0x101000), errno.ENOENT),  # not exactly one mapping
+            ):
+                with pytest.raises(ClientError) as info:
+                    await client.request(Command.DMA_UNMAP, bad)
+                assert info.value.errno == code
+            _, payload, _ = await client.request(Command.DMA_UNMAP, unmap(0x100000))
+            assert payload == unmap(0x100000) + b"\x02" + bytes(7)
+            assert [slot for slot in device.context.dma.regions() if slot] == [(0x102000, 0x2000)]
+            # Without the protocol-0.1 capability the flag is refused.
+        (tmp_path / "plain").mkdir()
+        async with (
+            served_device(small_testdev(), tmp_path / "plain") as served,
+            Client.connect(served.socket_path) as plain,
+        ):
+            await plain.dma_map(0x100000, 0x2000, fd=ram.fd)
+            with pytest.raises(ClientError) as info:
+                await plain.request(Command.DMA_UNMAP, unmap(0x100000))
+            assert info.value.errno == errno.EINVAL

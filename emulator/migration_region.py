@@ -154,6 +154,7 @@ class MigrationRegion:
         if name == "data_offset":
             self._prepare(state)
             return U64.pack(DATA_OFFSET)
+        # data_size: the prepared segment's length (0 when none is prepared).
         return U64.pack(len(self._segment) if self._segment is not None else 0)
 
     def write(self, offset: int, data: bytes) -> Callable[[], Awaitable[None]] | None:

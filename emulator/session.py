@@ -509,10 +509,7 @@ class Session:
     def dirty_pages(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
         """DIRTY_PAGES (14) over the same dirty log as DMA_LOGGING (protocol.migration_v1
         rule 5). START logs every write at the negotiated ``migration.pgsize``."""
-        require(
-            self.client.migration_pgsize is not None,
-            "DIRTY_PAGES needs the protocol 0.1 migration capability",
-        )
+        self._check_protocol_0_1("DIRTY_PAGES")
         require(self.logging is not None, "dirty logging is not available on this session")
         assert self.logging is not None and self.client.migration_pgsize is not None
         request = DirtyPages.unpack(payload)
@@ -534,10 +531,7 @@ class Session:
         """DMA_UNMAP with GET_DIRTY_BITMAP (protocol 0.1): the mapping's dirty bitmap, read
         and cleared from the dirty log, then the unmap. Reply: the 24-byte struct, the
         ``pgsize, size`` pair, the bitmap (facts 9.3)."""
-        require(
-            self.client.migration_pgsize is not None,
-            "DMA_UNMAP: dirty bitmaps need the protocol 0.1 migration capability",
-        )
+        self._check_protocol_0_1("DMA_UNMAP with GET_DIRTY_BITMAP")
         require(self.logging is not None, "dirty logging is not available on this session")
         assert self.logging is not None
         pgsize, bitmap_size = request.bitmap_pgsize, request.bitmap_size
@@ -560,3 +554,13 @@ class Session:
         bitmap = self.logging.report(report, argsz=1 << 30)[LOGGING_REPORT.size :]
         self.maps.remove(request.address, request.size)
         return head + bitmap + bytes(bitmap_size - len(bitmap))
+
+    def _check_protocol_0_1(self, what: str) -> None:
+        """Protocol 0.1 dirty tracking is for clients that announced it (the ``migration``
+        capability) talking to a device started with the v1 interface; everyone else sees
+        the current spec, where it does not exist."""
+        require(
+            self.client.migration_pgsize is not None,
+            f"{what} needs the protocol 0.1 migration capability",
+        )
+        require(self.v1 is not None, f"{what} needs a device started with migration=v1 or both")

@@ -31,7 +31,8 @@ Rules:
  4. Bits 4-31 are reserved. They belong to the device (which keeps them 0): a write's
     reserved bits are ignored, so a client's read-modify-write preserves them and a
     client that sets them does not change them.
- 5. DIRTY_PAGES (14), for clients that negotiated the ``migration`` capability: request
+ 5. DIRTY_PAGES (14), for clients that negotiated the ``migration`` capability (the
+    connection refuses it from others) with a device serving v1 (the session checks): request
     ``argsz u32, flags u32`` with exactly one of START 1, STOP 2, GET_BITMAP 4. START and
     STOP carry nothing more (header-only replies). GET_BITMAP appends ``iova u64, size u64,
     pgsize u64, bitmap_size u64``; the reply repeats those 40 bytes (argsz = 40 +

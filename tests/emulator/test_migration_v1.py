@@ -269,11 +269,16 @@ async def test_dirty_pages_track_device_dma(tmp_path: Path) -> None:
                 await v1.dirty_bitmap(client, 0x100000, 0x4000)
 
 
-async def test_dirty_pages_need_the_migration_capability(tmp_path: Path) -> None:
+async def test_dirty_pages_need_the_capability_and_a_v1_device(tmp_path: Path) -> None:
     async with (
-        served_device(small_testdev(), tmp_path) as served,
-        Client.connect(served.socket_path) as client,
+        served_device(with_protocols(small_testdev(), "both"), tmp_path) as served,
+        Client.connect(served.socket_path) as client,  # no ``migration`` capability
     ):
+        with pytest.raises(ClientError) as info:
+            await v1.dirty_pages_start(client)
+        assert info.value.errno == errno.EINVAL
+    # A protocol-0.1 client, but the device serves only v2 (the default): not offered.
+    async with clients(tmp_path, small_testdev()) as (client,):
         with pytest.raises(ClientError) as info:
             await v1.dirty_pages_start(client)
         assert info.value.errno == errno.EINVAL
@@ -329,7 +334,7 @@ async def test_dma_unmap_with_dirty_bitmap(tmp_path: Path) -> None:
             # Without the protocol-0.1 capability the flag is refused.
         (tmp_path / "plain").mkdir()
         async with (
-            served_device(small_testdev(), tmp_path / "plain") as served,
+            served_device(with_protocols(small_testdev(), "both"), tmp_path / "plain") as served,
             Client.connect(served.socket_path) as plain,
         ):
             await plain.dma_map(0x100000, 0x2000, fd=ram.fd)

@@ -191,3 +191,42 @@ def test_window_accesses_outside_their_states_are_refused():
     assert region.read(4, 4) == bytes(4)
     assert region.write(4, b"\xff" * 4) is None  # reserved: ignored
     assert U64.unpack(region.read(8, 8))[0] == 0
+
+
+_OFFSETS = st.one_of(
+    st.sampled_from([0, 4, 8, 0x10, 0x18, 0x20, DATA_OFFSET, DATA_OFFSET + 8, 0x1000 + (1 << 20)]),
+    st.integers(0, DATA_OFFSET + (1 << 20) + 16),
+)
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("read"), _OFFSETS, st.sampled_from([0, 1, 4, 8, 16, 4096])),
+        st.tuples(st.just("write"), _OFFSETS, st.binary(max_size=24)),
+        st.tuples(st.just("state"), st.just(0), st.integers(0, 15).map(U32.pack)),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_OPS)
+def test_arbitrary_accesses_only_fail_with_an_errno(ops: list[tuple[str, int, object]]):
+    """Whatever a client does to the region: an errno or a result, never anything else;
+    and device_state always reads a value the bitfield defines."""
+    _, region = v1_device()
+
+    async def scenario() -> None:
+        for kind, offset, arg in ops:
+            try:
+                if kind == "read":
+                    assert isinstance(arg, int)
+                    assert len(region.read(offset, arg)) == arg
+                else:
+                    assert isinstance(arg, bytes)
+                    transition = region.write(0 if kind == "state" else offset, arg)
+                    if transition is not None:
+                        await transition()
+            except (ProtocolError, DeviceError) as exc:
+                assert exc.errno > 0
+            assert device_state(region) in {0, 1, 2, 3, 4, 6, 9, 11}
+
+    trio.run(scenario)

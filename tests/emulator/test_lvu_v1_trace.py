@@ -47,9 +47,9 @@ from protocol.header import pack_message
 from protocol.messages import RegionAccess, RegionInfo, TypeCap, unpack_region_caps
 from protocol.migration_v1 import DATA_OFFSET
 from tests import traces
+from tests.traces import LVU_V1_CLIENT as LVU_V1
 from tests.traces import TraceMessage
 
-LVU_V1 = "lvu-v1-client-server.jsonl"
 #: The time_t the client wrote to BAR0 before its first interrupt (#81), and before
 #: migrating (#151).
 FIRST_T = 1_795_238_188

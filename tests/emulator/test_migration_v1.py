@@ -24,6 +24,7 @@ from devices.testdev import TestDev, TestDevOptions
 from emulator import migration as v2
 from emulator import migration_v1 as v1
 from emulator.client import Client, ClientError
+from emulator.info import describe
 from emulator.testing import GuestRam, served_device
 from protocol.constants import Command, MigState
 from protocol.messages import NdmaCap, TypeCap
@@ -341,3 +342,12 @@ async def test_dma_unmap_with_dirty_bitmap(tmp_path: Path) -> None:
             with pytest.raises(ClientError) as info:
                 await plain.request(Command.DMA_UNMAP, unmap(0x100000))
             assert info.value.errno == errno.EINVAL
+
+
+async def test_info_names_the_migration_region(tmp_path: Path) -> None:
+    device = small_testdev()
+    device.set_migration_caps(ALL_CAPS)
+    async with clients(tmp_path, with_protocols(device, "v1")) as (client,):
+        report = await describe(client)
+    assert "type 3, subtype 1 (v1 migration region)" in report
+    assert "NDMA (P2P quiescing)" in report

@@ -20,8 +20,8 @@ The data moves in *segments* through the data window (``DATA_OFFSET``, ``window`
   applied when RESUMING is left, as for v2 (all or nothing).
 
 The segment state belongs to the device, not to a connection (the migration state
-survives a reconnect, so does a prepared segment). It is dropped whenever the engine's
-state changes (however it changed) and on DEVICE_RESET.
+survives a reconnect, so does a prepared segment). It is dropped when the data session it
+belongs to ends (however the state changed) and on DEVICE_RESET.
 
 The region is trapped only (no mmap): REGION_READ / REGION_WRITE reach it.
 """
@@ -93,7 +93,8 @@ class MigrationRegion:
         self._segment: bytes | None = None  # saving: prepared, not yet acknowledged
         self._incoming = bytearray()  # resuming: the window's contents
         self._written = _Written()
-        self._seen: tuple[int, MigState] | None = None
+        #: The engine and data sessions the segment state belongs to.
+        self._seen: tuple[object, ...] | None = None
 
     # -- description --------------------------------------------------------------------------
     def region_info(self, argsz: int) -> bytes:
@@ -113,10 +114,12 @@ class MigrationRegion:
 
     # -- state tracking -------------------------------------------------------------------------
     def _sync(self) -> MigState:
-        """The engine's state; drops segments left over from another state."""
+        """The engine's state; drops what belongs to a data session that ended. A prepared
+        segment survives PRE_COPY -> STOP_COPY (one saving session: its bytes were taken
+        from the stream and must still reach the client)."""
         engine = self.device.migration
-        seen = (id(engine), engine.state)
-        if seen != self._seen:
+        seen = (engine, engine.saving, engine.resuming)
+        if self._seen is None or any(a is not b for a, b in zip(seen, self._seen, strict=True)):
             self._drop()
             self._seen = seen
         return engine.state

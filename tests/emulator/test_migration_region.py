@@ -230,3 +230,31 @@ def test_arbitrary_accesses_only_fail_with_an_errno(ops: list[tuple[str, int, ob
             assert device_state(region) in {0, 1, 2, 3, 4, 6, 9, 11}
 
     trio.run(scenario)
+
+
+async def test_a_prepared_segment_survives_pre_copy_to_stop_copy():
+    device, region = v1_device()
+    device.ram.buffer[:5] = b"first"
+    await write_state(region, 0b011)  # SAVING|RUNNING: PRE_COPY
+    assert U64.unpack(region.read(8, 8))[0] > 0
+    region.read(0x10, 8)  # prepares a segment: its bytes leave the stream
+    size = U64.unpack(region.read(0x18, 8))[0]
+    head = region.read(DATA_OFFSET, size)
+    await write_state(region, 0b010)  # SAVING: STOP_COPY, the same saving session
+    region.read(0x10, 8)
+    assert U64.unpack(region.read(0x18, 8))[0] == size, "still the unacknowledged segment"
+    assert region.read(DATA_OFFSET, size) == head
+    stream = [head]
+    while U64.unpack(region.read(8, 8))[0]:
+        region.read(0x10, 8)
+        stream.append(region.read(DATA_OFFSET, U64.unpack(region.read(0x18, 8))[0]))
+    await write_state(region, 0)
+    assert U64.unpack(region.read(8, 8))[0] == 0  # STOP: the session ended
+
+    other, target = v1_device()
+    await write_state(target, 0b100)
+    for segment in stream:
+        target.write(DATA_OFFSET, segment)
+        target.write(0x18, U64.pack(len(segment)))
+    await write_state(target, 0b001)
+    assert bytes(other.ram.buffer[:5]) == b"first"

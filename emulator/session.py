@@ -225,7 +225,7 @@ class Session:
     def get_region_info(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
         request = RegionInfo.unpack(payload)
         index = request.index
-        if self.v1 is not None and index == self.v1.index:
+        if self.v1 is not None and self._is_v1_region(index):
             return Outcome(self.v1.region_info(request.argsz))
         region = self._region(index)
         if region is None:
@@ -295,7 +295,7 @@ class Session:
         self._region(request.region)
         if request.count == 0:
             return EMPTY
-        if self.v1 is not None and request.region == self.v1.index:
+        if self.v1 is not None and self._is_v1_region(request.region):
             data = self.v1.read(request.offset, request.count)
         else:
             data = self.device.region_read(request.region, request.offset, request.count)
@@ -323,8 +323,8 @@ class Session:
         self._check_count(request.count)
         self._region(request.region)
         echo = Outcome(RegionAccess(request.offset, request.region, request.count).pack())
-        if self.v1 is not None and request.region == self.v1.index:
-            transition = self.v1.write(request.offset, request.data)
+        if self.v1 is not None and self._is_v1_region(request.region):
+            transition = self.v1.write(request.offset, request.data) if request.count else None
             if transition is None:
                 return echo
 

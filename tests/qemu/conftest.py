@@ -8,6 +8,7 @@ The cache is ``$VFIO_USER_EMU_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/vfio-u
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,13 +121,16 @@ class ServerPool:
         self.workdir = workdir
         self.started: list[Server] = []
 
-    def start(self, device: str, *extra: str, name: str | None = None) -> Server:
-        """Start a server for ``device`` (TYPE[,key=value...]); returns once it listens."""
+    def start(
+        self, device: str, *extra: str, name: str | None = None, trace: bool = True
+    ) -> Server:
+        """Start a server for ``device`` (TYPE[,key=value...]); returns once it listens.
+        ``trace=False`` leaves out ``--trace`` (a line per message slows a busy NIC down)."""
         name = name or device.split(",", maxsplit=1)[0]
         socket = self.workdir / f"{name}.sock"
         log = self.workdir / f"{name}-server.log"
         command = [*emulator_command(), "serve", "--device", device]
-        command += ["--socket-path", str(socket), "--trace", *extra]
+        command += ["--socket-path", str(socket), *(["--trace"] if trace else []), *extra]
         with log.open("wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
         server = Server(socket, process, log)
@@ -176,10 +181,19 @@ def _boot_marks(console: str) -> dict[str, float]:
     return marks
 
 
-def run_vm(
-    qemu_binary: str,
-    guest_dir: Path,
+@dataclass
+class VmCommand:
+    """A ``scripts/qemu/run-vm`` command line, its environment and where its console goes."""
+
+    argv: list[str]
+    env: dict[str, str]
+    console: Path
+    timeout: int
+
+
+def vm_command(
     workdir: Path,
+    qemu_binary: str,
     sockets: list[Path],
     script: str,
     *,
@@ -187,30 +201,103 @@ def run_vm(
     timeout: int = 240,
     memory: str = "512M",
     name: str = "vm",
-) -> VmRun:
-    """Boot the guest with our sockets attached and ``script`` run as /test.sh
-    (scripts/qemu/run-vm); console, QEMU's vfio trace and the script go to ``workdir``."""
+    reboot: bool = False,
+    qemu_args: tuple[str, ...] = (),
+) -> VmCommand:
+    """The run-vm command that boots the guest with our ``sockets`` attached and ``script``
+    as /test.sh; console, QEMU's vfio trace and the script go to ``workdir``."""
     script_file = workdir / f"{name}-test.sh"
     script_file.write_text(script)
     console = workdir / f"{name}-console.log"
-    command = [str(SCRIPTS / "run-vm"), "--quiet", "--console", str(console)]
-    command += ["--script", str(script_file), "--timeout", str(timeout)]
-    command += ["--memory", memory, "--append", append]
-    command += ["--qemu-trace", str(workdir / f"{name}-qemu-trace.log")]
+    argv = [str(SCRIPTS / "run-vm"), "--quiet", "--console", str(console)]
+    argv += ["--script", str(script_file), "--timeout", str(timeout)]
+    argv += ["--memory", memory, "--append", append]
+    argv += ["--qemu-trace", str(workdir / f"{name}-qemu-trace.log")]
+    if reboot:
+        argv.append("--reboot")
     for socket in sockets:
-        command += ["--socket", str(socket)]
-    env = dict(os.environ, QEMU=qemu_binary)
+        argv += ["--socket", str(socket)]
+    if qemu_args:
+        argv += ["--", *qemu_args]
+    # run-vm's scratch directory goes to workdir too, so a killed run-vm leaves nothing behind
+    env = dict(os.environ, QEMU=qemu_binary, TMPDIR=str(workdir))
     emu = Path(sys.executable).with_name("vfio-user-emu")
     if emu.exists():
         env["VFIO_USER_EMU"] = str(emu)
+    return VmCommand(argv, env, console, timeout)
+
+
+def read_console(console: Path) -> str:
+    text = console.read_text(errors="replace") if console.exists() else ""
+    return text.replace("\r\n", "\n")
+
+
+def run_vm(
+    qemu_binary: str,
+    guest_dir: Path,
+    workdir: Path,
+    sockets: list[Path],
+    script: str,
+    **options: Any,
+) -> VmRun:
+    """Boot the guest (:func:`vm_command`) and wait until QEMU exits."""
+    command = vm_command(workdir, qemu_binary, sockets, script, **options)
     start = time.monotonic()
     result = subprocess.run(
-        command, capture_output=True, text=True, env=env, timeout=timeout + 60, check=False
+        command.argv,
+        capture_output=True,
+        text=True,
+        env=command.env,
+        timeout=command.timeout + 60,
+        check=False,
     )
     wall = time.monotonic() - start
-    text = console.read_text(errors="replace") if console.exists() else ""
-    text = text.replace("\r\n", "\n")
+    text = read_console(command.console)
     return VmRun(result.returncode, text, result.stdout + result.stderr, wall, _boot_marks(text))
+
+
+class RunningVm:
+    """A run-vm started in its own process group, for tests that kill QEMU (SIGKILL to the
+    group: run-vm, ``timeout`` and QEMU die together, as with a crash of the host side)."""
+
+    def __init__(self, command: VmCommand) -> None:
+        self.command = command
+        self.output = command.console.with_suffix(".out")
+        with self.output.open("wb") as out:
+            self.process = subprocess.Popen(
+                command.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=command.env,
+                start_new_session=True,
+            )
+        self.started = time.monotonic()
+
+    def console(self) -> str:
+        return read_console(self.command.console)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str] | None:
+        """The first match of ``pattern`` (multiline) in the console, or None when QEMU exited
+        or ``timeout`` passed first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.console(), re.M)
+            if match or self.process.poll() is not None or time.monotonic() > deadline:
+                return match
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
 
 
 @pytest.fixture
@@ -218,6 +305,6 @@ def vm(qemu_binary: str, guest_dir: Path, tmp_path: Path) -> Callable[..., VmRun
     """``vm([socket, ...], script, append=...)``: :func:`run_vm` in this test's tmp_path."""
 
     def run(sockets: list[Path], script: str, **options: object) -> VmRun:
-        return run_vm(qemu_binary, guest_dir, tmp_path, sockets, script, **options)  # type: ignore[arg-type]
+        return run_vm(qemu_binary, guest_dir, tmp_path, sockets, script, **options)
 
     return run

@@ -9,17 +9,19 @@ The cache is ``$VFIO_USER_EMU_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/vfio-u
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -61,18 +63,32 @@ def _qemu_problem(binary: str) -> str | None:
     return None
 
 
+#: ``make test QEMU_TESTS=...``: "auto" skips these tests (with the reason) when QEMU or the
+#: guest is missing, "require" (CI) fails them instead, "skip" skips them all.
+QEMU_TESTS_MODE = os.environ.get("VFIO_USER_EMU_QEMU_TESTS", "auto")
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip the test for ``reason``, or fail it when QEMU tests are required."""
+    if QEMU_TESTS_MODE == "require":
+        pytest.fail(f"{reason} [QEMU_TESTS=require]", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def qemu_binary() -> str:
+    if QEMU_TESTS_MODE == "skip":
+        pytest.skip("QEMU_TESTS=skip")
     explicit = os.environ.get("QEMU")
     binary = explicit or str(cache_dir() / "qemu" / "install" / "bin" / "qemu-system-x86_64")
     if not explicit and not os.access(binary, os.X_OK):
-        pytest.skip(
+        unavailable(
             f"no QEMU with vfio-user-pci: none in $QEMU nor at {binary} "
             "(run scripts/qemu/build-qemu, ~5 min, or set QEMU=/path/to/qemu-system-x86_64)"
         )
     problem = _qemu_problem(binary)
     if problem:
-        pytest.skip(f"no suitable QEMU: {problem} (run scripts/qemu/build-qemu or fix $QEMU)")
+        unavailable(f"no suitable QEMU: {problem} (run scripts/qemu/build-qemu or fix $QEMU)")
     return binary
 
 
@@ -80,10 +96,10 @@ def qemu_binary() -> str:
 def guest_dir() -> Path:
     guest = cache_dir() / "guest"
     if not all((guest / name).is_file() for name in ("vmlinuz", "initramfs.cpio.gz")):
-        pytest.skip(f"no test guest in {guest} (run scripts/qemu/build-guest, ~20 s)")
+        unavailable(f"no test guest in {guest} (run scripts/qemu/build-guest, ~10 s)")
     for tool in ("cpio", "timeout"):
         if shutil.which(tool) is None:
-            pytest.skip(f"scripts/qemu/run-vm needs {tool} (apt-get install {tool})")
+            unavailable(f"scripts/qemu/run-vm needs {tool} (apt-get install {tool})")
     return guest
 
 
@@ -215,8 +231,8 @@ def vm_command(
     argv += ["--qemu-trace", str(workdir / f"{name}-qemu-trace.log")]
     if reboot:
         argv.append("--reboot")
-    for socket in sockets:
-        argv += ["--socket", str(socket)]
+    for path in sockets:
+        argv += ["--socket", str(path)]
     if qemu_args:
         argv += ["--", *qemu_args]
     # run-vm's scratch directory goes to workdir too, so a killed run-vm leaves nothing behind
@@ -308,3 +324,44 @@ def vm(qemu_binary: str, guest_dir: Path, tmp_path: Path) -> Callable[..., VmRun
         return run_vm(qemu_binary, guest_dir, tmp_path, sockets, script, **options)
 
     return run
+
+
+class Qmp:
+    """A minimal synchronous QMP client (QEMU's JSON monitor on a UNIX socket)."""
+
+    def __init__(self, path: Path, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"QEMU made no QMP socket at {path}")
+            time.sleep(0.05)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.reader = self.sock.makefile("r", encoding="utf-8")
+        self.events: list[dict[str, Any]] = []
+        greeting = json.loads(self.reader.readline())
+        assert "QMP" in greeting, greeting
+        self.execute("qmp_capabilities")
+
+    def execute(self, command: str, **arguments: Any) -> Any:
+        """Run ``command``; its ``return`` value (events seen meanwhile go to ``events``)."""
+        request: dict[str, Any] = {"execute": command}
+        if arguments:
+            request["arguments"] = arguments
+        self.sock.sendall(json.dumps(request).encode() + b"\n")
+        while True:
+            line = self.reader.readline()
+            if not line:
+                raise ConnectionError(f"QMP closed while waiting for {command}")
+            message = json.loads(line)
+            if "event" in message:
+                self.events.append(message)
+            elif "error" in message:
+                raise RuntimeError(f"QMP {command}: {message['error']}")
+            else:
+                return message.get("return")
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()

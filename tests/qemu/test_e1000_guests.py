@@ -48,7 +48,7 @@ IP_B = "169.254.0.2"
 BULK_PORT = 5001
 MESSAGE_PORT = 5002
 #: The bulk transfer: BULK_BLOCKS blocks of 64 KiB of random bytes from guest B to guest A.
-BULK_BLOCKS = 64
+BULK_BLOCKS = 256
 #: 1 MiB at 256 MiB kept out of the guest kernel's hands (e820 "Reserved"): a boot counter
 #: there survives ``reboot -f`` (QEMU's machine reset does not clear guest RAM).
 KERNEL_APPEND = "memmap=1M$0x10000000"
@@ -102,6 +102,10 @@ else bad "ping: $(grep transmitted /tmp/ping)"; fi
 STATS = r"""
 for s in tx_packets rx_packets tx_errors rx_errors rx_dropped; do
     echo "T-INFO: b$boot $s=$(cat $net/statistics/$s)"
+done
+for s in tx_errors rx_errors rx_crc_errors rx_length_errors rx_over_errors tx_aborted_errors; do
+    v=$(cat $net/statistics/$s)
+    if [ "$v" = 0 ]; then ok "stats.$s 0"; else bad "stats.$s $v"; fi
 done
 echo "T-INFO: b$boot irq $(grep -E 'eth|e1000' /proc/interrupts)"
 """
@@ -377,6 +381,35 @@ def test_reboot_resets_device_and_traffic_resumes(pair: Pair) -> None:
         + pair.report()
     )
     assert trace.count("client connected") == 1, "QEMU reconnected instead of resetting"
+
+
+#: What Linux's e1000 driver (or the kernel) logs when a NIC misbehaves: a transmit ring that
+#: stops moving, a watchdog reset, EEPROM/PHY trouble, or a kernel warning or oops.
+DRIVER_COMPLAINTS = re.compile(
+    r"Tx Unit Hang|Reset adapter|NETDEV WATCHDOG|EEPROM Checksum Is Not Valid|"
+    r"PHY reset is blocked|Hardware Error|e1000.*(?:error|failed)|Call Trace|WARNING:|BUG:",
+    re.I,
+)
+
+
+def test_no_driver_complaints(pair: Pair) -> None:
+    for guest in (pair.a, pair.b):
+        complaints = [m[0] for m in DRIVER_COMPLAINTS.finditer(guest.run.console)]
+        assert not complaints, f"guest {guest.name}: {complaints}\n{pair.report()}"
+        names = [
+            f"b{boot}.stats.{s}"
+            for boot in (1, 2)
+            if f"b{boot}.mac" in guest.checks
+            for s in (
+                "tx_errors",
+                "rx_errors",
+                "rx_crc_errors",
+                "rx_length_errors",
+                "rx_over_errors",
+                "tx_aborted_errors",
+            )
+        ]
+        pair.expect(guest, *names)
 
 
 def test_guests_finished_cleanly(pair: Pair) -> None:

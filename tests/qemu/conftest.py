@@ -365,3 +365,21 @@ class Qmp:
     def close(self) -> None:
         self.reader.close()
         self.sock.close()
+
+
+#: Figures the QEMU tests measured (boot times, throughput, where QEMU was killed), shown
+#: in pytest's terminal summary so that a plain ``make test`` reports them.
+FIGURES: list[str] = []
+
+
+def report(text: str) -> None:
+    """Record ``text`` for the terminal summary (and print it, for ``pytest -s``)."""
+    FIGURES.append(text.strip("\n"))
+    print("\n" + text.strip("\n"))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if FIGURES:
+        terminalreporter.section("real-QEMU figures (tests/qemu)")
+        for text in FIGURES:
+            terminalreporter.write_line(text)

@@ -37,7 +37,7 @@ import pytest
 
 from emulator.pcap import read_pcap
 
-from .conftest import Server, ServerPool, VmRun, run_vm
+from .conftest import Server, ServerPool, VmRun, report, run_vm
 
 pytestmark = pytest.mark.qemu
 
@@ -275,7 +275,7 @@ def pair(
     finally:
         pool.stop_all()  # also flushes and closes the pcap
     result = Pair(Guest("A", runs["a"], server_a), Guest("B", runs["b"], server_b), pcap, workdir)
-    print(
+    report(
         f"\ne1000 pair: guest A run-vm wall {runs['a'].wall_s:.1f} s, "
         f"guest B {runs['b'].wall_s:.1f} s; logs in {workdir}"
     )
@@ -309,7 +309,7 @@ def test_pcap_shows_echo_request_and_reply(pair: Pair) -> None:
     replies_a_to_b = icmp.count((MAC_B, MAC_A, 0))
     requests_a_to_b = icmp.count((MAC_B, MAC_A, 8))
     replies_b_to_a = icmp.count((MAC_A, MAC_B, 0))
-    print(
+    report(
         f"\npcap: {len(capture.records)} frames; ICMP echo B->A {requests_b_to_a} requests, "
         f"{replies_a_to_b} replies; A->B {requests_a_to_b} requests, {replies_b_to_a} replies"
     )
@@ -359,7 +359,7 @@ def test_bulk_transfer_arrives_intact(
         f"guest A ({end - start:.2f} s from accept to end of stream)"
     )
     record_property("e1000_bulk_throughput", figure)
-    print(f"\ne1000 bulk transfer: {figure}")
+    report(f"\ne1000 bulk transfer: {figure}")
 
 
 def test_reboot_resets_device_and_traffic_resumes(pair: Pair) -> None:

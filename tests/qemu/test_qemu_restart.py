@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import RunningVm, ServerPool, vm_command
+from .conftest import RunningVm, ServerPool, report, vm_command
 
 pytestmark = pytest.mark.qemu
 
@@ -201,11 +201,15 @@ def test_emulator_survives_qemu_kills(
             request = follower.last_request()
             stages.append(f"{when}: {follower.count} requests seen, the last one {request}")
             alive(f"a kill {when}")
-        print("\nQEMU killed:\n  " + "\n  ".join(stages))
+        report("\nQEMU killed:\n  " + "\n  ".join(stages))
 
         # 3. a last QEMU works end to end against the same emulator
         last = start("last")
         returncode = last.wait(timeout=300)
+        report(
+            f"restart: the last QEMU's guest booted, pinged, powered off in "
+            f"{time.monotonic() - last.started:.1f} s"
+        )
         console = last.console()
         assert returncode == 0, (
             f"last boot failed ({returncode}):\n{console}\n{server.trace()[-5000:]}"
@@ -217,7 +221,7 @@ def test_emulator_survives_qemu_kills(
         pool.stop_all()
 
     log = server.trace()
-    print("what the emulator saw of each QEMU:\n  " + "\n  ".join(connections(log)))
+    report("what the emulator saw of each QEMU:\n  " + "\n  ".join(connections(log)))
     assert "Traceback" not in log, log[-5000:]
     connected = log.count("client connected")
     disconnected = log.count("client disconnected")

@@ -49,6 +49,8 @@ BULK_PORT = 5001
 MESSAGE_PORT = 5002
 #: The bulk transfer: BULK_BLOCKS blocks of 64 KiB of random bytes from guest B to guest A.
 BULK_BLOCKS = 256
+JUMBO_MTU = 9000
+JUMBO_PING = 8000  # ICMP payload: an 8042-byte Ethernet frame
 #: 1 MiB at 256 MiB kept out of the guest kernel's hands (e820 "Reserved"): a boot counter
 #: there survives ``reboot -f`` (QEMU's machine reset does not clear guest RAM).
 KERNEL_APPEND = "memmap=1M$0x10000000"
@@ -99,6 +101,17 @@ if grep -q "5 packets transmitted, 5 packets received" /tmp/ping; then ok "ping 
 else bad "ping: $(grep transmitted /tmp/ping)"; fi
 """
 
+# Jumbo frames: MTU 9000 (the driver resets the NIC and, for 82540, receives a frame into
+# several 4 KiB page buffers: descriptors chained up to EOP); A pings B with 8000 bytes, so
+# an 8042-byte frame goes each way.
+JUMBO = r"""
+ip link set $ifc mtu @JUMBO_MTU@
+n=0
+while [ "$(cat $net/carrier 2>/dev/null)" != 1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+if [ "$(cat $net/mtu)/$(cat $net/carrier)" = @JUMBO_MTU@/1 ]; then ok "jumbo_mtu"
+else bad "jumbo_mtu: mtu $(cat $net/mtu) carrier $(cat $net/carrier)"; fi
+"""
+
 STATS = r"""
 for s in tx_packets rx_packets tx_errors rx_errors rx_dropped; do
     echo "T-INFO: b$boot $s=$(cat $net/statistics/$s)"
@@ -127,6 +140,14 @@ SINK
     timeout 150 nc -l -p @BULK_PORT@ -e /tmp/sink.sh
     echo "T-BULK-RX: bytes=$(wc -c < /tmp/got) md5=$(md5sum < /tmp/got | cut -d' ' -f1)"
     echo "T-BULK-TIME: $(cat /tmp/times)"
+    @JUMBO@
+    n=0
+    until ping -c 1 -s @JUMBO_PING@ -W 2 $PEER_IP >/dev/null 2>&1; do
+        n=$((n + 1)); [ $n -ge 30 ] && break
+    done
+    ping -c 3 -i 0.2 -s @JUMBO_PING@ -W 2 $PEER_IP > /tmp/ping 2>&1
+    if grep -q "3 packets transmitted, 3 packets received" /tmp/ping; then ok "jumbo_ping 3/3"
+    else bad "jumbo_ping: $(grep transmitted /tmp/ping)"; fi
     @STATS@
     devmem $MARK 32 0x52424f4f
     echo "T-INFO: rebooting at uptime $(cut -d' ' -f1 /proc/uptime)"
@@ -160,6 +181,7 @@ until timeout 120 nc $PEER_IP @BULK_PORT@ < /tmp/blob; do
     n=$((n + 1)); [ $n -ge 60 ] && break; sleep 0.5
 done
 if [ $n -lt 60 ]; then ok "bulk_sent"; else bad "bulk_sent: A never accepted"; fi
+@JUMBO@
 timeout 180 nc -l -p @MESSAGE_PORT@ -e /tmp/message.sh
 echo "T-MESSAGE: $(cat /tmp/message 2>/dev/null)"
 @STATS@
@@ -171,6 +193,9 @@ exit $fail
 def guest_script(template: str) -> str:
     return (
         template.replace("@STATS@", STATS)
+        .replace("@JUMBO@", JUMBO)
+        .replace("@JUMBO_MTU@", str(JUMBO_MTU))
+        .replace("@JUMBO_PING@", str(JUMBO_PING))
         .replace("@BULK_PORT@", str(BULK_PORT))
         .replace("@MESSAGE_PORT@", str(MESSAGE_PORT))
         .replace("@BULK_BLOCKS@", str(BULK_BLOCKS))
@@ -315,6 +340,21 @@ def test_pcap_shows_echo_request_and_reply(pair: Pair) -> None:
     )
     # Each guest pinged 5 times successfully after its first answered ping.
     assert min(requests_b_to_a, replies_a_to_b, requests_a_to_b, replies_b_to_a) >= 6, pair.report()
+
+
+def test_jumbo_frames(pair: Pair) -> None:
+    pair.expect(pair.a, "b1.jumbo_mtu", "b1.jumbo_ping")
+    pair.expect(pair.b, "b1.jumbo_mtu")
+    frame_size = 14 + 20 + 8 + JUMBO_PING
+    capture = read_pcap(pair.pcap)
+    jumbo = [
+        parsed
+        for frame in capture.frames
+        if len(frame) == frame_size and (parsed := _ipv4_icmp(frame))
+    ]
+    assert (MAC_B, MAC_A, 8) in jumbo and (MAC_A, MAC_B, 0) in jumbo, (
+        f"no {frame_size}-byte echo request A->B and reply B->A in the pcap: {jumbo}"
+    )
 
 
 def _tcp_payload_to(frame: bytes, port: int) -> int:

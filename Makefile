@@ -6,7 +6,7 @@ SOCKET ?= ./vfio-user.sock
 DEVICE ?= testdev
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit venv clean fastpath
+.PHONY: run test lint typecheck unit venv clean fastpath qemu-guest
 
 # The venv (and the C fast path, built in place by the editable install) is rebuilt when
 # the project's metadata or the C sources change.
@@ -36,8 +36,22 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
-	$(BIN)/python -m pytest -q
+# Real-QEMU guest tests (tests/qemu): QEMU and a small Linux guest are built once into
+# ~/.cache/vfio-user-emu (scripts/qemu/build-qemu ~5 min, build-guest ~10 s), then reused.
+# QEMU_TESTS=auto (default): a failed build only skips those tests, with the reason;
+# QEMU_TESTS=require (CI): a failed build or a skipped QEMU test fails; QEMU_TESTS=skip.
+QEMU_TESTS ?= auto
+
+qemu-guest:
+	@case "$(QEMU_TESTS)" in skip) exit 0 ;; auto|require) ;; \
+	  *) echo "error: QEMU_TESTS=$(QEMU_TESTS): use auto, require or skip" >&2; exit 2 ;; esac; \
+	if scripts/qemu/build-qemu >/dev/null && scripts/qemu/build-guest >/dev/null; then :; \
+	elif [ "$(QEMU_TESTS)" = require ]; then \
+	  echo "error: could not build QEMU or the guest (QEMU_TESTS=require)" >&2; exit 1; \
+	else echo "warning: no QEMU/guest built; tests/qemu will be skipped" >&2; fi
+
+unit: $(STAMP) qemu-guest
+	VFIO_USER_EMU_QEMU_TESTS=$(QEMU_TESTS) $(BIN)/python -m pytest -q
 
 test: lint typecheck unit
 

@@ -9,10 +9,11 @@ ranges they cover. Given to :func:`emulator.migration.migrate` (``guest_memory=`
 
 * pre-copy: DMA_LOGGING_START on the source (the ranges, ``page_size``) before anything is
   copied, then the whole memory once; after each pre-copy round a REPORT (which reads and
-  clears the log) and a copy of the pages it names; once the source is in STOP_COPY (its
-  DMA has finished: the engine waits for work in progress) a last REPORT and copy, then
-  DMA_LOGGING_STOP. Whatever the device wrote before it stopped is on the destination.
-* stop-copy: no logging; the whole memory is copied once the source is in STOP_COPY.
+  clears the log) and a copy of the pages it names; once the source is stopped (its DMA
+  ended when it entered STOP_COPY: the engine waits for work in progress; the driver does
+  this after STOP_COPY -> STOP) a last REPORT and copy, then DMA_LOGGING_STOP. Whatever
+  the device wrote before it stopped is on the destination.
+* stop-copy: no logging; the whole memory is copied once the source is stopped.
 
 Pages the CPU (the test playing the guest) writes during a migration must be announced with
 :meth:`GuestMemoryMigration.mark_dirty`, as a VMM's own tracking would; they are copied at

@@ -20,8 +20,9 @@ Flows (``source`` and ``destination`` are connected :class:`~emulator.client.Cli
 With ``guest_memory`` (:mod:`emulator.guest_memory_migration`) guest RAM moves too, as a
 VMM moves it: pre-copy starts the source's DMA dirty-page log and copies all of memory
 before the source enters PRE_COPY, copies the pages the log names after every round, and
-once more (the final REPORT) after the source reached STOP_COPY, then stops the log;
-stop-copy copies all of memory once the source is in STOP_COPY.
+once more (the final REPORT) once the source is stopped (STOP_COPY, then STOP: its DMA
+ended when it entered STOP_COPY), then stops the log; stop-copy copies all of memory once
+the source is stopped.
 
 The stream is never held in memory: chunks go straight from source to destination, each at
 most the smaller of what we advertised to the source (MIG_DATA_READ is bounded by the
@@ -439,8 +440,8 @@ class _Migration:
         else:
             await self._set(src, MigState.STOP_COPY, f"moving the source {before} -> STOP_COPY")
             stop_copy_bytes = await self._drain(None, "stop-copy")
-        await self._memory_stopped()
         await self._set(src, MigState.STOP, "moving the source STOP_COPY -> STOP")
+        await self._memory_stopped()
         await self._set(
             dst,
             MigState.STOP,
@@ -506,7 +507,8 @@ class _Migration:
         return await self.memory.sync_round(self.source) * self.memory.page_size
 
     async def _memory_stopped(self) -> None:
-        """The source is in STOP_COPY (its DMA finished): the rest of guest memory."""
+        """The source is stopped (STOP_COPY -> STOP; its DMA finished when it entered
+        STOP_COPY, the engine waits for work in progress): the rest of guest memory."""
         if self.memory is None:
             return
         if self.mode == "stop-copy":

@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate",
         help="migrate a device's state from one server to another (VFIO migration v2)",
         description="Move the state of the device behind --from to the device behind --to: "
-        "on success the source is stopped (STOP) and the destination runs (RUNNING).",
+        "on success the source is stopped (STOP) and the destination runs (RUNNING). "
+        "Device state only: the command has no guest memory (from Python, "
+        "emulator.migration.migrate(guest_memory=...) migrates that too).",
     )
     mig.add_argument("--from", dest="source", required=True, metavar="SRC_SOCKET")
     mig.add_argument("--to", dest="destination", required=True, metavar="DST_SOCKET")

@@ -17,6 +17,13 @@ Flows (``source`` and ``destination`` are connected :class:`~emulator.client.Cli
   STOP_COPY size estimate. Rounds stop once one moves at most ``precopy_threshold`` bytes
   or after ``precopy_rounds`` rounds; then PRE_COPY -> STOP_COPY sends what is left.
 
+With ``guest_memory`` (:mod:`emulator.guest_memory_migration`) guest RAM moves too, as a
+VMM moves it: pre-copy starts the source's DMA dirty-page log and copies all of memory
+before the source enters PRE_COPY, copies the pages the log names after every round, and
+once more (the final REPORT) once the source is stopped (STOP_COPY, then STOP: its DMA
+ended when it entered STOP_COPY), then stops the log; stop-copy copies all of memory once
+the source is stopped.
+
 The stream is never held in memory: chunks go straight from source to destination, each at
 most the smaller of what we advertised to the source (MIG_DATA_READ is bounded by the
 *client's* max_data_xfer_size) and the destination server's max_data_xfer_size. Unless the
@@ -70,6 +77,7 @@ from protocol.constants import (
 from protocol.messages import DeviceFeatureMsg
 
 from .client import Client, ClientError, ConnectionLost, InvalidReply
+from .guest_memory_migration import GuestMemoryMigration, MemoryCopyReport
 
 __all__ = [
     "DEFAULT_PRECOPY_ROUNDS",
@@ -159,6 +167,8 @@ class MigrationReport:
     #: bytes_moved / time spent reading and writing data (bytes per second).
     throughput: float
     precopy_rounds: int
+    #: Guest pages copied by phase, when ``migrate()`` was given guest memory.
+    memory: MemoryCopyReport | None = None
 
     def lines(self) -> list[str]:
         """Human-readable summary (what ``vfio-user-emu migrate`` prints)."""
@@ -170,7 +180,7 @@ class MigrationReport:
             f"throughput: {self.throughput / 1e6:.2f} MB/s",
             f"downtime: {self.downtime_s * 1e3:.3f} ms",
             f"total time: {self.total_s * 1e3:.3f} ms",
-        ]
+        ] + ([] if self.memory is None else self.memory.lines())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,6 +298,7 @@ class _Migration:
         precopy_threshold: int,
         on_precopy_round: PrecopyHook | None,
         transport: Transport = "inband",
+        guest_memory: GuestMemoryMigration | None = None,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}")
@@ -321,6 +332,7 @@ class _Migration:
         self.transfer_s = 0.0
         self.transport: Transport = transport
         self.destination_fd: int | None = None
+        self.memory = guest_memory
 
     # -- before anything changes -------------------------------------------------------------
     async def preflight(self) -> None:
@@ -362,6 +374,10 @@ class _Migration:
             )
         self.source_initial = src_state
         self.destination_initial = dst_state
+        if self.memory is not None and self.mode == "pre-copy":
+            await self._checked(
+                "source", self.memory.check_logging(self.source), "has no DMA dirty-page logging"
+            )
         try:
             estimate = await stop_copy_size(self.source)
         except ClientError:
@@ -408,6 +424,7 @@ class _Migration:
                 f"moving the destination {self.destination_initial.name} -> RESUMING",
             )
         if self.mode == "pre-copy":
+            await self._memory_precopy_start()
             self.source_touched = True
             await self._set(src, MigState.PRE_COPY, "moving the source RUNNING -> PRE_COPY")
             await self._precopy()
@@ -424,6 +441,7 @@ class _Migration:
             await self._set(src, MigState.STOP_COPY, f"moving the source {before} -> STOP_COPY")
             stop_copy_bytes = await self._drain(None, "stop-copy")
         await self._set(src, MigState.STOP, "moving the source STOP_COPY -> STOP")
+        await self._memory_stopped()
         await self._set(
             dst,
             MigState.STOP,
@@ -441,6 +459,7 @@ class _Migration:
             total_s=done - started,
             throughput=moved / self.transfer_s if self.transfer_s > 0 else 0.0,
             precopy_rounds=self.rounds,
+            memory=None if self.memory is None else self.memory.report(),
         )
 
     async def _pump(self, source_fd: int) -> int:
@@ -461,11 +480,46 @@ class _Migration:
             moved = await self._drain(self.round_limit, f"pre-copy round {self.rounds + 1}")
             self.rounds += 1
             self.precopy_bytes += moved
+            memory_moved = await self._memory_round()
             if self.on_precopy_round is not None:
                 self.stage = f"running the hook after pre-copy round {self.rounds}"
                 await self.on_precopy_round(self.rounds, moved)
-            if moved <= self.threshold or self.rounds >= self.max_rounds:
+            if moved + memory_moved <= self.threshold or self.rounds >= self.max_rounds:
                 return
+
+    # -- guest memory (emulator.guest_memory_migration) -----------------------------------------
+    async def _memory_precopy_start(self) -> None:
+        """Device dirty logging on, then a first copy of all guest memory (the device may
+        write it meanwhile: the log has those pages)."""
+        if self.memory is None:
+            return
+        self.memory.begin()
+        self.stage = "starting DMA dirty-page logging on the source"
+        await self.memory.start_logging(self.source)
+        self.stage = "pre-copy: copying all guest memory"
+        await self.memory.copy_all()
+
+    async def _memory_round(self) -> int:
+        """After a pre-copy round: copy the guest pages dirtied since; returns their bytes."""
+        if self.memory is None:
+            return 0
+        self.stage = f"pre-copy round {self.rounds}: copying dirty guest pages"
+        return await self.memory.sync_round(self.source) * self.memory.page_size
+
+    async def _memory_stopped(self) -> None:
+        """The source is stopped (STOP_COPY -> STOP; its DMA finished when it entered
+        STOP_COPY, the engine waits for work in progress): the rest of guest memory."""
+        if self.memory is None:
+            return
+        if self.mode == "stop-copy":
+            self.memory.begin()
+            self.stage = "stop-copy: copying all guest memory"
+            await self.memory.copy_all_stopped()
+            return
+        self.stage = "stop-copy: copying the last dirty guest pages"
+        await self.memory.sync_stopped(self.source)
+        self.stage = "stopping DMA dirty-page logging on the source"
+        await self.memory.stop_logging(self.source)
 
     async def _drain(self, limit: int | None, what: str) -> int:
         """Copy chunks until the source has no more data (or ``limit`` bytes moved)."""
@@ -502,6 +556,8 @@ class _Migration:
             self.destination_fd = None
         notes: list[str] = []
         with trio.CancelScope(shield=True), trio.move_on_after(RECOVERY_TIMEOUT) as scope:
+            if self.memory is not None and self.memory.logging:
+                notes.append(await self._stop_logging())
             if self.source_touched:
                 notes.append(await self._recover_source())
             if self.destination_touched:
@@ -509,6 +565,15 @@ class _Migration:
         if scope.cancelled_caught:
             notes.append(f"recovery gave up after {RECOVERY_TIMEOUT:g}s")
         return notes
+
+    async def _stop_logging(self) -> str:
+        assert self.memory is not None
+        try:
+            await self.memory.stop_logging(self.source)
+        except ClientError as exc:
+            self.memory.logging = False  # a lost connection ends the session's logging
+            return f"source DMA logging not stopped ({exc})"
+        return "source DMA logging stopped"
 
     async def _recover_source(self) -> str:
         client, target = self.source, self.source_initial
@@ -565,6 +630,7 @@ async def migrate(
     precopy_threshold: int = DEFAULT_PRECOPY_THRESHOLD,
     on_precopy_round: PrecopyHook | None = None,
     transport: Transport = "inband",
+    guest_memory: GuestMemoryMigration | None = None,
 ) -> MigrationReport:
     """Migrate the device behind ``source`` to the device behind ``destination``.
 
@@ -576,6 +642,15 @@ async def migrate(
     smaller of the source client's and the destination server's max_data_xfer_size).
     ``precopy_rounds`` / ``precopy_threshold`` bound pre-copy (see the module docstring);
     ``on_precopy_round`` runs after each pre-copy round while the source still runs.
+
+    ``guest_memory`` (:class:`~emulator.guest_memory_migration.GuestMemoryMigration`: the
+    source's and a separate destination's guest memory) is migrated too, consistently with
+    the device: in pre-copy mode with the source's DMA dirty-page log (DMA_LOGGING_START
+    before a first full copy, REPORT and copy of the dirtied pages after each round and
+    once more with the source stopped, then DMA_LOGGING_STOP); in stop-copy mode all of it
+    once the source is stopped. Pre-copy then also needs the source to offer dirty
+    logging. Counts land in :attr:`MigrationReport.memory`; a round's dirty pages count
+    towards ``precopy_threshold``.
 
     On success the source is in STOP and the destination in RUNNING. Raises
     :class:`MigrationError` (after recovery, see the module docstring) when a request fails,
@@ -591,6 +666,7 @@ async def migrate(
         precopy_threshold=precopy_threshold,
         on_precopy_round=on_precopy_round,
         transport=transport,
+        guest_memory=guest_memory,
     )
     await run.preflight()
     try:

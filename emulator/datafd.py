@@ -7,8 +7,10 @@ session returns one end of a pipe with the reply (SCM_RIGHTS, ``data_fd`` = its 
 * saving: we write the stream into the pipe from a background task; the client reads until
   EOF. A client that stops reading only stalls that task, never the control socket.
 * resuming: the client writes the stream and closes its end; a background task moves it
-  into a memfd (``splice``, no copy through Python) so a large stream never lives in Python
-  objects. RESUMING->STOP first drains what is still in the pipe, then validates.
+  through one reused buffer into a memfd, so a large stream never lives in Python objects,
+  and the session checksums it on the way (the bytes are in cache then: validation at
+  RESUMING->STOP does not read them again). RESUMING->STOP first drains what is still in
+  the pipe, then validates.
 
 Leaving the state ends the session and closes our end; a new session gets a new pipe.
 """
@@ -22,6 +24,7 @@ import logging
 import mmap
 import os
 import threading
+from collections.abc import Callable
 
 import trio
 
@@ -30,6 +33,8 @@ from devices.migration import MigrationEngine, SavingSession
 from devices.state_stream import Buffer
 from protocol.constants import MigState
 from protocol.migration_fsm import Arc
+
+from . import fastpath
 
 log = logging.getLogger("vfio_user_emu")
 
@@ -65,20 +70,6 @@ class MemfdStaging:
             self._size += written
             view = view[written:]
 
-    def fill_from(self, source: int, count: int) -> int:
-        """Move up to ``count`` bytes from a pipe into the staging file; 0 at EOF.
-        Raises BlockingIOError when the pipe is empty."""
-        try:
-            moved = os.splice(source, self.fd, count, offset_dst=self._size)
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.ENOSYS):
-                raise
-            data = os.read(source, count)  # no splice into this file: copy instead
-            self.append(data)
-            return len(data)
-        self._size += moved
-        return moved
-
     def view(self) -> memoryview:
         if not self.size:
             return memoryview(b"")
@@ -113,6 +104,23 @@ def _release(mapping: mmap.mmap | None, fd: int) -> None:
         os.close(fd)
 
 
+#: Pieces at least this large of a mapping (device RAM) go into the pipe by reference.
+VMSPLICE_MIN = 64 << 10
+
+
+def _writer_for(view: memoryview) -> Callable[[int, memoryview], int]:
+    """How to put ``view`` into the pipe: pieces of a memory mapping (device RAM, which
+    stays put while the device is stopped in STOP_COPY) are handed over without a copy
+    (vmsplice); anything else, e.g. bytes the allocator may reuse once sent, is copied."""
+    if (
+        len(view) >= VMSPLICE_MIN
+        and isinstance(view.obj, mmap.mmap)
+        and fastpath.vmsplice_available()
+    ):
+        return fastpath.vmsplice
+    return os.write
+
+
 def _pipe() -> tuple[int, int]:
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     with contextlib.suppress(OSError):
@@ -132,6 +140,7 @@ class DataFdSessions:
         #: after the saving pump delivered everything and closed its end.
         self._session_open = False
         self.failure: DeviceError | None = None
+        self._bounce: bytearray | None = None  # resumed bytes pass through it (one per client)
 
     @property
     def active(self) -> bool:
@@ -182,9 +191,10 @@ class DataFdSessions:
                 view = session.take(CHUNK)
                 if not view:
                     break  # the whole stream is written (STOP_COPY data is complete)
+                write = _writer_for(view)
                 while view:
                     try:
-                        written = os.write(fd, view)
+                        written = write(fd, view)
                     except BlockingIOError:
                         await trio.lowlevel.wait_writable(fd)
                         continue
@@ -215,12 +225,12 @@ class DataFdSessions:
         room = session.limit - session.size
         if room <= 0:
             raise DeviceError(errno.EFBIG, f"resumed stream exceeds {session.limit} bytes")
-        staging = session.staging
-        if isinstance(staging, MemfdStaging):
-            return staging.fill_from(fd, min(CHUNK, room)) > 0
-        data = os.read(fd, min(CHUNK, room))
-        session.write(data)
-        return bool(data)
+        if self._bounce is None:
+            self._bounce = bytearray(CHUNK)
+        buffer = memoryview(self._bounce)
+        count = os.readv(fd, [buffer[: min(CHUNK, room)]])  # BlockingIOError: pipe empty
+        session.write(buffer[:count])
+        return count > 0
 
     def _drain(self, engine: MigrationEngine) -> None:
         """Move whatever the client already wrote (it is in the pipe) into staging."""

@@ -52,6 +52,7 @@ devices in the wrong state) raise :class:`MigrationError` without touching eithe
 from __future__ import annotations
 
 import os
+import select
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -242,22 +243,22 @@ async def pump_pipe(source: int, sink: int) -> int:
                 source, sink, PIPE_CHUNK, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
             )
         except BlockingIOError:
-            # Either side may be the one not ready: wait for whichever unblocks first.
-            async with trio.open_nursery() as nursery:
-
-                async def wait(fd: int, writable: bool) -> None:
-                    if writable:
-                        await trio.lowlevel.wait_writable(fd)
-                    else:
-                        await trio.lowlevel.wait_readable(fd)
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(wait, source, False)
-                nursery.start_soon(wait, sink, True)
+            await _wait_for_pipes(source, sink)
             continue
         if count == 0:
             return moved
         moved += count
+
+
+async def _wait_for_pipes(source: int, sink: int) -> None:
+    """Wait for whichever side blocked the splice: the empty source or the full sink."""
+    readable, writable, _ = select.select([source], [sink], [], 0)
+    if not readable:
+        await trio.lowlevel.wait_readable(source)
+    elif not writable:
+        await trio.lowlevel.wait_writable(sink)
+    else:
+        await trio.lowlevel.checkpoint()  # both ready again already
 
 
 async def stop_copy_size(client: Client) -> int:

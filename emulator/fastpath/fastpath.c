@@ -74,17 +74,16 @@ static uint32_t vfe_multmodp(uint32_t a, uint32_t b)
     return product;
 }
 
-/* x^(8 * nbytes) mod P, by square-and-multiply. */
+/* x^(8 * nbytes) mod P, by square-and-multiply over the bits of nbytes (no overflow). */
 static uint32_t vfe_x_pow_8n(uint64_t nbytes)
 {
-    uint64_t e = nbytes * 8u;
     uint32_t result = 0x80000000u; /* 1 */
-    uint32_t square = 0x40000000u; /* x^1 */
-    while (e != 0) {
-        if (e & 1u)
+    uint32_t square = 0x00800000u; /* x^8: one byte */
+    while (nbytes != 0) {
+        if (nbytes & 1u)
             result = vfe_multmodp(square, result);
         square = vfe_multmodp(square, square);
-        e >>= 1;
+        nbytes >>= 1;
     }
     return result;
 }

@@ -67,7 +67,6 @@ from protocol.messages import (
     DmaUnmap,
     IrqInfo,
     IrqSet,
-    MigData,
     MigDataRead,
     RegionAccess,
     RegionCap,
@@ -450,7 +449,7 @@ class Client:
         if self._broken is not None:
             raise self._broken.error(command)
 
-    async def _send(self, data: bytes, fds: Sequence[int], command: int) -> None:
+    async def _send(self, data: bytes | bytearray, fds: Sequence[int], command: int) -> None:
         async with self._send_lock:
             self._check_usable(command)
             if self.trace is not None:
@@ -509,9 +508,21 @@ class Client:
         Requests are sent (and served) in the order of these calls, so several may be in
         flight: the migration driver keeps its reads and writes of migration data going
         while the previous ones are answered."""
+        return await self._send_request(command, (payload,), fds)
+
+    async def _send_request(
+        self, command: int, parts: Sequence[bytes | bytearray | memoryview], fds: Sequence[int]
+    ) -> InFlight:
+        """:meth:`send_request` of a payload made of ``parts`` (copied once, into the
+        message)."""
         self._check_usable(command)
         msg_id = self._allocate_id()
-        data = pack_message(msg_id, command, payload, MsgType.COMMAND)
+        data = bytearray(HEADER.size + sum(len(part) for part in parts))
+        HEADER.pack_into(data, 0, msg_id, command, len(data), MsgType.COMMAND, 0)
+        at = HEADER.size
+        for part in parts:
+            data[at : at + len(part)] = part
+            at += len(part)
         waiter = _Pending(command)
         self._pending[msg_id] = waiter
         try:
@@ -846,34 +857,40 @@ class Client:
         Only the reply's ``size`` field counts: padding after the valid bytes (libvfio-user
         pads to the requested size) is tolerated and dropped.
         """
-        return await self.mig_data_read_reply(await self.mig_data_read_send(size), size)
+        return bytes(await self.mig_data_read_reply(await self.mig_data_read_send(size), size))
 
     async def mig_data_read_send(self, size: int) -> InFlight:
         """Send MIG_DATA_READ of ``size`` bytes; :meth:`mig_data_read_reply` gets the data."""
         request = MigDataRead(_MIG_HEADER + size, size).pack()
         return await self.send_request(Command.MIG_DATA_READ, request)
 
-    async def mig_data_read_reply(self, sent: InFlight, size: int) -> bytes:
+    async def mig_data_read_reply(self, sent: InFlight, size: int) -> memoryview:
+        """The data of a MIG_DATA_READ sent with :meth:`mig_data_read_send`, as a view of
+        the reply (not copied)."""
         cmd = Command.MIG_DATA_READ
         _, payload, fds = await sent.reply()
         self._no_fds(cmd, fds)
-        with _parsing(cmd):
-            reply = MigData.unpack(payload)
-        if reply.size > size:
-            raise InvalidReply(cmd, f"{reply.size} bytes returned, asked at most {size}")
+        if len(payload) < _MIG_HEADER:
+            raise InvalidReply(cmd, f"reply of {len(payload)} bytes: no MIG_DATA header")
+        argsz, valid = struct.unpack_from("<II", payload)
+        if len(payload) < _MIG_HEADER + valid:
+            raise InvalidReply(cmd, f"reply of {len(payload)} bytes announces {valid} data bytes")
+        if valid > size:
+            raise InvalidReply(cmd, f"{valid} bytes returned, asked at most {size}")
         if len(payload) > _MIG_HEADER + size:
             raise InvalidReply(cmd, f"reply of {len(payload)} bytes for {size} asked")
-        if reply.argsz < _MIG_HEADER + reply.size:
-            raise InvalidReply(cmd, f"reply argsz {reply.argsz} < 8 + {reply.size}")
-        return reply.data
+        if argsz < _MIG_HEADER + valid:
+            raise InvalidReply(cmd, f"reply argsz {argsz} < 8 + {valid}")
+        return memoryview(payload)[_MIG_HEADER : _MIG_HEADER + valid]
 
     async def mig_data_write(self, data: bytes) -> None:
         await self.mig_data_write_reply(await self.mig_data_write_send(data))
 
-    async def mig_data_write_send(self, data: bytes) -> InFlight:
-        """Send MIG_DATA_WRITE; :meth:`mig_data_write_reply` waits for the server's answer."""
-        request = MigData(_MIG_HEADER + len(data), len(data), bytes(data)).pack()
-        return await self.send_request(Command.MIG_DATA_WRITE, request)
+    async def mig_data_write_send(self, data: bytes | bytearray | memoryview) -> InFlight:
+        """Send MIG_DATA_WRITE; :meth:`mig_data_write_reply` waits for the server's answer.
+        ``data`` is copied once, straight into the message."""
+        head = struct.pack("<II", _MIG_HEADER + len(data), len(data))
+        return await self._send_request(Command.MIG_DATA_WRITE, (head, data), ())
 
     async def mig_data_write_reply(self, sent: InFlight) -> None:
         _, reply, fds = await sent.reply()

@@ -285,6 +285,11 @@ class ResumingSession:
         self.staging.append(data)
         self.scanner.feed(data)
 
+    def staged(self, data: Buffer) -> None:
+        """Bytes the runtime put into the staging itself (spliced from a data fd), given as
+        a view of where they landed: checksummed like written ones."""
+        self.scanner.feed(data)
+
     def close(self) -> None:
         self.staging.close()
 

@@ -7,10 +7,10 @@ session returns one end of a pipe with the reply (SCM_RIGHTS, ``data_fd`` = its 
 * saving: we write the stream into the pipe from a background task; the client reads until
   EOF. A client that stops reading only stalls that task, never the control socket.
 * resuming: the client writes the stream and closes its end; a background task moves it
-  through one reused buffer into a memfd, so a large stream never lives in Python objects,
-  and the session checksums it on the way (the bytes are in cache then: validation at
-  RESUMING->STOP does not read them again). RESUMING->STOP first drains what is still in
-  the pipe, then validates.
+  into a memfd (``splice``, no copy through Python) so a large stream never lives in Python
+  objects, and the session checksums each piece where it landed while it is in cache
+  (validation at RESUMING->STOP does not read it again). RESUMING->STOP first drains what
+  is still in the pipe, then validates.
 
 Leaving the state ends the session and closes our end; a new session gets a new pipe.
 """
@@ -52,12 +52,24 @@ OPENS_RESUME = (MigState.STOP, MigState.RESUMING)
 
 
 class MemfdStaging:
-    """Resumed bytes kept in a memfd: outside the Python heap, mapped only to validate."""
+    """Resumed bytes kept in a memfd, outside the Python heap.
+
+    The memfd is mapped once, read-only, over ``RESERVE`` bytes of address space (memory is
+    used only where bytes arrive): bytes spliced in from a data fd are checksummed where
+    they landed, and validation later reads them without mapping anything again.
+    """
 
     def __init__(self) -> None:
         self.fd = os.memfd_create("vfio-user-emu-resume", os.MFD_CLOEXEC)
         self._size = 0
+        self._mapped = 0  # bytes before this offset were read through the mapping already
         self._map: mmap.mmap | None = None
+        try:
+            os.ftruncate(self.fd, RESERVE)  # sparse: no memory until written
+            self._map = mmap.mmap(self.fd, RESERVE, mmap.MAP_SHARED, mmap.PROT_READ)
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     @property
     def size(self) -> int:
@@ -65,18 +77,40 @@ class MemfdStaging:
 
     def append(self, data: Buffer) -> None:
         view = memoryview(data).cast("B")
+        if self._size + len(view) > RESERVE:
+            raise DeviceError(errno.EFBIG, f"resumed stream exceeds {RESERVE} bytes")
         while view:
             written = os.pwrite(self.fd, view, self._size)
             self._size += written
             view = view[written:]
 
+    def fill_from(self, source: int, count: int) -> memoryview:
+        """Move up to ``count`` bytes from a pipe into the staging file (``splice``: no copy
+        through Python); returns a view of where they landed, empty at EOF. Raises
+        BlockingIOError when the pipe is empty."""
+        count = min(count, RESERVE - self._size)
+        if count <= 0:
+            raise DeviceError(errno.EFBIG, f"resumed stream exceeds {RESERVE} bytes")
+        moved = os.splice(source, self.fd, count, offset_dst=self._size)
+        start, self._size = self._size, self._size + moved
+        if self._mapped == start:
+            self._mapped = self._size  # the caller reads the bytes where they landed
+        return self.window(start, self._size)
+
+    def window(self, start: int, end: int) -> memoryview:
+        """A view of staged bytes (faulted in as they are read)."""
+        assert self._map is not None
+        return memoryview(self._map)[start:end]
+
     def view(self) -> memoryview:
-        if not self.size:
+        if not self.size or self._map is None:
             return memoryview(b"")
-        # Prefault the whole mapping in one go: validation reads every byte anyway.
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        self._map = mmap.mmap(self.fd, self.size, flags, mmap.PROT_READ)
-        return memoryview(self._map)
+        # Map in what was not read yet in one go (validation reads every byte anyway).
+        start = self._mapped & ~(mmap.PAGESIZE - 1)
+        if start < self._size:
+            with contextlib.suppress(OSError, ValueError):
+                self._map.madvise(MADV_POPULATE_READ, start, self._size - start)
+        return self.window(0, self._size)
 
     def close(self) -> None:
         """Release the staged stream. Unmapping and freeing a large memfd takes a while, so
@@ -91,6 +125,10 @@ class MemfdStaging:
         threading.Thread(target=_release, args=(mapping, fd), daemon=True).start()
 
 
+#: Address space reserved for a staged stream (the engine's StreamLimits.max_stream).
+RESERVE = 1 << 34
+#: madvise(2) advice (Linux 5.14) that faults a range in without touching it page by page.
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 LARGE_STAGING = 16 << 20
 
 
@@ -225,6 +263,11 @@ class DataFdSessions:
         room = session.limit - session.size
         if room <= 0:
             raise DeviceError(errno.EFBIG, f"resumed stream exceeds {session.limit} bytes")
+        staging = session.staging
+        if isinstance(staging, MemfdStaging):
+            landed = staging.fill_from(fd, min(CHUNK, room))
+            session.staged(landed)  # checksummed where it landed, while it is in cache
+            return len(landed) > 0
         if self._bounce is None:
             self._bounce = bytearray(CHUNK)
         buffer = memoryview(self._bounce)

@@ -57,7 +57,6 @@ from protocol.constants import MigrationCaps
 
 from .api import Device, DeviceError, DmaFault, RamRegion, Region
 from .irq import InterruptController
-from .migration import MigrationCodec
 from .pci import BarKind, BarSpec, ConfigSpace
 from .state_stream import Buffer, LoadedSection, Section, StreamLimits, payload_parts
 
@@ -382,7 +381,7 @@ class LvuSample(Device):
         self._arm()
 
     # -- migration ----------------------------------------------------------------------------
-    def migration_codec(self, limits: StreamLimits) -> MigrationCodec:
+    def migration_codec(self, limits: StreamLimits) -> LvuRawCodec:
         return LvuRawCodec(self.bar1, precopy_images=self.legacy_v1)
 
     def _time_bytes(self) -> bytes:

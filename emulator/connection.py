@@ -206,8 +206,10 @@ class ClientSession:
     async def _dispatch(self, event: object) -> bool:
         """Handle one event; False when the connection must close."""
         if isinstance(event, CommandReceived):
-            if self._deferred_running:
-                self._backlog.append(event)  # processed in order once the deferred one ends
+            if self._deferred_running or self._backlog:
+                # Processed in order once the deferred one ends; while its backlog is still
+                # being worked off, later commands queue behind it (not overtake it).
+                self._backlog.append(event)
                 self._backlog_drained = trio.Event()
                 return True
             await self._command(event)

@@ -59,8 +59,10 @@ devices in the wrong state) raise :class:`MigrationError` without touching eithe
 from __future__ import annotations
 
 import os
+import select
 import struct
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar, get_args
@@ -76,7 +78,8 @@ from protocol.constants import (
 )
 from protocol.messages import DeviceFeatureMsg
 
-from .client import Client, ClientError, ConnectionLost, InvalidReply
+from . import allocator
+from .client import Client, ClientError, ConnectionLost, InFlight, InvalidReply
 from .guest_memory_migration import GuestMemoryMigration, MemoryCopyReport
 
 __all__ = [
@@ -122,6 +125,8 @@ ROUND_LIMIT_WITHOUT_ESTIMATE = 64 * 1024 * 1024
 MIN_CHUNK = 4096
 #: Bytes asked for after a short read, to learn cheaply whether more data follows.
 PROBE_SIZE = 4096
+#: STOP_COPY reads (and writes) in flight at once.
+PIPELINE_DEPTH = 4
 #: Seconds the whole recovery after a failure may take.
 RECOVERY_TIMEOUT = 10.0
 
@@ -252,22 +257,22 @@ async def pump_pipe(source: int, sink: int) -> int:
                 source, sink, PIPE_CHUNK, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
             )
         except BlockingIOError:
-            # Either side may be the one not ready: wait for whichever unblocks first.
-            async with trio.open_nursery() as nursery:
-
-                async def wait(fd: int, writable: bool) -> None:
-                    if writable:
-                        await trio.lowlevel.wait_writable(fd)
-                    else:
-                        await trio.lowlevel.wait_readable(fd)
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(wait, source, False)
-                nursery.start_soon(wait, sink, True)
+            await _wait_for_pipes(source, sink)
             continue
         if count == 0:
             return moved
         moved += count
+
+
+async def _wait_for_pipes(source: int, sink: int) -> None:
+    """Wait for whichever side blocked the splice: the empty source or the full sink."""
+    readable, writable, _ = select.select([source], [sink], [], 0)
+    if not readable:
+        await trio.lowlevel.wait_readable(source)
+    elif not writable:
+        await trio.lowlevel.wait_writable(sink)
+    else:
+        await trio.lowlevel.checkpoint()  # both ready again already
 
 
 async def stop_copy_size(client: Client) -> int:
@@ -439,7 +444,7 @@ class _Migration:
             stop_copy_bytes = await self._pump(source_fd)
         else:
             await self._set(src, MigState.STOP_COPY, f"moving the source {before} -> STOP_COPY")
-            stop_copy_bytes = await self._drain(None, "stop-copy")
+            stop_copy_bytes = await self._pipelined_drain("stop-copy")
         await self._set(src, MigState.STOP, "moving the source STOP_COPY -> STOP")
         await self._memory_stopped()
         await self._set(
@@ -546,6 +551,53 @@ class _Migration:
                 # asked for (libvfio-user does).
                 want = self.chunk if len(data) == size else min(PROBE_SIZE, self.chunk)
         finally:
+            self.transfer_s += time.perf_counter() - began
+        return moved
+
+    async def _pipelined_drain(self, what: str) -> int:
+        """STOP_COPY data with up to ``PIPELINE_DEPTH`` reads and as many writes in flight,
+        so that the source, this driver and the destination work at the same time.
+
+        Requests on one connection are served in order, so the chunks come back, and are
+        written, in stream order. The stream ends with an empty read; reads already sent
+        after it come back empty too (the data is complete in STOP_COPY), and after a short
+        read new reads ask for PROBE_SIZE only (servers may pad replies to the size asked).
+        """
+        reading = f"{what}: reading migration data from the source"
+        writing = f"{what}: writing migration data to the destination"
+        reads: deque[tuple[InFlight, int]] = deque()
+        writes: deque[InFlight] = deque()
+        moved = 0
+        want = self.chunk
+        ended = False
+        began = time.perf_counter()
+        try:
+            while True:
+                self.stage = reading
+                while not ended and len(reads) < PIPELINE_DEPTH:
+                    reads.append((await self.source.mig_data_read_send(want), want))
+                if not reads:
+                    break
+                sent, size = reads.popleft()
+                data = await self.source.mig_data_read_reply(sent, size)
+                if not data:
+                    ended = True
+                    continue
+                if len(data) < size:
+                    want = min(PROBE_SIZE, self.chunk)
+                self.stage = writing
+                writes.append(await self.destination.mig_data_write_send(data))
+                moved += len(data)
+                while len(writes) > PIPELINE_DEPTH:
+                    await self.destination.mig_data_write_reply(writes.popleft())
+            self.stage = writing
+            while writes:
+                await self.destination.mig_data_write_reply(writes.popleft())
+        finally:
+            for sent, _ in reads:
+                sent.abandon()
+            for sent in writes:
+                sent.abandon()
             self.transfer_s += time.perf_counter() - began
         return moved
 
@@ -656,6 +708,8 @@ async def migrate(
     :class:`MigrationError` (after recovery, see the module docstring) when a request fails,
     ValueError for bad arguments.
     """
+    # The whole stream passes through this process in message-sized buffers (in-band).
+    allocator.keep_large_buffers()
     started = time.perf_counter()
     run = _Migration(
         source,

@@ -31,7 +31,7 @@ from protocol.constants import HEADER_SIZE
 from protocol.header import Header, pack_error_reply
 from protocol.version import ServerCapabilities
 
-from . import fastpath
+from . import allocator, fastpath
 from .connection import ClientSession, Limits
 from .session import RegionFds
 from .trace import Tracer
@@ -145,8 +145,10 @@ class RamBacking:
 
 @functools.cache
 def _install_fast_path() -> None:
-    """Pick the C fast path for migration streams once per process (or the fallback)."""
+    """Pick the C fast path for migration streams once per process (or the fallback), and
+    keep large freed buffers for reuse (message copies without page faults)."""
     fastpath.install_best()
+    allocator.keep_large_buffers()
 
 
 class DeviceServer:

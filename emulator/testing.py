@@ -23,7 +23,7 @@ from devices.api import Device
 from protocol.version import ServerCapabilities
 
 from .client import Client
-from .connection import Limits
+from .limits import Limits
 from .server import DeviceServer
 
 

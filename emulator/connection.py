@@ -184,9 +184,10 @@ class ClientSession:
             while (event := self.proto.next_event()) is not None:
                 if not await self._dispatch(event):
                     return
+                if len(self._backlog) >= self.limits.max_backlog:
+                    # Exactly the limit held: the rest of the chunk waits in the framer.
+                    await self._backlog_drained.wait()
             close_fds(self.proto.take_orphan_fds())
-            if len(self._backlog) >= self.limits.max_backlog:
-                await self._backlog_drained.wait()
 
     async def _dispatch(self, event: object) -> bool:
         """Handle one event; False when the connection must close."""

@@ -414,7 +414,10 @@ class ClientSession:
         waiter = self._waiters[msg_id] = _Waiter()
         try:
             self.tracer.request(msg_id, command, payload)
-            await self._send(data)
+            try:
+                await self._send(data)
+            except (OSError, TransportError, trio.ClosedResourceError) as exc:
+                raise DmaFault(f"client gone: {exc}") from None
             with trio.move_on_after(self.limits.dma_reply_timeout):
                 await waiter.event.wait()
         finally:
@@ -454,6 +457,8 @@ class ClientSession:
                     await trio.lowlevel.wait_readable(fd)
                 except (trio.ClosedResourceError, OSError):
                     return
+                if scope.cancel_called:
+                    return  # unwatched (and closed) after we were woken: the number is stale
                 try:
                     os.read(fd, 8)
                 except BlockingIOError:

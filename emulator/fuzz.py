@@ -34,6 +34,7 @@ import argparse
 import array
 import contextlib
 import errno
+import importlib.util
 import json
 import logging
 import os
@@ -388,14 +389,14 @@ class Peer:
         while True:
             header, payload = self.receive()
             if header.is_command:
-                self._serve_request(header, payload)
+                self.serve_request(header, payload)
                 continue
             check_reply_shape(header, payload)
             if header.msg_id != msg_id:
                 raise FuzzFailure(f"reply to id {header.msg_id} while waiting for {msg_id}")
             return header, payload
 
-    def _serve_request(self, header: Header, payload: bytes) -> None:
+    def serve_request(self, header: Header, payload: bytes) -> None:
         if header.command not in (Command.DMA_READ, Command.DMA_WRITE):
             raise FuzzFailure(f"server sent command {header.command_name()}")
         self.server_requests += 1
@@ -715,24 +716,50 @@ def structured_case(path: Path, source: Source, stats: Stats) -> None:
         pool.close()
 
 
-def _mutated_message(peer: Peer, source: Source, pool: FdPool, stats: Stats) -> bool:
-    """Send one mutated message and check what comes back; False once closed (allowed)."""
+@dataclass
+class Planned:
+    """One mutated message and what the server may do with it."""
+
+    data: bytes
+    fds: list[int]
+    msg_id: int
+    command: int
+    flags: int
+    #: Unrecoverable framing (or too many fds): the server must close the connection.
+    closes: bool
+
+    @property
+    def expects_reply(self) -> bool:
+        is_command = (self.flags & FLAGS_TYPE_MASK) == MsgType.COMMAND
+        return is_command and not self.flags & FLAG_NO_REPLY
+
+    def describe(self) -> str:
+        return (
+            f"id={self.msg_id} command={self.command} flags={self.flags:#x} "
+            f"fds={len(self.fds)} bytes={self.data.hex()}"
+        )
+
+
+def _header_flags(source: Source) -> tuple[int, bool]:
+    """Message flags, and whether they make the message unrecoverable."""
+    roll = source.integer(0, 99)
+    if roll < 8:
+        return FLAG_NO_REPLY, False
+    if roll < 12:
+        return MsgType.REPLY, False  # a reply matching nothing: dropped, nothing sent
+    if roll < 14:
+        return source.integer(2, FLAGS_TYPE_MASK), True  # neither command nor reply
+    if roll < 16:
+        return number(source, 32) & ~FLAGS_TYPE_MASK, False  # unknown flag bits
+    return 0, False
+
+
+def plan_message(source: Source, pool: FdPool) -> Planned:
     command = pick(source, [*range(1, 19), *range(2, 19), number(source, 16)])
     payload = template(command, source)
     if chance(source, 70):
         payload = mutate(payload, source)
-    flags = 0
-    closes = False
-    roll = source.integer(0, 99)
-    if roll < 8:
-        flags = FLAG_NO_REPLY
-    elif roll < 12:
-        flags = MsgType.REPLY
-    elif roll < 14:
-        flags = source.integer(2, FLAGS_TYPE_MASK)  # neither command nor reply: fatal
-        closes = True
-    elif roll < 16:
-        flags = number(source, 32) & ~FLAGS_TYPE_MASK  # unknown flag bits on a command
+    flags, closes = _header_flags(source)
     fds = pool.some(source, 2) if chance(source, 25) else []
     if chance(source, 2):
         fds = [pool.make(source) for _ in range(TARGET_MAX_FDS + 1)]
@@ -742,34 +769,43 @@ def _mutated_message(peer: Peer, source: Source, pool: FdPool, stats: Stats) -> 
     if chance(source, 2):
         size = source.integer(0, HEADER_SIZE - 1)  # a size below the header: fatal framing
         closes = True
-    data = HEADER.pack(msg_id, command & 0xFFFF, size, flags, 0) + payload
+    data = HEADER.pack(msg_id, command, size, flags, 0) + payload
+    return Planned(data, fds, msg_id, command, flags, closes)
+
+
+def _drain_until_closed(peer: Peer) -> None:
+    """Replies to earlier messages may still come; then the connection must close."""
+    try:
+        while True:
+            header, payload = peer.receive()
+            if header.is_command:
+                peer.serve_request(header, payload)
+    except (Closed, ConnectionResetError):
+        return
+
+
+def _mutated_message(peer: Peer, source: Source, pool: FdPool, stats: Stats) -> bool:
+    """Send one mutated message and check what comes back; False once closed (allowed)."""
+    planned = plan_message(source, pool)
     stats.messages += 1
     try:
-        peer.send(data, fds)
-    except (BrokenPipeError, ConnectionResetError):
-        if closes:
+        peer.send(planned.data, planned.fds)
+        if planned.closes:
+            _drain_until_closed(peer)
             stats.closes += 1
             return False
-        raise FuzzFailure("connection reset without a framing error") from None
-    if closes:
-        try:
-            while True:
-                header, payload = peer.receive()  # replies to earlier messages may remain
-                if header.is_command:
-                    peer._serve_request(header, payload)
-        except (Closed, ConnectionResetError):
-            stats.closes += 1
-            return False
-    expects_reply = (flags & FLAGS_TYPE_MASK) == MsgType.COMMAND and not flags & FLAG_NO_REPLY
-    try:
-        if expects_reply:
-            _expect_reply(peer, msg_id, command & 0xFFFF, stats)
-            peer.next_id = (msg_id + 1) & 0xFFFF
+        if planned.expects_reply:
+            _expect_reply(peer, planned.msg_id, planned.command, stats)
+            peer.next_id = (planned.msg_id + 1) & 0xFFFF
         else:
             _probe(peer, stats)
-    except (Closed, ConnectionResetError, FuzzFailure) as exc:
-        what = f"id={msg_id} command={command} flags={flags:#x} size={size} fds={len(fds)}"
-        raise FuzzFailure(f"{exc!r} after {what} payload={payload.hex()}") from None
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        if planned.closes:
+            stats.closes += 1
+            return False
+        raise FuzzFailure(f"{exc!r} after {planned.describe()}") from None
+    except (Closed, FuzzFailure) as exc:
+        raise FuzzFailure(f"{exc!r} after {planned.describe()}") from None
     return True
 
 
@@ -804,7 +840,7 @@ def raw_case(path: Path, source: Source, stats: Stats) -> None:
             while True:
                 header, payload = peer.receive()
                 if header.is_command:
-                    peer._serve_request(header, payload)
+                    peer.serve_request(header, payload)
                     continue
                 check_reply_shape(header, payload)
                 stats.replies += 1
@@ -978,6 +1014,7 @@ def fuzz_atheris(seconds: float, corpus: Sequence[str]) -> None:
     import atheris  # type: ignore[import-untyped]  # noqa: PLC0415 - optional extra
 
     atheris.instrument_all()  # the server's code is already loaded: instrument it in place
+    logging.getLogger("vfio_user_emu").setLevel(logging.ERROR)  # tracebacks still count
     stats = Stats()
     with open_target("thread") as target:
         witness = Witness(target.witness)
@@ -989,7 +1026,14 @@ def fuzz_atheris(seconds: float, corpus: Sequence[str]) -> None:
             check_health(target, witness, baseline, "atheris input")
 
         atheris.Setup(
-            [sys.argv[0], f"-max_total_time={int(seconds)}", "-timeout=60", *corpus], one_input
+            [
+                sys.argv[0],
+                f"-max_total_time={int(seconds)}",
+                "-timeout=60",
+                "-max_len=4096",
+                *corpus,
+            ],
+            one_input,
         )
         atheris.Fuzz()
 
@@ -1001,18 +1045,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="how long to fuzz")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: time)")
     parser.add_argument("--case", type=int, help="replay one case by its seed")
-    parser.add_argument("--engine", choices=["random", "atheris"], default="random")
+    parser.add_argument(
+        "--engine",
+        choices=["auto", "random", "atheris"],
+        default="random",
+        help="who makes the choices: a seeded PRNG, or libFuzzer through atheris with coverage"
+        " feedback (auto: atheris when installed)",
+    )
     parser.add_argument("--target", choices=["process", "thread"], default="process")
     parser.add_argument("--serve", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("corpus", nargs="*", help="atheris corpus directories")
     args = parser.parse_args(argv)
     if args.serve:
-        logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
+        logging.basicConfig(level=logging.WARNING, format="%(name)s %(message)s")
         _serve_targets(Path(args.serve), None)
         return 0
     if args.case is not None:
         print(replay(args.case, args.target).line())
         return 0
+    if args.engine == "auto":
+        args.engine = "atheris" if importlib.util.find_spec("atheris") else "random"
     if args.engine == "atheris":
         fuzz_atheris(args.seconds, args.corpus)
         return 0

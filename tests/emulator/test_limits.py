@@ -9,7 +9,7 @@ import gc
 import logging
 import os
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -477,3 +477,32 @@ def test_serve_options_build_the_limits() -> None:
         )
     with pytest.raises(ValueError):
         Limits(max_irq_vectors=0)
+
+
+async def refused(call: Awaitable[object]) -> None:
+    assert await errno_of(call) == errno.EINVAL
+
+
+async def test_a_data_fd_session_ended_while_its_pump_was_woken_never_touches_the_fd(
+    tmp_path: Path,
+) -> None:
+    """Found by the fuzzer: the pump moving a resumed stream was woken (data in the pipe)
+    just as a refused SET ended the session and closed the pipe; it then spliced from the
+    closed fd number (EBADF ended the connection; a reused number would read another fd)."""
+    async with (
+        serving(tmp_path, Limits()) as served,
+        Client.connect(
+            served.socket_path, capabilities={"max_msg_fds": 8, "migration": {"data_fd": True}}
+        ) as client,
+    ):
+        for attempt in range(60):
+            fd = await client.set_mig_state(MigState.RESUMING)
+            assert fd is not None
+            async with trio.open_nursery() as nursery:
+                # RESUMING -> STOP refuses the (empty) stream and ends the data session...
+                nursery.start_soon(refused, client.set_mig_state(MigState.STOP))
+                for _ in range(attempt % 6):
+                    await trio.sleep(0)
+                os.close(fd)  # ...while end of stream wakes the pump, at varied moments
+            await client.reset()
+        assert (await client.get_info()).num_regions > 0

@@ -90,7 +90,10 @@ class ClientSession:
         self.region_fds = region_fds
         self.tracer = tracer
         self.proto = ServerConnection(capabilities, limits.max_message_size)
-        self.maps = IovaMap(min(limits.max_dma_maps, capabilities.max_dma_maps))
+        self.maps = IovaMap(
+            min(limits.max_dma_maps, capabilities.max_dma_maps),
+            mmap_unsealed=limits.mmap_unsealed_dma,
+        )
         self.dirty = DirtyLog()
         self.logging = LoggingFeature(self._mapped)
         self.dirty.sink = self.logging.record

@@ -58,6 +58,11 @@ class Limits:
     #: Peer uids allowed to connect (SO_PEERCRED); empty = anyone who can open the socket
     #: (it is created 0600, so: its owner and root).
     allowed_uids: frozenset[int] = field(default_factory=frozenset)
+    #: mmap DMA_MAP fds the client could still shrink (files on disk, unsealed memfds).
+    #: Off: those ranges are reached with DMA_READ/DMA_WRITE messages, since a file shrunk
+    #: under our mapping makes the next access a SIGBUS that kills the server. Only for a
+    #: trusted client backing guest RAM with such files (memory-backend-file).
+    mmap_unsealed_dma: bool = False
     dma_reply_timeout: float = 10.0
     max_queued_jobs: int = 4096
     #: In-band DMA layout: None = decide per client (QEMU proposes minor 0, see
@@ -210,6 +215,12 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
         f" {defaults.max_migration_sessions}; more: EBUSY)",
     )
     group.add_argument(
+        "--dma-mmap-unsealed",
+        action="store_true",
+        help="also mmap DMA fds the client could shrink (files, unsealed memfds): faster"
+        " for a trusted client, but it could then crash the server (SIGBUS)",
+    )
+    group.add_argument(
         "--allow-uid",
         type=int,
         action="append",
@@ -247,6 +258,7 @@ def limits_from_args(
         max_queued_replies=args.max_queued_replies,
         max_migration_sessions=args.max_migration_sessions,
         allowed_uids=frozenset(args.allow_uid),
+        mmap_unsealed_dma=args.dma_mmap_unsealed,
         dma_layout=layout,
     )
     return capabilities, limits

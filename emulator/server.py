@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import fcntl
 import functools
 import logging
 import mmap
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vfio_user_emu")
 
 REFUSAL_WAIT = 2.0
+RAM_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 class ServerState(enum.Enum):
@@ -129,8 +131,11 @@ class RamBacking:
         backing = cls()
         for index, region in device.regions.items():
             if isinstance(region, RamRegion) and region.mmap_areas and region.size:
-                fd = os.memfd_create(f"{name}-region{index}", os.MFD_CLOEXEC)
+                fd = os.memfd_create(f"{name}-region{index}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
                 os.ftruncate(fd, region.size)
+                # The client gets this fd: sealed, so it cannot shrink the file under the
+                # device's mapping (our next access would be a SIGBUS killing the server).
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, RAM_SEALS)
                 # Populated up front: the device's RAM is resident from the start (as the
                 # anonymous buffer it replaces would be), so no page fault lands inside a
                 # migration's downtime.

@@ -10,6 +10,7 @@ share one harness::
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import socket
@@ -72,8 +73,11 @@ class GuestRam:
     def __init__(self, size: int, base: int = 0) -> None:
         self.size = size
         self.base = base
-        self.fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+        # Sealed against resizing, as QEMU's memory-backend-memfd (seal=on) does: the server
+        # mmaps only memory the client can no longer shrink.
+        self.fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, size)
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
 
     def read(self, address: int, count: int) -> bytes:

@@ -506,3 +506,63 @@ async def test_a_data_fd_session_ended_while_its_pump_was_woken_never_touches_th
                 os.close(fd)  # ...while end of stream wakes the pump, at varied moments
             await client.reset()
         assert (await client.get_info()).num_regions > 0
+
+
+# -- files a client could shrink under our mappings (SIGBUS would kill the server) -----------
+
+
+async def start_copy(client: Client, src: int, dst: int, length: int) -> None:
+    for reg, value in [
+        (td.REG_DMA_SRC, src), (td.REG_DMA_DST, dst), (td.REG_DMA_LEN, length),
+        (td.REG_DMA_CTRL, 1),
+    ]:  # fmt: skip
+        await client.region_write(0, reg, struct.pack("<I", value))
+
+
+async def test_an_unsealable_dma_file_shrunk_by_the_client_does_not_kill_the_server(
+    tmp_path: Path,
+) -> None:
+    async with (
+        serving(tmp_path, Limits()) as served,
+        Client.connect(served.socket_path) as client,
+    ):
+        await enable_bus_master(client)
+        fd = os.memfd_create("unsealable", os.MFD_CLOEXEC)  # no MFD_ALLOW_SEALING
+        try:
+            os.ftruncate(fd, 0x20000)
+            await client.dma_map(0, 0x20000, fd=fd)  # accepted, reached with messages
+            os.ftruncate(fd, 0)  # the client shrinks it behind our back
+            await start_copy(client, 0, 0x10000, 64)
+            with trio.fail_after(5):
+                while True:
+                    raw = await client.region_read(0, td.REG_DMA_STATUS, 4)
+                    if struct.unpack("<I", raw)[0] != td.DMA_BUSY:
+                        break
+                    await trio.sleep(0.01)
+        finally:
+            os.close(fd)
+        assert served.server.active is not None  # alive, same session
+
+
+async def test_sealable_dma_memfds_and_our_ram_fds_are_sealed_against_shrinking(
+    tmp_path: Path,
+) -> None:
+    async with (
+        serving(tmp_path, Limits()) as served,
+        Client.connect(served.socket_path) as client,
+    ):
+        fd = os.memfd_create("sealable", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, 0x10000)
+            await client.dma_map(0, 0x10000, fd=fd)
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, 0)  # sealed by the server at DMA_MAP
+        finally:
+            os.close(fd)
+        region = await client.get_region_info(2)  # testdev: BAR2 is its RAM
+        assert region.fd is not None
+        try:
+            with pytest.raises(PermissionError):
+                os.ftruncate(region.fd, 0)  # the device's RAM BAR: sealed at creation
+        finally:
+            os.close(region.fd)

@@ -341,9 +341,11 @@ class DmaEngine:
                 await self.channel.checkpoint()
                 continue
             address = mapping.address + offset
+            received = bytearray()  # one buffer, however many messages the client needs
             for start, count in self._pieces(chunk):
                 self._check_live(mapping)
-                parts.append(await self.channel.dma_read(address + start, count))
+                received += await self.channel.dma_read(address + start, count)
+            parts.append(bytes(received))
         return b"".join(parts)
 
     async def _write(
@@ -367,10 +369,12 @@ class DmaEngine:
                     self.dirty.record(address + start, count)  # DMA_WRITEs we send count too
             pos += chunk
 
-    def _pieces(self, length: int) -> list[tuple[int, int]]:
-        """(start, count) messages for ``length`` bytes, split at the client's transfer size."""
+    def _pieces(self, length: int) -> Iterator[tuple[int, int]]:
+        """(start, count) messages for ``length`` bytes, split at the client's transfer size
+        (generated: a client announcing a tiny transfer size costs messages, not memory)."""
         step = self.channel.max_transfer
-        return [(start, min(step, length - start)) for start in range(0, length, step)]
+        for start in range(0, length, step):
+            yield start, min(step, length - start)
 
     async def read_sg(self, segments: list[tuple[int, int]]) -> bytes:
         """Gather ``(iova, length)`` segments; all are checked before any is read."""

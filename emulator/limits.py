@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from devices.api import Device
+from devices.migration import DEFAULT_MAX_RESUME
 from protocol.constants import QEMU_MAX_MSG_FDS, MigState
 from protocol.messages import DmaLayout
 from protocol.version import ServerCapabilities
@@ -54,7 +55,10 @@ class Limits:
     #: replies we owe the client (our queue of outgoing messages) stay bounded.
     max_queued_replies: int = 1024
     #: Devices of this process with a migration data session open at once (EBUSY beyond).
-    max_migration_sessions: int = 8
+    max_migration_sessions: int = 4
+    #: Bytes of resumed migration stream staged per device (EFBIG beyond); staged in a
+    #: memfd, so sessions x this is the memory a resuming process may hold.
+    max_migration_stream: int = DEFAULT_MAX_RESUME
     #: Peer uids allowed to connect (SO_PEERCRED); empty = anyone who can open the socket
     #: (it is created 0600, so: its owner and root).
     allowed_uids: frozenset[int] = field(default_factory=frozenset)
@@ -77,6 +81,7 @@ class Limits:
             "max_irq_vectors",
             "max_queued_replies",
             "max_migration_sessions",
+            "max_migration_stream",
             "max_queued_jobs",
         ):
             if getattr(self, name) < 1:
@@ -91,8 +96,9 @@ class Limits:
         return self.max_queued_replies
 
 
-def check_device(device: Device, limits: Limits) -> None:
-    """Refuse to serve a device that declares more interrupt vectors than the limit."""
+def apply_to_device(device: Device, limits: Limits) -> None:
+    """Refuse to serve a device that declares more interrupt vectors than the limit; bound
+    the migration stream it will stage."""
     for index in range(5):
         count = device.irq.count(index)
         if count > limits.max_irq_vectors:
@@ -100,6 +106,8 @@ def check_device(device: Device, limits: Limits) -> None:
                 f"{device.type_name}: irq index {index} has {count} vectors, "
                 f"more than max_irq_vectors={limits.max_irq_vectors}"
             )
+    engine = device.migration
+    engine.max_resume = min(engine.max_resume, limits.max_migration_stream)
 
 
 # -- peer credentials ---------------------------------------------------------------------
@@ -215,6 +223,13 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
         f" {defaults.max_migration_sessions}; more: EBUSY)",
     )
     group.add_argument(
+        "--max-migration-stream",
+        type=int,
+        default=defaults.max_migration_stream,
+        metavar="BYTES",
+        help="resumed migration stream staged per device (default 4 GiB; more: EFBIG)",
+    )
+    group.add_argument(
         "--dma-mmap-unsealed",
         action="store_true",
         help="also mmap DMA fds the client could shrink (files, unsealed memfds): faster"
@@ -257,6 +272,7 @@ def limits_from_args(
         max_irq_vectors=args.max_irq_vectors,
         max_queued_replies=args.max_queued_replies,
         max_migration_sessions=args.max_migration_sessions,
+        max_migration_stream=args.max_migration_stream,
         allowed_uids=frozenset(args.allow_uid),
         mmap_unsealed_dma=args.dma_mmap_unsealed,
         dma_layout=layout,

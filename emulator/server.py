@@ -37,7 +37,7 @@ from protocol.version import ServerCapabilities
 
 from . import fastpath
 from .connection import ClientSession
-from .limits import MIGRATION_SESSIONS, Limits, check_device, peer_allowed, peer_uid
+from .limits import MIGRATION_SESSIONS, Limits, apply_to_device, peer_allowed, peer_uid
 from .session import RegionFds
 from .trace import Tracer
 from .transport import TransportError, close_fds, receive_chunk, send_message
@@ -179,7 +179,7 @@ class DeviceServer:
             max_message_size=(capabilities or ServerCapabilities()).max_data_xfer_size + 4096
         )
         try:
-            check_device(device, self.limits)
+            apply_to_device(device, self.limits)
         except ValueError as exc:
             raise ServerError(str(exc)) from None
         self.device = device

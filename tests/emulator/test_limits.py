@@ -270,6 +270,18 @@ async def test_migration_sessions_per_process(tmp_path: Path, limit: int) -> Non
     assert MIGRATION_SESSIONS.open_sessions() == 0
 
 
+async def test_resumed_stream_up_to_the_limit_then_efbig(tmp_path: Path) -> None:
+    async with (
+        serving(tmp_path, Limits(max_migration_stream=1000)) as served,
+        Client.connect(served.socket_path) as client,
+    ):
+        await client.set_mig_state(MigState.RESUMING)
+        await client.mig_data_write(bytes(600))
+        await client.mig_data_write(bytes(400))  # exactly the limit: staged
+        assert await errno_of(client.mig_data_write(b"x")) == errno.EFBIG
+        await client.reset()
+
+
 # -- sizes a client chooses ------------------------------------------------------------------------
 
 
@@ -456,6 +468,7 @@ def test_serve_options_build_the_limits() -> None:
             "serve", "--socket-path", "x", "--max-msg-size", "65536", "--max-dma-maps", "7",
             "--max-fds-per-msg", "20", "--max-irq-vectors", "64", "--max-queued-replies", "9",
             "--max-migration-sessions", "3", "--allow-uid", "1000", "--allow-uid", "0",
+            "--max-migration-stream", "12345",
         ]
     )  # fmt: skip
     caps, limits = limits_from_args(args, None)
@@ -466,6 +479,7 @@ def test_serve_options_build_the_limits() -> None:
         max_irq_vectors=64,
         max_queued_replies=9,
         max_migration_sessions=3,
+        max_migration_stream=12345,
         allowed_uids=frozenset({0, 1000}),
     )
     # What we advertise never exceeds what we accept (or what QEMU takes: 16 fds).

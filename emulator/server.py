@@ -48,6 +48,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("vfio_user_emu")
 
 REFUSAL_WAIT = 2.0
+#: Second clients told EBUSY at once (each held up to REFUSAL_WAIT); more are just closed.
+MAX_PENDING_REFUSALS = 16
+#: accept() failures that a flood of connections can cause; the server waits and goes on.
+ACCEPT_RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_RETRY_DELAY = 0.1
 RAM_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
@@ -194,6 +199,7 @@ class DeviceServer:
         self.sessions_served = 0
         #: Connections closed because their peer's uid is not in ``limits.allowed_uids``.
         self.refused_peers = 0
+        self._refusing = 0  # second clients being told EBUSY right now
         self._backing: RamBacking | None = None
         #: Network backends (emulator.netdev) run in the server's nursery, stop with it.
         self.netdevs = tuple(netdevs)
@@ -225,7 +231,16 @@ class DeviceServer:
 
     async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         while True:
-            sock, _ = await listener.accept()
+            try:
+                sock, _ = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_RETRY_ERRNOS:
+                    raise
+                # Out of fds (a flood of connections) or memory: the clients we serve go on;
+                # accepting resumes once something is released.
+                log.warning("%s: accept failed (%s); retrying", self.name, exc)
+                await trio.sleep(ACCEPT_RETRY_DELAY)
+                continue
             if not self._peer_allowed(sock):
                 sock.close()
                 continue
@@ -236,6 +251,9 @@ class DeviceServer:
                 await active.finished.wait()
                 active = self.active
             if active is not None:
+                if self._refusing >= MAX_PENDING_REFUSALS:
+                    sock.close()  # a flood of connections: no EBUSY for each, just closed
+                    continue
                 nursery.start_soon(self._refuse, sock)
                 continue
             nursery.start_soon(self._serve_client, sock, nursery.cancel_scope)
@@ -290,6 +308,7 @@ class DeviceServer:
     async def _refuse(self, sock: trio.socket.SocketType) -> None:
         """Tell a second client the device is taken: EBUSY to its first command."""
         log.warning("%s: refusing a second client (device busy)", self.name)
+        self._refusing += 1
         try:
             with trio.move_on_after(REFUSAL_WAIT):
                 data, fds = await receive_chunk(sock, 4096, self.limits.max_fds_per_message)
@@ -303,6 +322,7 @@ class DeviceServer:
         except (OSError, TransportError, ProtocolError):
             pass  # whatever this client sent, it is being turned away anyway
         finally:
+            self._refusing -= 1
             sock.close()
 
 

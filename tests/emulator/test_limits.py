@@ -8,7 +8,12 @@ import errno
 import gc
 import logging
 import os
+import resource
+import socket
 import struct
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -41,7 +46,8 @@ from protocol.constants import (
     IrqSetFlags,
     MigState,
 )
-from protocol.messages import DeviceFeatureMsg, DmaMap, IrqSet, RegionAccess
+from protocol.header import Header, pack_message
+from protocol.messages import DeviceFeatureMsg, DmaMap, IrqSet, RegionAccess, VersionPayload
 from protocol.version import ServerCapabilities
 
 EVENTFD_TRIGGER = IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER
@@ -580,3 +586,63 @@ async def test_sealable_dma_memfds_and_our_ram_fds_are_sealed_against_shrinking(
                 os.ftruncate(region.fd, 0)  # the device's RAM BAR: sealed at creation
         finally:
             os.close(region.fd)
+
+
+# -- connection floods ---------------------------------------------------------------------------
+
+
+def test_a_connection_flood_neither_kills_the_server_nor_disturbs_its_client(
+    tmp_path: Path,
+) -> None:
+    """A local peer opening connections faster than they are refused runs the server out of
+    fds (here a low RLIMIT_NOFILE); accept() failing must not end the server."""
+    path = tmp_path / "flood.sock"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "emulator", "-v", "serve", "--socket-path", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert server.stdout is not None and b"serving" in server.stdout.readline()
+        # Room for the first client and a few more connections, fewer than the refusals.
+        room = len(os.listdir(f"/proc/{server.pid}/fd")) + FLOOD_SPARE_FDS
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (room, room))
+        first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        first.connect(str(path))
+        first.settimeout(10)
+        version = pack_message(1, Command.VERSION, VersionPayload(0, 2, "{}").pack())
+        first.sendall(version)
+        assert Header.unpack(first.recv(4096)).is_reply
+        flood = []
+        for _ in range(200):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(0.5)  # a full listen backlog makes connect() wait
+            try:
+                sock.connect(str(path))
+            except OSError:
+                sock.close()
+                break
+            flood.append(sock)
+        time.sleep(0.5)
+        read = pack_message(2, Command.REGION_READ, RegionAccess(0, CONFIG_REGION, 2).pack())
+        first.sendall(read)  # the client being served is undisturbed
+        reply = first.recv(4096)
+        assert Header.unpack(reply).msg_id == 2 and reply[-2:] == struct.pack("<H", td.VENDOR_ID)
+        for sock in flood:
+            sock.close()
+        first.close()
+        time.sleep(0.3)
+        assert server.poll() is None, server.stderr.read().decode() if server.stderr else ""
+        again = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # and serves the next one
+        again.settimeout(10)
+        again.connect(str(path))
+        again.sendall(version)
+        assert Header.unpack(again.recv(4096)).is_reply
+        again.close()
+    finally:
+        server.terminate()
+        _, stderr = server.communicate(timeout=10)
+    assert b"accept failed" in stderr  # the flood did exhaust the fds
+
+
+FLOOD_SPARE_FDS = 6

@@ -45,7 +45,7 @@ test: lint typecheck unit
 # else a seeded PRNG), then the migration stream parser (C and Python paths) with
 # FUZZ_EXAMPLES hypothesis examples per property.
 FUZZ_SECONDS ?= 60
-FUZZ_EXAMPLES ?= 5000
+FUZZ_EXAMPLES ?= 1000
 fuzz: $(STAMP)
 	@$(BIN)/python -c 'import atheris' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[fuzz]' \
 	  || echo "atheris does not install here: fuzzing with a seeded PRNG"

@@ -55,7 +55,7 @@ import trio
 
 from devices import testdev as td
 from devices.registry import create_device
-from devices.state_stream import encode
+from devices.state_stream import StreamError, decode, encode, parse_header
 from protocol.constants import (
     FEATURE_GET,
     FEATURE_PROBE,
@@ -630,6 +630,9 @@ class Stats:
     replies: int = 0
     errors: int = 0
     closes: int = 0
+    #: Hostile migration streams resumed: applied, or refused with the device unchanged.
+    streams_applied: int = 0
+    streams_refused: int = 0
     errnos: dict[int, int] = field(default_factory=dict)
 
     def line(self) -> str:
@@ -637,7 +640,8 @@ class Stats:
         names = ", ".join(f"{errno.errorcode.get(k, k)}={v}" for k, v in top)
         return (
             f"{self.cases} cases, {self.messages} messages: {self.replies} replies, "
-            f"{self.errors} error replies ({names}), {self.closes} closed connections"
+            f"{self.errors} error replies ({names}), {self.closes} closed connections; "
+            f"hostile streams: {self.streams_refused} refused, {self.streams_applied} applied"
         )
 
 
@@ -851,6 +855,109 @@ def raw_case(path: Path, source: Source, stats: Stats) -> None:
         pool.close()
 
 
+# -- resuming a hostile stream -------------------------------------------------------------------
+
+CONFIG_SNAPSHOT = struct.pack("<QII", 0, CONFIG, 256)
+MIG_CHUNK = 32 * 1024
+
+
+def _set_state(peer: Peer, state: int) -> Header:
+    data = struct.pack("<IIIi", 16, FEATURE_SET | DeviceFeature.MIG_DEVICE_STATE, state, -1)
+    header, _ = peer.call(Command.DEVICE_FEATURE, data)
+    return header
+
+
+def _get_state(peer: Peer) -> int:
+    data = struct.pack("<II", 16, FEATURE_GET | DeviceFeature.MIG_DEVICE_STATE) + bytes(8)
+    header, payload = peer.call(Command.DEVICE_FEATURE, data)
+    if header.is_error or len(payload) < 12:
+        raise FuzzFailure(f"GET MIG_DEVICE_STATE failed (errno {header.error})")
+    return int(struct.unpack_from("<I", payload, 8)[0])
+
+
+def save_stream(path: Path) -> bytes:
+    """The device's real STOP_COPY stream (in-band), to mutate into hostile ones."""
+    peer = Peer(path)
+    try:
+        peer.call(Command.VERSION, struct.pack("<HH", 0, 2) + b"{}\0")
+        if _set_state(peer, MigState.STOP_COPY).is_error:
+            raise FuzzFailure(f"{path.name}: cannot enter STOP_COPY")
+        stream = b""
+        while True:
+            header, payload = peer.call(
+                Command.MIG_DATA_READ, struct.pack("<II", 8 + MIG_CHUNK, MIG_CHUNK)
+            )
+            size = struct.unpack_from("<I", payload, 4)[0] if not header.is_error else 0
+            if not size:
+                break
+            stream += payload[8 : 8 + size]
+        peer.call(Command.DEVICE_RESET, b"")
+        return stream
+    finally:
+        peer.close()
+
+
+def hostile_stream(stream: bytes, source: Source) -> bytes:
+    """A real stream with mutated section payloads, re-encoded so its checksums hold and
+    the device's own validation is what has to refuse it (raw bytes for other layouts)."""
+    try:
+        header = parse_header(stream)
+        _, sections = decode(stream, device_type=header.device_type, max_model_version=1 << 31)
+    except StreamError:
+        return mutate(stream, source) if chance(source, 80) else stream
+    named = [(name, bytes(payload)) for name, payload in sections]
+    for _ in range(source.integer(1, 3)):
+        kind = source.integer(0, 4)
+        if not named:
+            break
+        at = source.integer(0, len(named) - 1)
+        name, payload = named[at]
+        if kind <= 1:
+            named[at] = (name, mutate(payload, source))
+        elif kind == 2:
+            del named[at]
+        elif kind == 3:
+            named.insert(source.integer(0, len(named)), (name, payload))  # a repeated section
+        else:
+            named[at] = (pick(source, [name + "x", "pci.config", "pci.irq", "regs"]), payload)
+    return encode(header.device_type, header.model_version, header.session_id, named)
+
+
+def resume_case(path: Path, stream: bytes, source: Source, stats: Stats) -> None:
+    """RESUMING with a hostile stream: accepted, or refused leaving the device as it was."""
+    peer = Peer(path)
+    try:
+        peer.call(Command.VERSION, struct.pack("<HH", 0, 2) + b"{}\0")
+        _, before = peer.call(Command.REGION_READ, CONFIG_SNAPSHOT)
+        if _set_state(peer, MigState.RESUMING).is_error:
+            raise FuzzFailure(f"{path.name}: cannot enter RESUMING")
+        data = hostile_stream(stream, source)
+        for at in range(0, len(data), MIG_CHUNK):
+            piece = data[at : at + MIG_CHUNK]
+            stats.messages += 1
+            peer.call(
+                Command.MIG_DATA_WRITE, struct.pack("<II", 8 + len(piece), len(piece)) + piece
+            )
+        stats.messages += 3
+        header = _set_state(peer, MigState.STOP)
+        if not header.is_error:
+            stats.replies += 1
+            stats.streams_applied += 1
+            return  # a valid stream (the mutation kept it meaningful): applied
+        stats.streams_refused += 1
+        stats.errors += 1
+        stats.errnos[header.error] = stats.errnos.get(header.error, 0) + 1
+        if _get_state(peer) != MigState.RESUMING:
+            raise FuzzFailure(f"{path.name}: a refused stream moved the device out of RESUMING")
+        _, after = peer.call(Command.REGION_READ, CONFIG_SNAPSHOT)
+        if after != before:
+            raise FuzzFailure(f"{path.name}: a refused stream changed config space")
+    except Closed:
+        raise FuzzFailure(f"{path.name}: connection closed while resuming") from None
+    finally:
+        peer.close()
+
+
 # -- health between cases ------------------------------------------------------------------------
 
 
@@ -935,11 +1042,16 @@ def check_health(target: Target, witness: Witness, baseline: list[str], label: s
 # -- driving -------------------------------------------------------------------------------
 
 
-def run_case(target: Target, source: Source, stats: Stats) -> None:
+def run_case(
+    target: Target, source: Source, stats: Stats, streams: dict[str, bytes] | None = None
+) -> None:
     name = pick(source, list(target.fuzzed))
     path = target.fuzzed[name]
     try:
-        if chance(source, 75):
+        roll = source.integer(0, 99)
+        if streams and roll < 15:
+            resume_case(path, streams[name], source, stats)
+        elif roll < 80:
             structured_case(path, source, stats)
         else:
             raw_case(path, source, stats)
@@ -961,11 +1073,12 @@ def open_target(kind: str = "process") -> Iterator[Target]:
             target.close()
 
 
-def _baseline(target: Target) -> list[str]:
-    # Every fuzzed device once through a fresh client, so lazily created state exists.
+def prepare(target: Target) -> tuple[list[str], dict[str, bytes]]:
+    """The fds the target holds at rest, and each fuzzed device's real migration stream."""
+    streams = {name: save_stream(path) for name, path in target.fuzzed.items()}
     for path in target.fuzzed.values():
-        _fresh_client_served(path)
-    return _settled_fds(target, [])
+        _fresh_client_served(path)  # lazily created state exists before the baseline
+    return _settled_fds(target, []), streams
 
 
 def fuzz(
@@ -976,14 +1089,14 @@ def fuzz(
     with open_target(kind) as target:
         witness = Witness(target.witness)
         try:
-            baseline = _baseline(target)
+            baseline, streams = prepare(target)
             target.take_errors()
             deadline = time.monotonic() + seconds
             case = 0
             while time.monotonic() < deadline and (max_cases is None or case < max_cases):
                 case_seed = seed * 1_000_003 + case
                 try:
-                    run_case(target, RandomSource(case_seed), stats)
+                    run_case(target, RandomSource(case_seed), stats, streams)
                     check_health(target, witness, baseline, f"case seed {case_seed}")
                 except FuzzFailure as exc:
                     raise FuzzFailure(
@@ -1001,8 +1114,8 @@ def replay(case_seed: int, kind: str = "process") -> Stats:
     with open_target(kind) as target:
         witness = Witness(target.witness)
         try:
-            baseline = _baseline(target)
-            run_case(target, RandomSource(case_seed), stats)
+            baseline, streams = prepare(target)
+            run_case(target, RandomSource(case_seed), stats, streams)
             check_health(target, witness, baseline, f"case seed {case_seed}")
         finally:
             witness.close()
@@ -1018,11 +1131,12 @@ def fuzz_atheris(seconds: float, corpus: Sequence[str]) -> None:
     stats = Stats()
     with open_target("thread") as target:
         witness = Witness(target.witness)
-        baseline = _baseline(target)
+        baseline, streams = prepare(target)
         target.take_errors()
 
         def one_input(data: bytes) -> None:
-            run_case(target, ProviderSource(atheris.FuzzedDataProvider(data)), stats)
+            source = ProviderSource(atheris.FuzzedDataProvider(data))
+            run_case(target, source, stats, streams)
             check_health(target, witness, baseline, "atheris input")
 
         atheris.Setup(

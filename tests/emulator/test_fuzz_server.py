@@ -15,11 +15,11 @@ from emulator.fuzz import (
     ProcessTarget,
     Stats,
     Witness,
-    _baseline,
     check_health,
     check_reply_shape,
     fuzz,
     open_target,
+    prepare,
 )
 from protocol.constants import FLAG_ERROR, Command, MsgType
 from protocol.header import Header
@@ -40,6 +40,7 @@ def test_live_server_keeps_every_invariant_under_fuzzing() -> None:
     assert stats.replies > stats.errors > 0
     assert stats.closes > 0
     assert len(stats.errnos) >= 3 and errno.EINVAL in stats.errnos
+    assert stats.streams_refused > 0  # hostile migration streams met the devices' checks
 
 
 def test_reply_shape_checks() -> None:
@@ -61,7 +62,8 @@ def test_health_check_notices_held_fds_and_a_dead_server() -> None:
     with open_target() as target:
         witness = Witness(target.witness)
         try:
-            baseline = _baseline(target)
+            baseline, streams = prepare(target)
+            assert all(len(stream) > 64 for stream in streams.values())
             check_health(target, witness, baseline, "idle")
             stats.cases += 1
             # A connection the server still holds is an fd more than before.

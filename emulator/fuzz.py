@@ -1145,6 +1145,7 @@ def fuzz_atheris(seconds: float, corpus: Sequence[str]) -> None:
                 f"-max_total_time={int(seconds)}",
                 "-timeout=60",
                 "-max_len=4096",
+                "-len_control=0",  # long inputs from the start: each byte is a choice
                 *corpus,
             ],
             one_input,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from devices.api import Device
+from devices.irq import NUM_IRQ_INDEXES
 from devices.migration import DEFAULT_MAX_RESUME
 from protocol.constants import QEMU_MAX_MSG_FDS, MigState
 from protocol.messages import DmaLayout
@@ -99,7 +100,7 @@ class Limits:
 def apply_to_device(device: Device, limits: Limits) -> None:
     """Refuse to serve a device that declares more interrupt vectors than the limit; bound
     the migration stream it will stage."""
-    for index in range(5):
+    for index in range(NUM_IRQ_INDEXES):
         count = device.irq.count(index)
         if count > limits.max_irq_vectors:
             raise ValueError(

@@ -9,7 +9,11 @@ a crash or a hang cannot take the fuzzer with it) or a thread of this process
   messages with valid headers for every command 1-18 (and unknown ones) whose payloads are
   built from valid templates and mutated, with random fds attached;
 * **raw**: random bytes (sometimes after a valid VERSION, sometimes made of glued header
-  fragments) with fds on random chunks, then end of stream.
+  fragments) with fds on random chunks, then end of stream;
+* **resume**: the device's own STOP_COPY stream with mutated, dropped, repeated or renamed
+  sections (checksums recomputed, so the device's validation is what must refuse it) written
+  in RESUMING; a refused stream must leave the device in RESUMING with config space as it
+  was.
 
 Invariants, checked per message and per case:
 

@@ -6,7 +6,7 @@ SOCKET ?= ./vfio-user.sock
 DEVICE ?= testdev
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit venv clean fastpath qemu-guest
+.PHONY: run test lint typecheck unit venv clean fastpath qemu-guest fuzz
 
 # The venv (and the C fast path, built in place by the editable install) is rebuilt when
 # the project's metadata or the C sources change.
@@ -54,6 +54,18 @@ unit: $(STAMP) qemu-guest
 	VFIO_USER_EMU_QEMU_TESTS=$(QEMU_TESTS) $(BIN)/python -m pytest -q
 
 test: lint typecheck unit
+
+# Fuzz the live server for FUZZ_SECONDS (coverage-guided with atheris when it installs,
+# else a seeded PRNG), then the migration stream parser (C and Python paths) with
+# FUZZ_EXAMPLES hypothesis examples per property.
+FUZZ_SECONDS ?= 60
+FUZZ_EXAMPLES ?= 1000
+fuzz: $(STAMP)
+	@$(BIN)/python -c 'import atheris' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[fuzz]' \
+	  || echo "atheris does not install here: fuzzing with a seeded PRNG"
+	$(BIN)/python -m emulator.fuzz --engine auto --seconds $(FUZZ_SECONDS)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider \
+	  tests/devices/test_fuzz_stream.py tests/protocol/test_fuzz_codecs.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -19,12 +19,11 @@ from devices.registry import (
     create_device,
 )
 from protocol.messages import DmaLayout
-from protocol.version import ServerCapabilities
 
 from .bench import add_bench_parser, run_bench
 from .client import Client, ClientError
-from .connection import Limits
 from .info import describe
+from .limits import add_limit_options, limits_from_args
 from .migration import (
     DATA_FD_CAPABILITIES,
     DEFAULT_PRECOPY_ROUNDS,
@@ -86,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024 * 1024,
         help="largest region/DMA transfer per message (default 1 MiB)",
     )
-    serve.add_argument("--max-dma-maps", type=int, default=65535, help="DMA mappings allowed")
+    add_limit_options(serve)
     serve.add_argument(
         "--dma-layout",
         choices=["auto", "spec", "qemu"],
@@ -142,28 +141,28 @@ def build_parser() -> argparse.ArgumentParser:
 async def _serve(args: argparse.Namespace) -> int:
     try:
         device = create_device(args.device)
-        capabilities = ServerCapabilities(
-            max_data_xfer_size=args.max_data_xfer_size, max_dma_maps=args.max_dma_maps
-        )
+        layout = None if args.dma_layout == "auto" else DmaLayout(args.dma_layout)
+        capabilities, limits = limits_from_args(args, layout)
         netdevs = setup_netdevs(args.netdev, [device])
     except (DeviceSpecError, NetdevError, ValueError) as exc:
         print(f"vfio-user-emu: {exc}", file=sys.stderr)
         return 2
-    layout = None if args.dma_layout == "auto" else DmaLayout(args.dma_layout)
-    server = DeviceServer(
-        device,
-        socket_path=args.socket_path,
-        listen_fd=args.fd,
-        capabilities=capabilities,
-        limits=Limits(
-            max_message_size=capabilities.max_data_xfer_size + 4096,
-            max_dma_maps=capabilities.max_dma_maps,
-            dma_layout=layout,
-        ),
-        trace=args.trace,
-        once=args.once,
-        netdevs=netdevs,
-    )
+    try:
+        server = DeviceServer(
+            device,
+            socket_path=args.socket_path,
+            listen_fd=args.fd,
+            capabilities=capabilities,
+            limits=limits,
+            trace=args.trace,
+            once=args.once,
+            netdevs=netdevs,
+        )
+    except ServerError as exc:
+        for netdev in netdevs:
+            netdev.close()
+        print(f"vfio-user-emu: {exc}", file=sys.stderr)
+        return 2
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 

@@ -235,12 +235,16 @@ class DataFdSessions:
                         written = write(fd, view)
                     except BlockingIOError:
                         await trio.lowlevel.wait_writable(fd)
+                        if scope.cancel_called:
+                            return  # see _pump_in
                         continue
                     except BrokenPipeError:
                         log.info("data fd: the client closed its end early")
                         return
                     view = view[written:]
                 await trio.lowlevel.checkpoint()
+            if scope.cancel_called:
+                return
             self._close_fd()  # EOF for the client: that was the whole state
 
     async def _pump_in(self, engine: MigrationEngine, fd: int, scope: trio.CancelScope) -> None:
@@ -251,6 +255,10 @@ class DataFdSessions:
                         return  # EOF: the client closed its end
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(fd)
+                    if scope.cancel_called:
+                        # Woken before the session ended: the fd is closed now, and its
+                        # number may already belong to something else. Never touch it.
+                        return
                 except DeviceError as exc:
                     self.failure = exc
                     log.warning("data fd: %s", exc)

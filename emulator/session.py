@@ -26,6 +26,7 @@ from protocol.constants import (
     DeviceFlags,
     IoeventfdFlags,
     IoFdType,
+    IrqSetFlags,
     MigState,
     RegionFlags,
 )
@@ -59,6 +60,7 @@ from .dirty import START_HEADER as LOGGING_START
 from .dirty import LoggingFeature
 from .dma import IovaMap
 from .irqs import IrqBindings
+from .limits import MIGRATION_SESSIONS, Limits
 from .migration_region import region_for
 
 U64 = struct.Struct("<Q")
@@ -145,6 +147,7 @@ class Session:
         cancel_device_work: Callable[[], None],
         data_fds: DataFdSessions | None = None,
         logging: LoggingFeature | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.device = device
         self.client = client
@@ -158,6 +161,7 @@ class Session:
         self.logging = logging
         #: The legacy v1 migration region (``migration=v1`` or ``both``), else None.
         self.v1 = region_for(device)
+        self.limits = limits or Limits()
         self.handlers: dict[int, Callable[[Header, bytes, list[int]], Outcome | Deferred]] = {
             Command.DMA_MAP: self.dma_map,
             Command.DMA_UNMAP: self.dma_unmap,
@@ -375,7 +379,23 @@ class Session:
         return Outcome(info.pack())
 
     def set_irqs(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
-        self.irqs.set_irqs(IrqSet.unpack(payload), fds)
+        request = IrqSet.unpack(payload)
+        limit = self.limits.max_irq_vectors
+        require(
+            request.count <= limit,
+            f"SET_IRQS: {request.count} vectors exceed max_irq_vectors={limit}",
+            errno.E2BIG,
+        )
+        if request.data_type == IrqSetFlags.DATA_EVENTFD and fds:
+            # Triggers being replaced are released first, so count what stays bound.
+            replaced = self.irqs.bound_in(request.index, request.start, request.count)
+            bound = self.irqs.fd_count() - replaced + len(fds)
+            require(
+                bound <= limit,
+                f"SET_IRQS: {bound} eventfds would be bound, max_irq_vectors={limit}",
+                errno.E2BIG,
+            )
+        self.irqs.set_irqs(request, fds)
         return EMPTY
 
     # -- migration ---------------------------------------------------------------------------
@@ -414,7 +434,7 @@ class Session:
         if feature == DeviceFeature.DMA_LOGGING_STOP:
             self.logging.stop()
             return payload
-        data = self.logging.report(request.data, request.argsz)
+        data = self.logging.report(request.data, request.argsz, self.server.max_data_xfer_size)
         return DeviceFeatureMsg(
             DeviceFeatureMsg.HEADER_SIZE + len(data), request.flags, data
         ).pack()
@@ -439,6 +459,11 @@ class Session:
 
         async def transition() -> Outcome:
             engine = self.device.migration
+            limit = self.limits.max_migration_sessions
+            if not MIGRATION_SESSIONS.may_open(self.device, target, limit):
+                raise DeviceError(
+                    errno.EBUSY, f"{limit} migration session(s) already open in this process"
+                )
             if data_fds is None:
                 await engine.set_state(target)
                 # libvfio-user's client compares the reply with its request byte for byte.
@@ -485,9 +510,10 @@ class Session:
         self._check_v2()
         request = MigDataRead.unpack(payload)
         self._check_no_data_fd()
+        # Both sides' transfer sizes bound the reply (it is padded to the size asked).
         require(
-            request.size <= self.client.max_data_xfer_size,
-            f"MIG_DATA_READ of {request.size} bytes exceeds the client's max_data_xfer_size",
+            request.size <= min(self.client.max_data_xfer_size, self.server.max_data_xfer_size),
+            f"MIG_DATA_READ of {request.size} bytes exceeds max_data_xfer_size",
         )
         data = self.device.migration.read_data(request.size)
         # libvfio-user pads the reply to the requested size; ``size`` says what is valid.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -55,7 +56,12 @@ from protocol.messages import (
 from protocol.migration_v1 import DirtyPages
 from protocol.version import ServerCapabilities, negotiate, parse_client_version
 
-FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: ``make fuzz`` raises the count with FUZZ_EXAMPLES.
+FUZZ = settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "0") or 0) or 250,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 UNPACKERS: list[tuple[str, Callable[[Any], Any]]] = [
     ("VersionPayload", VersionPayload.unpack),

@@ -8,6 +8,22 @@ Tasks per connection (one nursery):
   never blocks the reader (QEMU holds its big lock while it waits for our replies).
 * the device worker: runs device jobs (``DeviceContext.submit``) one after another.
 * one watcher per eventfd the client signals (INTx resample, ioeventfds).
+
+The message fast path (docs/performance.md). Every trio socket call is a checkpoint, i.e. a
+full pass of the scheduler (an epoll poll and a reschedule), and a register access used to
+cost three of them (recvmsg, the send lock, sendmsg). So the reader works on a non-blocking
+stdlib twin of the socket (``self._raw``, a dup of the same connection):
+
+* it reads with ``recvmsg`` until EAGAIN and only then awaits ``wait_readable``: every whole
+  message already buffered is answered without a trip through the scheduler;
+* a reply without fds goes out with one non-blocking ``send`` when the send lock is free (no
+  other task is in the middle of a message); only a partial send, fds or a busy lock take the
+  shielded, locked path;
+* to stay fair to the other connections of the process (``serve --config`` runs many), the
+  reader yields once per READ_BUDGET messages handled without waiting.
+
+Nothing yields between a command and its reply being handed to the kernel, so the in-order
+rule and "the reply goes out before the DMA of a job it submitted" hold as before.
 """
 
 from __future__ import annotations
@@ -15,8 +31,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -50,11 +67,21 @@ from .dma import DirtyLog, DmaEngine, IovaMap
 from .irqs import IrqBindings
 from .session import Deferred, IoEventFds, Outcome, RegionFds, Session
 from .trace import Tracer
-from .transport import TransportError, close_fds, receive_chunk, send_message
+from .transport import (
+    TransportError,
+    close_fds,
+    receive_chunk_nowait,
+    send_message,
+    send_nowait,
+)
 
 log = logging.getLogger("vfio_user_emu")
 
 SEND_TIMEOUT = 30.0
+#: Messages the reader answers back to back before it lets other tasks run (fairness).
+READ_BUDGET = 64
+#: Bytes asked of one recvmsg.
+RECV_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +128,9 @@ class ClientSession:
         tracer: Tracer,
     ) -> None:
         self.sock = sock
+        #: Non-blocking stdlib twin of ``sock`` for the fast path (see the module docstring).
+        self._raw = socket.socket(fileno=os.dup(sock.fileno()))
+        self._raw.setblocking(False)
         self.device = device
         self.capabilities = capabilities
         self.limits = limits
@@ -175,15 +205,25 @@ class ClientSession:
         self.io_fds.by_region.clear()
         self.maps.clear()
         close_fds(self.proto.take_all_fds())
+        self._close_socket()
+
+    def _close_socket(self) -> None:
+        trio.lowlevel.notify_closing(self._raw)
+        self._raw.close()
         self.sock.close()
 
     # -- reading -----------------------------------------------------------------------------
     async def _read_loop(self) -> None:
+        raw = self._raw
+        max_fds = self.limits.max_fds_per_message
+        budget = READ_BUDGET
         while True:
             try:
-                data, fds = await receive_chunk(
-                    self.sock, 256 * 1024, self.limits.max_fds_per_message
-                )
+                data, fds = receive_chunk_nowait(raw, RECV_BYTES, max_fds)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(raw)  # the one place the reader sleeps
+                budget = READ_BUDGET
+                continue
             except TransportError as exc:
                 log.warning("closing connection: %s", exc)
                 return
@@ -199,9 +239,15 @@ class ClientSession:
             while (event := self.proto.next_event()) is not None:
                 if not await self._dispatch(event):
                     return
+                budget -= 1
             close_fds(self.proto.take_orphan_fds())
             if len(self._backlog) >= self.limits.max_backlog:
                 await self._backlog_drained.wait()
+            if budget <= 0:
+                # A client that keeps the socket full must not starve the device worker,
+                # eventfd watchers or other connections in this process.
+                await trio.lowlevel.checkpoint()
+                budget = READ_BUDGET
 
     async def _dispatch(self, event: object) -> bool:
         """Handle one event; False when the connection must close."""
@@ -331,13 +377,32 @@ class ClientSession:
         # A message is sent whole or the connection is dropped: a cancelled half-sent
         # message (a device job cancelled by DEVICE_RESET mid DMA_WRITE) would desynchronise
         # the stream. A peer that stops reading for SEND_TIMEOUT is dropped instead.
-        async with self._send_lock:
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(SEND_TIMEOUT) as timeout:
-                    await send_message(self.sock, data, fds or ())
-            if timeout.cancelled_caught:
-                self.sock.close()
-                raise TransportError(errno.ETIMEDOUT, "peer stopped reading; connection dropped")
+        lock = self._send_lock
+        if not fds and not lock.locked():
+            # Fast path: no other task is mid-message, so the bytes may go now, without a
+            # checkpoint. Usually the socket takes them all.
+            sent = send_nowait(self._raw, data)
+            if sent == len(data):
+                return
+            # The rest must follow before anybody else's bytes: take the lock at once (no
+            # yield since locked() was checked) and finish shielded, as below.
+            lock.acquire_nowait()
+            try:
+                await self._send_shielded(data[sent:], ())
+            finally:
+                lock.release()
+            return
+        async with lock:
+            await self._send_shielded(data, fds or ())
+
+    async def _send_shielded(self, data: bytes, fds: Sequence[int]) -> None:
+        """Send under the lock (the caller holds it), shielded, within SEND_TIMEOUT."""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(SEND_TIMEOUT) as timeout:
+                await send_message(self.sock, data, fds)
+        if timeout.cancelled_caught:
+            self._close_socket()
+            raise TransportError(errno.ETIMEDOUT, "peer stopped reading; connection dropped")
 
     def _mapped(self, iova: int, length: int) -> bool:
         return covered((slot for slot in self.maps.slots() if slot is not None), iova, length)

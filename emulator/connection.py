@@ -217,12 +217,17 @@ class ClientSession:
         raw = self._raw
         max_fds = self.limits.max_fds_per_message
         budget = READ_BUDGET
+        drained = False  # the last recvmsg probably emptied the socket
         while True:
+            if drained:
+                # Skip the recvmsg that would only fail with EAGAIN (a syscall and an
+                # exception per message): wait for the socket, the one place we sleep.
+                await trio.lowlevel.wait_readable(raw)
+                budget = READ_BUDGET
             try:
                 data, fds = receive_chunk_nowait(raw, RECV_BYTES, max_fds)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(raw)  # the one place the reader sleeps
-                budget = READ_BUDGET
+                drained = True
                 continue
             except TransportError as exc:
                 log.warning("closing connection: %s", exc)
@@ -235,15 +240,23 @@ class ClientSession:
             if not data:
                 close_fds(fds)
                 return
-            self.proto.receive_data(data, fds)
-            while (event := self.proto.next_event()) is not None:
-                if not await self._dispatch(event):
-                    return
+            # A short read with no message left half-framed: the client is waiting for us.
+            drained = len(data) < RECV_BYTES
+            proto = self.proto
+            proto.receive_data(data, fds)
+            while (event := proto.next_event()) is not None:
                 budget -= 1
+                if type(event) is CommandReceived and not self._deferred_running:
+                    # The fast path: answered and sent without a coroutine or a yield.
+                    pending = self._command(event)
+                    if pending is not None:
+                        await pending
+                elif not await self._dispatch(event):
+                    return
             close_fds(self.proto.take_orphan_fds())
             if len(self._backlog) >= self.limits.max_backlog:
                 await self._backlog_drained.wait()
-            if budget <= 0:
+            if budget <= 0 and not drained:
                 # A client that keeps the socket full must not starve the device worker,
                 # eventfd watchers or other connections in this process.
                 await trio.lowlevel.checkpoint()
@@ -256,7 +269,9 @@ class ClientSession:
                 self._backlog.append(event)  # processed in order once the deferred one ends
                 self._backlog_drained = trio.Event()
                 return True
-            await self._command(event)
+            pending = self._command(event)
+            if pending is not None:
+                await pending
             return True
         if isinstance(event, ReplyReceived):
             self.tracer.message("<-", event.header, event.payload, len(event.fds))
@@ -281,64 +296,76 @@ class ClientSession:
             return False
         raise AssertionError(f"unknown event {event!r}")
 
-    async def _command(self, event: CommandReceived) -> None:
+    # Commands. These are plain functions, not coroutines, so that the common case (handled
+    # and answered at once) costs no coroutine and no scheduler pass. Each returns None when
+    # the command is fully dealt with, or an awaitable the caller must await at once, before
+    # it looks at the next message: the rest of the reply's send (see _send_soon).
+
+    def _command(self, event: CommandReceived) -> Awaitable[None] | None:
         header, fds = event.header, event.fds
-        self.tracer.message("<-", header, event.payload, len(fds))
+        tracer = self.tracer
+        if tracer.enabled:  # checked here: the hot path makes no call when tracing is off
+            tracer.message("<-", header, event.payload, len(fds))
         assert self.session is not None
         try:
             outcome = self.session.handle(header, event.payload, fds)
         except (ProtocolError, DeviceError) as exc:
             close_fds(fds)
             self.tracer.failed(header, exc.errno, str(exc))
-            reply = self.proto.error_reply(header, exc.errno)
-            if reply is not None:
-                await self._send(reply)
-            return
+            return self._send_soon(self.proto.error_reply(header, exc.errno))
         except Exception:
             # A device bug must not take the server down; the client gets EIO.
             log.exception("device failed on %s", header.command_name())
             close_fds(fds)
-            reply = self.proto.error_reply(header, errno.EIO)
-            if reply is not None:
-                await self._send(reply)
-            return
-        close_fds(fds)
+            return self._send_soon(self.proto.error_reply(header, errno.EIO))
+        if fds:
+            close_fds(fds)
         if isinstance(outcome, Deferred):
             self._deferred_running = True
             assert self._nursery is not None
             self._nursery.start_soon(self._run_deferred, header, outcome)
-            return
-        await self._send_outcome(header, outcome)
+            return None
+        return self._answer(header, outcome)
 
-    async def _send_outcome(self, header: Header, outcome: Outcome) -> None:
+    def _answer(self, header: Header, outcome: Outcome) -> Awaitable[None] | None:
+        reply = self.proto.reply(header, outcome.payload)
+        if reply is None:  # posted (NO_REPLY): nothing goes back
+            if outcome.transient_fds:
+                close_fds(outcome.transient_fds)
+            return None
+        if self.tracer.enabled:
+            self.tracer.reply(header, outcome.payload, len(outcome.fds))
+        if outcome.fds or outcome.transient_fds:
+            return self._send_with_fds(reply, outcome)
+        return self._send_soon(reply)
+
+    async def _send_with_fds(self, reply: bytes, outcome: Outcome) -> None:
         try:
-            reply = self.proto.reply(header, outcome.payload)
-            if reply is not None:
-                self.tracer.reply(header, outcome.payload, len(outcome.fds))
-                await self._send(reply, outcome.fds)
+            await self._send(reply, outcome.fds)
         finally:
             close_fds(outcome.transient_fds)
 
     async def _run_deferred(self, header: Header, deferred: Deferred) -> None:
         """Run a waiting command while the reader keeps routing DMA replies, then answer it
         and process the commands that arrived meanwhile, in order."""
+        pending: Awaitable[None] | None
         try:
             outcome = await deferred.work()
         except (ProtocolError, DeviceError) as exc:
             self.tracer.failed(header, exc.errno, str(exc))
-            reply = self.proto.error_reply(header, exc.errno)
-            if reply is not None:
-                await self._send(reply)
+            pending = self._send_soon(self.proto.error_reply(header, exc.errno))
         except Exception:
             log.exception("device failed on %s", header.command_name())
-            reply = self.proto.error_reply(header, errno.EIO)
-            if reply is not None:
-                await self._send(reply)
+            pending = self._send_soon(self.proto.error_reply(header, errno.EIO))
         else:
-            await self._send_outcome(header, outcome)
+            pending = self._answer(header, outcome)
+        if pending is not None:
+            await pending
         self._deferred_running = False
         while self._backlog and not self._deferred_running:
-            await self._command(self._backlog.popleft())
+            pending = self._command(self._backlog.popleft())
+            if pending is not None:
+                await pending
         if not self._backlog:
             self._backlog_drained.set()
 
@@ -373,27 +400,47 @@ class ClientSession:
         engine.staging_factory = MemfdStaging
         self._work_paused = not engine.operating
 
-    async def _send(self, data: bytes, fds: list[int] | None = None) -> None:
+    async def _send(self, data: bytes, fds: Sequence[int] = ()) -> None:
         # A message is sent whole or the connection is dropped: a cancelled half-sent
         # message (a device job cancelled by DEVICE_RESET mid DMA_WRITE) would desynchronise
         # the stream. A peer that stops reading for SEND_TIMEOUT is dropped instead.
-        lock = self._send_lock
-        if not fds and not lock.locked():
-            # Fast path: no other task is mid-message, so the bytes may go now, without a
-            # checkpoint. Usually the socket takes them all.
-            sent = send_nowait(self._raw, data)
-            if sent == len(data):
-                return
-            # The rest must follow before anybody else's bytes: take the lock at once (no
-            # yield since locked() was checked) and finish shielded, as below.
-            lock.acquire_nowait()
-            try:
-                await self._send_shielded(data[sent:], ())
-            finally:
-                lock.release()
+        if not fds:
+            pending = self._send_soon(data)
+            if pending is not None:
+                await pending
             return
-        async with lock:
-            await self._send_shielded(data, fds or ())
+        async with self._send_lock:
+            await self._send_shielded(data, fds)
+
+    def _send_soon(self, data: bytes | None) -> Awaitable[None] | None:
+        """Send ``data`` (None: nothing to send) now if nobody else is mid-message.
+
+        The fast path: when the send lock is free, one non-blocking ``send`` usually takes
+        the whole message, with no checkpoint. Otherwise the returned awaitable sends it (or
+        the rest of it) under the lock, shielded; the caller awaits it at once."""
+        if data is None:
+            return None
+        lock = self._send_lock
+        if lock.locked():
+            return self._send_locked(data)
+        sent = send_nowait(self._raw, data)
+        if sent == len(data):
+            return None
+        # The rest must follow before anybody else's bytes: take the lock now (free, and
+        # nothing yielded since we looked) and hand the remainder to the caller.
+        lock.acquire_nowait()
+        return self._send_rest(data[sent:])
+
+    async def _send_locked(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self._send_shielded(data, ())
+
+    async def _send_rest(self, rest: bytes) -> None:
+        """The tail of a partially sent message; the lock is already held for us."""
+        try:
+            await self._send_shielded(rest, ())
+        finally:
+            self._send_lock.release()
 
     async def _send_shielded(self, data: bytes, fds: Sequence[int]) -> None:
         """Send under the lock (the caller holds it), shielded, within SEND_TIMEOUT."""

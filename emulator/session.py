@@ -20,6 +20,7 @@ from protocol.constants import (
     FEATURE_INDEX_MASK,
     FEATURE_PROBE,
     FEATURE_SET,
+    FLAG_NO_REPLY,
     PCI_NUM_IRQS,
     Command,
     DeviceFeature,
@@ -32,6 +33,7 @@ from protocol.constants import (
 from protocol.errors import ProtocolError, require
 from protocol.header import Header
 from protocol.messages import (
+    REGION_ACCESS,
     DeviceFeatureMsg,
     DeviceInfo,
     DmaMap,
@@ -166,12 +168,13 @@ class Session:
         }
 
     def handle(self, header: Header, payload: bytes, fds: list[int]) -> Outcome | Deferred:
+        # Hot path: no error text is formatted unless there is an error.
         handler = self.handlers.get(header.command)
         if handler is None:
             raise ProtocolError(errno.EINVAL, f"command {header.command_name()} not served")
-        if header.command != Command.DEVICE_RESET:
+        if not payload and header.command != Command.DEVICE_RESET:
             # libvfio-user refuses payload-less commands other than DEVICE_RESET too.
-            require(payload != b"", f"{header.command_name()} without payload")
+            raise ProtocolError(errno.EINVAL, f"{header.command_name()} without payload")
         return handler(header, payload, fds)
 
     # -- DMA -------------------------------------------------------------------------------
@@ -198,11 +201,11 @@ class Session:
         return Outcome(info.pack())
 
     def _region(self, index: int) -> Region | None:
-        require(
-            index < self.device.num_regions,
-            f"region {index} >= {self.device.num_regions} regions",
-        )
         region = self.device.regions.get(index)
+        if region is None and index >= self.device.num_regions:
+            raise ProtocolError(
+                errno.EINVAL, f"region {index} >= {self.device.num_regions} regions"
+            )
         return region if region is not None and region.size else None
 
     def get_region_info(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
@@ -264,20 +267,26 @@ class Session:
         return Outcome(reply.pack(), list(eventfds))
 
     def _check_count(self, count: int) -> None:
-        require(
-            count <= self.server.max_data_xfer_size,
-            f"count {count} exceeds max_data_xfer_size {self.server.max_data_xfer_size}",
-        )
+        if count > self.server.max_data_xfer_size:
+            raise ProtocolError(
+                errno.EINVAL,
+                f"count {count} exceeds max_data_xfer_size {self.server.max_data_xfer_size}",
+            )
 
+    # REGION_READ / REGION_WRITE are the guest's register accesses, by far the most frequent
+    # messages: they use the payload struct directly instead of the codec objects
+    # (RegionAccess / RegionData lay out the same bytes; see docs/performance.md).
     def region_read(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
-        request = RegionAccess.unpack(payload)
-        require(len(payload) == RegionAccess.SIZE, "REGION_READ: trailing bytes")
-        self._check_count(request.count)
-        self._region(request.region)
-        if request.count == 0:
+        if len(payload) != REGION_ACCESS.size:
+            RegionAccess.unpack(payload)  # raises for a short payload
+            raise ProtocolError(errno.EINVAL, "REGION_READ: trailing bytes")
+        offset, index, count = REGION_ACCESS.unpack_from(payload)
+        self._check_count(count)
+        self._region(index)
+        if count == 0:
             return EMPTY
-        data = self.device.region_read(request.region, request.offset, request.count)
-        return Outcome(RegionData(request.offset, request.region, request.count, data).pack())
+        data = self.device.region_read(index, offset, count)
+        return Outcome(payload + data)  # the reply echoes offset, region, count
 
     def _check_writable_now(self, region: int, offset: int, count: int) -> None:
         """While the state is being read out (STOP_COPY) or loaded (RESUMING), a BAR write
@@ -297,13 +306,19 @@ class Session:
         )
 
     def region_write(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
-        request = RegionData.unpack(payload)
-        self._check_count(request.count)
-        self._region(request.region)
-        self._check_writable_now(request.region, request.offset, request.count)
-        if request.count:
-            self.device.region_write(request.region, request.offset, request.data)
-        return Outcome(RegionAccess(request.offset, request.region, request.count).pack())
+        if len(payload) < REGION_ACCESS.size:
+            RegionData.unpack(payload)  # raises with the codec's message
+        offset, index, count = REGION_ACCESS.unpack_from(payload)
+        if len(payload) != REGION_ACCESS.size + count:
+            RegionData.unpack(payload)  # raises with the codec's message
+        self._check_count(count)
+        self._region(index)
+        self._check_writable_now(index, offset, count)
+        if count:
+            self.device.region_write(index, offset, payload[REGION_ACCESS.size :])
+        if header.flags & FLAG_NO_REPLY:
+            return EMPTY  # posted: the reply is never sent, so not built either
+        return Outcome(payload[: REGION_ACCESS.size])
 
     def region_write_multi(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
         require(self.server.write_multiple, "REGION_WRITE_MULTI was not offered")

@@ -34,7 +34,8 @@ ARGSZ_FLAGS = struct.Struct("<II")
 
 
 def _need(payload: bytes | memoryview, size: int, what: str) -> None:
-    require(len(payload) >= size, f"{what}: payload of {len(payload)} bytes, need {size}")
+    if len(payload) < size:  # the message is only formatted when it is needed
+        raise ProtocolError(errno.EINVAL, f"{what}: payload of {len(payload)} bytes, need {size}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,7 +470,10 @@ class RegionData:
         _need(payload, REGION_ACCESS.size, "REGION data")
         offset, region, count = REGION_ACCESS.unpack_from(payload)
         data = bytes(payload[REGION_ACCESS.size :])
-        require(len(data) == count, f"REGION data: count {count} but {len(data)} data bytes")
+        if len(data) != count:
+            raise ProtocolError(
+                errno.EINVAL, f"REGION data: count {count} but {len(data)} data bytes"
+            )
         return cls(offset, region, count, data)
 
 

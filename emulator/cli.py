@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import trio
 
@@ -34,6 +35,7 @@ from .migration import (
 )
 from .netdev import NetdevError, netdev_help, setup_netdevs
 from .qemu import qemu_args, qemu_command_line
+from .serve_config import ServeConfig, run_config
 from .server import DeviceServer, ServerError
 
 log = logging.getLogger("vfio_user_emu")
@@ -69,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     where = serve.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket-path", help="create the listening socket here (mode 0600)")
     where.add_argument("--fd", type=int, help="use an inherited listening socket")
+    # serve --config: many devices in one process (emulator/serve_config.py).
+    where.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE.toml",
+        help="serve every [[device]] of this file, each on its own socket, in one process",
+    )
     serve.add_argument(
         "--netdev",
         action="append",
@@ -130,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    if args.config is not None:  # serve --config (emulator/serve_config.py)
+        if args.netdev or args.device != DEFAULT_DEVICE:
+            print("vfio-user-emu: --config replaces --device and --netdev", file=sys.stderr)
+            return 2
+        defaults = ServeConfig(
+            devices=(),
+            max_data_xfer_size=args.max_data_xfer_size,
+            max_dma_maps=args.max_dma_maps,
+            dma_layout=None if args.dma_layout == "auto" else DmaLayout(args.dma_layout),
+            trace=args.trace,
+        )
+        return await run_config(args.config, defaults)
     try:
         device = create_device(args.device)
         capabilities = ServerCapabilities(

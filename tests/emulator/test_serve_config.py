@@ -154,7 +154,7 @@ async def test_netdevs_are_wired_to_their_device(tmp_path: Path) -> None:
     servers, netdevs = build_servers(load_config(write_config(tmp_path, text), DEFAULTS))
     try:
         assert len(netdevs) == 1
-        assert netdevs[0].device is servers[1].device
+        assert id(netdevs[0].device) == id(servers[1].device)
         assert servers[1].netdevs == (netdevs[0],) and servers[0].netdevs == ()
     finally:
         for netdev in netdevs:

@@ -22,6 +22,7 @@ from devices.registry import (
 from protocol.messages import DmaLayout
 from protocol.version import ServerCapabilities
 
+from . import bench_rtt, bench_scale
 from .bench import add_bench_parser, run_bench
 from .client import Client, ClientError
 from .connection import Limits
@@ -134,7 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_PRECOPY_THRESHOLD,
         help="stop pre-copy once a round moves at most this many bytes",
     )
-    add_bench_parser(sub)
+    benchmarks = add_bench_parser(sub)
+    # bench rtt / bench scale (emulator/bench_rtt.py, emulator/bench_scale.py)
+    rtt = benchmarks.add_parser(
+        "rtt", help="per-message round trip vs a Python echo floor (scripts/bench_rtt.py)"
+    )
+    bench_rtt.add_arguments(rtt)
+    rtt.set_defaults(run_benchmark=bench_rtt.run_from_args)
+    scale = benchmarks.add_parser(
+        "scale", help="many devices in one process or many (scripts/bench_scale.py)"
+    )
+    bench_scale.add_arguments(scale)
+    scale.set_defaults(run_benchmark=bench_scale.run_from_args)
     return parser
 
 
@@ -266,7 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "migrate":
         return trio.run(_migrate, args)
     if args.command == "bench":
-        return run_bench(args)
+        runner = getattr(args, "run_benchmark", None)
+        return int(runner(args)) if runner is not None else run_bench(args)
     if args.command == "qemu-args":
         print(" ".join(qemu_args(args.socket_path, args.memory)))
         return 0

@@ -23,10 +23,12 @@ import trio
 
 _FD_ITEMSIZE = array.array("i").itemsize
 #: Received fds are close-on-exec from the start (no leak into children such as QEMU).
-_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
-_SOL_SOCKET = socket.SOL_SOCKET
-_SCM_RIGHTS = socket.SCM_RIGHTS
-_MSG_CTRUNC = socket.MSG_CTRUNC
+#: Plain ints: ``socket.MSG_*`` are IntFlag members, and ``int & IntFlag`` runs Python-level
+#: enum code on every message (measured ~1 µs; docs/performance.md).
+_RECV_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 
 
 class TransportError(Exception):

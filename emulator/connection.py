@@ -242,7 +242,6 @@ class ClientSession:
             proto = self.proto
             proto.receive_data(data, fds)
             while (event := proto.next_event()) is not None:
-                budget -= 1
                 if type(event) is CommandReceived and not self._deferred_running:
                     # The fast path: answered and sent without a coroutine or a yield.
                     pending = self._command(event)
@@ -250,14 +249,16 @@ class ClientSession:
                         await pending
                 elif not await self._dispatch(event):
                     return
+                budget -= 1
+                if budget <= 0:
+                    # A client that keeps the socket full must not starve the device worker,
+                    # eventfd watchers or other connections in this process. (Safe between
+                    # two messages: the ones answered so far are already sent.)
+                    await trio.lowlevel.checkpoint()
+                    budget = READ_BUDGET
             close_fds(self.proto.take_orphan_fds())
             if len(self._backlog) >= self.limits.max_backlog:
                 await self._backlog_drained.wait()
-            if budget <= 0:
-                # A client that keeps the socket full must not starve the device worker,
-                # eventfd watchers or other connections in this process.
-                await trio.lowlevel.checkpoint()
-                budget = READ_BUDGET
 
     async def _dispatch(self, event: object) -> bool:
         """Handle one event; False when the connection must close."""

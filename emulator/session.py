@@ -63,6 +63,8 @@ U64 = struct.Struct("<Q")
 MIG_STATE = struct.Struct("<Ii")
 MIG_DATA_HEADER = 8  # argsz, size
 REGION_CONFIG = 7
+#: Migration states in which BAR writes are refused (see _check_writable_now).
+FROZEN_STATES = frozenset({MigState.STOP_COPY, MigState.RESUMING})
 #: Features served, with the operations each supports (kernel/libvfio-user semantics).
 FEATURE_OPS = {
     DeviceFeature.MIGRATION: FEATURE_GET,
@@ -292,7 +294,7 @@ class Session:
         """While the state is being read out (STOP_COPY) or loaded (RESUMING), a BAR write
         would change state behind the stream's back. Config space and the MSI-X table stay
         writable in every state."""
-        if self.device.migration.state not in (MigState.STOP_COPY, MigState.RESUMING):
+        if self.device.migration.state not in FROZEN_STATES:
             return
         if region == REGION_CONFIG:
             return
@@ -313,7 +315,8 @@ class Session:
             RegionData.unpack(payload)  # raises with the codec's message
         self._check_count(count)
         self._region(index)
-        self._check_writable_now(index, offset, count)
+        if self.device.migration.state in FROZEN_STATES:
+            self._check_writable_now(index, offset, count)
         if count:
             self.device.region_write(index, offset, payload[REGION_ACCESS.size :])
         if header.flags & FLAG_NO_REPLY:

@@ -325,12 +325,15 @@ class Session:
 
     def region_write_multi(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
         require(self.server.write_multiple, "REGION_WRITE_MULTI was not offered")
-        request = RegionWriteMulti.unpack(payload)
-        for entry in request.entries:
-            self._region(entry.region)
-            self._check_writable_now(entry.region, entry.offset, entry.count)
-            self.device.region_write(entry.region, entry.offset, entry.data)
-        return Outcome(U64.pack(len(request.entries)))
+        writes = RegionWriteMulti.unpack_writes(payload)  # all checked before any is done
+        frozen = self.device.migration.state in FROZEN_STATES
+        region_write = self.device.region_write
+        for offset, index, data in writes:
+            self._region(index)
+            if frozen:
+                self._check_writable_now(index, offset, len(data))
+            region_write(index, offset, data)
+        return Outcome(U64.pack(len(writes)))
 
     def reset(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
         require(payload == b"", "DEVICE_RESET carries no payload")

@@ -612,6 +612,22 @@ class RegionWriteMulti:
             entries.append(WriteMultiEntry(off, region, count, data[:count]))
         return cls(tuple(entries))
 
+    @classmethod
+    def unpack_writes(cls, payload: bytes | memoryview) -> list[tuple[int, int, bytes]]:
+        """``(offset, region, data)`` of every entry, checked exactly as :meth:`unpack`
+        checks them but without an object per entry (a guest's batched register writes)."""
+        if len(payload) >= U64.size:
+            (wr_cnt,) = U64.unpack_from(payload)
+            if 0 < wr_cnt <= cls.MAX_ENTRIES and len(payload) == U64.size + wr_cnt * 24:
+                writes = []
+                for off, region, count, data in MULTI_ENTRY.iter_unpack(payload[U64.size :]):
+                    if not 0 < count <= MULTI_MAX_DATA:
+                        break  # unpack() below says what is wrong
+                    writes.append((off, region, data[:count]))
+                else:
+                    return writes
+        return [(e.offset, e.region, e.data) for e in cls.unpack(payload).entries]
+
 
 # --------------------------------------------------------------------------------------------
 # DEVICE_FEATURE (16)

@@ -5,6 +5,8 @@ One blocking client (plain ``socket`` code, pre-built messages) measures, in one
 * the **floor**: a plain Python UNIX-socket echo server (it frames by the 16-byte header,
   echoes every message that wants a reply and drops posted ones) -- no Python server can
   answer faster than this with the same client;
+* a **trio echo** server reading the way our connection does (non-blocking until EAGAIN,
+  then ``wait_readable``): what trio's scheduler costs per message before any vfio-user work;
 * **our server** (``vfio-user-emu serve`` as a subprocess): a 4-byte config REGION_READ, a
   4-byte BAR0 register REGION_READ (testdev SCRATCH0), posted 4-byte REGION_WRITEs
   (NO_REPLY) pipelined, posted REGION_WRITE_MULTI batches, and an e1000 ICR read.
@@ -98,11 +100,26 @@ def posted_multi_message(region: int, offset: int, entries: int, msg_id: int = 3
 # -- the floor: a plain Python echo server ------------------------------------------------------
 
 
+def _echo_replies(buf: bytearray, have: int) -> tuple[list[bytes], int]:
+    """The echoes due for the whole messages at the start of ``buf``; bytes consumed."""
+    start = 0
+    out = []
+    while have - start >= HEADER_SIZE:
+        (size,) = SIZE_FIELD.unpack_from(buf, start + 4)
+        if have - start < size:
+            break
+        (flags,) = FLAGS_FIELD.unpack_from(buf, start + 8)
+        if not flags & FLAG_NO_REPLY:
+            out.append(bytes(buf[start : start + size]))
+        start += size
+    return out, start
+
+
 def echo_server(path: str) -> None:
     """Serve one client: echo each message that wants a reply, drop posted ones.
 
-    Deliberately the least a Python server can do per message: one ``recv_into``, a header
-    look at each message, one ``sendall`` of the echoed bytes."""
+    Deliberately the least a Python server can do per message: one blocking ``recv_into``,
+    a header look at each message, one ``sendall`` of the echoed bytes."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(1)
@@ -117,21 +134,48 @@ def echo_server(path: str) -> None:
             if not got:
                 return
             have += got
-            start = 0
-            out = []
-            while have - start >= HEADER_SIZE:
-                (size,) = SIZE_FIELD.unpack_from(buf, start + 4)
-                if have - start < size:
-                    break
-                (flags,) = FLAGS_FIELD.unpack_from(buf, start + 8)
-                if not flags & FLAG_NO_REPLY:
-                    out.append(bytes(view[start : start + size]))
-                start += size
-            if start:
-                buf[: have - start] = buf[start:have]
-                have -= start
+            out, used = _echo_replies(buf, have)
+            if used:
+                buf[: have - used] = buf[used:have]
+                have -= used
             if out:
-                conn.sendall(b"".join(out) if len(out) > 1 else out[0])
+                conn.sendall(b"".join(out))
+
+
+def trio_echo_server(path: str) -> None:
+    """The echo server as a trio task reading like our connection does (non-blocking until
+    EAGAIN, then ``wait_readable``): the part of our cost that is trio's, not ours."""
+    import trio  # noqa: PLC0415 -- only this child process needs it
+
+    async def serve() -> None:
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen(1)
+        conn, _ = await listener.accept()
+        raw = socket.socket(fileno=os.dup(conn.fileno()))
+        raw.setblocking(False)
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        have = 0
+        while True:
+            try:
+                got = raw.recv_into(view[have:])
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(raw)
+                continue
+            if not got:
+                return
+            have += got
+            out, used = _echo_replies(buf, have)
+            if used:
+                buf[: have - used] = buf[used:have]
+                have -= used
+            if out:
+                raw.setblocking(True)  # a benchmark peer always reads; keep it simple
+                raw.sendall(b"".join(out))
+                raw.setblocking(False)
+
+    trio.run(serve)
 
 
 # -- the client ---------------------------------------------------------------------------------
@@ -248,6 +292,12 @@ def _multi_batch() -> bytes:
 
 
 SCENARIOS = (
+    Scenario(
+        "trio_echo",
+        "trio echo server, our read loop, no vfio-user (reference)",
+        "trio-echo",
+        _config_read,
+    ),
     Scenario("config_read", "4-byte config REGION_READ", "testdev", _config_read),
     Scenario(
         "bar_read",
@@ -282,9 +332,11 @@ def _pinned(cpu: int | None, argv: list[str]) -> list[str]:
 
 @contextlib.contextmanager
 def started_server(kind: str, path: str, cpu: int | None) -> Iterator[subprocess.Popen[bytes]]:
-    """The echo floor (kind "echo") or ``vfio-user-emu serve --device kind``, pinned."""
-    if kind == "echo":
-        code = f"from emulator.bench_rtt import echo_server; echo_server({path!r})"
+    """The echo floor (kind "echo"), the trio echo ("trio-echo") or
+    ``vfio-user-emu serve --device kind``, pinned."""
+    if kind in ("echo", "trio-echo"):
+        function = "echo_server" if kind == "echo" else "trio_echo_server"
+        code = f"from emulator.bench_rtt import {function}; {function}({path!r})"
         argv = [sys.executable, "-c", code]
     else:
         argv = [sys.executable, "-m", "emulator", "serve", "--device", kind]
@@ -358,10 +410,10 @@ def _measure(
         with started_server(kind, path, server_cpu), pinned_self(client_cpu):
             client = BlockingClient(path)
             try:
-                if kind != "echo":
+                if not kind.endswith("echo"):
                     client.check(version_message())
                 message = scenario.build()
-                if kind != "echo":
+                if not kind.endswith("echo"):
                     client.check(message)  # a refused access would make a fast wrong figure
                 trips = max(1, count // scenario.per_trip)
                 sample = timed_round_trips(

@@ -241,6 +241,7 @@ def timed_round_trips(
 
 @dataclass
 class Sample:
+    p10_us: float  # the fast mode: what the regression check compares (see regressions())
     median_us: float
     p90_us: float
     p99_us: float
@@ -254,7 +255,7 @@ class Sample:
         def pick(q: float) -> float:
             return times_ns[min(n - 1, int(q * n))] / 1000
 
-        return cls(pick(0.5), pick(0.9), pick(0.99), rate)
+        return cls(pick(0.1), pick(0.5), pick(0.9), pick(0.99), rate)
 
 
 # -- scenarios ---------------------------------------------------------------------------------
@@ -391,6 +392,11 @@ class Row:
         return self.server.median_us / self.floor.median_us
 
     @property
+    def fast_ratio(self) -> float:
+        """p10 latency relative to the floor's p10."""
+        return self.server.p10_us / self.floor.p10_us
+
+    @property
     def rate_ratio(self) -> float:
         return self.server.rate / self.floor.rate
 
@@ -402,7 +408,7 @@ class Results:
 
 
 def _measure(
-    kind: str, scenario: Scenario, placement: tuple[int, int], count: int, warmup: int
+    kind: str, scenario: Scenario, placement: tuple[int | None, int | None], count: int, warmup: int
 ) -> Sample:
     client_cpu, server_cpu = placement
     with tempfile.TemporaryDirectory(prefix="vfu-rtt-") as tmp:
@@ -425,7 +431,11 @@ def _measure(
         # Latency per message of the batch; rate in messages (writes), not round trips.
         per = scenario.per_trip
         sample = Sample(
-            sample.median_us / per, sample.p90_us / per, sample.p99_us / per, sample.rate * per
+            sample.p10_us / per,
+            sample.median_us / per,
+            sample.p90_us / per,
+            sample.p99_us / per,
+            sample.rate * per,
         )
     return sample
 
@@ -480,6 +490,7 @@ def results_json(results: Results) -> dict[str, Any]:
                 "server": asdict(r.server),
                 "floor": asdict(r.floor),
                 "ratio": round(r.ratio, 3),
+                "fast_ratio": round(r.fast_ratio, 3),
                 "rate_ratio": round(r.rate_ratio, 3),
             }
             for r in results.rows
@@ -489,16 +500,16 @@ def results_json(results: Results) -> dict[str, Any]:
 
 def table(results: Results) -> str:
     lines = [
-        "| placement | scenario | median µs | p90 µs | p99 µs | msgs/s | floor median µs "
-        "| floor msgs/s | median / floor |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| placement | scenario | p10 µs | median µs | p90 µs | p99 µs | msgs/s "
+        "| floor median µs | floor msgs/s | median / floor | p10 / floor p10 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results.rows:
         s, f = r.server, r.floor
         lines.append(
-            f"| {r.placement} | {r.label} | {s.median_us:.2f} | {s.p90_us:.2f} | "
-            f"{s.p99_us:.2f} | {s.rate:,.0f} | {f.median_us:.2f} | {f.rate:,.0f} | "
-            f"{r.ratio:.2f}x |"
+            f"| {r.placement} | {r.label} | {s.p10_us:.2f} | {s.median_us:.2f} | "
+            f"{s.p90_us:.2f} | {s.p99_us:.2f} | {s.rate:,.0f} | {f.median_us:.2f} | "
+            f"{f.rate:,.0f} | {r.ratio:.2f}x | {r.fast_ratio:.2f}x |"
         )
     return "\n".join(lines)
 
@@ -528,17 +539,21 @@ def regressions(current: dict[str, Any], baseline: dict[str, Any]) -> list[str]:
     """Figures whose ratio to the floor grew by more than REGRESSION_LIMIT since the baseline.
 
     Ratios, not absolute times, are compared: the floor measured in the same run absorbs
-    the machine's load, which moves absolute figures by far more than 10%."""
+    the machine's load, which moves absolute figures by far more than 10%. Latency is
+    compared at p10, not the median: same-CPU round trips are bimodal (whether the kernel
+    switches to the client at once when the reply is sent or only when the server sleeps),
+    and the share of each mode -- hence the median -- moves by 20% between runs, the fast
+    mode by a few percent. The rate (best round) is compared too."""
     before = {(r["placement"], r["scenario"]): r for r in baseline.get("rows", [])}
     found = []
     for row in current["rows"]:
         old = before.get((row["placement"], row["scenario"]))
         if old is None:
             continue
-        if row["ratio"] > old["ratio"] * (1 + REGRESSION_LIMIT):
+        if "fast_ratio" in old and row["fast_ratio"] > old["fast_ratio"] * (1 + REGRESSION_LIMIT):
             found.append(
-                f"{row['placement']} {row['scenario']}: median {row['ratio']:.2f}x floor, "
-                f"was {old['ratio']:.2f}x"
+                f"{row['placement']} {row['scenario']}: p10 {row['fast_ratio']:.2f}x floor, "
+                f"was {old['fast_ratio']:.2f}x"
             )
         if row["rate_ratio"] < old["rate_ratio"] * (1 - REGRESSION_LIMIT):
             found.append(

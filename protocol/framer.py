@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from .constants import HEADER_SIZE
 from .errors import ProtocolError
-from .header import Header
+from .header import HEADER, Header
 
 
 @dataclass(slots=True)
@@ -73,22 +73,23 @@ class MessageFramer:
     # -- output --------------------------------------------------------------------------
     def next_message(self) -> Message | Oversized | None:
         """The next whole message, an :class:`Oversized` notice, or None for "need data"."""
-        if self._discard_left or len(self._buf) < HEADER_SIZE:
+        # Called for every message: locals, and no call that is not needed.
+        buf = self._buf
+        if self._discard_left or len(buf) < HEADER_SIZE:
             return None
-        header = Header.unpack(self._buf)
-        if header.size < HEADER_SIZE:
-            raise ProtocolError(
-                errno.EINVAL, f"message size {header.size} below the header", fatal=True
-            )
+        header = Header._make(HEADER.unpack_from(buf))  # the length was just checked
+        size = header.size
+        if size < HEADER_SIZE:
+            raise ProtocolError(errno.EINVAL, f"message size {size} below the header", fatal=True)
         start = self._buf_start
-        if header.size > self.max_message_size:
+        if size > self.max_message_size:
             return self._start_discard(header, start)
-        if len(self._buf) < header.size:
+        if len(buf) < size:
             return None
-        payload = bytes(self._buf[HEADER_SIZE : header.size])
-        del self._buf[: header.size]
-        self._buf_start += header.size
-        return Message(header, payload, self._claim(start + header.size))
+        payload = bytes(buf[HEADER_SIZE:size])
+        del buf[:size]
+        self._buf_start = start + size
+        return Message(header, payload, self._claim(start + size) if self._marks else [])
 
     def _start_discard(self, header: Header, start: int) -> Oversized:
         end = start + header.size

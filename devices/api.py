@@ -465,7 +465,8 @@ class Device:
         region = self._region(index)
         if not region.readable:
             raise DeviceError(errno.EINVAL, f"region {index} is not readable")
-        check_span(region.size, offset, count, f"region {index}")
+        if offset < 0 or count < 0 or offset + count > region.size:  # hot: format on failure
+            check_span(region.size, offset, count, f"region {index}")
         data = region.read(offset, count)
         if len(data) != count:
             raise DeviceError(errno.EIO, f"region {index} returned {len(data)} of {count} bytes")
@@ -475,7 +476,8 @@ class Device:
         region = self._region(index)
         if not region.writable:
             raise DeviceError(errno.EINVAL, f"region {index} is not writable")
-        check_span(region.size, offset, len(data), f"region {index}")
+        if offset < 0 or offset + len(data) > region.size:  # hot: format on failure
+            check_span(region.size, offset, len(data), f"region {index}")
         region.write(offset, data)
 
     def _region(self, index: int) -> Region:

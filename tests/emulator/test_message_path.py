@@ -1,0 +1,151 @@
+"""The connection's message fast path (emulator/connection.py): many messages per read,
+replies sent without a scheduler pass, partial sends finished in order, fairness."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+from pathlib import Path
+
+import trio
+
+from devices.testdev import REG_SCRATCH, TestDev
+from emulator.bench_rtt import posted_write_message, read_message, version_message
+from emulator.client import Client
+from emulator.server import DeviceServer
+from emulator.testing import served_device
+from protocol.constants import HEADER_SIZE, Command, MsgType
+from protocol.header import Header, pack_message
+from protocol.messages import RegionData
+
+U32 = struct.Struct("<I")
+RAM_BAR = 2
+
+
+async def connect_raw(path: Path) -> trio.socket.SocketType:
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.connect(str(path))
+    await sock.send(version_message())
+    await read_messages(sock, 1)
+    return sock
+
+
+async def read_messages(sock: trio.socket.SocketType, count: int) -> list[tuple[Header, bytes]]:
+    buf = bytearray()
+    out: list[tuple[Header, bytes]] = []
+    while len(out) < count:
+        chunk = await sock.recv(1 << 20)
+        assert chunk, "server closed the connection"
+        buf += chunk
+        while len(buf) >= HEADER_SIZE and len(buf) >= Header.unpack(buf).size:
+            header = Header.unpack(buf)
+            out.append((header, bytes(buf[HEADER_SIZE : header.size])))
+            del buf[: header.size]
+    assert not buf
+    return out
+
+
+async def test_pipelined_commands_are_answered_in_order(tmp_path: Path) -> None:
+    async with served_device(TestDev(), tmp_path) as served:
+        sock = await connect_raw(served.socket_path)
+        with sock:
+            # One buffer: a posted write then a read, 200 times; the reader parses them all
+            # from few recvmsg calls and must answer every read in order, after its write.
+            batch = b"".join(
+                posted_write_message(0, REG_SCRATCH, i, msg_id=2 * i)
+                + read_message(0, REG_SCRATCH, msg_id=2 * i + 1)
+                for i in range(200)
+            )
+            await sock.send(batch)
+            replies = await read_messages(sock, 200)
+    assert [h.msg_id for h, _ in replies] == [2 * i + 1 for i in range(200)]
+    assert all(h.command == Command.REGION_READ and not h.is_error for h, _ in replies)
+    assert [U32.unpack(p[16:])[0] for _, p in replies] == list(range(200))
+
+
+async def test_large_replies_to_a_client_that_is_not_reading(tmp_path: Path) -> None:
+    """Replies far bigger than the socket buffer: the non-blocking send takes part of one,
+    the rest goes under the send lock; every reply arrives whole and in order."""
+    pattern = bytes(range(256)) * 256  # the 64 KiB RAM BAR
+    async with served_device(TestDev(), tmp_path) as served:
+        async with Client.connect(served.socket_path) as client:
+            await client.region_write(RAM_BAR, 0, pattern)
+        sock = await connect_raw(served.socket_path)
+        with sock:
+            count = 48  # 3 MiB of replies
+            await sock.send(
+                b"".join(read_message(RAM_BAR, 0, len(pattern), msg_id=i) for i in range(count))
+            )
+            await trio.sleep(0.2)  # the server is stuck in the middle of a reply meanwhile
+            replies = await read_messages(sock, count)
+    assert [h.msg_id for h, _ in replies] == list(range(count))
+    for header, payload in replies:
+        assert not header.is_error
+        assert RegionData.unpack(payload).data == pattern
+
+
+async def test_a_flooding_client_does_not_starve_another_device(tmp_path: Path) -> None:
+    """Two devices in one process; a thread keeps one socket full of posted writes, so
+    that reader never runs out of data. The other client's accesses are still answered:
+    the reader yields every READ_BUDGET messages."""
+    servers = [
+        DeviceServer(TestDev(), socket_path=tmp_path / f"dev{i}.sock", name=f"d{i}")
+        for i in range(2)
+    ]
+    flood = b"".join(posted_write_message(0, REG_SCRATCH, i) for i in range(1000))
+    stop = threading.Event()
+    batches = 0
+
+    def keep_flooding(sock: socket.socket) -> None:
+        nonlocal batches
+        with contextlib.suppress(OSError):
+            while not stop.is_set():
+                sock.sendall(flood)
+                batches += 1
+
+    async with trio.open_nursery() as nursery:
+        for server in servers:
+            await nursery.start(server.serve)
+        flooder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        flooder.connect(str(tmp_path / "dev0.sock"))
+        flooder.sendall(version_message())
+        thread = threading.Thread(target=keep_flooding, args=(flooder,), daemon=True)
+        thread.start()
+        try:
+            with trio.fail_after(20):
+                while batches < 2:  # the flood is under way
+                    await trio.sleep(0.01)
+                async with Client.connect(tmp_path / "dev1.sock") as client:
+                    for i in range(50):
+                        await client.region_write(0, REG_SCRATCH, U32.pack(i))
+                        assert await client.region_read(0, REG_SCRATCH, 4) == U32.pack(i)
+            assert thread.is_alive()  # still flooding while the other device answered
+        finally:
+            stop.set()
+            with contextlib.suppress(OSError):
+                flooder.shutdown(socket.SHUT_RDWR)
+            await trio.to_thread.run_sync(thread.join)
+            flooder.close()
+            nursery.cancel_scope.cancel()
+
+
+async def test_trailing_partial_message_waits_for_its_rest(tmp_path: Path) -> None:
+    async with served_device(TestDev(), tmp_path) as served:
+        sock = await connect_raw(served.socket_path)
+        with sock:
+            whole = read_message(0, REG_SCRATCH, msg_id=7)
+            await sock.send(whole + whole[:5])  # one and a bit
+            first = await read_messages(sock, 1)
+            await trio.sleep(0.05)
+            await sock.send(whole[5:])
+            second = await read_messages(sock, 1)
+    assert [h.msg_id for h, _ in first + second] == [7, 7]
+
+
+def test_message_builders_match_the_codecs() -> None:
+    message = read_message(7, 0x10, 4, msg_id=3)
+    assert message == pack_message(3, Command.REGION_READ, struct.pack("<QII", 0x10, 7, 4))
+    posted = Header.unpack(posted_write_message(0, 4, 9))
+    assert posted.no_reply and posted.msg_type == MsgType.COMMAND

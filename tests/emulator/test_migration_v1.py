@@ -219,6 +219,15 @@ async def test_the_error_state_refuses_every_write_until_reset(tmp_path: Path) -
         assert await v1.get_device_state(client, region) == R
 
 
+async def test_write_multi_cannot_reach_the_v1_region(tmp_path: Path) -> None:
+    async with clients(tmp_path, with_protocols(small_testdev(), "v1")) as (client,):
+        entry = (MIGRATION_REGION, 0, struct.pack("<I", S | R))
+        with pytest.raises(ClientError) as info:
+            await client.region_write_multi([entry], posted=False)
+        assert info.value.errno == errno.EINVAL
+        assert await v1.get_device_state(client, MIGRATION_REGION) == R
+
+
 async def test_without_pre_copy_saving_running_is_refused(tmp_path: Path) -> None:
     device = small_testdev()
     device.set_migration_caps(1)  # STOP_COPY only
@@ -407,11 +416,16 @@ async def test_dirty_pages_need_the_capability_and_a_v1_device(tmp_path: Path) -
         with pytest.raises(ClientError) as info:
             await v1.dirty_pages_start(client)
         assert info.value.errno == errno.EINVAL
-    # A protocol-0.1 client, but the device serves only v2 (the default): not offered.
+    # A protocol-0.1 client, but the device serves only v2 (the default): migration (v1)
+    # is not configured, which old libvfio-user answered with ENOTSUP (facts 9.3).
     async with clients(tmp_path, small_testdev()) as (client,):
+        for request in (v1.dirty_pages_start, v1.dirty_pages_stop):
+            with pytest.raises(ClientError) as info:
+                await request(client)
+            assert info.value.errno == errno.ENOTSUP
         with pytest.raises(ClientError) as info:
-            await v1.dirty_pages_start(client)
-        assert info.value.errno == errno.EINVAL
+            await v1.dirty_bitmap(client, 0, 4096)
+        assert info.value.errno == errno.ENOTSUP
 
 
 async def test_large_single_region_accesses(tmp_path: Path) -> None:

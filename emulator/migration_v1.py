@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import trio
 
 from protocol.constants import Command, RegionFlags
+from protocol.dirty_logging import bitmap_bytes
 from protocol.messages import TypeCap
 from protocol.migration_v1 import (
     DATA_OFFSET_OFFSET,
@@ -72,8 +73,7 @@ async def dirty_pages_stop(client: Client) -> None:
 
 async def dirty_bitmap(client: Client, iova: int, size: int, pgsize: int = 4096) -> bytes:
     """GET_BITMAP for ``[iova, iova+size)``: one bit per page, LSB first, u64 words."""
-    pages = (size + pgsize - 1) // pgsize
-    bitmap_size = 8 * ((pages + 63) // 64)
+    bitmap_size = bitmap_bytes(size, pgsize)
     request = DirtyPages(
         40 + bitmap_size, DirtyPagesFlags.GET_BITMAP, BitmapRange(iova, size, pgsize, bitmap_size)
     )

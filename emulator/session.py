@@ -29,6 +29,7 @@ from protocol.constants import (
     MigState,
     RegionFlags,
 )
+from protocol.dirty_logging import bitmap_bytes
 from protocol.errors import ProtocolError, require
 from protocol.header import Header
 from protocol.messages import (
@@ -50,7 +51,7 @@ from protocol.messages import (
     TypeCap,
     pack_region_caps,
 )
-from protocol.migration_v1 import DirtyPages, DirtyPagesFlags, bitmap_bytes
+from protocol.migration_v1 import DirtyPages, DirtyPagesFlags
 from protocol.version import ClientCapabilities, ServerCapabilities
 
 from .datafd import DataFdSessions

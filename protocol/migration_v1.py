@@ -66,6 +66,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Self
 
 from .constants import MigState
+from .dirty_logging import bitmap_bytes
 from .errors import ProtocolError, require
 
 # -- the region ---------------------------------------------------------------------------
@@ -194,12 +195,6 @@ class DirtyPagesFlags(enum.IntFlag):
 
 DIRTY_HEADER = struct.Struct("<II")
 BITMAP_RANGE = struct.Struct("<QQQQ")
-
-
-def bitmap_bytes(size: int, pgsize: int) -> int:
-    """Bytes of a bitmap with one bit per page of ``size``, in whole u64 words."""
-    pages = (size + pgsize - 1) // pgsize
-    return 8 * ((pages + 63) // 64)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import mmap
 import os
 import socket
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Protocol
 import trio
 
 from devices.api import Device
+from devices.state_stream import Section
 from protocol.constants import HEADER_SIZE
 from protocol.header import Header
 from protocol.version import ServerCapabilities
@@ -228,3 +229,15 @@ class RawWire:
     def close(self) -> None:
         close_fds(self._owned)
         self.sock.close()
+
+
+def flat_sections(sections: Sequence[Section]) -> list[tuple[str, bytes]]:
+    """A device's saved sections with each payload as one ``bytes``: comparable with ==
+    whether the device produced a buffer or a list of pieces."""
+    out = []
+    for name, payload in sections:
+        if isinstance(payload, bytes | bytearray | memoryview):
+            out.append((name, bytes(payload)))
+        else:
+            out.append((name, b"".join(bytes(piece) for piece in payload)))
+    return out

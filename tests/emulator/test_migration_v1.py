@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -20,13 +20,12 @@ from devices.e1000 import regs as r
 from devices.errors import DeviceError
 from devices.migration import ALL_CAPS
 from devices.registry import DeviceSpecError, create_device
-from devices.state_stream import Section
 from devices.testdev import TestDev, TestDevOptions
 from emulator import migration as v2
 from emulator import migration_v1 as v1
 from emulator.client import Client, ClientError
 from emulator.info import describe
-from emulator.testing import GuestRam, served_device
+from emulator.testing import GuestRam, flat_sections, served_device
 from protocol.constants import Command, MigState
 from protocol.messages import NdmaCap, TypeCap
 from protocol.migration_v1 import DATA_OFFSET
@@ -243,19 +242,9 @@ async def test_without_pre_copy_saving_running_is_refused(tmp_path: Path) -> Non
 # -- whole migrations: v1 gives the same device state as v2 ------------------------------------
 
 
-def flat(sections: Sequence[Section]) -> list[tuple[str, bytes]]:
-    out = []
-    for name, payload in sections:
-        if isinstance(payload, bytes | bytearray | memoryview):
-            out.append((name, bytes(payload)))
-        else:
-            out.append((name, b"".join(bytes(piece) for piece in payload)))
-    return out
-
-
 def device_state(device: Device) -> dict[str, Any]:
     return {
-        "own": flat(device.save_state()),
+        "own": flat_sections(device.save_state()),
         "config": bytes(device.config.snapshot()),
         "irq": bytes(device.irq.snapshot()),
     }

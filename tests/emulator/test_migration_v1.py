@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import struct
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -216,6 +217,28 @@ async def test_the_error_state_refuses_every_write_until_reset(tmp_path: Path) -
             assert await v1.get_device_state(client, region) == S | RES
         await client.reset()
         assert await v1.get_device_state(client, region) == R
+
+
+async def test_scattered_tiny_window_writes_stay_cheap_and_are_checked(tmp_path: Path) -> None:
+    """A resuming client writing the data window one byte at a time, every other byte:
+    the last writes must cost about what the first did (the old interval list made each
+    write dearer, until the server stalled), and data_size still sees the gaps."""
+    count = 8000
+    async with clients(tmp_path, with_protocols(small_testdev(), "v1")) as (client,):
+        await v1.set_device_state(client, MIGRATION_REGION, RES)
+        quarter = count // 4
+        took = []
+        for first in range(0, count, quarter):
+            began = time.perf_counter()
+            for k in range(first, first + quarter):
+                await client.region_write(MIGRATION_REGION, DATA_OFFSET + 2 * k, b"x")
+            took.append(time.perf_counter() - began)
+        assert took[-1] < 3 * took[0], f"{took}: writes grow dearer"
+        data_size = struct.pack("<Q", 2 * count)
+        with pytest.raises(ClientError) as info:  # the odd bytes were never written
+            await client.region_write(MIGRATION_REGION, 0x18, data_size)
+        assert info.value.errno == errno.EINVAL
+        await client.reset()
 
 
 async def test_write_multi_cannot_reach_the_v1_region(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from protocol.constants import (
     MigState,
     RegionFlags,
 )
+from protocol.dirty_logging import bitmap_bytes
 from protocol.errors import ProtocolError, require
 from protocol.header import Header
 from protocol.messages import (
@@ -53,7 +54,7 @@ from protocol.messages import (
     TypeCap,
     pack_region_caps,
 )
-from protocol.migration_v1 import DirtyPages, DirtyPagesFlags, bitmap_bytes
+from protocol.migration_v1 import DirtyPages, DirtyPagesFlags
 from protocol.version import ClientCapabilities, ServerCapabilities
 
 from .datafd import DataFdSessions
@@ -372,6 +373,8 @@ class Session:
         frozen = self.device.migration.state in FROZEN_STATES
         region_write = self.device.region_write
         for offset, index, data in writes:
+            # The v1 migration region is not among the device's regions: entries aimed at
+            # it get EINVAL from the device (its state changes need a reply per write).
             self._region(index)
             if frozen:
                 self._check_writable_now(index, offset, len(data))
@@ -562,7 +565,8 @@ class Session:
     def dirty_pages(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
         """DIRTY_PAGES (14) over the same dirty log as DMA_LOGGING (protocol.migration_v1
         rule 5). START logs every write at the negotiated ``migration.pgsize``."""
-        self._check_protocol_0_1("DIRTY_PAGES")
+        # Old libvfio-user answered ENOTSUP when migration was not configured (facts 9.3).
+        self._check_protocol_0_1("DIRTY_PAGES", no_v1=errno.ENOTSUP)
         require(self.logging is not None, "dirty logging is not available on this session")
         assert self.logging is not None and self.client.migration_pgsize is not None
         request = DirtyPages.unpack(payload)
@@ -608,7 +612,7 @@ class Session:
         self.maps.remove(request.address, request.size)
         return head + bitmap + bytes(bitmap_size - len(bitmap))
 
-    def _check_protocol_0_1(self, what: str) -> None:
+    def _check_protocol_0_1(self, what: str, no_v1: int = errno.EINVAL) -> None:
         """Protocol 0.1 dirty tracking is for clients that announced it (the ``migration``
         capability) talking to a device started with the v1 interface; everyone else sees
         the current spec, where it does not exist."""
@@ -616,4 +620,6 @@ class Session:
             self.client.migration_pgsize is not None,
             f"{what} needs the protocol 0.1 migration capability",
         )
-        require(self.v1 is not None, f"{what} needs a device started with migration=v1 or both")
+        require(
+            self.v1 is not None, f"{what} needs a device started with migration=v1 or both", no_v1
+        )

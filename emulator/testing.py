@@ -23,6 +23,7 @@ from typing import Protocol
 import trio
 
 from devices.api import Device
+from devices.state_stream import Section
 from protocol.constants import HEADER_SIZE, Command
 from protocol.header import Header, pack_message, pack_reply
 from protocol.messages import VersionPayload
@@ -301,3 +302,15 @@ class RawConnection:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def flat_sections(sections: Sequence[Section]) -> list[tuple[str, bytes]]:
+    """A device's saved sections with each payload as one ``bytes``: comparable with ==
+    whether the device produced a buffer or a list of pieces."""
+    out = []
+    for name, payload in sections:
+        if isinstance(payload, bytes | bytearray | memoryview):
+            out.append((name, bytes(payload)))
+        else:
+            out.append((name, b"".join(bytes(piece) for piece in payload)))
+    return out

@@ -262,14 +262,21 @@ class DeviceServer:
 
     async def _serve_client(self, sock: trio.socket.SocketType, stop: trio.CancelScope) -> None:
         assert self._backing is not None
-        session = ClientSession(
-            sock,
-            self.device,
-            capabilities=self.capabilities,
-            limits=self.limits,
-            region_fds=RegionFds(self._backing.fds),
-            tracer=self.tracer,
-        )
+        try:
+            session = ClientSession(
+                sock,
+                self.device,
+                capabilities=self.capabilities,
+                limits=self.limits,
+                region_fds=RegionFds(self._backing.fds),
+                tracer=self.tracer,
+            )
+        except OSError as exc:
+            # Out of fds (EMFILE when the session dups the socket) or memory for this one
+            # client: it is dropped, the server goes on serving the next one.
+            log.warning("%s: cannot serve a client (%s); connection closed", self.name, exc)
+            sock.close()
+            return
         self.active = session
         self.state = ServerState.SERVING
         log.info("%s: client connected", self.name)

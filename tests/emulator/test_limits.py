@@ -646,3 +646,35 @@ def test_a_connection_flood_neither_kills_the_server_nor_disturbs_its_client(
 
 
 FLOOD_SPARE_FDS = 6
+
+
+async def test_a_client_the_server_has_no_fd_for_is_dropped_and_the_next_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The session dups the client's socket; EMFILE there closes that one client, it does
+    not escape into the server's nursery and end the server."""
+    real_dup = os.dup
+    failures = [OSError(errno.EMFILE, "Too many open files")]
+
+    def dup_failing_once(fd: int) -> int:
+        if failures:
+            raise failures.pop()
+        return real_dup(fd)
+
+    async with serving(tmp_path, Limits()) as served:
+        monkeypatch.setattr(os, "dup", dup_failing_once)
+        first = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with first:
+            await first.connect(str(served.socket_path))
+            with trio.fail_after(5):
+                assert await first.recv(4096) == b""  # closed, not served
+        assert not failures
+        conn = await RawConnection.connect(served.socket_path)  # the next client is served
+        try:
+            header, payload = await conn.call(
+                Command.REGION_READ, RegionAccess(0, CONFIG_REGION, 2).pack()
+            )
+            assert not header.is_error and payload[-2:] == struct.pack("<H", td.VENDOR_ID)
+        finally:
+            conn.close()
+    assert "cannot serve a client" in caplog.text

@@ -143,7 +143,8 @@ class ClientSession:
         self._job_idle = trio.Event()
         self._job_idle.set()
         self._deferred_running = False
-        self._backlog: deque[CommandReceived] = deque()
+        #: Commands, and refusals' replies, held in order behind a deferred command.
+        self._backlog: deque[CommandReceived | Rejected] = deque()
         self._backlog_drained = trio.Event()
         self._backlog_drained.set()
         self._watches: dict[int, trio.CancelScope] = {}
@@ -260,8 +261,7 @@ class ClientSession:
             if self._deferred_running or self._backlog:
                 # Processed in order once the deferred one ends; while its backlog is still
                 # being worked off, later commands queue behind it (not overtake it).
-                self._backlog.append(event)
-                self._backlog_drained = trio.Event()
+                self._hold(event)
                 return True
             pending = self._command(event)
             if pending is not None:
@@ -281,8 +281,15 @@ class ClientSession:
         if isinstance(event, Rejected):
             self.tracer.rejected(event.header, event.error)
             close_fds(event.fds)
-            if event.reply is not None:
-                await self._send(event.reply)
+            event.fds = []
+            if event.reply is None:
+                return not event.close
+            if (self._deferred_running or self._backlog) and not event.close:
+                # A refusal is answered in its turn too: behind the deferred command and
+                # the commands held before it, never ahead of them.
+                self._hold(event)
+                return True
+            await self._send(event.reply)
             return not event.close
         if isinstance(event, Fatal):
             log.warning("closing connection: %s", event.reason)
@@ -357,11 +364,20 @@ class ClientSession:
             await pending
         self._deferred_running = False
         while self._backlog and not self._deferred_running:
-            pending = self._command(self._backlog.popleft())
+            pending = self._handle_held(self._backlog.popleft())
             if pending is not None:
                 await pending
         if not self._backlog:
             self._backlog_drained.set()
+
+    def _hold(self, event: CommandReceived | Rejected) -> None:
+        self._backlog.append(event)
+        self._backlog_drained = trio.Event()
+
+    def _handle_held(self, held: CommandReceived | Rejected) -> Awaitable[None] | None:
+        if isinstance(held, CommandReceived):
+            return self._command(held)
+        return self._send_soon(held.reply)  # a refusal's prepared reply
 
     def _start_session(self, client: ClientCapabilities) -> None:
         self.client = client

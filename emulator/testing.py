@@ -14,6 +14,7 @@ import fcntl
 import mmap
 import os
 import socket
+import struct
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -22,11 +23,19 @@ from typing import Protocol
 
 import trio
 
+from devices import testdev
 from devices.api import Device
 from devices.state_stream import Section
-from protocol.constants import HEADER_SIZE, Command
+from protocol.constants import (
+    FEATURE_SET,
+    HEADER_SIZE,
+    Command,
+    DeviceFeature,
+    DmaMapFlags,
+    MigState,
+)
 from protocol.header import Header, pack_message, pack_reply
-from protocol.messages import VersionPayload
+from protocol.messages import DeviceFeatureMsg, DmaMap, RegionAccess, VersionPayload
 from protocol.version import ServerCapabilities
 
 from .client import Client
@@ -314,3 +323,36 @@ def flat_sections(sections: Sequence[Section]) -> list[tuple[str, bytes]]:
         else:
             out.append((name, b"".join(bytes(piece) for piece in payload)))
     return out
+
+
+def set_mig_state_payload(state: MigState) -> bytes:
+    """DEVICE_FEATURE payload moving the device to ``state`` (no data fd)."""
+    return DeviceFeatureMsg(
+        16, FEATURE_SET | DeviceFeature.MIG_DEVICE_STATE, struct.pack("<Ii", state, -1)
+    ).pack()
+
+
+async def start_dma_left_unanswered(conn: RawConnection) -> Header:
+    """Make a :class:`~devices.testdev.TestDev` start a 64-byte copy through DMA_READ /
+    DMA_WRITE messages (guest RAM mapped without an fd) and return the job's DMA_READ
+    request, unanswered: the device job waits for it (until ``dma_reply_timeout``), so a
+    migration SET (which pauses device work) is deferred until the test answers it."""
+    rw = DmaMapFlags.READ | DmaMapFlags.WRITE
+    header, _ = await conn.call(
+        Command.DMA_MAP, DmaMap(DmaMap.SIZE, rw, 0, 0x10000, 0x10000).pack()
+    )
+    assert not header.is_error
+    enable = struct.pack("<H", PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)
+    await conn.call(
+        Command.REGION_WRITE, RegionAccess(PCI_COMMAND, CONFIG_REGION, 2).pack() + enable
+    )
+    for reg, value in [
+        (testdev.REG_DMA_SRC, 0x10000), (testdev.REG_DMA_DST, 0x18000),
+        (testdev.REG_DMA_LEN, 64), (testdev.REG_DMA_CTRL, 1),
+    ]:  # fmt: skip
+        access = RegionAccess(reg, 0, 4).pack() + struct.pack("<I", value)
+        header, _ = await conn.call(Command.REGION_WRITE, access)
+        assert not header.is_error
+    message = await conn.receive()
+    assert message is not None and message[0].command == Command.DMA_READ, message
+    return message[0]

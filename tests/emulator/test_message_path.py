@@ -4,6 +4,7 @@ replies sent without a scheduler pass, partial sends finished in order, fairness
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import struct
 import threading
@@ -14,11 +15,17 @@ import trio
 from devices.testdev import REG_SCRATCH, TestDev
 from emulator.bench_rtt import posted_write_message, read_message, version_message
 from emulator.client import Client
+from emulator.limits import Limits
 from emulator.server import DeviceServer
-from emulator.testing import served_device
-from protocol.constants import HEADER_SIZE, Command, MsgType
+from emulator.testing import (
+    RawConnection,
+    served_device,
+    set_mig_state_payload,
+    start_dma_left_unanswered,
+)
+from protocol.constants import HEADER_SIZE, Command, MigState, MsgType
 from protocol.header import Header, pack_message
-from protocol.messages import RegionData
+from protocol.messages import RegionAccess, RegionData, VersionPayload
 
 U32 = struct.Struct("<I")
 RAM_BAR = 2
@@ -149,3 +156,34 @@ def test_message_builders_match_the_codecs() -> None:
     assert message == pack_message(3, Command.REGION_READ, struct.pack("<QII", 0x10, 7, 4))
     posted = Header.unpack(posted_write_message(0, 4, 9))
     assert posted.no_reply and posted.msg_type == MsgType.COMMAND
+
+
+async def test_refusals_are_answered_in_turn_behind_a_deferred_command(tmp_path: Path) -> None:
+    """A migration SET waits for a device job stuck on an unanswered DMA_READ; a second
+    VERSION, an unknown command and an oversized message are refused, and their replies go
+    out in order after the SET's, before the REGION_READ that followed them."""
+    limits = Limits(max_message_size=8192, dma_reply_timeout=0.5)
+    async with served_device(TestDev(), tmp_path, limits=limits) as served:
+        conn = await RawConnection.connect(served.socket_path)
+        try:
+            await start_dma_left_unanswered(conn)
+            set_id = await conn.send(Command.DEVICE_FEATURE, set_mig_state_payload(MigState.STOP))
+            version_id = await conn.send(Command.VERSION, VersionPayload(0, 2, "{}").pack())
+            unknown_id = await conn.send(0x77)
+            oversized_id = await conn.send(Command.REGION_WRITE, bytes(9000))
+            read_id = await conn.send(Command.REGION_READ, RegionAccess(REG_SCRATCH, 0, 4).pack())
+            got = []
+            while len(got) < 5:
+                message = await conn.receive()
+                assert message is not None
+                if message[0].is_reply:
+                    got.append((message[0].msg_id, message[0].error))
+        finally:
+            conn.close()
+    assert got == [
+        (set_id, 0),
+        (version_id, errno.EINVAL),
+        (unknown_id, errno.EINVAL),
+        (oversized_id, errno.E2BIG),
+        (read_id, 0),
+    ]

@@ -48,7 +48,7 @@ from protocol.connection import (
     ReplyReceived,
     ServerConnection,
 )
-from protocol.constants import Command
+from protocol.constants import HEADER_SIZE, Command
 from protocol.errors import ProtocolError
 from protocol.header import Header
 from protocol.messages import (
@@ -147,6 +147,9 @@ class ClientSession:
         self._backlog: deque[CommandReceived | Rejected] = deque()
         self._backlog_drained = trio.Event()
         self._backlog_drained.set()
+        #: Bytes and fds of the messages held past ``limits.max_backlog`` (see _hold).
+        self._overflow_bytes = 0
+        self._overflow_fds = 0
         self._watches: dict[int, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self.closed = False
@@ -243,8 +246,9 @@ class ClientSession:
                         await pending
                 elif not await self._dispatch(event):
                     return
-                if len(self._backlog) >= self.limits.max_backlog:
-                    # Exactly the limit held: the rest of the chunk waits in the framer.
+                if self._backlog and self._overflow_full():
+                    # The rest of the chunk waits in the framer, the rest of the stream in
+                    # the socket, until the deferred command and its backlog are done.
                     await self._backlog_drained.wait()
                 budget -= 1
                 if budget <= 0:
@@ -368,11 +372,32 @@ class ClientSession:
             if pending is not None:
                 await pending
         if not self._backlog:
+            self._overflow_bytes = self._overflow_fds = 0
             self._backlog_drained.set()
 
     def _hold(self, event: CommandReceived | Rejected) -> None:
+        """Queue a message behind the deferred command.
+
+        Past ``max_backlog`` held messages the reader still reads on: the DMA replies the
+        deferred command's device job waits for may come after commands in the stream, and
+        stopping there would stall the job (and the command) for ``dma_reply_timeout``. What
+        it holds beyond the limit is bounded instead: reading stops once those messages
+        reach ``max_message_size`` bytes or ``max_fds_per_message`` fds (_overflow_full)."""
+        if len(self._backlog) >= self.limits.max_backlog:
+            if isinstance(event, CommandReceived):
+                self._overflow_bytes += HEADER_SIZE + len(event.payload)
+                self._overflow_fds += len(event.fds)
+            else:
+                self._overflow_bytes += HEADER_SIZE
         self._backlog.append(event)
         self._backlog_drained = trio.Event()
+
+    def _overflow_full(self) -> bool:
+        limits = self.limits
+        return (
+            self._overflow_bytes >= limits.max_message_size
+            or self._overflow_fds >= limits.max_fds_per_message
+        )
 
     def _handle_held(self, held: CommandReceived | Rejected) -> Awaitable[None] | None:
         if isinstance(held, CommandReceived):

@@ -52,8 +52,10 @@ class Limits:
     #: (E2BIG beyond); also the most vectors a served device may declare per index.
     max_irq_vectors: int = MSIX_MAX_VECTORS
     #: Commands received but not yet answered (held back, in order, while a deferred one
-    #: such as a migration arc runs); past this the reader stops reading the socket, so the
-    #: replies we owe the client (our queue of outgoing messages) stay bounded.
+    #: such as a migration arc runs). Past this the reader reads on only so that the DMA
+    #: replies the deferred command waits for get through: once the commands held beyond it
+    #: reach max_message_size bytes or max_fds_per_message fds, it stops reading the socket,
+    #: so the replies we owe the client (our queue of outgoing messages) stay bounded.
     max_queued_replies: int = 1024
     #: Devices of this process with a migration data session open at once (EBUSY beyond).
     max_migration_sessions: int = 4
@@ -213,7 +215,8 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_queued_replies,
         metavar="N",
         help=f"commands awaiting their reply while one waits, e.g. for a migration arc (default"
-        f" {defaults.max_queued_replies}; then the socket is not read until they drain)",
+        f" {defaults.max_queued_replies}; beyond, the socket is read only for the DMA replies"
+        " the device waits for, within --max-msg-size bytes)",
     )
     group.add_argument(
         "--max-migration-sessions",

@@ -332,11 +332,12 @@ def set_mig_state_payload(state: MigState) -> bytes:
     ).pack()
 
 
-async def start_dma_left_unanswered(conn: RawConnection) -> Header:
+async def start_dma_left_unanswered(conn: RawConnection) -> tuple[Header, bytes]:
     """Make a :class:`~devices.testdev.TestDev` start a 64-byte copy through DMA_READ /
     DMA_WRITE messages (guest RAM mapped without an fd) and return the job's DMA_READ
-    request, unanswered: the device job waits for it (until ``dma_reply_timeout``), so a
-    migration SET (which pauses device work) is deferred until the test answers it."""
+    request (header, payload), unanswered: the device job waits for it (until
+    ``dma_reply_timeout``), so a migration SET (which pauses device work) is deferred until
+    the test answers it."""
     rw = DmaMapFlags.READ | DmaMapFlags.WRITE
     header, _ = await conn.call(
         Command.DMA_MAP, DmaMap(DmaMap.SIZE, rw, 0, 0x10000, 0x10000).pack()
@@ -355,4 +356,4 @@ async def start_dma_left_unanswered(conn: RawConnection) -> Header:
         assert not header.is_error
     message = await conn.receive()
     assert message is not None and message[0].command == Command.DMA_READ, message
-    return message[0]
+    return message

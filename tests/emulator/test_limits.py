@@ -34,6 +34,8 @@ from emulator.testing import (
     ServedDevice,
     enable_bus_master,
     served_device,
+    set_mig_state_payload,
+    start_dma_left_unanswered,
 )
 from protocol.constants import (
     FEATURE_GET,
@@ -47,11 +49,12 @@ from protocol.constants import (
     MigState,
 )
 from protocol.header import Header, pack_message
-from protocol.messages import DeviceFeatureMsg, DmaMap, IrqSet, RegionAccess, VersionPayload
+from protocol.messages import DmaMap, IrqSet, RegionAccess, VersionPayload
 from protocol.version import ServerCapabilities
 
 EVENTFD_TRIGGER = IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER
 RW = DmaMapFlags.READ | DmaMapFlags.WRITE
+RAM_BAR = 2
 
 
 @asynccontextmanager
@@ -190,53 +193,62 @@ def test_a_device_with_more_vectors_than_the_limit_is_not_served(tmp_path: Path)
 
 @pytest.mark.parametrize("limit", [1, 3])
 async def test_commands_owed_a_reply_stay_within_the_limit(tmp_path: Path, limit: int) -> None:
-    """While a SET waits for a device job stuck on DMA, later commands are held back; the
-    reader stops reading once ``limit`` are held, and every one is answered in order.
-
-    A reply to the job's DMA_READ would now sit behind the unread commands, so the job
-    waits out ``dma_reply_timeout`` (the client is not answering while it floods us)."""
-    limits = Limits(max_queued_replies=limit, dma_reply_timeout=1.0)
+    """While a SET waits for a device job stuck on DMA, later commands are held back, in
+    order. Past ``limit`` held, the reader reads on as far as the job's DMA_READ reply (the
+    client answers it after more commands): the job goes on at once instead of waiting out
+    ``dma_reply_timeout``, and every command is answered in order."""
+    limits = Limits(max_queued_replies=limit, dma_reply_timeout=30.0)
     async with serving(tmp_path, limits) as served:
         conn = await RawConnection.connect(served.socket_path)
         try:
-            header, _ = await conn.call(Command.DMA_MAP, dma_map_payload(0x10000, 0x10000))
-            assert not header.is_error
-            command = 0x06 | 0x04  # memory space + bus master
-            await conn.call(
-                Command.REGION_WRITE,
-                RegionAccess(4, CONFIG_REGION, 2).pack() + struct.pack("<H", command),
-            )
-            for reg, value in [
-                (td.REG_DMA_SRC, 0x10000), (td.REG_DMA_DST, 0x18000),
-                (td.REG_DMA_LEN, 64), (td.REG_DMA_CTRL, 1),
-            ]:  # fmt: skip
-                await conn.call(
-                    Command.REGION_WRITE, RegionAccess(reg, 0, 4).pack() + struct.pack("<I", value)
-                )
-            message = await conn.receive()  # the device job's DMA_READ, left unanswered
-            assert message is not None and message[0].command == Command.DMA_READ
-            stop = DeviceFeatureMsg(
-                16,
-                FEATURE_SET | DeviceFeature.MIG_DEVICE_STATE,
-                struct.pack("<Ii", MigState.STOP, -1),
-            ).pack()
-            set_id = await conn.send(Command.DEVICE_FEATURE, stop)
+            dma, dma_payload = await start_dma_left_unanswered(conn)
+            set_id = await conn.send(Command.DEVICE_FEATURE, set_mig_state_payload(MigState.STOP))
             read = RegionAccess(td.REG_SCRATCH, 0, 4).pack()
             ids = [await conn.send(Command.REGION_READ, read) for _ in range(limit + 5)]
+            await conn.send_reply(dma.msg_id, Command.DMA_READ, dma_payload + bytes(64))
+            got: list[int] = []
+            with trio.fail_after(5):  # well within dma_reply_timeout: no stall
+                while len(got) < len(ids) + 1:
+                    message = await conn.receive()
+                    assert message is not None
+                    header = message[0]
+                    if header.command == Command.DMA_WRITE and header.is_command:
+                        await conn.send_reply(header.msg_id, Command.DMA_WRITE)
+                        continue
+                    assert not header.is_error
+                    got.append(header.msg_id)
+            assert got == [set_id, *ids]
+        finally:
+            conn.close()
+
+
+async def test_reading_past_the_queued_replies_limit_is_bounded(tmp_path: Path) -> None:
+    """Commands held past the limit stop the reading once they reach max_message_size
+    bytes: then the job's DMA reply behind them waits (``dma_reply_timeout``), and every
+    command is still answered in order."""
+    limit, write_size = 2, 4000
+    limits = Limits(max_queued_replies=limit, max_message_size=8192, dma_reply_timeout=1.0)
+    async with serving(tmp_path, limits) as served:
+        conn = await RawConnection.connect(served.socket_path)
+        try:
+            await start_dma_left_unanswered(conn)
+            set_id = await conn.send(Command.DEVICE_FEATURE, set_mig_state_payload(MigState.STOP))
+            write = RegionAccess(0, RAM_BAR, write_size).pack() + bytes(write_size)
+            ids = [await conn.send(Command.REGION_WRITE, write) for _ in range(limit + 6)]
             session = served.server.active
             assert session is not None
+            # Held past the limit: 4016, 8032 bytes (< 8192), then 12048: reading stops.
             with trio.fail_after(5):
-                while len(session._backlog) < limit:
+                while len(session._backlog) < limit + 3:
                     await trio.sleep(0.01)
             await trio.sleep(0.2)
-            assert len(session._backlog) == limit  # not one more read off the socket
-            # The DMA times out, the job ends, the SET completes: all answered, in order.
+            assert len(session._backlog) == limit + 3  # not one more read off the socket
             got = []
             for _ in range(len(ids) + 1):
                 message = await conn.receive()
                 assert message is not None
-                got.append(message[0].msg_id)
                 assert not message[0].is_error
+                got.append(message[0].msg_id)
             assert got == [set_id, *ids]
         finally:
             conn.close()

@@ -172,7 +172,7 @@ async def test_refusals_are_answered_in_turn_behind_a_deferred_command(tmp_path:
             unknown_id = await conn.send(0x77)
             oversized_id = await conn.send(Command.REGION_WRITE, bytes(9000))
             read_id = await conn.send(Command.REGION_READ, RegionAccess(REG_SCRATCH, 0, 4).pack())
-            got = []
+            got: list[tuple[int, int]] = []
             while len(got) < 5:
                 message = await conn.receive()
                 assert message is not None

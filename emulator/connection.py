@@ -367,10 +367,17 @@ class ClientSession:
         if pending is not None:
             await pending
         self._deferred_running = False
+        budget = READ_BUDGET
         while self._backlog and not self._deferred_running:
             pending = self._handle_held(self._backlog.popleft())
             if pending is not None:
                 await pending
+            budget -= 1
+            if budget <= 0 and self._backlog:
+                # Up to max_backlog commands are held: fair to the other tasks, as the
+                # reader is. Messages read meanwhile queue behind the rest (in order).
+                await trio.lowlevel.checkpoint()
+                budget = READ_BUDGET
         if not self._backlog:
             self._overflow_bytes = self._overflow_fds = 0
             self._backlog_drained.set()

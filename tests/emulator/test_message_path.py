@@ -187,3 +187,49 @@ async def test_refusals_are_answered_in_turn_behind_a_deferred_command(tmp_path:
         (oversized_id, errno.E2BIG),
         (read_id, 0),
     ]
+
+
+async def test_working_off_a_backlog_lets_other_tasks_run(tmp_path: Path) -> None:
+    """1000 posted writes held behind a deferred SET are worked off in slices of
+    READ_BUDGET, with the scheduler run in between (another task sees the backlog part
+    done), not in one go."""
+    count = 1000
+    async with served_device(TestDev(), tmp_path) as served:
+        conn = await RawConnection.connect(served.socket_path)
+        try:
+            dma, dma_payload = await start_dma_left_unanswered(conn)
+            set_id = await conn.send(Command.DEVICE_FEATURE, set_mig_state_payload(MigState.STOP))
+            await conn.sock.send(
+                b"".join(posted_write_message(0, REG_SCRATCH, i, msg_id=i) for i in range(count))
+            )
+            session = served.server.active
+            assert session is not None
+            with trio.fail_after(5):
+                while len(session._backlog) < count:
+                    await trio.sleep(0.01)
+            seen_while_draining = set()
+
+            async def watch_the_drain() -> None:
+                while True:
+                    if not session._deferred_running:
+                        seen_while_draining.add(len(session._backlog))
+                    await trio.sleep(0)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_the_drain)
+                await conn.send_reply(dma.msg_id, Command.DMA_READ, dma_payload + bytes(64))
+                with trio.fail_after(5):
+                    while True:
+                        message = await conn.receive()
+                        assert message is not None
+                        header = message[0]
+                        if header.command == Command.DMA_WRITE and header.is_command:
+                            await conn.send_reply(header.msg_id, Command.DMA_WRITE)
+                        elif header.msg_id == set_id:
+                            break
+                    while session._backlog:
+                        await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+        finally:
+            conn.close()
+    assert set(seen_while_draining) - {0, count}, seen_while_draining

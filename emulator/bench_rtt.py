@@ -116,6 +116,28 @@ def _echo_replies(buf: bytearray, have: int) -> tuple[list[bytes], int]:
     return out, start
 
 
+class _EchoBuffer:
+    """What an echo server has received; the echoes due once whole messages are in."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray(1 << 20)
+        self._view = memoryview(self._buf)
+        self._have = 0
+
+    def free(self) -> memoryview:
+        """Where the next bytes go (``recv_into``)."""
+        return self._view[self._have :]
+
+    def received(self, count: int) -> bytes:
+        """Take ``count`` bytes just read into :meth:`free`; the echoes now due (or b"")."""
+        self._have += count
+        out, used = _echo_replies(self._buf, self._have)
+        if used:
+            self._buf[: self._have - used] = self._buf[used : self._have]
+            self._have -= used
+        return b"".join(out)
+
+
 def echo_server(path: str) -> None:
     """Serve one client: echo each message that wants a reply, drop posted ones.
 
@@ -126,21 +148,11 @@ def echo_server(path: str) -> None:
     listener.listen(1)
     conn, _ = listener.accept()
     listener.close()
-    buf = bytearray(1 << 20)
-    view = memoryview(buf)
-    have = 0
+    echo = _EchoBuffer()
     with conn:
-        while True:
-            got = conn.recv_into(view[have:])
-            if not got:
-                return
-            have += got
-            out, used = _echo_replies(buf, have)
-            if used:
-                buf[: have - used] = buf[used:have]
-                have -= used
-            if out:
-                conn.sendall(b"".join(out))
+        while got := conn.recv_into(echo.free()):
+            if out := echo.received(got):
+                conn.sendall(out)
 
 
 def trio_echo_server(path: str) -> None:
@@ -155,25 +167,18 @@ def trio_echo_server(path: str) -> None:
         conn, _ = await listener.accept()
         raw = socket.socket(fileno=os.dup(conn.fileno()))
         raw.setblocking(False)
-        buf = bytearray(1 << 20)
-        view = memoryview(buf)
-        have = 0
+        echo = _EchoBuffer()
         while True:
             try:
-                got = raw.recv_into(view[have:])
+                got = raw.recv_into(echo.free())
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(raw)
                 continue
             if not got:
                 return
-            have += got
-            out, used = _echo_replies(buf, have)
-            if used:
-                buf[: have - used] = buf[used:have]
-                have -= used
-            if out:
+            if out := echo.received(got):
                 raw.setblocking(True)  # a benchmark peer always reads; keep it simple
-                raw.sendall(b"".join(out))
+                raw.sendall(out)
                 raw.setblocking(False)
 
     trio.run(serve)

@@ -37,7 +37,11 @@ def test_regressions_flag_only_changes_beyond_ten_percent() -> None:
 
 def test_client_measures_the_echo_floor_and_our_server() -> None:
     by_name = {s.name: s for s in SCENARIOS}
-    for kind, scenario in (("echo", "config_read"), ("testdev", "config_read")):
+    for kind, scenario in (
+        ("echo", "config_read"),
+        ("trio-echo", "config_read"),
+        ("testdev", "config_read"),
+    ):
         sample = _measure(kind, by_name[scenario], (None, None), 200, 20)
         assert 0 < sample.p10_us <= sample.median_us <= sample.p99_us
         assert sample.rate > 0

@@ -11,6 +11,7 @@ share one harness::
 from __future__ import annotations
 
 import fcntl
+import math
 import mmap
 import os
 import socket
@@ -271,6 +272,20 @@ class RawConnection:
         self.next_id = (self.next_id + 1) & 0xFFFF
         await send_message(self.sock, pack_message(msg_id, command, payload, flags), fds)
         return msg_id
+
+    async def send_raw(self, data: bytes) -> None:
+        """Send bytes as they are: e.g. many messages packed into one buffer."""
+        await send_message(self.sock, data, ())
+
+    async def receive_many(self, count: int, timeout: float = 5.0) -> list[tuple[Header, bytes]]:
+        """The next ``count`` whole messages (asserting the connection stays open)."""
+        out = []
+        with trio.fail_after(timeout):
+            for _ in range(count):
+                message = await self.receive(math.inf)
+                assert message is not None, "server closed the connection"
+                out.append(message)
+        return out
 
     async def send_reply(self, msg_id: int, command: int, payload: bytes = b"") -> None:
         """Answer a request the server sent (DMA_READ / DMA_WRITE)."""

@@ -23,7 +23,7 @@ from emulator.testing import (
     set_mig_state_payload,
     start_dma_left_unanswered,
 )
-from protocol.constants import HEADER_SIZE, Command, MigState, MsgType
+from protocol.constants import Command, MigState, MsgType
 from protocol.header import Header, pack_message
 from protocol.messages import RegionAccess, RegionData, VersionPayload
 
@@ -31,33 +31,10 @@ U32 = struct.Struct("<I")
 RAM_BAR = 2
 
 
-async def connect_raw(path: Path) -> trio.socket.SocketType:
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.connect(str(path))
-    await sock.send(version_message())
-    await read_messages(sock, 1)
-    return sock
-
-
-async def read_messages(sock: trio.socket.SocketType, count: int) -> list[tuple[Header, bytes]]:
-    buf = bytearray()
-    out: list[tuple[Header, bytes]] = []
-    while len(out) < count:
-        chunk = await sock.recv(1 << 20)
-        assert chunk, "server closed the connection"
-        buf += chunk
-        while len(buf) >= HEADER_SIZE and len(buf) >= Header.unpack(buf).size:
-            header = Header.unpack(buf)
-            out.append((header, bytes(buf[HEADER_SIZE : header.size])))
-            del buf[: header.size]
-    assert not buf
-    return out
-
-
 async def test_pipelined_commands_are_answered_in_order(tmp_path: Path) -> None:
     async with served_device(TestDev(), tmp_path) as served:
-        sock = await connect_raw(served.socket_path)
-        with sock:
+        conn = await RawConnection.connect(served.socket_path)
+        try:
             # One buffer: a posted write then a read, 200 times; the reader parses them all
             # from few recvmsg calls and must answer every read in order, after its write.
             batch = b"".join(
@@ -65,8 +42,10 @@ async def test_pipelined_commands_are_answered_in_order(tmp_path: Path) -> None:
                 + read_message(0, REG_SCRATCH, msg_id=2 * i + 1)
                 for i in range(200)
             )
-            await sock.send(batch)
-            replies = await read_messages(sock, 200)
+            await conn.send_raw(batch)
+            replies = await conn.receive_many(200)
+        finally:
+            conn.close()
     assert [h.msg_id for h, _ in replies] == [2 * i + 1 for i in range(200)]
     assert all(h.command == Command.REGION_READ and not h.is_error for h, _ in replies)
     assert [U32.unpack(p[16:])[0] for _, p in replies] == list(range(200))
@@ -79,14 +58,16 @@ async def test_large_replies_to_a_client_that_is_not_reading(tmp_path: Path) -> 
     async with served_device(TestDev(), tmp_path) as served:
         async with Client.connect(served.socket_path) as client:
             await client.region_write(RAM_BAR, 0, pattern)
-        sock = await connect_raw(served.socket_path)
-        with sock:
+        conn = await RawConnection.connect(served.socket_path)
+        try:
             count = 48  # 3 MiB of replies
-            await sock.send(
+            await conn.send_raw(
                 b"".join(read_message(RAM_BAR, 0, len(pattern), msg_id=i) for i in range(count))
             )
             await trio.sleep(0.2)  # the server is stuck in the middle of a reply meanwhile
-            replies = await read_messages(sock, count)
+            replies = await conn.receive_many(count)
+        finally:
+            conn.close()
     assert [h.msg_id for h, _ in replies] == list(range(count))
     for header, payload in replies:
         assert not header.is_error
@@ -140,14 +121,16 @@ async def test_a_flooding_client_does_not_starve_another_device(tmp_path: Path) 
 
 async def test_trailing_partial_message_waits_for_its_rest(tmp_path: Path) -> None:
     async with served_device(TestDev(), tmp_path) as served:
-        sock = await connect_raw(served.socket_path)
-        with sock:
+        conn = await RawConnection.connect(served.socket_path)
+        try:
             whole = read_message(0, REG_SCRATCH, msg_id=7)
-            await sock.send(whole + whole[:5])  # one and a bit
-            first = await read_messages(sock, 1)
+            await conn.send_raw(whole + whole[:5])  # one and a bit
+            first = await conn.receive_many(1)
             await trio.sleep(0.05)
-            await sock.send(whole[5:])
-            second = await read_messages(sock, 1)
+            await conn.send_raw(whole[5:])
+            second = await conn.receive_many(1)
+        finally:
+            conn.close()
     assert [h.msg_id for h, _ in first + second] == [7, 7]
 
 
@@ -199,7 +182,7 @@ async def test_working_off_a_backlog_lets_other_tasks_run(tmp_path: Path) -> Non
         try:
             dma, dma_payload = await start_dma_left_unanswered(conn)
             set_id = await conn.send(Command.DEVICE_FEATURE, set_mig_state_payload(MigState.STOP))
-            await conn.sock.send(
+            await conn.send_raw(
                 b"".join(posted_write_message(0, REG_SCRATCH, i, msg_id=i) for i in range(count))
             )
             session = served.server.active

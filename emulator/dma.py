@@ -113,9 +113,12 @@ def _open_mapping(request: DmaMap, fd: int | None, *, mmap_unsealed: bool = Fals
     mapping = Mapping(request.address, request.size, readable, writable, fd, request.offset)
     if fd is None:
         return mapping
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
         raise ProtocolError(errno.EINVAL, "DMA_MAP: fd is not a regular file or memfd")
+    # Seal first, measure after: a size read before the seal could be undercut by a client
+    # shrinking the file in between (SIGBUS on our next access).
+    sealed = mmap_unsealed or mmap_is_safe(fd)
+    st = os.fstat(fd)
     if st.st_size < request.offset + request.size:
         raise ProtocolError(
             errno.EINVAL,
@@ -123,7 +126,7 @@ def _open_mapping(request: DmaMap, fd: int | None, *, mmap_unsealed: bool = Fals
             f"offset {request.offset:#x} + size {request.size:#x}",
         )
     mapping.file_id = (st.st_dev, st.st_ino)
-    if not (mmap_unsealed or mmap_is_safe(fd)):
+    if not sealed:
         os.close(fd)  # reached through DMA_READ/DMA_WRITE messages instead
         mapping.fd = None
         return mapping

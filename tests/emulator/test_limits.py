@@ -46,6 +46,7 @@ from protocol.constants import (
     IrqSetFlags,
     MigState,
 )
+from protocol.errors import ProtocolError
 from protocol.header import Header, pack_message
 from protocol.messages import DeviceFeatureMsg, DmaMap, IrqSet, RegionAccess, VersionPayload
 from protocol.version import ServerCapabilities
@@ -586,6 +587,30 @@ async def test_sealable_dma_memfds_and_our_ram_fds_are_sealed_against_shrinking(
                 os.ftruncate(region.fd, 0)  # the device's RAM BAR: sealed at creation
         finally:
             os.close(region.fd)
+
+
+def test_a_dma_file_shrunk_just_before_the_seal_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The coverage check must see the size the seal froze: a client shrinking its memfd
+    between our size check and the seal would leave us mapping past the end (SIGBUS)."""
+    from emulator import dma
+
+    real_seal = dma.mmap_is_safe
+
+    def shrunk_then_sealed(fd: int) -> bool:
+        os.ftruncate(fd, 0x1000)  # the hostile client wins the race
+        return real_seal(fd)
+
+    monkeypatch.setattr(dma, "mmap_is_safe", shrunk_then_sealed)
+    maps = dma.IovaMap(max_maps=4)
+    fd = os.memfd_create("racy", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 0x10000)
+    with pytest.raises(ProtocolError) as refused:
+        maps.add(DmaMap(argsz=32, flags=RW, offset=0, address=0, size=0x10000), fd)
+    assert refused.value.errno == errno.EINVAL and len(maps) == 0
+    # Refused by our own coverage check (not only by CPython's mmap length check).
+    assert "does not cover" in str(refused.value)
 
 
 # -- connection floods ---------------------------------------------------------------------------

@@ -25,11 +25,12 @@ import mmap
 import os
 import threading
 from collections.abc import Callable
+from functools import partial
 
 import trio
 
 from devices.errors import DeviceError
-from devices.migration import MigrationEngine, SavingSession
+from devices.migration import DEFAULT_MAX_RESUME, MigrationEngine, SavingSession
 from devices.state_stream import Buffer
 from protocol.constants import MigState
 from protocol.migration_fsm import Arc
@@ -54,19 +55,32 @@ OPENS_RESUME = (MigState.STOP, MigState.RESUMING)
 class MemfdStaging:
     """Resumed bytes kept in a memfd, outside the Python heap.
 
-    The memfd is mapped once, read-only, over ``RESERVE`` bytes of address space (memory is
-    used only where bytes arrive): bytes spliced in from a data fd are checksummed where
-    they landed, and validation later reads them without mapping anything again.
+    The memfd is mapped once, read-only, over ``reserve`` bytes of address space (the
+    engine's resume limit; memory is used only where bytes arrive): bytes spliced in from a
+    data fd are checksummed where they landed, and validation later reads them without
+    mapping anything again. A process without room for that reservation (RLIMIT_AS,
+    RLIMIT_FSIZE) maps the staged bytes on demand instead; running out of room then is a
+    clean ENOMEM/EFBIG for the client, never a traceback.
     """
 
-    def __init__(self) -> None:
-        self.fd = os.memfd_create("vfio-user-emu-resume", os.MFD_CLOEXEC)
+    def __init__(self, reserve: int = DEFAULT_MAX_RESUME) -> None:
+        self.reserve = reserve
+        try:
+            self.fd = os.memfd_create("vfio-user-emu-resume", os.MFD_CLOEXEC)
+        except OSError as exc:
+            raise DeviceError(exc.errno or errno.ENOMEM, f"resume staging: {exc}") from None
         self._size = 0
         self._mapped = 0  # bytes before this offset were read through the mapping already
         self._map: mmap.mmap | None = None
         try:
-            os.ftruncate(self.fd, RESERVE)  # sparse: no memory until written
-            self._map = mmap.mmap(self.fd, RESERVE, mmap.MAP_SHARED, mmap.PROT_READ)
+            os.ftruncate(self.fd, reserve)  # sparse: no memory until written
+            self._map = mmap.mmap(self.fd, reserve, mmap.MAP_SHARED, mmap.PROT_READ)
+        except (OSError, ValueError, OverflowError) as exc:
+            log.info(
+                "resume staging: no room to reserve %d bytes (%s); mapping on demand", reserve, exc
+            )
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
         except BaseException:
             os.close(self.fd)
             raise
@@ -77,10 +91,10 @@ class MemfdStaging:
 
     def append(self, data: Buffer) -> None:
         view = memoryview(data).cast("B")
-        if self._size + len(view) > RESERVE:
-            raise DeviceError(errno.EFBIG, f"resumed stream exceeds {RESERVE} bytes")
+        if self._size + len(view) > self.reserve:
+            raise DeviceError(errno.EFBIG, f"resumed stream exceeds {self.reserve} bytes")
         while view:
-            written = os.pwrite(self.fd, view, self._size)
+            written = _staging_io(partial(os.pwrite, self.fd, view, self._size))
             self._size += written
             view = view[written:]
 
@@ -88,10 +102,10 @@ class MemfdStaging:
         """Move up to ``count`` bytes from a pipe into the staging file (``splice``: no copy
         through Python); returns a view of where they landed, empty at EOF. Raises
         BlockingIOError when the pipe is empty."""
-        count = min(count, RESERVE - self._size)
+        count = min(count, self.reserve - self._size)
         if count <= 0:
-            raise DeviceError(errno.EFBIG, f"resumed stream exceeds {RESERVE} bytes")
-        moved = os.splice(source, self.fd, count, offset_dst=self._size)
+            raise DeviceError(errno.EFBIG, f"resumed stream exceeds {self.reserve} bytes")
+        moved = _staging_io(partial(os.splice, source, self.fd, count, offset_dst=self._size))
         start, self._size = self._size, self._size + moved
         if self._mapped == start:
             self._mapped = self._size  # the caller reads the bytes where they landed
@@ -99,12 +113,24 @@ class MemfdStaging:
 
     def window(self, start: int, end: int) -> memoryview:
         """A view of staged bytes (faulted in as they are read)."""
-        assert self._map is not None
-        return memoryview(self._map)[start:end]
+        if self._map is not None:
+            return memoryview(self._map)[start:end]
+        if end <= start:
+            return memoryview(b"")
+        skew = start % mmap.PAGESIZE  # no reservation: map just these bytes
+        try:
+            piece = mmap.mmap(
+                self.fd, end - start + skew, mmap.MAP_SHARED, mmap.PROT_READ, offset=start - skew
+            )
+        except OSError as exc:
+            raise DeviceError(errno.ENOMEM, f"resume staging: cannot map: {exc}") from None
+        return memoryview(piece)[skew:]
 
     def view(self) -> memoryview:
-        if not self.size or self._map is None:
+        if not self.size or self.fd < 0:
             return memoryview(b"")
+        if self._map is None:
+            return self.window(0, self._size)
         # Map in what was not read yet in one go (validation reads every byte anyway).
         start = self._mapped & ~(mmap.PAGESIZE - 1)
         if start < self._size:
@@ -125,11 +151,21 @@ class MemfdStaging:
         threading.Thread(target=_release, args=(mapping, fd), daemon=True).start()
 
 
-#: Address space reserved for a staged stream (the engine's StreamLimits.max_stream).
-RESERVE = 1 << 34
 #: madvise(2) advice (Linux 5.14) that faults a range in without touching it page by page.
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 LARGE_STAGING = 16 << 20
+
+
+def _staging_io(operation: Callable[[], int]) -> int:
+    """Errors of the staging file itself (no memory, RLIMIT_FSIZE) as clean errnos."""
+    try:
+        return operation()
+    except BlockingIOError:
+        raise  # an empty pipe: the caller waits
+    except OSError as exc:
+        if exc.errno not in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG):
+            raise
+        raise DeviceError(exc.errno, f"resume staging: {exc}") from None
 
 
 def _release(mapping: mmap.mmap | None, fd: int) -> None:

@@ -989,6 +989,64 @@ async def test_a_stream_past_the_resume_limit_is_refused(tmp_path: Path):
         assert snapshot(s) == before
 
 
+def os_for_datafd(monkeypatch: pytest.MonkeyPatch, **replaced: Callable[..., Any]) -> None:
+    """emulator.datafd sees ``os`` with some calls replaced (the rest of the process not)."""
+    from emulator import datafd
+
+    fake_os = types.SimpleNamespace(**{n: getattr(os, n) for n in dir(os) if n[:2] != "__"})
+    for name, call in replaced.items():
+        setattr(fake_os, name, call)
+    monkeypatch.setattr(datafd, "os", fake_os)
+
+
+def no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+async def test_a_resume_without_room_to_reserve_staging_maps_on_demand(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """RLIMIT_FSIZE/RLIMIT_AS below the stream limit: the staging's big reservation fails,
+    and the resume still works (its bytes are mapped when they are read)."""
+
+    def ftruncate(fd: int, length: int) -> None:
+        if length > 1 << 30:
+            raise OSError(errno.EFBIG, "File too large")
+        os.ftruncate(fd, length)
+
+    async with serve(tmp_path, "src") as (served, src), serve(tmp_path, "dst") as (s, dst):
+        await put_guest_state(served, src, 65)
+        stream = await save_via_fd(src)
+        os_for_datafd(monkeypatch, ftruncate=ftruncate)
+        await load_via_fd(dst, stream)
+        assert snapshot(s) == snapshot(served)
+    no_tracebacks(caplog)
+
+
+async def test_no_staging_at_all_is_a_clean_errno_and_the_device_stays_in_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    def memfd_create(name: str, flags: int = 0) -> int:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    async with serve(tmp_path, "src") as (served, src), serve(tmp_path, "dst") as (s, dst):
+        await put_guest_state(served, src, 66)
+        stream = await save_via_fd(src)
+        await go(dst, STOP)
+        os_for_datafd(monkeypatch, memfd_create=memfd_create)
+        assert await errno_of(dst.set_mig_state(RESUMING)) == errno.ENOMEM
+        assert await get_state(dst) == STOP
+        assert dev_of(s).migration.resuming is None  # undone, nothing half-open
+        monkeypatch.undo()
+        fd = await dst.set_mig_state(RESUMING)
+        assert fd is not None
+        await write_fd(fd, stream)
+        os.close(fd)
+        assert await dst.set_mig_state(STOP) is None
+        assert snapshot(s) == snapshot(served)
+    no_tracebacks(caplog)
+
+
 async def test_a_client_that_disconnects_mid_transfer_leaves_the_server_healthy(
     tmp_path: Path,
 ):

@@ -182,12 +182,16 @@ def _release(mapping: mmap.mmap | None, fd: int) -> None:
 VMSPLICE_MIN = 64 << 10
 
 
-def _writer_for(view: memoryview) -> Callable[[int, memoryview], int]:
+def _writer_for(view: memoryview, state: MigState) -> Callable[[int, memoryview], int]:
     """How to put ``view`` into the pipe: pieces of a memory mapping (device RAM, which
     stays put while the device is stopped in STOP_COPY) are handed over without a copy
-    (vmsplice); anything else, e.g. bytes the allocator may reuse once sent, is copied."""
+    (vmsplice); anything else, e.g. bytes the allocator may reuse once sent, is copied.
+    Pages go by reference only in STOP_COPY, and whatever of them the client did not read
+    is discarded when that state is left (:meth:`DataFdSessions.close`)."""
+    assert state == MigState.STOP_COPY, "saving data fds only pump in STOP_COPY"
     if (
-        len(view) >= VMSPLICE_MIN
+        state == MigState.STOP_COPY
+        and len(view) >= VMSPLICE_MIN
         and isinstance(view.obj, mmap.mmap)
         and fastpath.vmsplice_available()
     ):
@@ -215,6 +219,8 @@ class DataFdSessions:
         self._session_open = False
         self.failure: DeviceError | None = None
         self._bounce: bytearray | None = None  # resumed bytes pass through it (one per client)
+        #: Our own copy of a saving pipe's read end, to empty the pipe when the session ends.
+        self._saving_read_end: int | None = None
 
     @property
     def active(self) -> bool:
@@ -233,19 +239,21 @@ class DataFdSessions:
         if self.active and engine.state not in (MigState.STOP_COPY, MigState.RESUMING):
             self.close()
         if any(arc in STARTS_STOP_COPY_DATA for arc in arcs) and engine.saving is not None:
-            return self._open_saving(engine.saving)
+            return self._open_saving(engine)
         if OPENS_RESUME in arcs and engine.resuming is not None:
             return self._open_resuming(engine)
         return None
 
-    def _open_saving(self, session: SavingSession) -> int:
+    def _open_saving(self, engine: MigrationEngine) -> int:
+        assert engine.saving is not None
         self.close()
         read_end, write_end = _pipe()
         os.set_blocking(write_end, False)
         self._our_end = write_end
+        self._saving_read_end = os.dup(read_end)
         self._session_open = True
         self._scope = trio.CancelScope()
-        self.nursery.start_soon(self._pump_out, session, write_end, self._scope)
+        self.nursery.start_soon(self._pump_out, engine, engine.saving, write_end, self._scope)
         return read_end
 
     def _open_resuming(self, engine: MigrationEngine) -> int:
@@ -259,13 +267,15 @@ class DataFdSessions:
         self.nursery.start_soon(self._pump_in, engine, read_end, self._scope)
         return write_end
 
-    async def _pump_out(self, session: SavingSession, fd: int, scope: trio.CancelScope) -> None:
+    async def _pump_out(
+        self, engine: MigrationEngine, session: SavingSession, fd: int, scope: trio.CancelScope
+    ) -> None:
         with scope:
             while True:
                 view = session.take(CHUNK)
                 if not view:
                     break  # the whole stream is written (STOP_COPY data is complete)
-                write = _writer_for(view)
+                write = _writer_for(view, engine.state)
                 while view:
                     try:
                         written = write(fd, view)
@@ -334,12 +344,32 @@ class DataFdSessions:
             os.close(self._our_end)
             self._our_end = None
 
+    def _discard_unread(self) -> None:
+        """Empty a saving pipe the client may still hold: what it did not read yet may be
+        device RAM pages by reference (vmsplice), which would show the RAM as it is when
+        read, even to another client. Called before the device can run or change (the
+        callers close the session before a reset, after a transition without yielding to
+        device work, and at teardown). Our write end is closed first, so reading ends at
+        EOF and never blocks."""
+        fd, self._saving_read_end = self._saving_read_end, None
+        if fd is None:
+            return
+        try:
+            while os.read(fd, CHUNK):
+                pass
+        except OSError as exc:
+            log.warning("data fd: could not empty the saving pipe: %s", exc)
+        finally:
+            os.close(fd)
+
     def close(self) -> None:
-        """End the session (state left, device reset, client gone): our end is closed."""
+        """End the session (state left, device reset, client gone): our end is closed and
+        what the client did not read of a saving pipe is discarded."""
         if self._scope is not None:
             self._scope.cancel()
             self._scope = None
         self._close_fd()
+        self._discard_unread()
         self._resume_engine = None
         self._session_open = False
         self.failure = None

@@ -462,6 +462,9 @@ async def test_a_client_eventfd_at_its_maximum_never_blocks_the_server(tmp_path:
             await client.region_write(0, td.REG_DOORBELL, struct.pack("<I", 0))
             with trio.fail_after(5):
                 assert await client.region_read(0, td.REG_ID, 4) == struct.pack("<I", td.ID_VALUE)
+            # As the README says: the flag is on the shared file description, so the
+            # client's own copy turned non-blocking too.
+            assert not os.get_blocking(full.fd)
         finally:
             full.close()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import errno
 import fcntl
+import logging
 import mmap
 import os
 import stat
@@ -24,6 +25,8 @@ from protocol.errors import ProtocolError
 from protocol.messages import DmaMap
 
 PAGE_SIZE = mmap.PAGESIZE
+
+log = logging.getLogger("vfio_user_emu")
 
 
 @dataclass(eq=False)
@@ -155,6 +158,7 @@ class IovaMap:
         self._starts: list[int] = []
         self._maps: list[Mapping] = []
         self._slots: list[Mapping | None] = []  # DMA_MAP order, freed slots reused
+        self._fallback_logged = False  # one warning per session, not one per DMA_MAP
 
     def __len__(self) -> int:
         return len(self._maps)
@@ -170,6 +174,8 @@ class IovaMap:
             if fd is not None:
                 os.close(fd)
             raise
+        if fd is not None and not mapping.fd_backed:
+            self._log_message_fallback(mapping)
         existing = self._overlapping(mapping.address, mapping.end)
         if existing:
             mapping.close()
@@ -188,6 +194,19 @@ class IovaMap:
             self._slots[self._slots.index(None)] = mapping
         else:
             self._slots.append(mapping)
+
+    def _log_message_fallback(self, mapping: Mapping) -> None:
+        if self._fallback_logged:
+            return
+        self._fallback_logged = True
+        log.warning(
+            "DMA_MAP [%#x, +%#x): its fd could not be sealed against shrinking (a file on "
+            "disk, hugetlbfs, or a memfd closed to sealing), so the device reaches it with "
+            "DMA_READ/DMA_WRITE messages, much slower than mmap; --dma-mmap-unsealed mmaps "
+            "such fds for a trusted client (further fallbacks of this session not logged)",
+            mapping.address,
+            mapping.size,
+        )
 
     def remove(self, address: int, size: int) -> Mapping:
         at = bisect.bisect_left(self._starts, address)

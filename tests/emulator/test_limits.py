@@ -544,8 +544,9 @@ async def start_copy(client: Client, src: int, dst: int, length: int) -> None:
 
 
 async def test_an_unsealable_dma_file_shrunk_by_the_client_does_not_kill_the_server(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="vfio_user_emu")
     async with (
         serving(tmp_path, Limits()) as served,
         Client.connect(served.socket_path) as client,
@@ -553,8 +554,12 @@ async def test_an_unsealable_dma_file_shrunk_by_the_client_does_not_kill_the_ser
         await enable_bus_master(client)
         fd = os.memfd_create("unsealable", os.MFD_CLOEXEC)  # no MFD_ALLOW_SEALING
         try:
-            os.ftruncate(fd, 0x20000)
+            os.ftruncate(fd, 0x40000)
             await client.dma_map(0, 0x20000, fd=fd)  # accepted, reached with messages
+            await client.dma_map(0x20000, 0x20000, fd=fd, offset=0x20000)
+            fallbacks = [r for r in caplog.records if "--dma-mmap-unsealed" in r.getMessage()]
+            assert len(fallbacks) == 1  # once per session, naming the way out
+            assert fallbacks[0].levelno == logging.WARNING
             os.ftruncate(fd, 0)  # the client shrinks it behind our back
             await start_copy(client, 0, 0x10000, 64)
             with trio.fail_after(5):

@@ -13,6 +13,8 @@ session returns one end of a pipe with the reply (SCM_RIGHTS, ``data_fd`` = its 
   is still in the pipe, then validates.
 
 Leaving the state ends the session and closes our end; a new session gets a new pipe.
+What the client has not read of a saving pipe by then is discarded: it may hold device RAM
+pages by reference (vmsplice), which must not show the RAM as it is later.
 """
 
 from __future__ import annotations
@@ -248,9 +250,14 @@ class DataFdSessions:
         assert engine.saving is not None
         self.close()
         read_end, write_end = _pipe()
+        try:
+            self._saving_read_end = os.dup(read_end)
+        except OSError:
+            os.close(read_end)
+            os.close(write_end)
+            raise
         os.set_blocking(write_end, False)
         self._our_end = write_end
-        self._saving_read_end = os.dup(read_end)
         self._session_open = True
         self._scope = trio.CancelScope()
         self.nursery.start_soon(self._pump_out, engine, engine.saving, write_end, self._scope)

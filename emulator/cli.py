@@ -21,7 +21,7 @@ from devices.registry import (
 )
 from protocol.messages import DmaLayout
 
-from . import bench_rtt, bench_scale
+from . import allocator, bench_rtt, bench_scale
 from .bench import add_bench_parser, run_bench
 from .client import Client, ClientError
 from .info import describe
@@ -287,6 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    if args.command in ("serve", "migrate", "bench"):
+        # Bulk data moves through messages: reuse freed buffers (process-wide malloc
+        # tuning, more RSS; see emulator/allocator.py), for these commands only.
+        allocator.keep_large_buffers()
     if args.command == "serve":
         return trio.run(_serve, args)
     if args.command == "info":

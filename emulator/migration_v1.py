@@ -47,7 +47,7 @@ from protocol.migration_v1 import (
 )
 
 from .client import Client, ClientError, InvalidReply
-from .migration import RECOVERY_TIMEOUT, MigrationError, Mode
+from .migration import RECOVERY_TIMEOUT, MigrationError, Mode, fail_after_recovery
 
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
@@ -212,19 +212,7 @@ async def migrate(
     try:
         return await run.transfer(mode, precopy_segments, started)
     except BaseException as exc:
-        notes = await run.recover()
-        if isinstance(exc, ClientError):
-            raise MigrationError(
-                f"v1 migration failed while {run.stage}: {exc}",
-                stage=run.stage,
-                errno=exc.errno,
-                recovery=notes,
-            ) from exc
-        if isinstance(exc, MigrationError):
-            exc.add_note(f"recovery: {'; '.join(notes) or 'nothing to undo'}")
-        else:
-            exc.add_note(f"v1 migration failed while {run.stage}; recovery: {'; '.join(notes)}")
-        raise
+        await fail_after_recovery(run, exc, "v1 migration")
 
 
 class _Run:

@@ -35,7 +35,7 @@ from protocol.errors import ProtocolError
 from protocol.header import Header, pack_error_reply
 from protocol.version import ServerCapabilities
 
-from . import allocator, fastpath
+from . import fastpath
 from .connection import ClientSession
 from .limits import MIGRATION_SESSIONS, Limits, apply_to_device, peer_allowed, peer_uid
 from .session import RegionFds
@@ -159,10 +159,8 @@ class RamBacking:
 
 @functools.cache
 def _install_fast_path() -> None:
-    """Pick the C fast path for migration streams once per process (or the fallback), and
-    keep large freed buffers for reuse (message copies without page faults)."""
+    """Pick the C fast path for migration streams once per process (or the fallback)."""
     fastpath.install_best()
-    allocator.keep_large_buffers()
 
 
 class DeviceServer:

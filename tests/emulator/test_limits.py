@@ -48,6 +48,7 @@ from protocol.constants import (
     IrqSetFlags,
     MigState,
 )
+from protocol.errors import ProtocolError
 from protocol.header import Header, pack_message
 from protocol.messages import DmaMap, IrqSet, RegionAccess, VersionPayload
 from protocol.version import ServerCapabilities
@@ -473,6 +474,9 @@ async def test_a_client_eventfd_at_its_maximum_never_blocks_the_server(tmp_path:
             await client.region_write(0, td.REG_DOORBELL, struct.pack("<I", 0))
             with trio.fail_after(5):
                 assert await client.region_read(0, td.REG_ID, 4) == struct.pack("<I", td.ID_VALUE)
+            # As the README says: the flag is on the shared file description, so the
+            # client's own copy turned non-blocking too.
+            assert not os.get_blocking(full.fd)
         finally:
             full.close()
 
@@ -552,8 +556,9 @@ async def start_copy(client: Client, src: int, dst: int, length: int) -> None:
 
 
 async def test_an_unsealable_dma_file_shrunk_by_the_client_does_not_kill_the_server(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="vfio_user_emu")
     async with (
         serving(tmp_path, Limits()) as served,
         Client.connect(served.socket_path) as client,
@@ -561,8 +566,12 @@ async def test_an_unsealable_dma_file_shrunk_by_the_client_does_not_kill_the_ser
         await enable_bus_master(client)
         fd = os.memfd_create("unsealable", os.MFD_CLOEXEC)  # no MFD_ALLOW_SEALING
         try:
-            os.ftruncate(fd, 0x20000)
+            os.ftruncate(fd, 0x40000)
             await client.dma_map(0, 0x20000, fd=fd)  # accepted, reached with messages
+            await client.dma_map(0x20000, 0x20000, fd=fd, offset=0x20000)
+            fallbacks = [r for r in caplog.records if "--dma-mmap-unsealed" in r.getMessage()]
+            assert len(fallbacks) == 1  # once per session, naming the way out
+            assert fallbacks[0].levelno == logging.WARNING
             os.ftruncate(fd, 0)  # the client shrinks it behind our back
             await start_copy(client, 0, 0x10000, 64)
             with trio.fail_after(5):
@@ -598,6 +607,30 @@ async def test_sealable_dma_memfds_and_our_ram_fds_are_sealed_against_shrinking(
                 os.ftruncate(region.fd, 0)  # the device's RAM BAR: sealed at creation
         finally:
             os.close(region.fd)
+
+
+def test_a_dma_file_shrunk_just_before_the_seal_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The coverage check must see the size the seal froze: a client shrinking its memfd
+    between our size check and the seal would leave us mapping past the end (SIGBUS)."""
+    from emulator import dma
+
+    real_seal = dma.mmap_is_safe
+
+    def shrunk_then_sealed(fd: int) -> bool:
+        os.ftruncate(fd, 0x1000)  # the hostile client wins the race
+        return real_seal(fd)
+
+    monkeypatch.setattr(dma, "mmap_is_safe", shrunk_then_sealed)
+    maps = dma.IovaMap(max_maps=4)
+    fd = os.memfd_create("racy", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 0x10000)
+    with pytest.raises(ProtocolError) as refused:
+        maps.add(DmaMap(argsz=32, flags=RW, offset=0, address=0, size=0x10000), fd)
+    assert refused.value.errno == errno.EINVAL and len(maps) == 0
+    # Refused by our own coverage check (not only by CPython's mmap length check).
+    assert "does not cover" in str(refused.value)
 
 
 # -- connection floods ---------------------------------------------------------------------------

@@ -401,3 +401,10 @@ class TestDev(Device):
         # Work that arrived while stopped, or that came with migrated state, runs now.
         if self.regs.get(REG_DMA_STATUS) == DMA_BUSY and not self._copy_queued:
             self._submit_copy()
+
+    def on_attach(self) -> None:
+        # A copy cancelled because the previous client went away (its job dies with the
+        # connection) is still BUSY: it runs again for the client that attaches now, so a
+        # reconnecting guest does not wait forever. (A copy is idempotent: same source,
+        # same destination.) While stopped, the job waits in the queue as any other.
+        self.resume()

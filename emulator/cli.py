@@ -35,6 +35,7 @@ from .migration import (
 from .netdev import NetdevError, netdev_help, setup_netdevs
 from .qemu import qemu_args, qemu_command_line
 from .server import DeviceServer, ServerError
+from .soak import add_soak_parser, run_soak_cli
 
 log = logging.getLogger("vfio_user_emu")
 
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop pre-copy once a round moves at most this many bytes",
     )
     add_bench_parser(sub)
+    add_soak_parser(sub)
     return parser
 
 
@@ -246,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return trio.run(_migrate, args)
     if args.command == "bench":
         return run_bench(args)
+    if args.command == "soak":
+        return run_soak_cli(args)
     if args.command == "qemu-args":
         print(" ".join(qemu_args(args.socket_path, args.memory)))
         return 0

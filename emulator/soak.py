@@ -579,6 +579,8 @@ class Gate:
         self.open = trio.Event()
         self.open.set()
         self.parked = trio.Event()
+        #: The guest waits for its connection to come back: it is not running either.
+        self.stalled = False
 
     async def check(self) -> None:
         while not self.open.is_set():  # (closed again before this task ran: park again)
@@ -589,7 +591,8 @@ class Gate:
         """Returns once the guest is parked (each close waits for its own park)."""
         self.open = trio.Event()
         self.parked = trio.Event()
-        await self.parked.wait()
+        if not self.stalled:
+            await self.parked.wait()
 
     def reopen(self) -> None:
         self.open.set()
@@ -623,9 +626,15 @@ class Vm:
 
     async def wait_replaced(self, old: Client) -> Client:
         """Wait until the guest's connection is no longer ``old`` (after a fault)."""
-        with trio.fail_after(60):
-            while self.client is old:
-                await self.changed.wait()
+        self.gate.stalled = True
+        self.gate.parked.set()  # (a close() already waiting for the guest returns)
+        try:
+            with trio.fail_after(60):
+                while self.client is old:
+                    await self.changed.wait()
+        finally:
+            self.gate.stalled = False
+        await self.gate.check()  # the VM may have been stopped meanwhile
         return self.client
 
 
@@ -1548,28 +1557,43 @@ class Soak:
 
     async def _recover_source(self, link: Link | None) -> None:
         assert link is not None
-        state = await get_state(link.client)
-        if state == MigState.RUNNING:
-            return
-        try:
-            if state == MigState.ERROR:
-                raise ClientError(errno.EIO, Command.DEVICE_FEATURE, "source in ERROR")
-            await set_state(link.client, MigState.RUNNING)
-        except ClientError as exc:
+        lost = await resume_source(link.client)
+        if lost is not None:
             self._recovered_ok = False
             self.result.source_resets += 1
-            self.result.losses.append(f"source state lost: {state.name}, {exc}")
-            await link.client.reset()
+            self.result.losses.append(lost)
 
     async def _recover_destination(self, link: Link | None) -> None:
         assert link is not None
-        state = await get_state(link.client)
-        if state in (MigState.RUNNING, MigState.STOP):
-            return
-        await link.client.reset()  # partial state: discarded
-        if await get_state(link.client) != MigState.RUNNING:
+        if not await settle_destination(link.client):
             self._recovered_ok = False
             raise SoakFailure("the destination did not come back after DEVICE_RESET")
+
+
+async def resume_source(client: Client) -> str | None:
+    """After a failed migration: the source back in RUNNING with its state (SET, never a
+    reset). Returns None, or what was lost when only a DEVICE_RESET could revive it."""
+    state = await get_state(client)
+    if state == MigState.RUNNING:
+        return None
+    try:
+        if state == MigState.ERROR:
+            raise ClientError(errno.EIO, Command.DEVICE_FEATURE, "the source is in ERROR")
+        await set_state(client, MigState.RUNNING)
+    except ClientError as exc:
+        await client.reset()
+        return f"source state lost: it was in {state.name} and needed a reset ({exc})"
+    return None
+
+
+async def settle_destination(client: Client) -> bool:
+    """After a failed migration: a destination that can take the next one (RUNNING, or
+    STOP holding nothing that runs); a partial state is discarded with DEVICE_RESET."""
+    state = await get_state(client)
+    if state in (MigState.RUNNING, MigState.STOP):
+        return True
+    await client.reset()
+    return await get_state(client) == MigState.RUNNING
 
 
 @dataclass(slots=True)

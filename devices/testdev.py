@@ -408,3 +408,8 @@ class TestDev(Device):
         # reconnecting guest does not wait forever. (A copy is idempotent: same source,
         # same destination.) While stopped, the job waits in the queue as any other.
         self.resume()
+
+    def on_detach(self) -> None:
+        # The connection drops every queued job (and cancels the running one): a copy
+        # queued but never started is no longer queued.
+        self._copy_queued = False

@@ -23,6 +23,7 @@ from emulator.cli import main
 from emulator.client import ClientError
 from emulator.migration import MigrationError, Mode, Transport, get_state, migrate
 from emulator.soak import (
+    E1000_PROGRESS,
     Cut,
     FaultKind,
     FlowCheck,
@@ -111,9 +112,9 @@ async def test_e1000_back_and_forth_mid_flow_delivers_every_frame_once_in_order(
     result = await run_soak(config)
     assert result.losses == []  # also: every frame in flight was received at the end
     assert result.succeeded == 24 and result.state_mismatches == 0
-    # the frames crossed every switch: more than the window per migration, both ways
-    assert result.guest["frames_a_to_b"] > 24 * 128
-    assert result.guest["frames_b_to_a"] > 24 * 128
+    # the flow went on after every switch (the check waits for E1000_PROGRESS frames)
+    assert result.guest["frames_a_to_b"] >= 24 * E1000_PROGRESS
+    assert result.guest["frames_b_to_a"] >= 24 * E1000_PROGRESS
 
 
 def test_flow_check_sees_loss_duplication_and_damage() -> None:
@@ -204,7 +205,7 @@ async def test_disconnect_at_every_message_boundary_leaves_servers_and_source_in
     clean migration from it succeeds and delivers that state."""
     (tmp_path / "clean").mkdir()
     logs = await message_logs(tmp_path, mode, transport)
-    assert Command.DEVICE_FEATURE in logs["source"] and len(logs["destination"]) >= 6
+    assert Command.DEVICE_FEATURE in logs["source"] and len(logs["destination"]) >= 5
     cases = 0
     for side, log in logs.items():
         for index in range(len(log)):

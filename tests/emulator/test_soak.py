@@ -212,13 +212,13 @@ async def test_disconnect_at_every_message_boundary_leaves_servers_and_source_in
             for cut in (Cut.BEFORE, Cut.AFTER, Cut.HALF):
                 directory = tmp_path / f"{side}-{index}-{cut.value}"
                 directory.mkdir()
-                await one_boundary(directory, mode, transport, side, index, cut)
+                await one_boundary(directory, mode, transport, side=side, index=index, cut=cut)
                 cases += 1
     assert cases == 3 * (len(logs["source"]) + len(logs["destination"]))
 
 
 async def one_boundary(
-    directory: Path, mode: Mode, transport: Transport, side: str, index: int, cut: Cut
+    directory: Path, mode: Mode, transport: Transport, *, side: str, index: int, cut: Cut
 ) -> None:
     where = f"{side} message {index} ({cut.value})"
     async with trio.open_nursery() as nursery, server_pair(directory, transport) as pair:

@@ -1280,8 +1280,19 @@ class SoakResult:
         injected = sum(self.faults_injected.values())
         return not self.losses and injected == sum(self.faults_recovered.values())
 
+    @property
+    def warmup(self) -> int:
+        """Migrations left out of the slopes: the first 10% (caches, rings and allocator
+        arenas fill up once; a leak keeps growing after that)."""
+        return self.migrations // 10
+
     def slope(self, attribute: str) -> float:
-        points = [(s.migrations, float(getattr(s, attribute))) for s in self.samples]
+        """Least-squares growth of a resource per 1000 migrations, after the warm-up."""
+        points = [
+            (s.migrations, float(getattr(s, attribute)))
+            for s in self.samples
+            if s.migrations >= self.warmup
+        ]
         return least_squares_slope(points) * 1000
 
     def summary(self) -> dict[str, Any]:
@@ -1313,6 +1324,7 @@ class SoakResult:
             "migrations_per_s": self.migrations / self.wall_s if self.wall_s else 0.0,
             "resources": {
                 "samples": len(self.samples),
+                "slopes_after_migration": self.warmup,
                 "rss_kb_first": first.rss_kb if first else 0,
                 "rss_kb_last": last.rss_kb if last else 0,
                 "rss_kb_slope_per_1000": self.slope("rss_kb"),

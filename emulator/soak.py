@@ -671,6 +671,8 @@ COPY_AREA = 0x10000
 MSIX_VECTORS = 4
 CAP_ID_MSIX = 0x11
 DMA_VECTOR = 2
+#: Operations the testdev guest runs between two migrations (besides its check).
+OPS_BETWEEN = 4
 
 
 class TestdevGuest:
@@ -689,7 +691,7 @@ class TestdevGuest:
         self.ops = Counter[str]()
         self._losses: list[str] = []
         self._verify_wanted: trio.Event | None = None
-        self._verified = trio.Event()
+        self._ops_done = trio.Event()
         self._stop = False
         self._done = trio.Event()
         self.vm: Vm | None = None
@@ -781,6 +783,7 @@ class TestdevGuest:
         await self._write32(td.REG_SCRATCH + 4 * index, value)
         self.scratch[index] = value
         self.ops["scratch"] += 1
+        self._ops_done.set()
 
     async def _bar_op(self) -> None:
         offset = self.rng.randrange(0, len(self.bar) - 64)
@@ -788,6 +791,7 @@ class TestdevGuest:
         await self._request(lambda c: c.region_write(td.BAR_RAM, offset, data))
         self.bar[offset : offset + len(data)] = data
         self.ops["ram-bar"] += 1
+        self._ops_done.set()
 
     async def _doorbell_op(self) -> None:
         """Ring vector v; exactly one interrupt must arrive on its eventfd. A doorbell
@@ -803,6 +807,7 @@ class TestdevGuest:
         await self._interrupt(vector)
         await self._write32(td.REG_IRQ_STATUS, 1 << vector)
         self.ops["doorbell"] += 1
+        self._ops_done.set()
 
     async def _interrupt(self, vector: int) -> None:
         fd = self.msix[vector]
@@ -854,6 +859,7 @@ class TestdevGuest:
         if self.ram.read(dst, size) != data:
             self._loss("DMA copy delivered wrong data")
         self.ops["dma"] += 1
+        self._ops_done.set()
 
     # -- verification ------------------------------------------------------------------------
     def _loss(self, what: str) -> None:
@@ -888,10 +894,16 @@ class TestdevGuest:
             self._loss(f"interrupts nobody caused: {stray}")
 
     async def verify(self) -> None:
+        """The guest checks its model at its next operation boundary; then it runs
+        OPS_BETWEEN more operations before the harness migrates again."""
         wanted = trio.Event()
         self._verify_wanted = wanted
         with trio.fail_after(60):
             await wanted.wait()
+            target = self.ops.total() + OPS_BETWEEN
+            while self.ops.total() < target and not self._done.is_set():
+                self._ops_done = trio.Event()
+                await self._ops_done.wait()
 
     async def stop(self) -> None:
         self._stop = True

@@ -8,6 +8,7 @@ Cost: about 25-35 s on an idle 2-core machine (the short soaks dominate).
 from __future__ import annotations
 
 import json
+import random
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,6 +27,7 @@ from emulator.soak import (
     E1000_PROGRESS,
     Cut,
     FaultKind,
+    FaultPlanner,
     FlowCheck,
     Link,
     ServerSlot,
@@ -313,3 +315,32 @@ def test_soak_command_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) 
     assert "probability" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["soak", "--duration", "soon"])
+
+
+def test_soak_command_runs_for_a_duration(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["soak", "--duration", "1s", "--quiet"]) == 0
+    table = capsys.readouterr().out
+    migrations = int(table.split("migrations", 1)[1].split()[0])
+    assert migrations > 5
+
+
+def test_fault_points_avoid_the_destinations_completed_migration() -> None:
+    """A cut just after the destination's SET RUNNING would leave both sides running the
+    VM (a split brain no recovery undoes): the planner never chooses it, and a server is
+    killed while a message passes unchanged."""
+    planner = FaultPlanner(1.0, random.Random(9), list(FaultKind))
+    planner.learn([1] * 10, [1] * 6, {"source": 3, "destination": 4})
+    seen: set[tuple[str, str, int]] = set()
+    for _ in range(3000):
+        fault = planner.choose()
+        assert fault is not None
+        if fault.kind == FaultKind.FAIL_ARC:
+            assert fault.at < planner.arcs[fault.side]
+            continue
+        assert fault.cut is not None
+        if fault.kind == FaultKind.KILL_SERVER:
+            assert fault.cut == Cut.PASS and fault.side == "destination"
+        if fault.side == "destination" and fault.cut in (Cut.AFTER, Cut.PASS):
+            assert fault.at < 5
+        seen.add((fault.side, fault.cut.value, fault.at))
+    assert ("destination", "before", 5) in seen and ("source", "after", 9) in seen

@@ -6,7 +6,7 @@ SOCKET ?= ./vfio-user.sock
 DEVICE ?= testdev
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit venv clean fastpath
+.PHONY: run test lint typecheck unit venv clean fastpath qemu-guest fuzz
 
 # The venv (and the C fast path, built in place by the editable install) is rebuilt when
 # the project's metadata or the C sources change.
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml $(FASTPATH_SOURCES)
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
 	  echo "error: $(PYTHON) lacks venv/ensurepip; on Debian: apt-get install python3-venv" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools>=77"
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $@
 
@@ -36,10 +36,36 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
-	$(BIN)/python -m pytest -q
+# Real-QEMU guest tests (tests/qemu): QEMU and a small Linux guest are built once into
+# ~/.cache/vfio-user-emu (scripts/qemu/build-qemu ~5 min, build-guest ~10 s), then reused.
+# QEMU_TESTS=auto (default): a failed build only skips those tests, with the reason;
+# QEMU_TESTS=require (CI): a failed build or a skipped QEMU test fails; QEMU_TESTS=skip.
+QEMU_TESTS ?= auto
+
+qemu-guest:
+	@case "$(QEMU_TESTS)" in skip) exit 0 ;; auto|require) ;; \
+	  *) echo "error: QEMU_TESTS=$(QEMU_TESTS): use auto, require or skip" >&2; exit 2 ;; esac; \
+	if scripts/qemu/build-qemu >/dev/null && scripts/qemu/build-guest >/dev/null; then :; \
+	elif [ "$(QEMU_TESTS)" = require ]; then \
+	  echo "error: could not build QEMU or the guest (QEMU_TESTS=require)" >&2; exit 1; \
+	else echo "warning: no QEMU/guest built; tests/qemu will be skipped" >&2; fi
+
+unit: $(STAMP) qemu-guest
+	VFIO_USER_EMU_QEMU_TESTS=$(QEMU_TESTS) $(BIN)/python -m pytest -q
 
 test: lint typecheck unit
+
+# Fuzz the live server for FUZZ_SECONDS (coverage-guided with atheris when it installs,
+# else a seeded PRNG), then the migration stream parser (C and Python paths) with
+# FUZZ_EXAMPLES hypothesis examples per property.
+FUZZ_SECONDS ?= 60
+FUZZ_EXAMPLES ?= 1000
+fuzz: $(STAMP)
+	@$(BIN)/python -c 'import atheris' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[fuzz]' \
+	  || echo "atheris does not install here: fuzzing with a seeded PRNG"
+	$(BIN)/python -m emulator.fuzz --engine auto --seconds $(FUZZ_SECONDS)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider \
+	  tests/devices/test_fuzz_stream.py tests/protocol/test_fuzz_codecs.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

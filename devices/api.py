@@ -428,6 +428,11 @@ class Device:
     model_version: ClassVar[int] = 1
     #: Whether the engine adds config-space and interrupt sections to the stream.
     migration_generic_state: ClassVar[bool] = True
+    #: Migration interfaces served (the ``migration=`` option): "v2" (DEVICE_FEATURE and
+    #: MIG_DATA_*) and/or "v1" (the legacy migration region). Both drive one engine.
+    migration_protocols: frozenset[str] = frozenset({"v2"})
+    #: Size of the v1 migration region's data window (the largest segment).
+    migration_v1_window: ClassVar[int] = 1 << 20
 
     def __init__(self, config: ConfigSpace, irq: InterruptController) -> None:
         self.config = config

@@ -29,6 +29,16 @@ BAR1 then BAR0 (0x4008 bytes) as they were when STOP_COPY was entered. The desti
 accepts exactly 0x4008 bytes and answers anything else with EINVAL. Config space and
 interrupt state are not part of the stream (libvfio-user's sample does not send them).
 
+``legacy_v1`` (``--device lvu-sample,migration=v1``) is the older sample of libvfio-user
+protocol 0.1 (``shared/reference/lvu-sample-v1.md``): BAR1 is 0x3000 bytes (config space
+keeps a power-of-two 0x4000 BAR; that client never sizes BARs), the timer does only the
+message round (4 DMA_WRITEs of 'A' bytes, as traced, then 4 DMA_READs, to the first DMA
+region), and the device migrates
+through the v1 region (index 9, a 0x4000-byte data window) in raw segments: PRE_COPY yields
+BAR1, STOP_COPY BAR1 + BAR0 (0x3008 bytes). That client writes every segment it read to
+the destination, so the resumed stream is any number of BAR1 images followed by BAR1 +
+BAR0; the last one counts, as the old sample applied segments in order.
+
 The model stays free of trio: its timer waits in a device job that polls the wall clock
 with a ``sleep`` function handed in by whoever builds it (``devices.registry`` passes the
 runtime's), because :class:`~devices.api.DeviceContext` offers no timer yet.
@@ -47,7 +57,6 @@ from protocol.constants import MigrationCaps
 
 from .api import Device, DeviceError, DmaFault, RamRegion, Region
 from .irq import InterruptController
-from .migration import MigrationCodec
 from .pci import BarKind, BarSpec, ConfigSpace
 from .state_stream import Buffer, LoadedSection, Section, StreamLimits, payload_parts
 
@@ -76,6 +85,9 @@ DMA_CHUNKS = 4
 DMA_READ_SIZE = 2048
 DMA_SPAN = DMA_CHUNK * DMA_CHUNKS
 DMA_PATTERN = b"".join(bytes([ord("A") + i]) * DMA_CHUNK for i in range(DMA_CHUNKS))
+#: What the protocol-0.1 sample's DMA_WRITEs carried in its traced run: every chunk 'A'
+#: (lvu-sample-v1.md says 'A' + i; the wire shows 'A' four times, and the wire wins).
+LEGACY_DMA_PATTERN = b"A" * DMA_SPAN
 
 DEFAULT_POLL_INTERVAL = 0.02
 _U64 = (1 << 64) - 1
@@ -119,11 +131,16 @@ class TimeRegister(Region):
         self.value = 0
 
 
+#: The protocol-0.1 sample's BAR1 (not a power of two; libvfio-user accepted it then).
+LEGACY_RAM_SIZE = 0x3000
+LEGACY_V1_WINDOW = 0x4000
+
+
 class SparseRam(RamRegion):
     """BAR1: RAM whose mmap-able part is the two sparse areas."""
 
-    def __init__(self) -> None:
-        super().__init__(RAM_SIZE)
+    def __init__(self, size: int = RAM_SIZE) -> None:
+        super().__init__(size)
         self.mmap_areas = SPARSE_AREAS
 
 
@@ -138,8 +155,10 @@ class LvuRawCodec:
     PRE_COPY data sees BAR1 as it is at that moment (what the sample server does).
     """
 
-    def __init__(self, ram: RamRegion) -> None:
+    def __init__(self, ram: RamRegion, *, precopy_images: bool = False) -> None:
         self._ram = ram
+        #: legacy v1: the stream may start with whole BAR1 images (the PRE_COPY segments).
+        self._precopy_images = precopy_images
 
     def begin(self, session_id: bytes) -> bytes:
         return b""
@@ -160,13 +179,18 @@ class LvuRawCodec:
 
     def decode(self, data: memoryview) -> list[LoadedSection]:
         view = memoryview(data).cast("B")
-        if len(view) != STOP_COPY_SIZE:
+        ram_size = self._ram.size
+        final = ram_size + TIME_SIZE
+        precopy = len(view) - final
+        if precopy < 0 or precopy % ram_size or (precopy and not self._precopy_images):
+            images = "[k x BAR1 +] " if self._precopy_images else ""
             raise DeviceError(
                 errno.EINVAL,
-                f"lvu-sample stream of {len(view):#x} bytes; it must be BAR1 + BAR0 "
-                f"({STOP_COPY_SIZE:#x} bytes)",
+                f"lvu-sample stream of {len(view):#x} bytes; it must be {images}BAR1 + BAR0 "
+                f"({final:#x} bytes)",
             )
-        return [(SECTION_RAM, view[:RAM_SIZE]), (SECTION_TIME, view[RAM_SIZE:])]
+        view = view[precopy:]
+        return [(SECTION_RAM, view[:ram_size]), (SECTION_TIME, view[ram_size:])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +203,7 @@ class LvuSample(Device):
     migration_generic_state: ClassVar[bool] = False
     #: libvfio-user does not check bus mastering, and its sample client never enables it.
     dma_needs_bus_master: ClassVar[bool] = False
+    migration_v1_window: ClassVar[int] = LEGACY_V1_WINDOW
 
     def __init__(
         self,
@@ -186,11 +211,13 @@ class LvuSample(Device):
         sleep: Sleep | None = None,
         clock: Callable[[], float] = time.time,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
+        legacy_v1: bool = False,
     ) -> None:
         """``sleep``: an async sleep of the runtime the device is served by (without one the
         timer cannot run unless the device context offers ``sleep``); ``clock``: wall-clock
         seconds (time_t comes from it); ``poll_interval``: longest sleep of the timer job,
-        so a migration stop waits at most this long for it."""
+        so a migration stop waits at most this long for it; ``legacy_v1``: the protocol-0.1
+        sample (see the module docstring)."""
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
         config = ConfigSpace(
@@ -205,13 +232,19 @@ class LvuSample(Device):
         config.add_bar(BarSpec(BAR_TIME, TIME_SIZE, BarKind.IO))
         config.add_bar(BarSpec(BAR_RAM, RAM_SIZE, BarKind.IO))
         super().__init__(config, InterruptController(config))
+        self.legacy_v1 = legacy_v1
         self._sleep = sleep
         self._clock = clock
         self.poll_interval = poll_interval
         self.bar0 = TimeRegister(self._now, self._arm)
-        self.bar1 = SparseRam()
         self.add_region(BAR_TIME, self.bar0)
-        self.add_region(BAR_RAM, self.bar1)
+        if legacy_v1:
+            # GET_REGION_INFO says 0x3000 as the old sample did; config keeps 0x4000.
+            self.bar1 = SparseRam(LEGACY_RAM_SIZE)
+            self.regions[BAR_RAM] = self.bar1
+        else:
+            self.bar1 = SparseRam()
+            self.add_region(BAR_RAM, self.bar1)
         #: Wall-clock second (``clock()``) at which the timer fires; None = disarmed.
         self.deadline: float | None = None
         self.expirations = 0  # times the timer fired
@@ -283,15 +316,21 @@ class LvuSample(Device):
     async def _dma_rounds(self) -> None:
         dma = self.context.dma
         slots = dma.regions()
-        regions = [slot for slot in slots[:2] if slot is not None]
-        if len(regions) < 2:
-            raise DmaFault(f"lvu-sample: needs DMA regions in slots 0 and 1, have {slots[:2]}")
+        needed = 1 if self.legacy_v1 else 2
+        regions = [slot for slot in slots[:needed] if slot is not None]
+        if len(regions) < needed:
+            raise DmaFault(f"lvu-sample: needs DMA regions in slots 0..{needed - 1}, have {slots}")
         for iova, size in regions:
             if size < DMA_SPAN:
                 raise DmaFault(f"lvu-sample: DMA region at {iova:#x} is smaller than 4 KiB")
 
-        # Round 1: the second region, the ordinary way (mmap when fd-backed; dirty-logged).
-        iova = regions[1][0]
+        if not self.legacy_v1:
+            await self._mmap_round(regions[1][0])
+        await self._message_round(regions[0][0])
+
+    async def _mmap_round(self, iova: int) -> None:
+        """Round 1: the second region, the ordinary way (mmap when fd-backed; logged)."""
+        dma = self.context.dma
         for i in range(DMA_CHUNKS):
             at = i * DMA_CHUNK
             await dma.write(iova + at, DMA_PATTERN[at : at + DMA_CHUNK])
@@ -300,20 +339,22 @@ class LvuSample(Device):
         ]
         self._compare(b"".join(back), "round 1", iova)
 
-        # Round 2: the first region, through messages.
-        iova = regions[0][0]
+    async def _message_round(self, iova: int) -> None:
+        """Round 2: the first region, through DMA_WRITE / DMA_READ messages."""
+        dma = self.context.dma
+        pattern = LEGACY_DMA_PATTERN if self.legacy_v1 else DMA_PATTERN
         for i in range(DMA_CHUNKS):
             at = i * DMA_CHUNK
-            await dma.message_write(iova + at, DMA_PATTERN[at : at + DMA_CHUNK])
+            await dma.message_write(iova + at, pattern[at : at + DMA_CHUNK])
         back = [
             await dma.message_read(iova + at, DMA_READ_SIZE)
             for at in range(0, DMA_SPAN, DMA_READ_SIZE)
         ]
-        self._compare(b"".join(back), "round 2", iova)
+        self._compare(b"".join(back), "round 2", iova, pattern)
 
     @staticmethod
-    def _compare(got: bytes, what: str, iova: int) -> None:
-        if got != DMA_PATTERN:
+    def _compare(got: bytes, what: str, iova: int, pattern: bytes = DMA_PATTERN) -> None:
+        if got != pattern:
             raise DeviceError(errno.EIO, f"lvu-sample: DMA {what} at {iova:#x} read back wrong")
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -340,8 +381,8 @@ class LvuSample(Device):
         self._arm()
 
     # -- migration ----------------------------------------------------------------------------
-    def migration_codec(self, limits: StreamLimits) -> MigrationCodec:
-        return LvuRawCodec(self.bar1)
+    def migration_codec(self, limits: StreamLimits) -> LvuRawCodec:
+        return LvuRawCodec(self.bar1, precopy_images=self.legacy_v1)
 
     def _time_bytes(self) -> bytes:
         return (self.bar0.value & _U64).to_bytes(TIME_SIZE, "little")
@@ -356,14 +397,14 @@ class LvuSample(Device):
         return self.save_state()
 
     def migration_size_estimate(self) -> int:
-        return STOP_COPY_SIZE
+        return self.bar1.size + TIME_SIZE
 
     def load_state(self, sections: Sequence[LoadedSection]) -> None:
         names = [name for name, _ in sections]
         if names != [SECTION_RAM, SECTION_TIME]:
             raise DeviceError(errno.EINVAL, f"lvu-sample state with sections {names}")
         ram, stamp = sections[0][1], sections[1][1]
-        if len(ram) != RAM_SIZE or len(stamp) != TIME_SIZE:
+        if len(ram) != self.bar1.size or len(stamp) != TIME_SIZE:
             raise DeviceError(errno.EINVAL, "lvu-sample state of the wrong size")
         self.bar1.buffer[:] = ram
         self.bar0.value = int.from_bytes(stamp, "little", signed=True)

@@ -19,7 +19,7 @@ import errno
 import os
 import struct
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -39,6 +39,8 @@ from protocol.migration_fsm import (
 from .errors import DeviceError
 from .state_stream import (
     Buffer,
+    ChecksumScanner,
+    LazyPiece,
     LoadedSection,
     Section,
     StreamError,
@@ -97,11 +99,12 @@ class MigrationCodec(Protocol):
 
     def begin(self, session_id: bytes) -> bytes: ...
 
-    def sections(self, sections: Sequence[Section]) -> list[Buffer]:
-        """The encoded sections as pieces (payload views are passed through uncopied)."""
+    def sections(self, sections: Sequence[Section]) -> Sequence[Buffer | LazyPiece]:
+        """The encoded sections as pieces (payload views are passed through uncopied); a
+        :class:`LazyPiece` is made (checksummed) only when the reader reaches it."""
         ...
 
-    def end(self) -> bytes: ...
+    def end(self) -> Buffer | LazyPiece: ...
 
     def decode(self, data: memoryview) -> list[LoadedSection]: ...
 
@@ -119,23 +122,24 @@ class EnvelopeCodec:
         self._writer = StreamWriter(self.device_type, self.model_version, session_id)
         return self._writer.header()
 
-    def sections(self, sections: Sequence[Section]) -> list[Buffer]:
+    def sections(self, sections: Sequence[Section]) -> list[Buffer | LazyPiece]:
         assert self._writer is not None
-        pieces: list[Buffer] = []
-        for name, payload in sections:
-            pieces += self._writer.section_pieces(name, payload)
-        return pieces
+        writer = self._writer
+        return [writer.deferred_section(name, payload) for name, payload in sections]
 
-    def end(self) -> bytes:
+    def end(self) -> LazyPiece:
         assert self._writer is not None
-        return self._writer.trailer()
+        return self._writer.deferred_trailer()
 
-    def decode(self, data: memoryview) -> list[LoadedSection]:
+    def decode(
+        self, data: memoryview, checksums: Mapping[tuple[int, int], int] | None = None
+    ) -> list[LoadedSection]:
         _, sections = decode(
             data,
             device_type=self.device_type,
             max_model_version=self.model_version,
             limits=self.limits,
+            checksums=checksums,
         )
         return sections
 
@@ -145,22 +149,42 @@ class EnvelopeCodec:
 
 
 class SavingSession:
-    """Bytes produced for the client to read, in order; PRE_COPY appends as changes occur."""
+    """Bytes produced for the client to read, in order; PRE_COPY appends as changes occur.
+
+    ``produced`` counts every byte queued, including lazy pieces (sections checksummed only
+    when the reader reaches them): a large state streams out while it is being encoded."""
 
     def __init__(self, codec: MigrationCodec) -> None:
         self.codec = codec
         self.session_id = os.urandom(16)
-        self._chunks: deque[memoryview] = deque()
+        self._chunks: deque[memoryview | LazyPiece] = deque()
         self.produced = 0
         self.consumed = 0
         self.complete = False
         self._append(codec.begin(self.session_id))
 
-    def _append(self, data: Buffer) -> None:
-        if len(data):
+    def _append(self, data: Buffer | LazyPiece) -> None:
+        if isinstance(data, LazyPiece):
+            if data.size:
+                self._chunks.append(data)
+                self.produced += data.size
+        elif len(data):
             view = memoryview(data).cast("B")
             self._chunks.append(view)
             self.produced += len(view)
+
+    def _head(self) -> memoryview | None:
+        """The next bytes to read, making lazy pieces as they come to the front."""
+        while self._chunks:
+            head = self._chunks[0]
+            if not isinstance(head, LazyPiece):
+                return head
+            self._chunks.popleft()
+            views = [memoryview(piece).cast("B") for piece in head.produce()]
+            if sum(len(view) for view in views) != head.size:
+                raise RuntimeError(f"lazy stream piece of {head.size} bytes produced otherwise")
+            self._chunks.extendleft(reversed([view for view in views if len(view)]))
+        return None
 
     def add(self, sections: Sequence[Section]) -> None:
         for piece in self.codec.sections(sections) if sections else ():
@@ -177,9 +201,9 @@ class SavingSession:
 
     def take(self, size: int) -> memoryview:
         """Up to ``size`` bytes of the next piece, as a view (for the data-fd writer)."""
-        if not self._chunks:
+        chunk = self._head()
+        if chunk is None:
             return memoryview(b"")
-        chunk = self._chunks[0]
         view = chunk[:size]
         if len(view) == len(chunk):
             self._chunks.popleft()
@@ -191,8 +215,7 @@ class SavingSession:
     def read(self, size: int) -> bytes:
         out = []
         left = size
-        while left and self._chunks:
-            chunk = self._chunks[0]
+        while left and (chunk := self._head()) is not None:
             take = chunk[:left]
             out.append(take)
             left -= len(take)
@@ -238,18 +261,34 @@ class MemoryStaging:
 
 
 class ResumingSession:
+    """Resumed bytes in order. Large sections are checksummed while they arrive (the bytes
+    are in cache then), so validating the whole stream at RESUMING -> STOP does not read
+    them again."""
+
     def __init__(self, limit: int, staging: Staging) -> None:
         self.limit = limit
         self.staging = staging
+        self.scanner = ChecksumScanner()
 
     @property
     def size(self) -> int:
         return self.staging.size
 
+    @property
+    def checksums(self) -> Mapping[tuple[int, int], int]:
+        """CRC-32C of byte ranges of the staged stream (see :func:`state_stream.decode`)."""
+        return self.scanner.checksums
+
     def write(self, data: Buffer) -> None:
         if self.staging.size + len(data) > self.limit:
             raise DeviceError(errno.EFBIG, f"resumed stream exceeds {self.limit} bytes")
         self.staging.append(data)
+        self.scanner.feed(data)
+
+    def staged(self, data: Buffer) -> None:
+        """Bytes the runtime put into the staging itself (spliced from a data fd), given as
+        a view of where they landed: checksummed like written ones."""
+        self.scanner.feed(data)
 
     def close(self) -> None:
         self.staging.close()
@@ -440,14 +479,19 @@ class MigrationEngine:
         # On any failure the partial data is discarded and a fresh stream may be written.
         self.resuming = ResumingSession(self.max_resume, self.staging_factory())
         try:
-            self._decode_and_apply(received.staging.view())
+            self._decode_and_apply(received.staging.view(), received.checksums)
         finally:
             received.close()
         self._drop_resuming()
 
-    def _decode_and_apply(self, data: memoryview) -> None:
+    def _decode_and_apply(
+        self, data: memoryview, checksums: Mapping[tuple[int, int], int] | None = None
+    ) -> None:
         codec = self.device.migration_codec(self.stream_limits)
-        sections = codec.decode(data)
+        if isinstance(codec, EnvelopeCodec):
+            sections = codec.decode(data, checksums)
+        else:
+            sections = codec.decode(data)
         generic: dict[str, Buffer] = {}
         for name, payload in sections:
             if not name.startswith("pci."):
@@ -528,6 +572,15 @@ class MigrationEngine:
         if not self.saving.pending and not self.saving.complete:
             self.saving.add(self.device.precopy_changes())
         return self.saving.read(size)
+
+    def pending_data(self) -> int:
+        """Bytes the saving stream holds now (the v1 region's ``pending_bytes``); in
+        PRE_COPY it first asks the device for changes, as :meth:`read_data` does."""
+        if self.state not in SAVING_STATES or self.saving is None:
+            return 0
+        if not self.saving.pending and not self.saving.complete:
+            self.saving.add(self.device.precopy_changes())
+        return self.saving.pending
 
     def write_data(self, data: bytes) -> None:
         if self.state != RESUMING or self.resuming is None:

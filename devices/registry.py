@@ -57,7 +57,9 @@ def _build_testdev(opts: dict[str, str]) -> Device:
 
 
 def _build_lvu_sample(opts: dict[str, str]) -> Device:
-    return LvuSample()  # its BAR0 timer sleeps with DeviceContext.sleep
+    # Its BAR0 timer sleeps with DeviceContext.sleep. With migration=v1 it is the older
+    # (protocol 0.1) sample: BAR1 0x3000, one DMA round, the v1 region's raw segments.
+    return LvuSample(legacy_v1=parse_migration_protocols(opts.get("migration", "v2")) == {"v1"})
 
 
 def _build_e1000(opts: dict[str, str]) -> Device:
@@ -120,7 +122,23 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
 COMMON_OPTIONS = {
     "mig-caps": "migration capabilities to advertise: stop_copy[+p2p][+pre_copy] "
     "(default stop_copy+pre_copy, as libvfio-user)",
+    "migration": "migration interface: v2 (DEVICE_FEATURE, default), v1 (the legacy "
+    "migration region, for protocol-0.1 clients) or both",
 }
+
+MIGRATION_PROTOCOLS = {
+    "v1": frozenset({"v1"}),
+    "v2": frozenset({"v2"}),
+    "both": frozenset({"v1", "v2"}),
+}
+
+
+def parse_migration_protocols(text: str) -> frozenset[str]:
+    """``v1`` / ``v2`` / ``both`` -> the set of interfaces served."""
+    protocols = MIGRATION_PROTOCOLS.get(text.strip())
+    if protocols is None:
+        raise DeviceSpecError(f"migration={text!r}: expected v1, v2 or both")
+    return protocols
 
 
 def create_device(spec: str) -> Device:
@@ -135,7 +153,9 @@ def create_device(spec: str) -> Device:
         valid = ", ".join(sorted(accepted))
         raise DeviceSpecError(f"{name}: unknown option(s) {', '.join(unknown)} (valid: {valid})")
     mig_caps = options.pop("mig-caps", None)
+    protocols = parse_migration_protocols(options.get("migration", "v2"))
     device = device_type.build(options)
+    device.migration_protocols = protocols
     if mig_caps is not None:
         try:
             device.set_migration_caps(parse_mig_caps(mig_caps))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import errno
 import re
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from . import stream_primitives
@@ -72,6 +72,19 @@ class StreamHeader:
     model_version: int
 
 
+@dataclass(frozen=True, slots=True)
+class LazyPiece:
+    """``size`` bytes of a stream that :attr:`produce` makes when the reader reaches them
+    (the pieces it returns add up to exactly ``size`` bytes)."""
+
+    size: int
+    produce: Callable[[], Sequence[Buffer]]
+
+
+def _combine(crc1: int, crc2: int, len2: int) -> int:
+    return stream_primitives.current().crc32c_combine(crc1, crc2, len2)
+
+
 def _crc(data: Buffer, crc: int = 0) -> int:
     # The C fast path when the runtime installed it, else the pure-Python reference:
     # the two produce the same value for every input (tests check both).
@@ -90,6 +103,7 @@ class StreamWriter:
         self._session = session_id
         self._count = 0
         self._crc = 0
+        self._produced = 0  # sections (and then the trailer) produced so far
         self.ended = False
 
     def header(self) -> bytes:
@@ -110,21 +124,38 @@ class StreamWriter:
     def section_pieces(self, name: str, payload: Payload) -> list[Buffer]:
         """A section as pieces: its header and name, then the payload itself, not copied
         (large device memory goes out as views of the device's own buffer)."""
+        return list(self.deferred_section(name, payload).produce())
+
+    def deferred_section(self, name: str, payload: Payload) -> LazyPiece:
+        """A section whose size is known now and whose bytes are checksummed only when
+        :meth:`LazyPiece.produce` is called, so a large state streams out while it is being
+        checksummed. Deferred pieces (sections and trailer) must be produced in the order
+        they were made."""
         raw_name = name.encode("ascii")
         if not _NAME.fullmatch(raw_name) or len(raw_name) > MAX_NAME:
             raise ValueError(f"bad section name {name!r}")
         parts = payload_parts(payload)
-        crc = _crc(raw_name)
-        for part in parts:
-            crc = _crc(part, crc)
         length = sum(len(part) for part in parts)
-        head = SECTION.pack(SECTION_TAG, self._count, len(raw_name), 0, length, crc)
-        head += raw_name
+        index = self._count
         self._count += 1
-        self._crc = _crc(head, self._crc)
-        for part in parts:
-            self._crc = _crc(part, self._crc)
-        return [head, *parts]
+
+        def produce() -> list[Buffer]:
+            self._check_order(index)
+            # Each payload byte is read once: both checksums follow from the payload's own.
+            body = 0
+            for part in parts:
+                body = _crc(part, body)
+            crc = _combine(_crc(raw_name), body, length)
+            head = SECTION.pack(SECTION_TAG, index, len(raw_name), 0, length, crc) + raw_name
+            self._crc = _combine(_crc(head, self._crc), body, length)
+            return [head, *parts]
+
+        return LazyPiece(SECTION.size + len(raw_name) + length, produce)
+
+    def _check_order(self, index: int) -> None:
+        if index != self._produced:
+            raise RuntimeError(f"stream piece {index} produced before piece {self._produced}")
+        self._produced += 1
 
     def section(self, name: str, payload: Payload) -> bytes:
         return b"".join(self.section_pieces(name, payload))
@@ -133,8 +164,18 @@ class StreamWriter:
         return b"".join(self.section(name, payload) for name, payload in sections)
 
     def trailer(self) -> bytes:
+        return bytes(self.deferred_trailer().produce()[0])
+
+    def deferred_trailer(self) -> LazyPiece:
+        """The trailer, produced after every section before it (it holds their checksum)."""
         self.ended = True
-        return TRAILER.pack(TRAILER_TAG, self._count, self._crc, 0)
+        count = self._count
+
+        def produce() -> list[Buffer]:
+            self._check_order(count)
+            return [TRAILER.pack(TRAILER_TAG, count, self._crc, 0)]
+
+        return LazyPiece(TRAILER.size, produce)
 
 
 def payload_parts(payload: Payload) -> list[Buffer]:
@@ -175,9 +216,15 @@ def decode(
     device_type: str,
     max_model_version: int,
     limits: StreamLimits | None = None,
+    checksums: Mapping[tuple[int, int], int] | None = None,
 ) -> tuple[StreamHeader, list[LoadedSection]]:
-    """Validate a whole stream and return its sections in order."""
+    """Validate a whole stream and return its sections in order.
+
+    ``checksums`` may hold CRC-32C values of byte ranges ``(start, end)`` of ``data``
+    computed while it arrived (:class:`ChecksumScanner`); a range found there is not read
+    again. Every check is made all the same, against those values."""
     limits = limits or StreamLimits()
+    known = checksums or {}
     view = memoryview(data).cast("B")
     if len(view) > limits.max_stream:
         raise StreamError(f"{len(view)} bytes exceeds the {limits.max_stream}-byte limit")
@@ -198,7 +245,7 @@ def decode(
             break
         if tag != SECTION_TAG:
             raise StreamError(f"unknown record tag {tag!r} at offset {pos}")
-        pos = _section(view, pos, len(sections), limits, sections)
+        pos = _section(view, pos, len(sections), limits, sections, known=known)
     if len(view) - pos != TRAILER.size:
         raise StreamError("truncated trailer or bytes after it")
     _tag, count, crc, reserved = TRAILER.unpack_from(view, pos)
@@ -207,13 +254,24 @@ def decode(
         raise StreamError(f"trailer reserved word is {reserved:#x}, not 0")
     if count != len(sections):
         raise StreamError(f"trailer counts {count} sections, stream has {len(sections)}")
-    if _crc(view[:pos]) != crc:
+    if _range_crc(view, 0, pos, known) != crc:
         raise StreamError("stream checksum mismatch")
     return header, sections
 
 
+def _range_crc(view: memoryview, start: int, end: int, known: Mapping[tuple[int, int], int]) -> int:
+    crc = known.get((start, end))
+    return _crc(view[start:end]) if crc is None else crc
+
+
 def _section(
-    view: memoryview, pos: int, index: int, limits: StreamLimits, out: list[LoadedSection]
+    view: memoryview,
+    pos: int,
+    index: int,
+    limits: StreamLimits,
+    out: list[LoadedSection],
+    *,
+    known: Mapping[tuple[int, int], int],
 ) -> int:
     if len(view) - pos < SECTION.size:
         raise StreamError("truncated section header")
@@ -234,7 +292,71 @@ def _section(
     payload = view[start + name_len : end]
     if not _NAME.fullmatch(raw_name):
         raise StreamError(f"section {index}: bad name {raw_name!r}")
-    if _crc(payload, _crc(raw_name)) != crc:
+    if _range_crc(view, start, end, known) != crc:
         raise StreamError(f"section {index} ({raw_name.decode()}): checksum mismatch")
     out.append((raw_name.decode("ascii"), payload))
     return int(end)
+
+
+class ChecksumScanner:
+    """Follows a stream while it arrives and checksums its large sections on the way, so
+    that :func:`decode` need not read them again (``decode(..., checksums=scanner.checksums)``).
+
+    It validates nothing and trusts nothing: it only records the CRC of byte ranges that
+    ``decode`` will ask about if the stream is what it claims to be. Once the bytes stop
+    looking like a stream it stops (``decode`` computes whatever is missing and rejects
+    what is wrong). Memory stays bounded: at most ``MAX_RANGES`` ranges, only for sections
+    of at least ``MIN_SECTION`` bytes.
+    """
+
+    MIN_SECTION = 4096
+    MAX_RANGES = 1 << 16
+
+    def __init__(self) -> None:
+        self.checksums: dict[tuple[int, int], int] = {}
+        self._pos = 0  # stream bytes fed so far
+        self._record = bytearray()  # the header or record header being assembled
+        self._need = HEADER.size  # bytes ``_record`` must reach (0: in a payload)
+        self._stream_crc = 0  # of every byte before the current payload
+        self._payload_start = 0  # of the current section's name + payload
+        self._payload_left = 0
+        self._payload_crc = 0
+        self.stopped = False
+
+    def feed(self, data: Buffer) -> None:
+        view = memoryview(data).cast("B")
+        while view and not self.stopped:
+            view = self._feed_payload(view) if self._payload_left else self._feed_record(view)
+
+    def _feed_payload(self, view: memoryview) -> memoryview:
+        take = min(self._payload_left, len(view))
+        self._payload_crc = _crc(view[:take], self._payload_crc)
+        self._payload_left -= take
+        self._pos += take
+        if not self._payload_left:
+            length = self._pos - self._payload_start
+            if length >= self.MIN_SECTION:
+                self.checksums[(self._payload_start, self._pos)] = self._payload_crc
+            self._stream_crc = _combine(self._stream_crc, self._payload_crc, length)
+            self.stopped = len(self.checksums) >= self.MAX_RANGES
+        return view[take:]
+
+    def _feed_record(self, view: memoryview) -> memoryview:
+        take = min(self._need - len(self._record), len(view))
+        self._record += view[:take]
+        self._pos += take
+        in_section_header = self._need == SECTION.size
+        if in_section_header and len(self._record) >= 4 and self._record[:4] != SECTION_TAG:
+            if self._record[:4] == TRAILER_TAG:  # the stream checksum covers all before it
+                self.checksums[(0, self._pos - len(self._record))] = self._stream_crc
+            self.stopped = True  # a trailer (nothing more to checksum) or not a stream
+        elif len(self._record) == self._need:
+            self._stream_crc = _crc(self._record, self._stream_crc)
+            if in_section_header:
+                _tag, _index, name_len, _flags, length, _crc_value = SECTION.unpack(self._record)
+                self._payload_start = self._pos
+                self._payload_left = name_len + length
+                self._payload_crc = 0
+            self._record.clear()
+            self._need = SECTION.size
+        return view[take:]

@@ -24,6 +24,7 @@ where ``pages = ceil(total_len / page_size)``.  No imports from the runtime (no 
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,6 +55,45 @@ class DiffPagesFunction(Protocol):
     def __call__(self, current: Buffer, previous: Buffer, page_size: int) -> bytes: ...
 
 
+class Crc32cCombineFunction(Protocol):
+    def __call__(self, crc1: int, crc2: int, len2: int) -> int: ...
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a(x) * b(x) modulo the CRC-32C polynomial, both in the reflected representation."""
+    product = 0
+    bit = 0x80000000  # x^0
+    while a and bit:
+        if a & bit:
+            product ^= b
+            a ^= bit
+        bit >>= 1
+        b = (b >> 1) ^ CRC32C_POLY_REFLECTED if b & 1 else b >> 1
+    return product
+
+
+@functools.lru_cache(maxsize=256)
+def _x_pow_8n(nbytes: int) -> int:
+    """x^(8 * nbytes) modulo the polynomial: what appending ``nbytes`` zero bytes does."""
+    result, square, exponent = 0x80000000, 0x40000000, nbytes * 8
+    while exponent:
+        if exponent & 1:
+            result = _multmodp(square, result)
+        square = _multmodp(square, square)
+        exponent >>= 1
+    return result
+
+
+def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
+    """``crc32c(a + b)`` from ``crc32c(a)``, ``crc32c(b)`` and ``len(b)``, without the bytes:
+    a stream checksum follows from its sections' checksums, so each byte is read once."""
+    check_crc(crc1)
+    check_crc(crc2)
+    if len2 < 0:
+        raise ValueError(f"length must not be negative, not {len2!r}")
+    return _multmodp(_x_pow_8n(len2), crc1) ^ crc2
+
+
 @dataclass(frozen=True, slots=True)
 class Impl:
     """One implementation of the primitives (``name`` is "python" or "c")."""
@@ -62,6 +102,8 @@ class Impl:
     crc32c: Crc32cFunction
     zero_page_bitmap: ZeroPageBitmapFunction
     diff_pages: DiffPagesFunction
+    #: Has a default so that implementations written before it existed still build.
+    crc32c_combine: Crc32cCombineFunction = crc32c_combine
 
 
 def byte_view(data: Buffer) -> memoryview:
@@ -196,7 +238,13 @@ def diff_pages(current: Buffer, previous: Buffer, page_size: int) -> bytes:
 
 # --------------------------------------------------------------------------- implementations
 
-IMPL = Impl(name="python", crc32c=crc32c, zero_page_bitmap=zero_page_bitmap, diff_pages=diff_pages)
+IMPL = Impl(
+    name="python",
+    crc32c=crc32c,
+    zero_page_bitmap=zero_page_bitmap,
+    diff_pages=diff_pages,
+    crc32c_combine=crc32c_combine,
+)
 #: Alias of :data:`IMPL`, the pure-Python reference.
 PYTHON = IMPL
 _current: Impl = IMPL

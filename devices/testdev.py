@@ -78,6 +78,7 @@ DMA_MAX_LEN = 16 * 1024 * 1024
 BAR_REGS, BAR_RAM, BAR_MSIX = 0, 2, 4
 PAGE = 4096
 RAM_CHUNK = 1 << 20  # initial PRE_COPY data goes out in sections of this size
+RAM_SECTION = 8 << 20  # a larger RAM is saved as "ram.zpage" sections of this size
 REG_ENTRY = struct.Struct("<II")
 PAGE_HEADER = struct.Struct("<Q")
 GEOMETRY = struct.Struct("<QI")  # RAM BAR size, MSI-X vectors
@@ -246,8 +247,9 @@ class TestDev(Device):
 
     # -- migration ------------------------------------------------------------------------
     # Sections: "geometry" (RAM size, vectors: must match), "regs" (offset, value) pairs of
-    # every register, and RAM as "ram.z" (the whole RAM BAR) or "ram.zpage" (an offset u64
-    # then that part of RAM), both zero-page-elided (devices.stream_primitives.pack_pages).
+    # every register, and RAM as "ram.z" (the whole RAM BAR, up to RAM_SECTION bytes) or
+    # "ram.zpage" (an offset u64 then that part of RAM: changed pages, and a larger RAM in
+    # RAM_SECTION parts), both zero-page-elided (devices.stream_primitives.pack_pages).
     # The raw forms "ram" / "ram.page" (offset u64 + bytes) are accepted on load.
 
     def _regs_blob(self) -> bytes:
@@ -264,11 +266,15 @@ class TestDev(Device):
 
     def save_state(self) -> list[Section]:
         # Views of the live RAM, not a copy: the device is stopped while they are sent.
-        return [
-            ("geometry", self._geometry()),
-            ("regs", self._regs_blob()),
-            ("ram.z", stream_primitives.pack_pages(self.ram.buffer, PAGE)),
-        ]
+        sections: list[Section] = [("geometry", self._geometry()), ("regs", self._regs_blob())]
+        if self.ram.size <= RAM_SECTION:
+            sections.append(("ram.z", stream_primitives.pack_pages(self.ram.buffer, PAGE)))
+            return sections
+        # A large RAM goes out in parts, so the source checksums one part while the previous
+        # one is already on its way (a section's checksum precedes its payload).
+        for at in range(0, self.ram.size, RAM_SECTION):
+            sections.append(self._ram_section(at, self.ram.buffer[at : at + RAM_SECTION]))
+        return sections
 
     def precopy_start(self) -> list[Section]:
         # The initial pass goes out one chunk per read, so memory stays bounded; pages the

@@ -19,12 +19,11 @@ from devices.registry import (
     create_device,
 )
 from protocol.messages import DmaLayout
-from protocol.version import ServerCapabilities
 
 from .bench import add_bench_parser, run_bench
 from .client import Client, ClientError
-from .connection import Limits
 from .info import describe
+from .limits import add_limit_options, limits_from_args
 from .migration import (
     DATA_FD_CAPABILITIES,
     DEFAULT_PRECOPY_ROUNDS,
@@ -32,6 +31,7 @@ from .migration import (
     MigrationError,
     migrate,
 )
+from .migration_v1 import migrate as migrate_v1
 from .netdev import NetdevError, netdev_help, setup_netdevs
 from .qemu import qemu_args, qemu_command_line
 from .server import DeviceServer, ServerError
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024 * 1024,
         help="largest region/DMA transfer per message (default 1 MiB)",
     )
-    serve.add_argument("--max-dma-maps", type=int, default=65535, help="DMA mappings allowed")
+    add_limit_options(serve)
     serve.add_argument(
         "--dma-layout",
         choices=["auto", "spec", "qemu"],
@@ -105,11 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate",
         help="migrate a device's state from one server to another (VFIO migration v2)",
         description="Move the state of the device behind --from to the device behind --to: "
-        "on success the source is stopped (STOP) and the destination runs (RUNNING).",
+        "on success the source is stopped (STOP) and the destination runs (RUNNING). "
+        "Device state only: the command has no guest memory (from Python, "
+        "emulator.migration.migrate(guest_memory=...) migrates that too).",
     )
     mig.add_argument("--from", dest="source", required=True, metavar="SRC_SOCKET")
     mig.add_argument("--to", dest="destination", required=True, metavar="DST_SOCKET")
     mig.add_argument("--mode", choices=["stop-copy", "pre-copy"], default="stop-copy")
+    mig.add_argument(
+        "--protocol",
+        choices=["v2", "v1"],
+        default="v2",
+        help="v2: DEVICE_FEATURE and MIG_DATA; v1: the legacy migration region (devices "
+        "served with migration=v1 or both; --transport/--chunk/--precopy-* do not apply)",
+    )
     mig.add_argument(
         "--transport",
         choices=["inband", "fd"],
@@ -134,28 +143,28 @@ def build_parser() -> argparse.ArgumentParser:
 async def _serve(args: argparse.Namespace) -> int:
     try:
         device = create_device(args.device)
-        capabilities = ServerCapabilities(
-            max_data_xfer_size=args.max_data_xfer_size, max_dma_maps=args.max_dma_maps
-        )
+        layout = None if args.dma_layout == "auto" else DmaLayout(args.dma_layout)
+        capabilities, limits = limits_from_args(args, layout)
         netdevs = setup_netdevs(args.netdev, [device])
     except (DeviceSpecError, NetdevError, ValueError) as exc:
         print(f"vfio-user-emu: {exc}", file=sys.stderr)
         return 2
-    layout = None if args.dma_layout == "auto" else DmaLayout(args.dma_layout)
-    server = DeviceServer(
-        device,
-        socket_path=args.socket_path,
-        listen_fd=args.fd,
-        capabilities=capabilities,
-        limits=Limits(
-            max_message_size=capabilities.max_data_xfer_size + 4096,
-            max_dma_maps=capabilities.max_dma_maps,
-            dma_layout=layout,
-        ),
-        trace=args.trace,
-        once=args.once,
-        netdevs=netdevs,
-    )
+    try:
+        server = DeviceServer(
+            device,
+            socket_path=args.socket_path,
+            listen_fd=args.fd,
+            capabilities=capabilities,
+            limits=limits,
+            trace=args.trace,
+            once=args.once,
+            netdevs=netdevs,
+        )
+    except ServerError as exc:
+        for netdev in netdevs:
+            netdev.close()
+        print(f"vfio-user-emu: {exc}", file=sys.stderr)
+        return 2
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -206,6 +215,9 @@ async def _migrate(args: argparse.Namespace) -> int:
             except (OSError, ClientError) as exc:
                 return fail(f"cannot connect to the {side} {path}: {exc}")
         try:
+            if args.protocol == "v1":
+                legacy = await migrate_v1(clients[0], clients[1], mode=args.mode)
+                return _print_migrated(args, legacy.lines())
             report = await migrate(
                 clients[0],
                 clients[1],
@@ -217,8 +229,12 @@ async def _migrate(args: argparse.Namespace) -> int:
             )
         except (MigrationError, ValueError) as exc:
             return fail(str(exc))
+    return _print_migrated(args, report.lines())
+
+
+def _print_migrated(args: argparse.Namespace, lines: list[str]) -> int:
     print(f"migrated {args.source} -> {args.destination}")
-    for line in report.lines():
+    for line in lines:
         print(line)
     return 0
 

@@ -67,7 +67,6 @@ from protocol.messages import (
     DmaUnmap,
     IrqInfo,
     IrqSet,
-    MigData,
     MigDataRead,
     RegionAccess,
     RegionCap,
@@ -221,6 +220,40 @@ class _Pending:
         self.fds: list[int] = []
         self.error: ClientError | None = None
         self.abandoned = False
+
+
+class InFlight:
+    """A request that was sent and whose reply is still to come (:meth:`Client.send_request`)."""
+
+    def __init__(self, client: Client, command: int, waiter: _Pending) -> None:
+        self.client = client
+        self.command = command
+        self._waiter = waiter
+
+    async def reply(self) -> tuple[Header, bytes, list[int]]:
+        """Wait for the reply: ``(header, payload, fds)`` as :meth:`Client.request` returns
+        it (and with the same errors). Cancelled, the reply is dropped when it comes."""
+        waiter = self._waiter
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter.event.is_set():
+                close_fds(waiter.fds)
+            else:
+                waiter.abandoned = True  # the receive task drops the reply quietly
+            raise
+        if waiter.error is not None:
+            raise waiter.error
+        header = waiter.header
+        assert header is not None
+        return header, waiter.payload, self.client._check_reply(self.command, header, waiter)
+
+    def abandon(self) -> None:
+        """Not waiting for the reply after all (it is dropped when it comes)."""
+        if self._waiter.event.is_set():
+            close_fds(self._waiter.fds)
+        else:
+            self._waiter.abandoned = True
 
 
 class _Broken:
@@ -416,7 +449,7 @@ class Client:
         if self._broken is not None:
             raise self._broken.error(command)
 
-    async def _send(self, data: bytes, fds: Sequence[int], command: int) -> None:
+    async def _send(self, data: bytes | bytearray, fds: Sequence[int], command: int) -> None:
         async with self._send_lock:
             self._check_usable(command)
             if self.trace is not None:
@@ -459,34 +492,46 @@ class Client:
         fds raises :class:`InvalidReply`. With ``no_reply`` the command carries NO_REPLY,
         nothing is awaited and the header that was *sent* is returned with b"" and [].
         """
-        self._check_usable(command)
-        msg_id = self._allocate_id()
-        flags = MsgType.COMMAND | (FLAG_NO_REPLY if no_reply else 0)
-        data = pack_message(msg_id, command, payload, flags)
         if no_reply:
+            self._check_usable(command)
+            data = pack_message(
+                self._allocate_id(), command, payload, MsgType.COMMAND | FLAG_NO_REPLY
+            )
             await self._send(data, fds, command)
             return Header.unpack(data), b"", []
+        return await (await self.send_request(command, payload, fds=fds)).reply()
+
+    async def send_request(
+        self, command: int, payload: bytes = b"", *, fds: Sequence[int] = ()
+    ) -> InFlight:
+        """Send one command and return at once; :meth:`InFlight.reply` waits for its reply.
+        Requests are sent (and served) in the order of these calls, so several may be in
+        flight: the migration driver keeps its reads and writes of migration data going
+        while the previous ones are answered."""
+        return await self._send_request(command, (payload,), fds)
+
+    async def _send_request(
+        self, command: int, parts: Sequence[bytes | bytearray | memoryview], fds: Sequence[int]
+    ) -> InFlight:
+        """:meth:`send_request` of a payload made of ``parts`` (copied once, into the
+        message)."""
+        self._check_usable(command)
+        msg_id = self._allocate_id()
+        data = bytearray(HEADER.size + sum(len(part) for part in parts))
+        HEADER.pack_into(data, 0, msg_id, command, len(data), MsgType.COMMAND, 0)
+        at = HEADER.size
+        for part in parts:
+            data[at : at + len(part)] = part
+            at += len(part)
         waiter = _Pending(command)
         self._pending[msg_id] = waiter
-        sent = False
         try:
             await self._send(data, fds, command)
-            sent = True
-            await waiter.event.wait()
         except BaseException:
-            if waiter.event.is_set():
-                close_fds(waiter.fds)
-            elif sent:
-                # The reply will still come: let the receive task drop it quietly.
-                waiter.abandoned = True
-            elif self._pending.get(msg_id) is waiter:
+            if self._pending.get(msg_id) is waiter:
                 del self._pending[msg_id]
             raise
-        if waiter.error is not None:
-            raise waiter.error
-        header = waiter.header
-        assert header is not None
-        return header, waiter.payload, self._check_reply(command, header, waiter)
+        return InFlight(self, command, waiter)
 
     def _check_reply(self, command: int, header: Header, waiter: _Pending) -> list[int]:
         fds = waiter.fds
@@ -812,23 +857,45 @@ class Client:
         Only the reply's ``size`` field counts: padding after the valid bytes (libvfio-user
         pads to the requested size) is tolerated and dropped.
         """
-        cmd = Command.MIG_DATA_READ
+        return bytes(await self.mig_data_read_reply(await self.mig_data_read_send(size), size))
+
+    async def mig_data_read_send(self, size: int) -> InFlight:
+        """Send MIG_DATA_READ of ``size`` bytes; :meth:`mig_data_read_reply` gets the data."""
         request = MigDataRead(_MIG_HEADER + size, size).pack()
-        _, payload, fds = await self.request(cmd, request)
+        return await self.send_request(Command.MIG_DATA_READ, request)
+
+    async def mig_data_read_reply(self, sent: InFlight, size: int) -> memoryview:
+        """The data of a MIG_DATA_READ sent with :meth:`mig_data_read_send`, as a view of
+        the reply (not copied)."""
+        cmd = Command.MIG_DATA_READ
+        _, payload, fds = await sent.reply()
         self._no_fds(cmd, fds)
-        with _parsing(cmd):
-            reply = MigData.unpack(payload)
-        if reply.size > size:
-            raise InvalidReply(cmd, f"{reply.size} bytes returned, asked at most {size}")
+        if len(payload) < _MIG_HEADER:
+            raise InvalidReply(cmd, f"reply of {len(payload)} bytes: no MIG_DATA header")
+        argsz, valid = struct.unpack_from("<II", payload)
+        if len(payload) < _MIG_HEADER + valid:
+            raise InvalidReply(cmd, f"reply of {len(payload)} bytes announces {valid} data bytes")
+        if valid > size:
+            raise InvalidReply(cmd, f"{valid} bytes returned, asked at most {size}")
         if len(payload) > _MIG_HEADER + size:
             raise InvalidReply(cmd, f"reply of {len(payload)} bytes for {size} asked")
-        if reply.argsz < _MIG_HEADER + reply.size:
-            raise InvalidReply(cmd, f"reply argsz {reply.argsz} < 8 + {reply.size}")
-        return reply.data
+        if argsz < _MIG_HEADER + valid:
+            raise InvalidReply(cmd, f"reply argsz {argsz} < 8 + {valid}")
+        return memoryview(payload)[_MIG_HEADER : _MIG_HEADER + valid]
 
     async def mig_data_write(self, data: bytes) -> None:
-        request = MigData(_MIG_HEADER + len(data), len(data), bytes(data)).pack()
-        await self._call(Command.MIG_DATA_WRITE, request)
+        await self.mig_data_write_reply(await self.mig_data_write_send(data))
+
+    async def mig_data_write_send(self, data: bytes | bytearray | memoryview) -> InFlight:
+        """Send MIG_DATA_WRITE; :meth:`mig_data_write_reply` waits for the server's answer.
+        ``data`` is copied once, straight into the message."""
+        head = struct.pack("<II", _MIG_HEADER + len(data), len(data))
+        return await self._send_request(Command.MIG_DATA_WRITE, (head, data), ())
+
+    async def mig_data_write_reply(self, sent: InFlight) -> None:
+        _, reply, fds = await sent.reply()
+        self._no_fds(Command.MIG_DATA_WRITE, fds)
+        self._exact(Command.MIG_DATA_WRITE, reply, 0)
 
     # -- server -> client DMA -------------------------------------------------------------
 

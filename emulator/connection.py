@@ -17,7 +17,6 @@ import logging
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import trio
 
@@ -48,6 +47,7 @@ from .datafd import DataFdSessions, MemfdStaging
 from .dirty import LoggingFeature, covered
 from .dma import DirtyLog, DmaEngine, IovaMap
 from .irqs import IrqBindings
+from .limits import Limits
 from .session import Deferred, IoEventFds, Outcome, RegionFds, Session
 from .trace import Tracer
 from .transport import TransportError, close_fds, receive_chunk, send_message
@@ -55,23 +55,6 @@ from .transport import TransportError, close_fds, receive_chunk, send_message
 log = logging.getLogger("vfio_user_emu")
 
 SEND_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Bounds on what one client may make us hold (documented in the README)."""
-
-    max_message_size: int = 1024 * 1024 + 4096
-    max_fds_per_message: int = 16
-    max_dma_maps: int = 65535
-    dma_reply_timeout: float = 10.0
-    max_queued_jobs: int = 4096
-    #: Commands held back (in order) while a deferred command runs; past this the
-    #: reader stops reading until they are processed.
-    max_backlog: int = 1024
-    #: In-band DMA layout: None = decide per client (QEMU proposes minor 0, see
-    #: protocol.messages.DmaLayout), or force one.
-    dma_layout: DmaLayout | None = None
 
 
 def choose_dma_layout(client: ClientCapabilities) -> DmaLayout:
@@ -107,7 +90,10 @@ class ClientSession:
         self.region_fds = region_fds
         self.tracer = tracer
         self.proto = ServerConnection(capabilities, limits.max_message_size)
-        self.maps = IovaMap(min(limits.max_dma_maps, capabilities.max_dma_maps))
+        self.maps = IovaMap(
+            min(limits.max_dma_maps, capabilities.max_dma_maps),
+            mmap_unsealed=limits.mmap_unsealed_dma,
+        )
         self.dirty = DirtyLog()
         self.logging = LoggingFeature(self._mapped)
         self.dirty.sink = self.logging.record
@@ -159,6 +145,8 @@ class ClientSession:
         if self.data_fds is not None:
             self.data_fds.close()
         self._jobs.clear()
+        for held in self._backlog:
+            close_fds(held.fds)  # commands never processed: their fds are ours to close
         self._backlog.clear()
         if self.device.migration.work is self:
             self.device.migration.work = NoWork()
@@ -199,15 +187,18 @@ class ClientSession:
             while (event := self.proto.next_event()) is not None:
                 if not await self._dispatch(event):
                     return
+                if len(self._backlog) >= self.limits.max_backlog:
+                    # Exactly the limit held: the rest of the chunk waits in the framer.
+                    await self._backlog_drained.wait()
             close_fds(self.proto.take_orphan_fds())
-            if len(self._backlog) >= self.limits.max_backlog:
-                await self._backlog_drained.wait()
 
     async def _dispatch(self, event: object) -> bool:
         """Handle one event; False when the connection must close."""
         if isinstance(event, CommandReceived):
-            if self._deferred_running:
-                self._backlog.append(event)  # processed in order once the deferred one ends
+            if self._deferred_running or self._backlog:
+                # Processed in order once the deferred one ends; while its backlog is still
+                # being worked off, later commands queue behind it (not overtake it).
+                self._backlog.append(event)
                 self._backlog_drained = trio.Event()
                 return True
             await self._command(event)
@@ -298,7 +289,10 @@ class ClientSession:
 
     def _start_session(self, client: ClientCapabilities) -> None:
         self.client = client
-        self.max_transfer = max(1, client.max_data_xfer_size)
+        # Our DMA_READ replies must fit our own message limit, whatever the client offers.
+        self.max_transfer = max(
+            1, min(client.max_data_xfer_size, self.capabilities.max_data_xfer_size)
+        )
         self.dma_layout = self.limits.dma_layout or choose_dma_layout(client)
         self.tracer.dma_layout = self.dma_layout
         device = self.device
@@ -319,6 +313,7 @@ class ClientSession:
             cancel_device_work=self.cancel_device_work,
             data_fds=self.data_fds,
             logging=self.logging,
+            limits=self.limits,
         )
         self.device.irq.sink = self.irqs
         self.device.attach(self)
@@ -424,7 +419,10 @@ class ClientSession:
         waiter = self._waiters[msg_id] = _Waiter()
         try:
             self.tracer.request(msg_id, command, payload)
-            await self._send(data)
+            try:
+                await self._send(data)
+            except (OSError, TransportError, trio.ClosedResourceError) as exc:
+                raise DmaFault(f"client gone: {exc}") from None
             with trio.move_on_after(self.limits.dma_reply_timeout):
                 await waiter.event.wait()
         finally:
@@ -464,6 +462,8 @@ class ClientSession:
                     await trio.lowlevel.wait_readable(fd)
                 except (trio.ClosedResourceError, OSError):
                     return
+                if scope.cancel_called:
+                    return  # unwatched (and closed) after we were woken: the number is stale
                 try:
                     os.read(fd, 8)
                 except BlockingIOError:

@@ -8,7 +8,9 @@ session returns one end of a pipe with the reply (SCM_RIGHTS, ``data_fd`` = its 
   EOF. A client that stops reading only stalls that task, never the control socket.
 * resuming: the client writes the stream and closes its end; a background task moves it
   into a memfd (``splice``, no copy through Python) so a large stream never lives in Python
-  objects. RESUMING->STOP first drains what is still in the pipe, then validates.
+  objects, and the session checksums each piece where it landed while it is in cache
+  (validation at RESUMING->STOP does not read it again). RESUMING->STOP first drains what
+  is still in the pipe, then validates.
 
 Leaving the state ends the session and closes our end; a new session gets a new pipe.
 """
@@ -22,6 +24,7 @@ import logging
 import mmap
 import os
 import threading
+from collections.abc import Callable
 
 import trio
 
@@ -30,6 +33,8 @@ from devices.migration import MigrationEngine, SavingSession
 from devices.state_stream import Buffer
 from protocol.constants import MigState
 from protocol.migration_fsm import Arc
+
+from . import fastpath
 
 log = logging.getLogger("vfio_user_emu")
 
@@ -47,12 +52,24 @@ OPENS_RESUME = (MigState.STOP, MigState.RESUMING)
 
 
 class MemfdStaging:
-    """Resumed bytes kept in a memfd: outside the Python heap, mapped only to validate."""
+    """Resumed bytes kept in a memfd, outside the Python heap.
+
+    The memfd is mapped once, read-only, over ``RESERVE`` bytes of address space (memory is
+    used only where bytes arrive): bytes spliced in from a data fd are checksummed where
+    they landed, and validation later reads them without mapping anything again.
+    """
 
     def __init__(self) -> None:
         self.fd = os.memfd_create("vfio-user-emu-resume", os.MFD_CLOEXEC)
         self._size = 0
+        self._mapped = 0  # bytes before this offset were read through the mapping already
         self._map: mmap.mmap | None = None
+        try:
+            os.ftruncate(self.fd, RESERVE)  # sparse: no memory until written
+            self._map = mmap.mmap(self.fd, RESERVE, mmap.MAP_SHARED, mmap.PROT_READ)
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     @property
     def size(self) -> int:
@@ -60,32 +77,40 @@ class MemfdStaging:
 
     def append(self, data: Buffer) -> None:
         view = memoryview(data).cast("B")
+        if self._size + len(view) > RESERVE:
+            raise DeviceError(errno.EFBIG, f"resumed stream exceeds {RESERVE} bytes")
         while view:
             written = os.pwrite(self.fd, view, self._size)
             self._size += written
             view = view[written:]
 
-    def fill_from(self, source: int, count: int) -> int:
-        """Move up to ``count`` bytes from a pipe into the staging file; 0 at EOF.
-        Raises BlockingIOError when the pipe is empty."""
-        try:
-            moved = os.splice(source, self.fd, count, offset_dst=self._size)
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.ENOSYS):
-                raise
-            data = os.read(source, count)  # no splice into this file: copy instead
-            self.append(data)
-            return len(data)
-        self._size += moved
-        return moved
+    def fill_from(self, source: int, count: int) -> memoryview:
+        """Move up to ``count`` bytes from a pipe into the staging file (``splice``: no copy
+        through Python); returns a view of where they landed, empty at EOF. Raises
+        BlockingIOError when the pipe is empty."""
+        count = min(count, RESERVE - self._size)
+        if count <= 0:
+            raise DeviceError(errno.EFBIG, f"resumed stream exceeds {RESERVE} bytes")
+        moved = os.splice(source, self.fd, count, offset_dst=self._size)
+        start, self._size = self._size, self._size + moved
+        if self._mapped == start:
+            self._mapped = self._size  # the caller reads the bytes where they landed
+        return self.window(start, self._size)
+
+    def window(self, start: int, end: int) -> memoryview:
+        """A view of staged bytes (faulted in as they are read)."""
+        assert self._map is not None
+        return memoryview(self._map)[start:end]
 
     def view(self) -> memoryview:
-        if not self.size:
+        if not self.size or self._map is None:
             return memoryview(b"")
-        # Prefault the whole mapping in one go: validation reads every byte anyway.
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        self._map = mmap.mmap(self.fd, self.size, flags, mmap.PROT_READ)
-        return memoryview(self._map)
+        # Map in what was not read yet in one go (validation reads every byte anyway).
+        start = self._mapped & ~(mmap.PAGESIZE - 1)
+        if start < self._size:
+            with contextlib.suppress(OSError, ValueError):
+                self._map.madvise(MADV_POPULATE_READ, start, self._size - start)
+        return self.window(0, self._size)
 
     def close(self) -> None:
         """Release the staged stream. Unmapping and freeing a large memfd takes a while, so
@@ -100,6 +125,10 @@ class MemfdStaging:
         threading.Thread(target=_release, args=(mapping, fd), daemon=True).start()
 
 
+#: Address space reserved for a staged stream (the engine's StreamLimits.max_stream).
+RESERVE = 1 << 34
+#: madvise(2) advice (Linux 5.14) that faults a range in without touching it page by page.
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 LARGE_STAGING = 16 << 20
 
 
@@ -111,6 +140,23 @@ def _release(mapping: mmap.mmap | None, fd: int) -> None:
             mapping.close()
     if fd >= 0:
         os.close(fd)
+
+
+#: Pieces at least this large of a mapping (device RAM) go into the pipe by reference.
+VMSPLICE_MIN = 64 << 10
+
+
+def _writer_for(view: memoryview) -> Callable[[int, memoryview], int]:
+    """How to put ``view`` into the pipe: pieces of a memory mapping (device RAM, which
+    stays put while the device is stopped in STOP_COPY) are handed over without a copy
+    (vmsplice); anything else, e.g. bytes the allocator may reuse once sent, is copied."""
+    if (
+        len(view) >= VMSPLICE_MIN
+        and isinstance(view.obj, mmap.mmap)
+        and fastpath.vmsplice_available()
+    ):
+        return fastpath.vmsplice
+    return os.write
 
 
 def _pipe() -> tuple[int, int]:
@@ -132,6 +178,7 @@ class DataFdSessions:
         #: after the saving pump delivered everything and closed its end.
         self._session_open = False
         self.failure: DeviceError | None = None
+        self._bounce: bytearray | None = None  # resumed bytes pass through it (one per client)
 
     @property
     def active(self) -> bool:
@@ -182,17 +229,22 @@ class DataFdSessions:
                 view = session.take(CHUNK)
                 if not view:
                     break  # the whole stream is written (STOP_COPY data is complete)
+                write = _writer_for(view)
                 while view:
                     try:
-                        written = os.write(fd, view)
+                        written = write(fd, view)
                     except BlockingIOError:
                         await trio.lowlevel.wait_writable(fd)
+                        if scope.cancel_called:
+                            return  # see _pump_in
                         continue
                     except BrokenPipeError:
                         log.info("data fd: the client closed its end early")
                         return
                     view = view[written:]
                 await trio.lowlevel.checkpoint()
+            if scope.cancel_called:
+                return
             self._close_fd()  # EOF for the client: that was the whole state
 
     async def _pump_in(self, engine: MigrationEngine, fd: int, scope: trio.CancelScope) -> None:
@@ -203,6 +255,10 @@ class DataFdSessions:
                         return  # EOF: the client closed its end
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(fd)
+                    if scope.cancel_called:
+                        # Woken before the session ended: the fd is closed now, and its
+                        # number may already belong to something else. Never touch it.
+                        return
                 except DeviceError as exc:
                     self.failure = exc
                     log.warning("data fd: %s", exc)
@@ -217,10 +273,15 @@ class DataFdSessions:
             raise DeviceError(errno.EFBIG, f"resumed stream exceeds {session.limit} bytes")
         staging = session.staging
         if isinstance(staging, MemfdStaging):
-            return staging.fill_from(fd, min(CHUNK, room)) > 0
-        data = os.read(fd, min(CHUNK, room))
-        session.write(data)
-        return bool(data)
+            landed = staging.fill_from(fd, min(CHUNK, room))
+            session.staged(landed)  # checksummed where it landed, while it is in cache
+            return len(landed) > 0
+        if self._bounce is None:
+            self._bounce = bytearray(CHUNK)
+        buffer = memoryview(self._bounce)
+        count = os.readv(fd, [buffer[: min(CHUNK, room)]])  # BlockingIOError: pipe empty
+        session.write(buffer[:count])
+        return count > 0
 
     def _drain(self, engine: MigrationEngine) -> None:
         """Move whatever the client already wrote (it is in the pipe) into staging."""

@@ -149,8 +149,9 @@ class LoggingFeature:
     def stop(self) -> None:
         self.session = None
 
-    def report(self, data: bytes, argsz: int) -> bytes:
-        """The reply data: the 24 request bytes, then the bitmap."""
+    def report(self, data: bytes, argsz: int, max_bitmap: int = 1 << 20) -> bytes:
+        """The reply data: the 24 request bytes, then the bitmap (at most ``max_bitmap``
+        bytes: the reply must fit one message, E2BIG otherwise)."""
         require(self.session is not None, "DMA_LOGGING_REPORT before DMA_LOGGING_START")
         assert self.session is not None
         require(len(data) >= REPORT.size, "DMA_LOGGING_REPORT: data too short")
@@ -160,7 +161,13 @@ class LoggingFeature:
         require(iova + length <= U64_LIMIT, "range wraps", errno.EOVERFLOW)
         self._check_reportable(iova, length)
         bits = (length + page_size - 1) // page_size
-        needed = 8 + REPORT.size + 8 * ((bits + 63) // 64)
+        bitmap_size = 8 * ((bits + 63) // 64)
+        require(
+            bitmap_size <= max_bitmap,
+            f"DMA_LOGGING_REPORT: a {bitmap_size}-byte bitmap exceeds {max_bitmap}",
+            errno.E2BIG,
+        )
+        needed = 8 + REPORT.size + bitmap_size
         require(argsz >= needed, f"DMA_LOGGING_REPORT: argsz {argsz} < {needed}")
         return REPORT.pack(iova, length, page_size) + self.session.report(iova, length, page_size)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import fcntl
 import mmap
 import os
 import stat
@@ -82,7 +83,31 @@ class Mapping:
             self.fd = None
 
 
-def _open_mapping(request: DmaMap, fd: int | None) -> Mapping:
+def mmap_is_safe(fd: int) -> bool:
+    """Can the client no longer shrink the file under our mapping?
+
+    A file shrunk while we map it turns our next access into SIGBUS, which kills the whole
+    server: a client must not be able to do that. memfds sealed against shrinking (QEMU's
+    ``memory-backend-memfd`` seals by default) are safe; a memfd that still accepts seals is
+    sealed against shrinking here (no client needs to shrink guest RAM it mapped); anything
+    else (a file on disk, a memfd closed to sealing) is not, and is reached with messages.
+    """
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return False  # not a memfd/shmem file
+    if seals & fcntl.F_SEAL_SHRINK:
+        return True
+    if seals & fcntl.F_SEAL_SEAL:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError:
+        return False
+    return True
+
+
+def _open_mapping(request: DmaMap, fd: int | None, *, mmap_unsealed: bool = False) -> Mapping:
     readable = bool(request.flags & DmaMapFlags.READ)
     writable = bool(request.flags & DmaMapFlags.WRITE)
     mapping = Mapping(request.address, request.size, readable, writable, fd, request.offset)
@@ -98,6 +123,10 @@ def _open_mapping(request: DmaMap, fd: int | None) -> Mapping:
             f"offset {request.offset:#x} + size {request.size:#x}",
         )
     mapping.file_id = (st.st_dev, st.st_ino)
+    if not (mmap_unsealed or mmap_is_safe(fd)):
+        os.close(fd)  # reached through DMA_READ/DMA_WRITE messages instead
+        mapping.fd = None
+        return mapping
     skew = request.offset % PAGE_SIZE
     prot = (mmap.PROT_READ if readable else 0) | (mmap.PROT_WRITE if writable else 0)
     try:
@@ -116,8 +145,10 @@ def _open_mapping(request: DmaMap, fd: int | None) -> Mapping:
 class IovaMap:
     """The client's IOVA ranges, sorted and non-overlapping."""
 
-    def __init__(self, max_maps: int) -> None:
+    def __init__(self, max_maps: int, *, mmap_unsealed: bool = False) -> None:
         self.max_maps = max_maps
+        #: mmap fds the client could still shrink (SIGBUS risk; only for trusted clients).
+        self.mmap_unsealed = mmap_unsealed
         self._starts: list[int] = []
         self._maps: list[Mapping] = []
         self._slots: list[Mapping | None] = []  # DMA_MAP order, freed slots reused
@@ -131,7 +162,7 @@ class IovaMap:
     def add(self, request: DmaMap, fd: int | None) -> None:
         """Map a range; takes ownership of ``fd`` on success (and closes it on failure)."""
         try:
-            mapping = _open_mapping(request, fd)
+            mapping = _open_mapping(request, fd, mmap_unsealed=self.mmap_unsealed)
         except BaseException:
             if fd is not None:
                 os.close(fd)
@@ -310,9 +341,11 @@ class DmaEngine:
                 await self.channel.checkpoint()
                 continue
             address = mapping.address + offset
+            received = bytearray()  # one buffer, however many messages the client needs
             for start, count in self._pieces(chunk):
                 self._check_live(mapping)
-                parts.append(await self.channel.dma_read(address + start, count))
+                received += await self.channel.dma_read(address + start, count)
+            parts.append(bytes(received))
         return b"".join(parts)
 
     async def _write(
@@ -336,10 +369,12 @@ class DmaEngine:
                     self.dirty.record(address + start, count)  # DMA_WRITEs we send count too
             pos += chunk
 
-    def _pieces(self, length: int) -> list[tuple[int, int]]:
-        """(start, count) messages for ``length`` bytes, split at the client's transfer size."""
+    def _pieces(self, length: int) -> Iterator[tuple[int, int]]:
+        """(start, count) messages for ``length`` bytes, split at the client's transfer size
+        (generated: a client announcing a tiny transfer size costs messages, not memory)."""
         step = self.channel.max_transfer
-        return [(start, min(step, length - start)) for start in range(0, length, step)]
+        for start in range(0, length, step):
+            yield start, min(step, length - start)
 
     async def read_sg(self, segments: list[tuple[int, int]]) -> bytes:
         """Gather ``(iova, length)`` segments; all are checked before any is read."""

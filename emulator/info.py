@@ -11,7 +11,7 @@ from protocol.constants import (
     PciRegion,
     RegionFlags,
 )
-from protocol.messages import SparseMmapCap, TypeCap
+from protocol.messages import NdmaCap, SparseMmapCap, TypeCap
 
 from .client import Client, ClientError, ConnectionLost, RegionDescription
 from .transport import close_fds
@@ -254,7 +254,10 @@ def _region_lines(desc: RegionDescription, config: _Config | None) -> list[str]:
             areas = ", ".join(f"{off:#x}+{size:#x}" for off, size in cap.areas) or "none"
             lines.append(f"           sparse mmap areas: {areas}")
         elif isinstance(cap, TypeCap):
-            lines.append(f"           type {cap.type}, subtype {cap.subtype}")
+            migration = " (v1 migration region)" if (cap.type, cap.subtype) == (3, 1) else ""
+            lines.append(f"           type {cap.type}, subtype {cap.subtype}{migration}")
+        elif isinstance(cap, NdmaCap):
+            lines.append("           NDMA (P2P quiescing)")
     return lines
 
 

@@ -56,6 +56,12 @@ class IrqBindings:
     def fd_count(self) -> int:
         return sum(len(t) for t in self.triggers) + len(self.unmask_fds)
 
+    def bound_in(self, index: int, start: int, count: int) -> int:
+        """How many trigger eventfds are bound to vectors [start, start+count) of ``index``."""
+        if index >= NUM_IRQ_INDEXES:
+            return 0
+        return sum(1 for vector in self.triggers[index] if start <= vector < start + count)
+
     def close_all(self) -> None:
         for table in self.triggers:
             for fd in table.values():
@@ -109,6 +115,10 @@ class IrqBindings:
         index, start, count = request.index, request.start, request.count
         action = request.action
         require(len(fds) in (0, count), f"SET_IRQS: {len(fds)} fds for count {count}")
+        for fd in fds:
+            # Never block the server on a client's fd: an eventfd whose counter the client
+            # drove to its maximum (or a full pipe passed instead) would block a write.
+            os.set_blocking(fd, False)
         if action == IrqSetFlags.ACTION_TRIGGER:
             table = self.triggers[index]
             for i in range(count):

@@ -17,6 +17,13 @@ Flows (``source`` and ``destination`` are connected :class:`~emulator.client.Cli
   STOP_COPY size estimate. Rounds stop once one moves at most ``precopy_threshold`` bytes
   or after ``precopy_rounds`` rounds; then PRE_COPY -> STOP_COPY sends what is left.
 
+With ``guest_memory`` (:mod:`emulator.guest_memory_migration`) guest RAM moves too, as a
+VMM moves it: pre-copy starts the source's DMA dirty-page log and copies all of memory
+before the source enters PRE_COPY, copies the pages the log names after every round, and
+once more (the final REPORT) once the source is stopped (STOP_COPY, then STOP: its DMA
+ended when it entered STOP_COPY), then stops the log; stop-copy copies all of memory once
+the source is stopped.
+
 The stream is never held in memory: chunks go straight from source to destination, each at
 most the smaller of what we advertised to the source (MIG_DATA_READ is bounded by the
 *client's* max_data_xfer_size) and the destination server's max_data_xfer_size. Unless the
@@ -52,8 +59,10 @@ devices in the wrong state) raise :class:`MigrationError` without touching eithe
 from __future__ import annotations
 
 import os
+import select
 import struct
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar, get_args
@@ -69,7 +78,9 @@ from protocol.constants import (
 )
 from protocol.messages import DeviceFeatureMsg
 
-from .client import Client, ClientError, ConnectionLost, InvalidReply
+from . import allocator
+from .client import Client, ClientError, ConnectionLost, InFlight, InvalidReply
+from .guest_memory_migration import GuestMemoryMigration, MemoryCopyReport
 
 __all__ = [
     "DEFAULT_PRECOPY_ROUNDS",
@@ -114,6 +125,8 @@ ROUND_LIMIT_WITHOUT_ESTIMATE = 64 * 1024 * 1024
 MIN_CHUNK = 4096
 #: Bytes asked for after a short read, to learn cheaply whether more data follows.
 PROBE_SIZE = 4096
+#: STOP_COPY reads (and writes) in flight at once.
+PIPELINE_DEPTH = 4
 #: Seconds the whole recovery after a failure may take.
 RECOVERY_TIMEOUT = 10.0
 
@@ -159,6 +172,8 @@ class MigrationReport:
     #: bytes_moved / time spent reading and writing data (bytes per second).
     throughput: float
     precopy_rounds: int
+    #: Guest pages copied by phase, when ``migrate()`` was given guest memory.
+    memory: MemoryCopyReport | None = None
 
     def lines(self) -> list[str]:
         """Human-readable summary (what ``vfio-user-emu migrate`` prints)."""
@@ -170,7 +185,7 @@ class MigrationReport:
             f"throughput: {self.throughput / 1e6:.2f} MB/s",
             f"downtime: {self.downtime_s * 1e3:.3f} ms",
             f"total time: {self.total_s * 1e3:.3f} ms",
-        ]
+        ] + ([] if self.memory is None else self.memory.lines())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,22 +257,22 @@ async def pump_pipe(source: int, sink: int) -> int:
                 source, sink, PIPE_CHUNK, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
             )
         except BlockingIOError:
-            # Either side may be the one not ready: wait for whichever unblocks first.
-            async with trio.open_nursery() as nursery:
-
-                async def wait(fd: int, writable: bool) -> None:
-                    if writable:
-                        await trio.lowlevel.wait_writable(fd)
-                    else:
-                        await trio.lowlevel.wait_readable(fd)
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(wait, source, False)
-                nursery.start_soon(wait, sink, True)
+            await _wait_for_pipes(source, sink)
             continue
         if count == 0:
             return moved
         moved += count
+
+
+async def _wait_for_pipes(source: int, sink: int) -> None:
+    """Wait for whichever side blocked the splice: the empty source or the full sink."""
+    readable, writable, _ = select.select([source], [sink], [], 0)
+    if not readable:
+        await trio.lowlevel.wait_readable(source)
+    elif not writable:
+        await trio.lowlevel.wait_writable(sink)
+    else:
+        await trio.lowlevel.checkpoint()  # both ready again already
 
 
 async def stop_copy_size(client: Client) -> int:
@@ -288,6 +303,7 @@ class _Migration:
         precopy_threshold: int,
         on_precopy_round: PrecopyHook | None,
         transport: Transport = "inband",
+        guest_memory: GuestMemoryMigration | None = None,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}")
@@ -321,6 +337,7 @@ class _Migration:
         self.transfer_s = 0.0
         self.transport: Transport = transport
         self.destination_fd: int | None = None
+        self.memory = guest_memory
 
     # -- before anything changes -------------------------------------------------------------
     async def preflight(self) -> None:
@@ -362,6 +379,10 @@ class _Migration:
             )
         self.source_initial = src_state
         self.destination_initial = dst_state
+        if self.memory is not None and self.mode == "pre-copy":
+            await self._checked(
+                "source", self.memory.check_logging(self.source), "has no DMA dirty-page logging"
+            )
         try:
             estimate = await stop_copy_size(self.source)
         except ClientError:
@@ -408,6 +429,7 @@ class _Migration:
                 f"moving the destination {self.destination_initial.name} -> RESUMING",
             )
         if self.mode == "pre-copy":
+            await self._memory_precopy_start()
             self.source_touched = True
             await self._set(src, MigState.PRE_COPY, "moving the source RUNNING -> PRE_COPY")
             await self._precopy()
@@ -422,8 +444,9 @@ class _Migration:
             stop_copy_bytes = await self._pump(source_fd)
         else:
             await self._set(src, MigState.STOP_COPY, f"moving the source {before} -> STOP_COPY")
-            stop_copy_bytes = await self._drain(None, "stop-copy")
+            stop_copy_bytes = await self._pipelined_drain("stop-copy")
         await self._set(src, MigState.STOP, "moving the source STOP_COPY -> STOP")
+        await self._memory_stopped()
         await self._set(
             dst,
             MigState.STOP,
@@ -441,6 +464,7 @@ class _Migration:
             total_s=done - started,
             throughput=moved / self.transfer_s if self.transfer_s > 0 else 0.0,
             precopy_rounds=self.rounds,
+            memory=None if self.memory is None else self.memory.report(),
         )
 
     async def _pump(self, source_fd: int) -> int:
@@ -461,11 +485,46 @@ class _Migration:
             moved = await self._drain(self.round_limit, f"pre-copy round {self.rounds + 1}")
             self.rounds += 1
             self.precopy_bytes += moved
+            memory_moved = await self._memory_round()
             if self.on_precopy_round is not None:
                 self.stage = f"running the hook after pre-copy round {self.rounds}"
                 await self.on_precopy_round(self.rounds, moved)
-            if moved <= self.threshold or self.rounds >= self.max_rounds:
+            if moved + memory_moved <= self.threshold or self.rounds >= self.max_rounds:
                 return
+
+    # -- guest memory (emulator.guest_memory_migration) -----------------------------------------
+    async def _memory_precopy_start(self) -> None:
+        """Device dirty logging on, then a first copy of all guest memory (the device may
+        write it meanwhile: the log has those pages)."""
+        if self.memory is None:
+            return
+        self.memory.begin()
+        self.stage = "starting DMA dirty-page logging on the source"
+        await self.memory.start_logging(self.source)
+        self.stage = "pre-copy: copying all guest memory"
+        await self.memory.copy_all()
+
+    async def _memory_round(self) -> int:
+        """After a pre-copy round: copy the guest pages dirtied since; returns their bytes."""
+        if self.memory is None:
+            return 0
+        self.stage = f"pre-copy round {self.rounds}: copying dirty guest pages"
+        return await self.memory.sync_round(self.source) * self.memory.page_size
+
+    async def _memory_stopped(self) -> None:
+        """The source is stopped (STOP_COPY -> STOP; its DMA finished when it entered
+        STOP_COPY, the engine waits for work in progress): the rest of guest memory."""
+        if self.memory is None:
+            return
+        if self.mode == "stop-copy":
+            self.memory.begin()
+            self.stage = "stop-copy: copying all guest memory"
+            await self.memory.copy_all_stopped()
+            return
+        self.stage = "stop-copy: copying the last dirty guest pages"
+        await self.memory.sync_stopped(self.source)
+        self.stage = "stopping DMA dirty-page logging on the source"
+        await self.memory.stop_logging(self.source)
 
     async def _drain(self, limit: int | None, what: str) -> int:
         """Copy chunks until the source has no more data (or ``limit`` bytes moved)."""
@@ -495,6 +554,53 @@ class _Migration:
             self.transfer_s += time.perf_counter() - began
         return moved
 
+    async def _pipelined_drain(self, what: str) -> int:
+        """STOP_COPY data with up to ``PIPELINE_DEPTH`` reads and as many writes in flight,
+        so that the source, this driver and the destination work at the same time.
+
+        Requests on one connection are served in order, so the chunks come back, and are
+        written, in stream order. The stream ends with an empty read; reads already sent
+        after it come back empty too (the data is complete in STOP_COPY), and after a short
+        read new reads ask for PROBE_SIZE only (servers may pad replies to the size asked).
+        """
+        reading = f"{what}: reading migration data from the source"
+        writing = f"{what}: writing migration data to the destination"
+        reads: deque[tuple[InFlight, int]] = deque()
+        writes: deque[InFlight] = deque()
+        moved = 0
+        want = self.chunk
+        ended = False
+        began = time.perf_counter()
+        try:
+            while True:
+                self.stage = reading
+                while not ended and len(reads) < PIPELINE_DEPTH:
+                    reads.append((await self.source.mig_data_read_send(want), want))
+                if not reads:
+                    break
+                sent, size = reads.popleft()
+                data = await self.source.mig_data_read_reply(sent, size)
+                if not data:
+                    ended = True
+                    continue
+                if len(data) < size:
+                    want = min(PROBE_SIZE, self.chunk)
+                self.stage = writing
+                writes.append(await self.destination.mig_data_write_send(data))
+                moved += len(data)
+                while len(writes) > PIPELINE_DEPTH:
+                    await self.destination.mig_data_write_reply(writes.popleft())
+            self.stage = writing
+            while writes:
+                await self.destination.mig_data_write_reply(writes.popleft())
+        finally:
+            for sent, _ in reads:
+                sent.abandon()
+            for sent in writes:
+                sent.abandon()
+            self.transfer_s += time.perf_counter() - began
+        return moved
+
     # -- after a failure ------------------------------------------------------------------------
     async def recover(self) -> list[str]:
         if self.destination_fd is not None:
@@ -502,6 +608,8 @@ class _Migration:
             self.destination_fd = None
         notes: list[str] = []
         with trio.CancelScope(shield=True), trio.move_on_after(RECOVERY_TIMEOUT) as scope:
+            if self.memory is not None and self.memory.logging:
+                notes.append(await self._stop_logging())
             if self.source_touched:
                 notes.append(await self._recover_source())
             if self.destination_touched:
@@ -509,6 +617,15 @@ class _Migration:
         if scope.cancelled_caught:
             notes.append(f"recovery gave up after {RECOVERY_TIMEOUT:g}s")
         return notes
+
+    async def _stop_logging(self) -> str:
+        assert self.memory is not None
+        try:
+            await self.memory.stop_logging(self.source)
+        except ClientError as exc:
+            self.memory.logging = False  # a lost connection ends the session's logging
+            return f"source DMA logging not stopped ({exc})"
+        return "source DMA logging stopped"
 
     async def _recover_source(self) -> str:
         client, target = self.source, self.source_initial
@@ -565,6 +682,7 @@ async def migrate(
     precopy_threshold: int = DEFAULT_PRECOPY_THRESHOLD,
     on_precopy_round: PrecopyHook | None = None,
     transport: Transport = "inband",
+    guest_memory: GuestMemoryMigration | None = None,
 ) -> MigrationReport:
     """Migrate the device behind ``source`` to the device behind ``destination``.
 
@@ -577,10 +695,21 @@ async def migrate(
     ``precopy_rounds`` / ``precopy_threshold`` bound pre-copy (see the module docstring);
     ``on_precopy_round`` runs after each pre-copy round while the source still runs.
 
+    ``guest_memory`` (:class:`~emulator.guest_memory_migration.GuestMemoryMigration`: the
+    source's and a separate destination's guest memory) is migrated too, consistently with
+    the device: in pre-copy mode with the source's DMA dirty-page log (DMA_LOGGING_START
+    before a first full copy, REPORT and copy of the dirtied pages after each round and
+    once more with the source stopped, then DMA_LOGGING_STOP); in stop-copy mode all of it
+    once the source is stopped. Pre-copy then also needs the source to offer dirty
+    logging. Counts land in :attr:`MigrationReport.memory`; a round's dirty pages count
+    towards ``precopy_threshold``.
+
     On success the source is in STOP and the destination in RUNNING. Raises
     :class:`MigrationError` (after recovery, see the module docstring) when a request fails,
     ValueError for bad arguments.
     """
+    # The whole stream passes through this process in message-sized buffers (in-band).
+    allocator.keep_large_buffers()
     started = time.perf_counter()
     run = _Migration(
         source,
@@ -591,6 +720,7 @@ async def migrate(
         precopy_threshold=precopy_threshold,
         on_precopy_round=on_precopy_round,
         transport=transport,
+        guest_memory=guest_memory,
     )
     await run.preflight()
     try:

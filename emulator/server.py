@@ -6,6 +6,8 @@
 * Or an inherited listening socket (``--fd N``, systemd socket activation) is used as is.
 * One client at a time: a second connection is answered with EBUSY to its first message and
   closed, without disturbing the first.
+* With ``Limits.allowed_uids`` (``--allow-uid``), a peer whose SO_PEERCRED uid is not listed
+  is logged and closed at once, before it can send anything.
 * On disconnect the client's DMA maps and eventfds go, the device's state stays.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import fcntl
 import functools
 import logging
 import mmap
@@ -28,14 +31,16 @@ import trio
 
 from devices.api import Device, RamRegion
 from protocol.constants import HEADER_SIZE
+from protocol.errors import ProtocolError
 from protocol.header import Header, pack_error_reply
 from protocol.version import ServerCapabilities
 
-from . import fastpath
-from .connection import ClientSession, Limits
+from . import allocator, fastpath
+from .connection import ClientSession
+from .limits import MIGRATION_SESSIONS, Limits, apply_to_device, peer_allowed, peer_uid
 from .session import RegionFds
 from .trace import Tracer
-from .transport import close_fds, receive_chunk, send_message
+from .transport import TransportError, close_fds, receive_chunk, send_message
 
 if TYPE_CHECKING:
     from .netdev import NetBackend
@@ -43,6 +48,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("vfio_user_emu")
 
 REFUSAL_WAIT = 2.0
+#: Second clients told EBUSY at once (each held up to REFUSAL_WAIT); more are just closed.
+MAX_PENDING_REFUSALS = 16
+#: accept() failures that a flood of connections can cause; the server waits and goes on.
+ACCEPT_RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_RETRY_DELAY = 0.1
+RAM_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 class ServerState(enum.Enum):
@@ -125,8 +136,11 @@ class RamBacking:
         backing = cls()
         for index, region in device.regions.items():
             if isinstance(region, RamRegion) and region.mmap_areas and region.size:
-                fd = os.memfd_create(f"{name}-region{index}", os.MFD_CLOEXEC)
+                fd = os.memfd_create(f"{name}-region{index}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
                 os.ftruncate(fd, region.size)
+                # The client gets this fd: sealed, so it cannot shrink the file under the
+                # device's mapping (our next access would be a SIGBUS killing the server).
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, RAM_SEALS)
                 # Populated up front: the device's RAM is resident from the start (as the
                 # anonymous buffer it replaces would be), so no page fault lands inside a
                 # migration's downtime.
@@ -145,8 +159,10 @@ class RamBacking:
 
 @functools.cache
 def _install_fast_path() -> None:
-    """Pick the C fast path for migration streams once per process (or the fallback)."""
+    """Pick the C fast path for migration streams once per process (or the fallback), and
+    keep large freed buffers for reuse (message copies without page faults)."""
     fastpath.install_best()
+    allocator.keep_large_buffers()
 
 
 class DeviceServer:
@@ -166,17 +182,26 @@ class DeviceServer:
         if (socket_path is None) == (listen_fd is None):
             raise ServerError("give exactly one of socket_path and listen_fd")
         _install_fast_path()
+        self.limits = limits or Limits(
+            max_message_size=(capabilities or ServerCapabilities()).max_data_xfer_size + 4096
+        )
+        try:
+            apply_to_device(device, self.limits)
+        except ValueError as exc:
+            raise ServerError(str(exc)) from None
         self.device = device
         self.socket_path = Path(socket_path) if socket_path is not None else None
         self.listen_fd = listen_fd
         self.capabilities = capabilities or ServerCapabilities()
-        self.limits = limits or Limits(max_message_size=self.capabilities.max_data_xfer_size + 4096)
         self.name = name or device.type_name
         self.tracer = Tracer(trace, self.name)
         self.once = once
         self.state = ServerState.CREATED
         self.active: ClientSession | None = None
         self.sessions_served = 0
+        #: Connections closed because their peer's uid is not in ``limits.allowed_uids``.
+        self.refused_peers = 0
+        self._refusing = 0  # second clients being told EBUSY right now
         self._backing: RamBacking | None = None
         #: Network backends (emulator.netdev) run in the server's nursery, stop with it.
         self.netdevs = tuple(netdevs)
@@ -191,6 +216,7 @@ class DeviceServer:
         listener = trio.socket.from_stdlib_socket(raw)
         self._backing = RamBacking.for_device(self.device, self.name)
         self.state = ServerState.LISTENING
+        MIGRATION_SESSIONS.register(self.device)
         try:
             async with trio.open_nursery() as nursery:
                 for netdev in self.netdevs:
@@ -198,6 +224,7 @@ class DeviceServer:
                 task_status.started()
                 await self._accept_loop(listener, nursery)
         finally:
+            MIGRATION_SESSIONS.unregister(self.device)
             self.state = ServerState.CLOSED
             listener.close()
             if self.socket_path is not None:
@@ -206,7 +233,19 @@ class DeviceServer:
 
     async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         while True:
-            sock, _ = await listener.accept()
+            try:
+                sock, _ = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_RETRY_ERRNOS:
+                    raise
+                # Out of fds (a flood of connections) or memory: the clients we serve go on;
+                # accepting resumes once something is released.
+                log.warning("%s: accept failed (%s); retrying", self.name, exc)
+                await trio.sleep(ACCEPT_RETRY_DELAY)
+                continue
+            if not self._peer_allowed(sock):
+                sock.close()
+                continue
             active = self.active
             if active is not None and active.closed:
                 # The previous client is gone and its teardown is finishing: a reconnect
@@ -214,6 +253,9 @@ class DeviceServer:
                 await active.finished.wait()
                 active = self.active
             if active is not None:
+                if self._refusing >= MAX_PENDING_REFUSALS:
+                    sock.close()  # a flood of connections: no EBUSY for each, just closed
+                    continue
                 nursery.start_soon(self._refuse, sock)
                 continue
             nursery.start_soon(self._serve_client, sock, nursery.cancel_scope)
@@ -244,12 +286,34 @@ class DeviceServer:
             if self.once:
                 stop.cancel()
 
+    def _peer_allowed(self, sock: trio.socket.SocketType) -> bool:
+        allowed = self.limits.allowed_uids
+        if not allowed:
+            return True
+        try:
+            pid, uid = peer_uid(sock)
+        except OSError as exc:
+            log.warning("%s: refusing a client: no peer credentials (%s)", self.name, exc)
+            return False
+        if peer_allowed(uid, allowed):
+            return True
+        self.refused_peers += 1
+        log.warning(
+            "%s: refusing a client: uid %d (pid %d) is not allowed (--allow-uid %s)",
+            self.name,
+            uid,
+            pid,
+            ",".join(str(u) for u in sorted(allowed)),
+        )
+        return False
+
     async def _refuse(self, sock: trio.socket.SocketType) -> None:
         """Tell a second client the device is taken: EBUSY to its first command."""
         log.warning("%s: refusing a second client (device busy)", self.name)
+        self._refusing += 1
         try:
             with trio.move_on_after(REFUSAL_WAIT):
-                data, fds = await receive_chunk(sock, 4096, 16)
+                data, fds = await receive_chunk(sock, 4096, self.limits.max_fds_per_message)
                 close_fds(fds)
                 if len(data) >= HEADER_SIZE:
                     header = Header.unpack(data)
@@ -257,9 +321,10 @@ class DeviceServer:
                         await send_message(
                             sock, pack_error_reply(header.msg_id, header.command, errno.EBUSY)
                         )
-        except OSError:
-            pass
+        except (OSError, TransportError, ProtocolError):
+            pass  # whatever this client sent, it is being turned away anyway
         finally:
+            self._refusing -= 1
             sock.close()
 
 

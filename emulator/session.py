@@ -26,6 +26,7 @@ from protocol.constants import (
     DeviceFlags,
     IoeventfdFlags,
     IoFdType,
+    IrqSetFlags,
     MigState,
     RegionFlags,
 )
@@ -50,12 +51,17 @@ from protocol.messages import (
     TypeCap,
     pack_region_caps,
 )
+from protocol.migration_v1 import DirtyPages, DirtyPagesFlags, bitmap_bytes
 from protocol.version import ClientCapabilities, ServerCapabilities
 
 from .datafd import DataFdSessions
+from .dirty import REPORT as LOGGING_REPORT
+from .dirty import START_HEADER as LOGGING_START
 from .dirty import LoggingFeature
 from .dma import IovaMap
 from .irqs import IrqBindings
+from .limits import MIGRATION_SESSIONS, Limits
+from .migration_region import region_for
 
 U64 = struct.Struct("<Q")
 MIG_STATE = struct.Struct("<Ii")
@@ -70,6 +76,10 @@ FEATURE_OPS = {
     DeviceFeature.DMA_LOGGING_REPORT: FEATURE_GET,
     DeviceFeature.MIG_DATA_SIZE: FEATURE_GET,
 }
+#: Features only a device serving migration v2 offers.
+V2_FEATURES = frozenset(
+    {DeviceFeature.MIGRATION, DeviceFeature.MIG_DEVICE_STATE, DeviceFeature.MIG_DATA_SIZE}
+)
 #: Dirty logging is served for every device (it is about the client's memory, not state).
 LOGGING_FEATURES = frozenset(
     {
@@ -137,6 +147,7 @@ class Session:
         cancel_device_work: Callable[[], None],
         data_fds: DataFdSessions | None = None,
         logging: LoggingFeature | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.device = device
         self.client = client
@@ -148,6 +159,9 @@ class Session:
         self.cancel_device_work = cancel_device_work
         self.data_fds = data_fds
         self.logging = logging
+        #: The legacy v1 migration region (``migration=v1`` or ``both``), else None.
+        self.v1 = region_for(device)
+        self.limits = limits or Limits()
         self.handlers: dict[int, Callable[[Header, bytes, list[int]], Outcome | Deferred]] = {
             Command.DMA_MAP: self.dma_map,
             Command.DMA_UNMAP: self.dma_unmap,
@@ -163,6 +177,7 @@ class Session:
             Command.DEVICE_FEATURE: self.device_feature,
             Command.MIG_DATA_READ: self.mig_data_read,
             Command.MIG_DATA_WRITE: self.mig_data_write,
+            Command.DIRTY_PAGES: self.dirty_pages,
         }
 
     def handle(self, header: Header, payload: bytes, fds: list[int]) -> Outcome | Deferred:
@@ -183,7 +198,8 @@ class Session:
 
     def dma_unmap(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
         request = DmaUnmap.unpack(payload)
-        require(not request.wants_bitmap, "DMA_UNMAP: dirty bitmaps need migration v1")
+        if request.wants_bitmap:
+            return Outcome(self._unmap_with_bitmap(request))
         if request.unmap_all:
             self.maps.clear()
         else:
@@ -194,20 +210,27 @@ class Session:
     def get_info(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
         DeviceInfo.unpack(payload)
         flags = DeviceFlags.PCI | (DeviceFlags.RESET if self.device.supports_reset else 0)
-        info = DeviceInfo(DeviceInfo.SIZE, flags, self.device.num_regions, PCI_NUM_IRQS)
+        info = DeviceInfo(DeviceInfo.SIZE, flags, self.num_regions, PCI_NUM_IRQS)
         return Outcome(info.pack())
 
+    @property
+    def num_regions(self) -> int:
+        """The device's regions, and the v1 migration region after them if served."""
+        return self.device.num_regions + (1 if self.v1 is not None else 0)
+
+    def _is_v1_region(self, index: int) -> bool:
+        return self.v1 is not None and index == self.v1.index
+
     def _region(self, index: int) -> Region | None:
-        require(
-            index < self.device.num_regions,
-            f"region {index} >= {self.device.num_regions} regions",
-        )
+        require(index < self.num_regions, f"region {index} >= {self.num_regions} regions")
         region = self.device.regions.get(index)
         return region if region is not None and region.size else None
 
     def get_region_info(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
         request = RegionInfo.unpack(payload)
         index = request.index
+        if self.v1 is not None and self._is_v1_region(index):
+            return Outcome(self.v1.region_info(request.argsz))
         region = self._region(index)
         if region is None:
             return Outcome(RegionInfo(RegionInfo.SIZE, 0, index, 0, 0, 0).pack())
@@ -276,7 +299,10 @@ class Session:
         self._region(request.region)
         if request.count == 0:
             return EMPTY
-        data = self.device.region_read(request.region, request.offset, request.count)
+        if self.v1 is not None and self._is_v1_region(request.region):
+            data = self.v1.read(request.offset, request.count)
+        else:
+            data = self.device.region_read(request.region, request.offset, request.count)
         return Outcome(RegionData(request.offset, request.region, request.count, data).pack())
 
     def _check_writable_now(self, region: int, offset: int, count: int) -> None:
@@ -296,14 +322,25 @@ class Session:
             errno.EINVAL, f"region {region} is not writable in {self.device.migration.state.name}"
         )
 
-    def region_write(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+    def region_write(self, header: Header, payload: bytes, fds: list[int]) -> Outcome | Deferred:
         request = RegionData.unpack(payload)
         self._check_count(request.count)
         self._region(request.region)
+        echo = Outcome(RegionAccess(request.offset, request.region, request.count).pack())
+        if self.v1 is not None and self._is_v1_region(request.region):
+            transition = self.v1.write(request.offset, request.data) if request.count else None
+            if transition is None:
+                return echo
+
+            async def change_state() -> Outcome:
+                await transition()
+                return echo
+
+            return Deferred(change_state)
         self._check_writable_now(request.region, request.offset, request.count)
         if request.count:
             self.device.region_write(request.region, request.offset, request.data)
-        return Outcome(RegionAccess(request.offset, request.region, request.count).pack())
+        return echo
 
     def region_write_multi(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
         require(self.server.write_multiple, "REGION_WRITE_MULTI was not offered")
@@ -324,6 +361,8 @@ class Session:
             self.data_fds.close()  # a reset ends any migration data session
         self.device.reset()
         self.device.migration.reset()  # -> RUNNING, also out of ERROR (kernel, spec)
+        if self.v1 is not None:
+            self.v1.reset()
         return EMPTY
 
     # -- interrupts -------------------------------------------------------------------------
@@ -340,7 +379,23 @@ class Session:
         return Outcome(info.pack())
 
     def set_irqs(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
-        self.irqs.set_irqs(IrqSet.unpack(payload), fds)
+        request = IrqSet.unpack(payload)
+        limit = self.limits.max_irq_vectors
+        require(
+            request.count <= limit,
+            f"SET_IRQS: {request.count} vectors exceed max_irq_vectors={limit}",
+            errno.E2BIG,
+        )
+        if request.data_type == IrqSetFlags.DATA_EVENTFD and fds:
+            # Triggers being replaced are released first, so count what stays bound.
+            replaced = self.irqs.bound_in(request.index, request.start, request.count)
+            bound = self.irqs.fd_count() - replaced + len(fds)
+            require(
+                bound <= limit,
+                f"SET_IRQS: {bound} eventfds would be bound, max_irq_vectors={limit}",
+                errno.E2BIG,
+            )
+        self.irqs.set_irqs(request, fds)
         return EMPTY
 
     # -- migration ---------------------------------------------------------------------------
@@ -349,6 +404,8 @@ class Session:
         feature = request.flags & FEATURE_INDEX_MASK
         if feature not in LOGGING_FEATURES and not self.device.migration.caps:
             raise ProtocolError(errno.EINVAL, "device has no migration features")
+        if feature in V2_FEATURES:
+            self._check_v2()
         ops = request.flags & (FEATURE_GET | FEATURE_SET | FEATURE_PROBE)
         require(bool(ops), "DEVICE_FEATURE: no operation")
         require(
@@ -377,7 +434,7 @@ class Session:
         if feature == DeviceFeature.DMA_LOGGING_STOP:
             self.logging.stop()
             return payload
-        data = self.logging.report(request.data, request.argsz)
+        data = self.logging.report(request.data, request.argsz, self.server.max_data_xfer_size)
         return DeviceFeatureMsg(
             DeviceFeatureMsg.HEADER_SIZE + len(data), request.flags, data
         ).pack()
@@ -402,6 +459,11 @@ class Session:
 
         async def transition() -> Outcome:
             engine = self.device.migration
+            limit = self.limits.max_migration_sessions
+            if not MIGRATION_SESSIONS.may_open(self.device, target, limit):
+                raise DeviceError(
+                    errno.EBUSY, f"{limit} migration session(s) already open in this process"
+                )
             if data_fds is None:
                 await engine.set_state(target)
                 # libvfio-user's client compares the reply with its request byte for byte.
@@ -438,12 +500,20 @@ class Session:
             "migration data of this session goes over the passed data fd",
         )
 
+    def _check_v2(self) -> None:
+        require(
+            "v2" in self.device.migration_protocols,
+            "this device migrates through the v1 migration region (migration=v1)",
+        )
+
     def mig_data_read(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+        self._check_v2()
         request = MigDataRead.unpack(payload)
         self._check_no_data_fd()
+        # Both sides' transfer sizes bound the reply (it is padded to the size asked).
         require(
-            request.size <= self.client.max_data_xfer_size,
-            f"MIG_DATA_READ of {request.size} bytes exceeds the client's max_data_xfer_size",
+            request.size <= min(self.client.max_data_xfer_size, self.server.max_data_xfer_size),
+            f"MIG_DATA_READ of {request.size} bytes exceeds max_data_xfer_size",
         )
         data = self.device.migration.read_data(request.size)
         # libvfio-user pads the reply to the requested size; ``size`` says what is valid.
@@ -451,6 +521,7 @@ class Session:
         return Outcome(reply.pack(pad_to=request.size))
 
     def mig_data_write(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+        self._check_v2()
         request = MigData.unpack(payload)
         self._check_no_data_fd()
         end = MIG_DATA_HEADER + request.size
@@ -459,3 +530,63 @@ class Session:
         self._check_count(request.size)
         self.device.migration.write_data(request.data)
         return EMPTY
+
+    # -- protocol 0.1 dirty-page tracking --------------------------------------------------------
+    def dirty_pages(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+        """DIRTY_PAGES (14) over the same dirty log as DMA_LOGGING (protocol.migration_v1
+        rule 5). START logs every write at the negotiated ``migration.pgsize``."""
+        self._check_protocol_0_1("DIRTY_PAGES")
+        require(self.logging is not None, "dirty logging is not available on this session")
+        assert self.logging is not None and self.client.migration_pgsize is not None
+        request = DirtyPages.unpack(payload)
+        if request.flags == DirtyPagesFlags.START:
+            self.logging.start(LOGGING_START.pack(self.client.migration_pgsize, 0, 0))
+            return EMPTY
+        if request.flags == DirtyPagesFlags.STOP:
+            self.logging.stop()
+            return EMPTY
+        assert request.range is not None
+        if request.argsz < request.reply_argsz:
+            return Outcome(request.pack_too_small())
+        bitmap_range = request.range
+        report = LOGGING_REPORT.pack(bitmap_range.iova, bitmap_range.size, bitmap_range.pgsize)
+        data = self.logging.report(report, argsz=request.reply_argsz)
+        return Outcome(request.pack_bitmap_reply(data[LOGGING_REPORT.size :]))
+
+    def _unmap_with_bitmap(self, request: DmaUnmap) -> bytes:
+        """DMA_UNMAP with GET_DIRTY_BITMAP (protocol 0.1): the mapping's dirty bitmap, read
+        and cleared from the dirty log, then the unmap. Reply: the 24-byte struct, the
+        ``pgsize, size`` pair, the bitmap (facts 9.3)."""
+        self._check_protocol_0_1("DMA_UNMAP with GET_DIRTY_BITMAP")
+        require(self.logging is not None, "dirty logging is not available on this session")
+        assert self.logging is not None
+        pgsize, bitmap_size = request.bitmap_pgsize, request.bitmap_size
+        require(pgsize >= 4096 and pgsize & (pgsize - 1) == 0, f"DMA_UNMAP: page size {pgsize}")
+        require(
+            bitmap_bytes(request.size, pgsize) <= bitmap_size <= 1 << 20,
+            f"DMA_UNMAP: bitmap of {bitmap_size} bytes for {request.size:#x} bytes",
+        )
+        head = request.pack()
+        require(
+            request.argsz >= len(head) + bitmap_size,
+            f"DMA_UNMAP: argsz {request.argsz} < {len(head) + bitmap_size}",
+        )
+        require(
+            (request.address, request.size) in self.maps.slots(),
+            f"DMA_UNMAP: no mapping is exactly [{request.address:#x}, +{request.size:#x})",
+            errno.ENOENT,
+        )
+        report = LOGGING_REPORT.pack(request.address, request.size, pgsize)
+        bitmap = self.logging.report(report, argsz=1 << 30)[LOGGING_REPORT.size :]
+        self.maps.remove(request.address, request.size)
+        return head + bitmap + bytes(bitmap_size - len(bitmap))
+
+    def _check_protocol_0_1(self, what: str) -> None:
+        """Protocol 0.1 dirty tracking is for clients that announced it (the ``migration``
+        capability) talking to a device started with the v1 interface; everyone else sees
+        the current spec, where it does not exist."""
+        require(
+            self.client.migration_pgsize is not None,
+            f"{what} needs the protocol 0.1 migration capability",
+        )
+        require(self.v1 is not None, f"{what} needs a device started with migration=v1 or both")

@@ -10,21 +10,28 @@ share one harness::
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
 from devices.api import Device
+from protocol.constants import HEADER_SIZE, Command
+from protocol.header import Header, pack_message, pack_reply
+from protocol.messages import VersionPayload
 from protocol.version import ServerCapabilities
 
 from .client import Client
-from .connection import Limits
+from .limits import Limits
 from .server import DeviceServer
+from .transport import close_fds, receive_chunk, send_message
 
 
 @dataclass
@@ -67,8 +74,11 @@ class GuestRam:
     def __init__(self, size: int, base: int = 0) -> None:
         self.size = size
         self.base = base
-        self.fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+        # Sealed against resizing, as QEMU's memory-backend-memfd (seal=on) does: the server
+        # mmaps only memory the client can no longer shrink.
+        self.fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, size)
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
 
     def read(self, address: int, count: int) -> bytes:
@@ -151,3 +161,143 @@ async def write_migration_data(client: Client, data: bytes, chunk: int = 1 << 16
     """MIG_DATA_WRITE a stream in chunks of ``chunk`` bytes."""
     for at in range(0, len(data), chunk):
         await client.mig_data_write(data[at : at + chunk])
+
+
+# --------------------------------------------------------------------------------------------
+# Raw wire access (replaying recorded traces byte for byte)
+
+#: Seconds a :class:`RawWire` waits for one reply.
+RAW_REPLY_TIMEOUT = 5.0
+
+
+@dataclass
+class RawReply:
+    header: Header
+    payload: bytes
+    fds: list[int] = field(default_factory=list)
+
+    @property
+    def raw(self) -> bytes:
+        return self.header.pack() + self.payload
+
+
+class RawMessage(Protocol):
+    """Anything that knows its bytes on the wire (e.g. a recorded trace message)."""
+
+    @property
+    def raw(self) -> bytes: ...
+
+
+class RawWire:
+    """Raw messages out, replies framed by hand with the fds that came with them."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self._buffer = bytearray()
+        self._fds: list[int] = []
+        self._owned: list[int] = []
+
+    @classmethod
+    async def connect(cls, path: Path) -> RawWire:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.connect(str(path))
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock)
+
+    async def send(self, data: bytes, fds: Iterable[int] = ()) -> None:
+        await send_message(self.sock, data, list(fds))
+
+    async def receive(self) -> RawReply:
+        with trio.fail_after(RAW_REPLY_TIMEOUT):
+            while True:
+                if len(self._buffer) >= HEADER_SIZE:
+                    header = Header.unpack(self._buffer)
+                    if len(self._buffer) >= header.size:
+                        payload = bytes(self._buffer[HEADER_SIZE : header.size])
+                        del self._buffer[: header.size]
+                        fds, self._fds = self._fds, []
+                        return RawReply(header, payload, fds)
+                data, fds = await receive_chunk(self.sock, 256 * 1024, 16)
+                assert data, "server closed the connection"
+                self._owned += fds
+                self._fds += fds
+                self._buffer += data
+
+    async def request(self, msg: RawMessage, fds: Iterable[int] = ()) -> RawReply:
+        await self.send(msg.raw, fds)
+        return await self.receive()
+
+    def close(self) -> None:
+        close_fds(self._owned)
+        self.sock.close()
+
+
+class RawConnection:
+    """A client that sends exactly the bytes and fds it is given and reads whole messages,
+    for tests of the server's limits and error paths (no checks of its own)."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.next_id = 1
+        self._buffer = b""
+
+    @classmethod
+    async def connect(cls, path: Path, *, negotiate: bool = True) -> RawConnection:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        await sock.connect(str(path))
+        conn = cls(sock)
+        if negotiate:
+            header, _ = await conn.call(Command.VERSION, VersionPayload(0, 2, "{}").pack())
+            assert not header.is_error, "VERSION refused"
+        return conn
+
+    async def send(
+        self, command: int, payload: bytes = b"", fds: Sequence[int] = (), *, flags: int = 0
+    ) -> int:
+        msg_id = self.next_id
+        self.next_id = (self.next_id + 1) & 0xFFFF
+        await send_message(self.sock, pack_message(msg_id, command, payload, flags), fds)
+        return msg_id
+
+    async def send_reply(self, msg_id: int, command: int, payload: bytes = b"") -> None:
+        """Answer a request the server sent (DMA_READ / DMA_WRITE)."""
+        await send_message(self.sock, pack_reply(msg_id, command, payload))
+
+    async def receive(self, timeout: float = 5.0) -> tuple[Header, bytes] | None:
+        """The next whole message, or None when the server closed the connection."""
+        with trio.fail_after(timeout):
+            while True:
+                if len(self._buffer) >= HEADER_SIZE:
+                    header = Header.unpack(self._buffer)
+                    if len(self._buffer) >= header.size:
+                        payload = self._buffer[HEADER_SIZE : header.size]
+                        self._buffer = self._buffer[header.size :]
+                        return header, payload
+                data, fds = await receive_chunk(self.sock, 1 << 20, 16)
+                close_fds(fds)
+                if not data:
+                    return None
+                self._buffer += data
+
+    async def call(
+        self, command: int, payload: bytes = b"", fds: Sequence[int] = ()
+    ) -> tuple[Header, bytes]:
+        """Send a command and return its reply (asserting the ids match)."""
+        msg_id = await self.send(command, payload, fds)
+        message = await self.receive()
+        assert message is not None, f"connection closed instead of replying to {command}"
+        header, payload = message
+        assert header.msg_id == msg_id and header.is_reply, f"unexpected {header}"
+        return header, payload
+
+    async def closed(self, timeout: float = 5.0) -> bool:
+        """True once the server has closed the connection (messages before it are dropped)."""
+        while (message := await self.receive(timeout)) is not None:
+            del message
+        return True
+
+    def close(self) -> None:
+        self.sock.close()

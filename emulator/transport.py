@@ -65,7 +65,9 @@ def ancillary_space(max_fds: int) -> int:
     return socket.CMSG_SPACE(max_fds * _FD_ITEMSIZE) if max_fds > 0 else 0
 
 
-async def send_message(sock: trio.socket.SocketType, data: bytes, fds: Sequence[int] = ()) -> None:
+async def send_message(
+    sock: trio.socket.SocketType, data: bytes | bytearray, fds: Sequence[int] = ()
+) -> None:
     """Send ``data`` whole; ``fds`` ride as one SCM_RIGHTS message on the first ``sendmsg``.
 
     A stream socket may accept only part of the bytes; the rest is sent without fds.

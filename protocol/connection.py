@@ -10,7 +10,10 @@ Rules (spec 0.9.2 and what libvfio-user / QEMU do, facts sections 1-3):
   AWAITING_VERSION  a reply                                 Fatal -> CLOSED
   READY             command VERSION                         Rejected(EINVAL)  (second VERSION)
   READY             command DMA_READ/DMA_WRITE              Rejected(EINVAL)  (server-only)
-  READY             command not in 1..18, or 14 (retired)   Rejected(EINVAL)
+  READY             command not in 1..18                    Rejected(EINVAL)
+  READY             command 14 (DIRTY_PAGES, retired) from  Rejected(EINVAL)
+                    a client without the 0.1 `migration`
+                    capability in its VERSION
   READY             other command                           CommandReceived -> session
   READY             reply matching one of our requests      ReplyReceived
   READY             reply matching nothing                  Rejected(silent)  (logged, dropped)
@@ -170,13 +173,19 @@ class ServerConnection:
             return self._first_command(msg)
         if header.command == Command.VERSION:
             return self._reject(header, ProtocolError(errno.EINVAL, "VERSION again"), msg.fds)
-        if header.command not in _VALID_CLIENT_COMMANDS or header.command == Command.DIRTY_PAGES:
+        if header.command not in _VALID_CLIENT_COMMANDS or (
+            header.command == Command.DIRTY_PAGES and not self._speaks_0_1_migration()
+        ):
             return self._reject(
                 header,
                 ProtocolError(errno.EINVAL, f"command {header.command_name()} not served"),
                 msg.fds,
             )
         return CommandReceived(header, msg.payload, msg.fds)
+
+    def _speaks_0_1_migration(self) -> bool:
+        """Protocol 0.1 clients announce dirty-page tracking with ``migration``."""
+        return self.client is not None and self.client.migration_pgsize is not None
 
     def _first_command(self, msg: Message) -> Event:
         header = msg.header

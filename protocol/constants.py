@@ -25,7 +25,7 @@ class Command(enum.IntEnum):
     DMA_READ = 11
     DMA_WRITE = 12
     DEVICE_RESET = 13
-    DIRTY_PAGES = 14  # retired in spec 0.9.2; kept so it can be named in traces and refused
+    DIRTY_PAGES = 14  # retired in spec 0.9.2; served only to protocol-0.1 clients (migration cap)
     REGION_WRITE_MULTI = 15
     DEVICE_FEATURE = 16
     MIG_DATA_READ = 17
@@ -62,6 +62,7 @@ class RegionFlags(enum.IntFlag):
 class RegionCapId(enum.IntEnum):
     SPARSE_MMAP = 1
     TYPE = 2
+    MIGRATION_NDMA = 6  # legacy v1 migration region: the device can quiesce P2P (NDMA bit)
 
 
 class PciRegion(enum.IntEnum):

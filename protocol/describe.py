@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 
 from .constants import Command, IrqIndex
@@ -25,6 +26,7 @@ from .messages import (
     RegionWriteMulti,
     VersionPayload,
 )
+from .migration_v1 import BITMAP_RANGE, DIRTY_HEADER
 
 
 def _version(p: bytes, reply: bool) -> str:
@@ -106,6 +108,18 @@ def _mig_data(p: bytes, reply: bool) -> str:
     return f"argsz={r.argsz} size={r.size}"
 
 
+def _dirty_pages(p: bytes, reply: bool) -> str:
+    if len(p) < DIRTY_HEADER.size:
+        raise ProtocolError(errno.EINVAL, "DIRTY_PAGES: payload too short")
+    argsz, flags = DIRTY_HEADER.unpack_from(p)
+    text = f"argsz={argsz} flags={flags:#x}"
+    end = DIRTY_HEADER.size + BITMAP_RANGE.size
+    if len(p) >= end:
+        iova, size, pgsize, bitmap_size = BITMAP_RANGE.unpack_from(p, DIRTY_HEADER.size)
+        text += f" iova={iova:#x} size={size:#x} pgsize={pgsize:#x} bitmap={bitmap_size}B"
+    return text
+
+
 _DECODERS: dict[int, Callable[[bytes, bool], str]] = {
     Command.VERSION: _version,
     Command.DMA_MAP: _dma_map,
@@ -123,6 +137,7 @@ _DECODERS: dict[int, Callable[[bytes, bool], str]] = {
     Command.DEVICE_FEATURE: _feature,
     Command.MIG_DATA_READ: _mig_data,
     Command.MIG_DATA_WRITE: _mig_data,
+    Command.DIRTY_PAGES: _dirty_pages,
 }
 
 

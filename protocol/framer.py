@@ -85,7 +85,8 @@ class MessageFramer:
             return self._start_discard(header, start)
         if len(self._buf) < header.size:
             return None
-        payload = bytes(self._buf[HEADER_SIZE : header.size])
+        with memoryview(self._buf) as view:  # one copy (a bytearray slice would be two)
+            payload = view[HEADER_SIZE : header.size].tobytes()
         del self._buf[: header.size]
         self._buf_start += header.size
         return Message(header, payload, self._claim(start + header.size))

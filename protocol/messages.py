@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import errno
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Self
 
@@ -222,10 +223,21 @@ class TypeCap:
         return TYPE_CAP.pack(self.type, self.subtype)
 
 
-RegionCap = SparseMmapCap | TypeCap
+@dataclass(frozen=True, slots=True)
+class NdmaCap:
+    """Legacy v1 migration region: the device supports the NDMA bit (no body)."""
+
+    ID: ClassVar[int] = RegionCapId.MIGRATION_NDMA
+    VERSION: ClassVar[int] = 1
+
+    def body(self) -> bytes:
+        return b""
 
 
-def pack_region_caps(caps: list[RegionCap] | tuple[RegionCap, ...], base: int) -> bytes:
+RegionCap = SparseMmapCap | TypeCap | NdmaCap
+
+
+def pack_region_caps(caps: Sequence[RegionCap], base: int) -> bytes:
     """Encode a capability chain whose first header sits ``base`` bytes after the struct start.
 
     ``next`` offsets count from the start of the 32-byte region-info struct, as does
@@ -266,6 +278,8 @@ def unpack_region_caps(payload: bytes | memoryview, cap_offset: int) -> list[Reg
         elif cap_id == RegionCapId.TYPE:
             _need(payload, body + TYPE_CAP.size, "type cap")
             caps.append(TypeCap(*TYPE_CAP.unpack_from(payload, body)))
+        elif cap_id == RegionCapId.MIGRATION_NDMA:
+            caps.append(NdmaCap())
         else:
             raise ProtocolError(errno.EINVAL, f"region caps: unknown cap id {cap_id} v{version}")
         offset = nxt

@@ -28,6 +28,7 @@ TRACE_DIR = Path(
 )
 
 LVU_CLIENT = "lvu-client-server.jsonl"
+LVU_V1_CLIENT = "lvu-v1-client-server.jsonl"
 QEMU_GPIO = "qemu-gpio.jsonl"
 QEMU_GPIO_NOFD = "qemu-gpio-nofd.jsonl"
 QEMU_E1000 = "qemu-e1000-remote.jsonl"
@@ -132,7 +133,7 @@ ALL_TRACES = (
     QEMU_GPIO_NOFD,
     QEMU_E1000,
     LVU_CLIENT,
-    "lvu-v1-client-server.jsonl",
+    LVU_V1_CLIENT,
 )
 QEMU_TRACES = ALL_TRACES[:3]
 

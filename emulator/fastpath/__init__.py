@@ -1,4 +1,5 @@
-"""The C fast path for :mod:`devices.stream_primitives` (CRC-32C, zero-page bitmaps).
+"""The C fast path for :mod:`devices.stream_primitives` (CRC-32C and its combination,
+zero-page bitmaps, page diffs).
 
 The extension ``emulator.fastpath._fastpath`` is built by cffi (API mode) when the project
 is installed (``setup.py`` / ``build.py``); if it could not be compiled the pure-Python
@@ -14,6 +15,7 @@ used behind the typed wrappers below.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -22,7 +24,16 @@ from typing import Any
 from devices import stream_primitives
 from devices.stream_primitives import Buffer, Impl
 
-__all__ = ["ENV_VAR", "MODULE", "hardware_crc", "install_best", "load", "load_error"]
+__all__ = [
+    "ENV_VAR",
+    "MODULE",
+    "hardware_crc",
+    "install_best",
+    "load",
+    "load_error",
+    "vmsplice",
+    "vmsplice_available",
+]
 
 log = logging.getLogger("vfio_user_emu.fastpath")
 
@@ -89,13 +100,72 @@ def _make_impl(module: Any) -> Impl:
             lib.vfe_diff_pages(a, b, len(a), page, ffi.from_buffer("uint8_t[]", out))
         return bytes(out)
 
-    return Impl(name="c", crc32c=crc32c, zero_page_bitmap=zero_page_bitmap, diff_pages=diff_pages)
+    def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
+        stream_primitives.check_crc(crc1)
+        stream_primitives.check_crc(crc2)
+        if not 0 <= len2 < 1 << 64:
+            raise ValueError(f"length out of range: {len2!r}")
+        return int(lib.vfe_crc32c_combine(crc1, crc2, len2))
+
+    return Impl(
+        name="c",
+        crc32c=crc32c,
+        zero_page_bitmap=zero_page_bitmap,
+        diff_pages=diff_pages,
+        crc32c_combine=crc32c_combine,
+    )
 
 
 def load() -> Impl | None:
     """The C implementation, or None when the extension is not built."""
     module = _import()
     return None if module is None else _make_impl(module)
+
+
+def vmsplice_available() -> bool:
+    """True when :func:`vmsplice` can work (the extension is built, the system is Linux)."""
+    global _vmsplice_ok  # noqa: PLW0603 - probed once per process
+    if _vmsplice_ok is None:
+        _vmsplice_ok = _probe_vmsplice()
+    return _vmsplice_ok
+
+
+def _probe_vmsplice() -> bool:
+    if _import() is None:
+        return False
+    read_end, write_end = os.pipe()
+    try:
+        os.set_blocking(write_end, False)
+        return vmsplice(write_end, _PROBE) == len(_PROBE) and os.read(read_end, 8) == _PROBE
+    except OSError:
+        return False
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+_PROBE = b"vmsplice"
+_vmsplice_ok: bool | None = None
+
+
+def vmsplice(fd: int, data: Buffer) -> int:
+    """Hand ``data`` to the (non-blocking) pipe ``fd`` without copying it; returns the
+    bytes handed over. The pipe refers to ``data``'s pages until its reader consumed them,
+    so they must not change or be freed meanwhile: use it for memory that outlives the
+    pipe and stays put (a stopped device's RAM mapping), never for Python objects the
+    allocator may reuse. Raises BlockingIOError when the pipe is full, OSError(ENOSYS)
+    without the extension or the system call."""
+    module = _import()
+    if module is None:
+        raise OSError(errno.ENOSYS, "vmsplice needs the C fast path")
+    view = memoryview(data)
+    if not view.c_contiguous:
+        raise ValueError("vmsplice needs a contiguous buffer")
+    buf = module.ffi.from_buffer("uint8_t[]", view)
+    result = int(module.lib.vfe_vmsplice(fd, buf, len(buf)))
+    if result < 0:
+        raise OSError(-result, os.strerror(-result))
+    return result
 
 
 def hardware_crc() -> bool:
@@ -112,6 +182,10 @@ def _self_test(impl: Impl) -> str | None:
         return "CRC-32C disagrees with the Python reference"
     if impl.zero_page_bitmap(sample, 512) != stream_primitives.zero_page_bitmap(sample, 512):
         return "zero-page bitmap disagrees with the Python reference"
+    head, tail = sample[:777], sample[777:]
+    combined = impl.crc32c_combine(impl.crc32c(head), impl.crc32c(tail), len(tail))
+    if combined != stream_primitives.crc32c(sample):
+        return "CRC-32C combination disagrees with the Python reference"
     other = sample[:1000] + b"x" + sample[1001:]
     if impl.diff_pages(sample, other, 512) != stream_primitives.diff_pages(sample, other, 512):
         return "page diff disagrees with the Python reference"

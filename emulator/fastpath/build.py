@@ -24,6 +24,8 @@ CDEF = """
 uint32_t vfe_crc32c(uint32_t crc, const uint8_t *buf, size_t len);
 uint32_t vfe_crc32c_soft(uint32_t crc, const uint8_t *buf, size_t len);
 int vfe_crc32c_hw_active(void);
+uint32_t vfe_crc32c_combine(uint32_t crc1, uint32_t crc2, uint64_t len2);
+long vfe_vmsplice(int fd, const uint8_t *buf, size_t len);
 void vfe_zero_page_bitmap(const uint8_t *buf, size_t len, size_t page, uint8_t *out);
 void vfe_diff_pages(const uint8_t *a, const uint8_t *b, size_t len, size_t page, uint8_t *out);
 """

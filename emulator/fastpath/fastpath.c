@@ -14,9 +14,14 @@
  * mod P, and the raw CRC is linear, which is what lets three independent streams be
  * combined (see vfe_crc32c_hw).
  */
+#include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__linux__)
+#include <fcntl.h> /* vmsplice (Python.h, included first by cffi, defines _GNU_SOURCE) */
+#include <sys/uio.h>
+#endif
 
 #define VFE_POLY 0x82F63B78u
 
@@ -69,17 +74,16 @@ static uint32_t vfe_multmodp(uint32_t a, uint32_t b)
     return product;
 }
 
-/* x^(8 * nbytes) mod P, by square-and-multiply. */
+/* x^(8 * nbytes) mod P, by square-and-multiply over the bits of nbytes (no overflow). */
 static uint32_t vfe_x_pow_8n(uint64_t nbytes)
 {
-    uint64_t e = nbytes * 8u;
     uint32_t result = 0x80000000u; /* 1 */
-    uint32_t square = 0x40000000u; /* x^1 */
-    while (e != 0) {
-        if (e & 1u)
+    uint32_t square = 0x00800000u; /* x^8: one byte */
+    while (nbytes != 0) {
+        if (nbytes & 1u)
             result = vfe_multmodp(square, result);
         square = vfe_multmodp(square, square);
-        e >>= 1;
+        nbytes >>= 1;
     }
     return result;
 }
@@ -219,6 +223,17 @@ static uint32_t vfe_crc32c_soft(uint32_t crc, const uint8_t *buf, size_t len)
     return ~vfe_crc32c_sw(~crc, buf, len);
 }
 
+/*
+ * CRC-32C of A || B from crc1 = CRC(A), crc2 = CRC(B) and len2 = |B| (finished values):
+ * the inversions cancel, so CRC(A || B) = CRC(A) * x^(8 len2) mod P  xor  CRC(B).
+ */
+static uint32_t vfe_crc32c_combine(uint32_t crc1, uint32_t crc2, uint64_t len2)
+{
+    if (!vfe_ready)
+        vfe_init();
+    return vfe_multmodp(vfe_x_pow_8n(len2), crc1) ^ crc2;
+}
+
 /* 1 when the CRC uses the SSE4.2 instruction, 0 for the slicing-by-8 tables. */
 static int vfe_crc32c_hw_active(void)
 {
@@ -290,4 +305,24 @@ static void vfe_diff_pages(const uint8_t *a, const uint8_t *b, size_t len, size_
         if (memcmp(a + off, b + off, n) != 0)
             out[k / 8] |= (uint8_t)(1u << (k % 8));
     }
+}
+
+/*
+ * Hand `len` bytes at `buf` to the pipe `fd` without copying them (vmsplice): the pipe
+ * refers to the caller's pages, so they must not change until the reader consumed them.
+ * Non-blocking.  Returns the bytes handed over, or -errno (-EAGAIN: the pipe is full;
+ * -ENOSYS where vmsplice does not exist).
+ */
+static long vfe_vmsplice(int fd, const uint8_t *buf, size_t len)
+{
+#if defined(__linux__) && defined(SPLICE_F_NONBLOCK)
+    struct iovec iov = {(void *)buf, len};
+    ssize_t n = vmsplice(fd, &iov, 1, SPLICE_F_NONBLOCK);
+    return n < 0 ? -(long)errno : (long)n;
+#else
+    (void)fd;
+    (void)buf;
+    (void)len;
+    return -ENOSYS;
+#endif
 }

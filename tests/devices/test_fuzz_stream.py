@@ -1,26 +1,53 @@
 """Fuzzing :func:`devices.state_stream.decode` with random and structure-aware inputs.
 
-Two properties: the only exception decode may raise is :class:`StreamError` (errno
-EINVAL), and whatever it accepts re-encodes to exactly the bytes it was given.
+Three properties: the only exception decode may raise is :class:`StreamError` (errno
+EINVAL), whatever it accepts re-encodes to exactly the bytes it was given, and the C fast
+path and the pure-Python path (``devices.stream_primitives``) give the same verdict on
+every input. Elided-page payloads (the parser behind large memory sections) are fuzzed the
+same way. ``FUZZ_EXAMPLES`` scales the example counts (``make fuzz``).
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from devices import stream_primitives as sp
 from devices.state_stream import StreamError, StreamLimits, decode, encode
 from devices.stream_primitives import crc32c
+from emulator import fastpath
 
 DTYPE = "testdev"
 MAXV = 2
 HEADER_SIZE, SECTION_SIZE, TRAILER_SIZE = 64, 24, 16
 
+#: Both paths the server may run: the C fast path (when built, as the server installs it)
+#: and the pure-Python reference.
+C_IMPL = fastpath.load()
+IMPLS = [sp.PYTHON] if C_IMPL is None else [C_IMPL, sp.PYTHON]
+
+
+def examples(count: int) -> int:
+    return count * int(os.environ.get("FUZZ_EXAMPLES", "0") or 0) // 300 or count
+
+
+@contextmanager
+def using(impl: sp.Impl) -> Iterator[None]:
+    previous = sp.install(impl)
+    try:
+        yield
+    finally:
+        sp.install(previous)
+
+
 FUZZ = settings(
-    max_examples=300,
+    max_examples=examples(300),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -31,6 +58,16 @@ def crc(data: bytes | bytearray) -> int:
 
 
 def check(data: bytes, limits: StreamLimits | None = None) -> bool:
+    """Decode on every implementation: same verdict everywhere (see check_one)."""
+    verdicts = set()
+    for impl in IMPLS:
+        with using(impl):
+            verdicts.add(check_one(data, limits))
+    assert len(verdicts) == 1, f"C and Python paths disagree on {data.hex()}"
+    return verdicts.pop()
+
+
+def check_one(data: bytes, limits: StreamLimits | None = None) -> bool:
     """Decode; only StreamError may escape, and an accepted stream must be exact."""
     try:
         header, sections = decode(data, device_type=DTYPE, max_model_version=MAXV, limits=limits)
@@ -166,13 +203,13 @@ limits_st = st.one_of(
 
 
 @given(data=st.binary(max_size=400), limits=limits_st)
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 def test_random_bytes(data: bytes, limits: StreamLimits | None) -> None:
     check(data, limits)
 
 
 @given(tail=st.binary(max_size=200), stream=valid_streams())
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 def test_valid_header_then_random_bytes(tail: bytes, stream: bytes) -> None:
     check(stream[:HEADER_SIZE] + tail)
     check(stream[: HEADER_SIZE + SECTION_SIZE] + tail)
@@ -185,7 +222,7 @@ def test_mutated_streams(data: bytes, limits: StreamLimits | None) -> None:
 
 
 @given(stream=valid_streams(), limits=limits_st)
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 def test_valid_streams_decode_exactly_within_limits(
     stream: bytes, limits: StreamLimits | None
 ) -> None:
@@ -195,7 +232,7 @@ def test_valid_streams_decode_exactly_within_limits(
 
 
 @given(stream=valid_streams(), data=st.data())
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 def test_single_mutations_of_valid_streams_are_rejected(stream: bytes, data: st.DataObject) -> None:
     """One truncation, bit flip (outside the trailer's reserved word) or appended byte
     never yields an accepted stream."""
@@ -206,3 +243,45 @@ def test_single_mutations_of_valid_streams_are_rejected(stream: bytes, data: st.
     flipped[bit // 8] ^= 1 << (bit % 8)
     assert not check(bytes(flipped))
     assert not check(stream + data.draw(st.binary(min_size=1, max_size=4)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Elided-page payloads (devices.stream_primitives.pack_pages / unpack_pages)
+
+page_data = st.lists(
+    st.sampled_from([bytes(512), b"\x01" * 512, bytes(100), b"\xff" * 7]), max_size=8
+).map(b"".join)
+
+
+@given(data=page_data, page_size=st.sampled_from([512, 1024, 4096]), draw=st.data())
+@settings(max_examples=examples(200), deadline=None)
+def test_mutated_page_payloads(data: bytes, page_size: int, draw: st.DataObject) -> None:
+    """Packed by either implementation, identical; mutated, unpacked or refused with
+    ValueError only; whatever unpacks fits the limit it was given."""
+    packed = set()
+    for impl in IMPLS:
+        with using(impl):
+            packed.add(b"".join(bytes(piece) for piece in sp.pack_pages(data, page_size)))
+    assert len(packed) == 1
+    payload = bytearray(packed.pop())
+    assert sp.unpack_pages(bytes(payload), len(data)) == data
+    for _ in range(draw.draw(st.integers(1, 3))):
+        at = draw.draw(st.integers(0, max(len(payload) - 1, 0)))
+        kind = draw.draw(st.sampled_from(["flip", "cut", "grow", "header"]))
+        if kind == "flip" and payload:
+            payload[at] ^= 1 << draw.draw(st.integers(0, 7))
+        elif kind == "cut":
+            del payload[at:]
+        elif kind == "grow":
+            payload[at:at] = draw.draw(st.binary(min_size=1, max_size=16))
+        elif len(payload) >= 12:
+            struct.pack_into(
+                "<IQ", payload, 0, draw.draw(st.sampled_from([0, 511, 512, 4096, 1 << 21])),
+                draw.draw(st.integers(0, (1 << 64) - 1)),
+            )  # fmt: skip
+    limit = draw.draw(st.integers(0, 2 * len(data) + 1))
+    try:
+        out = sp.unpack_pages(bytes(payload), limit)
+    except ValueError:
+        return
+    assert len(out) <= limit

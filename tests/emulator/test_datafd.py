@@ -1029,3 +1029,50 @@ async def test_a_client_that_disconnects_mid_transfer_leaves_the_server_healthy(
             assert not any(dev_of(served).ram.buffer)  # the reset cleared RAM
             stream = await save_via_fd(c)
             assert stream.startswith(b"VFUSTATE") and stream[-16:].startswith(b"END!")
+
+
+def test_only_large_pieces_of_mappings_go_by_reference() -> None:
+    """vmsplice (the pipe refers to the pages) only for large pieces of a memory mapping,
+    i.e. device RAM; Python objects the allocator may reuse are always copied."""
+    import mmap
+
+    from emulator import datafd, fastpath
+
+    memory = mmap.mmap(-1, 1 << 20)
+    try:
+        view = memoryview(memory)
+        expected = fastpath.vmsplice if fastpath.vmsplice_available() else os.write
+        assert datafd._writer_for(view[4096:]) is expected
+        assert datafd._writer_for(view[: datafd.VMSPLICE_MIN - 1]) is os.write
+        assert datafd._writer_for(memoryview(bytes(1 << 20))) is os.write
+        assert datafd._writer_for(memoryview(bytearray(1 << 20))) is os.write
+        view.release()
+    finally:
+        memory.close()
+
+
+def test_staging_checksums_spliced_bytes_where_they_landed() -> None:
+    from emulator.datafd import MemfdStaging
+
+    staging = MemfdStaging()
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"first ")
+        staging.append(b"0123")
+        landed = staging.fill_from(read_end, 100)
+        assert bytes(landed) == b"first " and staging.size == 10
+        landed.release()
+        os.set_blocking(read_end, False)
+        with pytest.raises(BlockingIOError):
+            staging.fill_from(read_end, 100)
+        os.close(write_end)
+        write_end = -1
+        assert not staging.fill_from(read_end, 100)  # EOF
+        view = staging.view()
+        assert bytes(view) == b"0123first "
+        view.release()
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+        staging.close()

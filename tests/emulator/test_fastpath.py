@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -118,6 +119,61 @@ def test_c_crc_large_buffer_hardware_and_software_agree() -> None:
     half = len(data) // 2 + 5
     assert c_impl().crc32c(memoryview(data)[half:], c_impl().crc32c(data[:half])) == crc
     assert sp.crc32c(data[:200_000]) == c_impl().crc32c(memoryview(data)[:200_000])
+
+
+@needs_c
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(0, 0xFFFFFFFF),
+    st.integers(0, 0xFFFFFFFF),
+    st.one_of(st.integers(0, 1 << 20), st.integers(0, (1 << 64) - 1)),
+)
+def test_c_combine_matches_python(crc1: int, crc2: int, length: int) -> None:
+    assert c_impl().crc32c_combine(crc1, crc2, length) == sp.crc32c_combine(crc1, crc2, length)
+
+
+@needs_c
+def test_c_combine_is_the_crc_of_the_concatenation() -> None:
+    data = os.urandom((1 << 20) + 77)
+    crc = c_impl().crc32c
+    for split in (0, 1, 4096, len(data) // 2, len(data)):
+        head, tail = data[:split], data[split:]
+        assert c_impl().crc32c_combine(crc(head), crc(tail), len(tail)) == crc(data)
+    for bad in ((-1, 0, 0), (0, 1 << 32, 0), (0, 0, -1), (0, 0, 1 << 64)):
+        with pytest.raises(ValueError):
+            c_impl().crc32c_combine(*bad)
+
+
+@needs_c
+def test_vmsplice_hands_memory_to_a_pipe() -> None:
+    import mmap
+
+    assert fastpath.vmsplice_available()
+    memory = mmap.mmap(-1, 1 << 20)
+    memory[:] = os.urandom(1 << 20)
+    read_end, write_end = os.pipe()
+    try:
+        os.set_blocking(write_end, False)
+        view = memoryview(memory)
+        handed = fastpath.vmsplice(write_end, view[5:])
+        assert 0 < handed <= (1 << 20) - 5
+        got = b""
+        while len(got) < handed:
+            got += os.read(read_end, handed - len(got))
+        assert got == memory[5 : 5 + handed]
+        while True:  # a full non-blocking pipe: BlockingIOError, as os.write raises
+            try:
+                fastpath.vmsplice(write_end, view)
+            except BlockingIOError:
+                break
+        view.release()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        memory.close()
+    with pytest.raises(OSError) as info:
+        fastpath.vmsplice(write_end, b"closed")  # an fd that is not open any more
+    assert info.value.errno == errno.EBADF
 
 
 @needs_c

@@ -22,11 +22,9 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
 import struct
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -34,19 +32,17 @@ import trio
 
 from devices.lvu_sample import DMA_PATTERN, RAM_SIZE, LvuSample
 from emulator.client import Client
-from emulator.testing import EventFd, GuestRam, ServedDevice, served_device
-from emulator.transport import close_fds, receive_chunk, send_message
+from emulator.testing import EventFd, GuestRam, RawReply, RawWire, ServedDevice, served_device
 from protocol.constants import (
     FEATURE_SET,
     FLAG_ERROR,
-    HEADER_SIZE,
     Command,
     DeviceFeature,
     IrqSetFlags,
     MigState,
     MsgType,
 )
-from protocol.header import Header, pack_message
+from protocol.header import pack_message
 from protocol.messages import DeviceFeatureMsg, MigData, MigDataRead, RegionData
 from tests import traces
 from tests.traces import LVU_CLIENT, TraceMessage
@@ -76,61 +72,11 @@ class Clock:
 # Raw connection
 
 
-@dataclass
-class Reply:
-    header: Header
-    payload: bytes
-    fds: list[int] = field(default_factory=list)
-
-    @property
-    def raw(self) -> bytes:
-        return self.header.pack() + self.payload
-
-
-class Wire:
-    """Raw messages out, replies framed by hand with the fds that came with them."""
-
-    def __init__(self, sock: trio.socket.SocketType) -> None:
-        self.sock = sock
-        self._buffer = bytearray()
-        self._fds: list[int] = []
-        self._owned: list[int] = []
-
-    async def send(self, data: bytes, fds: Iterable[int] = ()) -> None:
-        await send_message(self.sock, data, list(fds))
-
-    async def receive(self) -> Reply:
-        with trio.fail_after(REPLY_TIMEOUT):
-            while True:
-                if len(self._buffer) >= HEADER_SIZE:
-                    header = Header.unpack(self._buffer)
-                    if len(self._buffer) >= header.size:
-                        payload = bytes(self._buffer[HEADER_SIZE : header.size])
-                        del self._buffer[: header.size]
-                        fds, self._fds = self._fds, []
-                        return Reply(header, payload, fds)
-                data, fds = await receive_chunk(self.sock, 256 * 1024, 16)
-                assert data, "server closed the connection"
-                self._owned += fds
-                self._fds += fds
-                self._buffer += data
-
-    async def request(self, msg: TraceMessage, fds: Iterable[int] = ()) -> Reply:
-        await self.send(msg.raw, fds)
-        return await self.receive()
-
-    def close(self) -> None:
-        close_fds(self._owned)
-        self.sock.close()
-
-
 @asynccontextmanager
-async def serve_lvu(directory: Path, clock: Clock) -> AsyncIterator[tuple[ServedDevice, Wire]]:
+async def serve_lvu(directory: Path, clock: Clock) -> AsyncIterator[tuple[ServedDevice, RawWire]]:
     device = LvuSample(sleep=trio.sleep, clock=clock, poll_interval=0.01)
     async with served_device(device, directory) as served:
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await sock.connect(str(served.socket_path))
-        wire = Wire(sock)
+        wire = await RawWire.connect(served.socket_path)
         try:
             yield served, wire
         finally:
@@ -162,7 +108,7 @@ def trace_message(conn: str, seq: int) -> TraceMessage:
     raise LookupError(seq)
 
 
-async def negotiate(wire: Wire, conn: str) -> dict[str, object]:
+async def negotiate(wire: RawWire, conn: str) -> dict[str, object]:
     """The trace's VERSION; our reply must be usable by the client: max_msg_fds 8."""
     request, recorded = conversation(conn, VERSION_SEQ[conn], VERSION_SEQ[conn] + 1)[0]
     assert request.command == Command.VERSION
@@ -178,7 +124,7 @@ async def negotiate(wire: Wire, conn: str) -> dict[str, object]:
     return caps
 
 
-def assert_same_reply(ours: Reply, recorded: TraceMessage) -> None:
+def assert_same_reply(ours: RawReply, recorded: TraceMessage) -> None:
     where = f"{recorded}: ours {ours.header}"
     assert ours.header == recorded.header, where
     assert len(ours.fds) == recorded.nfds, where

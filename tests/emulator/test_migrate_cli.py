@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from devices import testdev as td
+from emulator import migration_v1
 from emulator.client import Client
 from emulator.migration import get_state
 from protocol.constants import MigState
@@ -125,3 +126,26 @@ async def test_failures_exit_1_and_leave_the_source_running(tmp_path: Path) -> N
             assert await get_state(client) == MigState.RUNNING
         async with Client.connect(dst) as client:
             assert await get_state(client) == MigState.RUNNING
+
+
+async def test_migrate_through_the_v1_region(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src.sock", tmp_path / "dst.sock"
+    async with server(src, "testdev,migration=v1"), server(dst, "testdev,migration=v1"):
+        await write_guest_state(src)
+        args = ("--from", str(src), "--to", str(dst), "--mode", "pre-copy")
+        refused = await cli("migrate", *args)  # v2 is not served by these devices
+        assert refused.returncode == 1 and b"supports no migration" in refused.stderr
+        result = await cli("migrate", *args, "--protocol", "v1")
+        out, err = result.stdout.decode(), result.stderr.decode()
+        assert result.returncode == 0, err
+        lines = out.splitlines()
+        assert lines[:3] == [
+            f"migrated {src} -> {dst}",
+            "protocol: v1 (migration region)",
+            "mode: pre-copy",
+        ]
+        async with Client.connect(dst) as client:
+            assert await migration_v1.get_device_state(client, 9) == 1  # RUNNING
+            assert await client.region_read(td.BAR_RAM, 0x1000, 19) == b"migrated by the CLI"
+        async with Client.connect(src) as client:
+            assert await migration_v1.get_device_state(client, 9) == 0  # STOP

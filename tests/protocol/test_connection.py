@@ -458,18 +458,26 @@ def test_lvu_trace_replay_with_server_requests(conn_name: str) -> None:
     assert replies == 8
 
 
-def test_lvu_v1_dirty_pages_refused() -> None:
+def test_lvu_v1_dirty_pages_reach_the_session() -> None:
+    # The protocol-0.1 client sends the ``migration`` capability: DIRTY_PAGES is served.
     conn = new(limit=1 << 20)
     results = []
     for m in traces.load("lvu-v1-client-server.jsonl"):
         if m.conn == "src" and m.from_client:
             results.append((m, one(conn, m.raw, list(range(m.nfds)))))
-    dirty = [(m, e) for m, e in results if m.header.command == Command.DIRTY_PAGES]
-    assert dirty
-    for _m, event in dirty:
-        assert isinstance(event, Rejected) and not event.close
-        assert_error_reply(event, errno.EINVAL)
-    others = [
-        e for m, e in results[1:] if m.header.command != Command.DIRTY_PAGES and m.header.is_command
-    ]
+    dirty = [e for m, e in results if m.header.command == Command.DIRTY_PAGES]
+    assert len(dirty) == 2 + 16
+    others = [e for m, e in results[1:] if m.header.is_command]
     assert others and all(isinstance(e, CommandReceived) for e in others)
+
+
+@pytest.mark.parametrize(
+    "json_text", ["{}", '{"capabilities":{"max_msg_fds":8}}', '{"capabilities":{"migration":{}}}']
+)
+def test_dirty_pages_refused_without_the_migration_capability(json_text: str) -> None:
+    conn = new()
+    conn.receive_data(pack_message(0, Command.VERSION, VersionPayload(0, 1, json_text).pack()))
+    assert isinstance(conn.next_event(), Negotiated)
+    event = one(conn, pack_message(9, Command.DIRTY_PAGES, struct.pack("<II", 8, 1)))
+    assert isinstance(event, Rejected) and not event.close
+    assert_error_reply(event, errno.EINVAL)

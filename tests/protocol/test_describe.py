@@ -31,3 +31,15 @@ def test_dma_read_reply_in_qemus_layout() -> None:
 def test_undecodable_payload_is_described_not_raised() -> None:
     header = Header.unpack(pack_message(1, Command.DEVICE_GET_INFO, b"\x01"))
     assert "undecodable" in describe(header, b"\x01")
+
+
+def test_dirty_pages_lines() -> None:
+    start = struct.pack("<II", 8, 1)
+    header = Header.unpack(pack_message(0, Command.DIRTY_PAGES, start))
+    assert describe(header, start).endswith("DIRTY_PAGES cmd size=24 argsz=8 flags=0x1")
+    reply = struct.pack("<IIQQQQ", 48, 4, 0x1000, 0x1000, 4096, 8) + bytes(8)
+    header = Header.unpack(pack_message(5, Command.DIRTY_PAGES, reply, flags=1))
+    assert describe(header, reply).endswith(
+        "argsz=48 flags=0x4 iova=0x1000 size=0x1000 pgsize=0x1000 bitmap=8B"
+    )
+    assert "undecodable" in describe(header, b"\x01")

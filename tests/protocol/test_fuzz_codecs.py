@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -52,9 +53,15 @@ from protocol.messages import (
     unpack_dma_read_reply,
     unpack_region_caps,
 )
+from protocol.migration_v1 import DirtyPages
 from protocol.version import ServerCapabilities, negotiate, parse_client_version
 
-FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: ``make fuzz`` raises the count with FUZZ_EXAMPLES.
+FUZZ = settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "0") or 0) or 250,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 UNPACKERS: list[tuple[str, Callable[[Any], Any]]] = [
     ("VersionPayload", VersionPayload.unpack),
@@ -74,6 +81,7 @@ UNPACKERS: list[tuple[str, Callable[[Any], Any]]] = [
     ("DeviceFeatureMsg", DeviceFeatureMsg.unpack),
     ("MigDataRead", MigDataRead.unpack),
     ("MigData", MigData.unpack),
+    ("DirtyPages", DirtyPages.unpack),
 ]
 
 # Words that steer parsers past their first checks: sizes, flag values, boundary numbers.

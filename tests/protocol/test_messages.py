@@ -51,6 +51,7 @@ from protocol.messages import (
     unpack_dma_read_reply,
     unpack_region_caps,
 )
+from protocol.migration_v1 import DirtyPages
 from tests import traces
 
 FAST = settings(max_examples=200, deadline=None)
@@ -825,6 +826,7 @@ REQUEST_CODECS: dict[int, Any] = {
     Command.DEVICE_FEATURE: DeviceFeatureMsg,
     Command.MIG_DATA_READ: MigDataRead,
     Command.MIG_DATA_WRITE: MigData,
+    Command.DIRTY_PAGES: DirtyPages,
 }
 
 REPLY_CODECS: dict[int, Any] = {
@@ -849,9 +851,8 @@ def test_trace_requests_parse_and_repack_exactly(name: str) -> None:
         if command == Command.DEVICE_RESET:
             assert msg.payload == b""
             continue
-        if command == Command.DIRTY_PAGES:  # retired: refused by the connection, no codec
+        if command == Command.DIRTY_PAGES:  # protocol 0.1 only
             assert name == "lvu-v1-client-server.jsonl"
-            continue
         codec = REQUEST_CODECS[command]
         parsed = codec.unpack(msg.payload)
         raw = parsed.pack()

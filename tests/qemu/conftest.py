@@ -8,16 +8,20 @@ The cache is ``$VFIO_USER_EMU_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/vfio-u
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 
@@ -59,18 +63,32 @@ def _qemu_problem(binary: str) -> str | None:
     return None
 
 
+#: ``make test QEMU_TESTS=...``: "auto" skips these tests (with the reason) when QEMU or the
+#: guest is missing, "require" (CI) fails them instead, "skip" skips them all.
+QEMU_TESTS_MODE = os.environ.get("VFIO_USER_EMU_QEMU_TESTS", "auto")
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip the test for ``reason``, or fail it when QEMU tests are required."""
+    if QEMU_TESTS_MODE == "require":
+        pytest.fail(f"{reason} [QEMU_TESTS=require]", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def qemu_binary() -> str:
+    if QEMU_TESTS_MODE == "skip":
+        pytest.skip("QEMU_TESTS=skip")
     explicit = os.environ.get("QEMU")
     binary = explicit or str(cache_dir() / "qemu" / "install" / "bin" / "qemu-system-x86_64")
     if not explicit and not os.access(binary, os.X_OK):
-        pytest.skip(
+        unavailable(
             f"no QEMU with vfio-user-pci: none in $QEMU nor at {binary} "
             "(run scripts/qemu/build-qemu, ~5 min, or set QEMU=/path/to/qemu-system-x86_64)"
         )
     problem = _qemu_problem(binary)
     if problem:
-        pytest.skip(f"no suitable QEMU: {problem} (run scripts/qemu/build-qemu or fix $QEMU)")
+        unavailable(f"no suitable QEMU: {problem} (run scripts/qemu/build-qemu or fix $QEMU)")
     return binary
 
 
@@ -78,10 +96,10 @@ def qemu_binary() -> str:
 def guest_dir() -> Path:
     guest = cache_dir() / "guest"
     if not all((guest / name).is_file() for name in ("vmlinuz", "initramfs.cpio.gz")):
-        pytest.skip(f"no test guest in {guest} (run scripts/qemu/build-guest, ~20 s)")
+        unavailable(f"no test guest in {guest} (run scripts/qemu/build-guest, ~10 s)")
     for tool in ("cpio", "timeout"):
         if shutil.which(tool) is None:
-            pytest.skip(f"scripts/qemu/run-vm needs {tool} (apt-get install {tool})")
+            unavailable(f"scripts/qemu/run-vm needs {tool} (apt-get install {tool})")
     return guest
 
 
@@ -119,13 +137,16 @@ class ServerPool:
         self.workdir = workdir
         self.started: list[Server] = []
 
-    def start(self, device: str, *extra: str, name: str | None = None) -> Server:
-        """Start a server for ``device`` (TYPE[,key=value...]); returns once it listens."""
+    def start(
+        self, device: str, *extra: str, name: str | None = None, trace: bool = True
+    ) -> Server:
+        """Start a server for ``device`` (TYPE[,key=value...]); returns once it listens.
+        ``trace=False`` leaves out ``--trace`` (a line per message slows a busy NIC down)."""
         name = name or device.split(",", maxsplit=1)[0]
         socket = self.workdir / f"{name}.sock"
         log = self.workdir / f"{name}-server.log"
         command = [*emulator_command(), "serve", "--device", device]
-        command += ["--socket-path", str(socket), "--trace", *extra]
+        command += ["--socket-path", str(socket), *(["--trace"] if trace else []), *extra]
         with log.open("wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
         server = Server(socket, process, log)
@@ -176,10 +197,19 @@ def _boot_marks(console: str) -> dict[str, float]:
     return marks
 
 
-def run_vm(
-    qemu_binary: str,
-    guest_dir: Path,
+@dataclass
+class VmCommand:
+    """A ``scripts/qemu/run-vm`` command line, its environment and where its console goes."""
+
+    argv: list[str]
+    env: dict[str, str]
+    console: Path
+    timeout: int
+
+
+def vm_command(
     workdir: Path,
+    qemu_binary: str,
     sockets: list[Path],
     script: str,
     *,
@@ -187,30 +217,103 @@ def run_vm(
     timeout: int = 240,
     memory: str = "512M",
     name: str = "vm",
-) -> VmRun:
-    """Boot the guest with our sockets attached and ``script`` run as /test.sh
-    (scripts/qemu/run-vm); console, QEMU's vfio trace and the script go to ``workdir``."""
+    reboot: bool = False,
+    qemu_args: tuple[str, ...] = (),
+) -> VmCommand:
+    """The run-vm command that boots the guest with our ``sockets`` attached and ``script``
+    as /test.sh; console, QEMU's vfio trace and the script go to ``workdir``."""
     script_file = workdir / f"{name}-test.sh"
     script_file.write_text(script)
     console = workdir / f"{name}-console.log"
-    command = [str(SCRIPTS / "run-vm"), "--quiet", "--console", str(console)]
-    command += ["--script", str(script_file), "--timeout", str(timeout)]
-    command += ["--memory", memory, "--append", append]
-    command += ["--qemu-trace", str(workdir / f"{name}-qemu-trace.log")]
-    for socket in sockets:
-        command += ["--socket", str(socket)]
-    env = dict(os.environ, QEMU=qemu_binary)
+    argv = [str(SCRIPTS / "run-vm"), "--quiet", "--console", str(console)]
+    argv += ["--script", str(script_file), "--timeout", str(timeout)]
+    argv += ["--memory", memory, "--append", append]
+    argv += ["--qemu-trace", str(workdir / f"{name}-qemu-trace.log")]
+    if reboot:
+        argv.append("--reboot")
+    for path in sockets:
+        argv += ["--socket", str(path)]
+    if qemu_args:
+        argv += ["--", *qemu_args]
+    # run-vm's scratch directory goes to workdir too, so a killed run-vm leaves nothing behind
+    env = dict(os.environ, QEMU=qemu_binary, TMPDIR=str(workdir))
     emu = Path(sys.executable).with_name("vfio-user-emu")
     if emu.exists():
         env["VFIO_USER_EMU"] = str(emu)
+    return VmCommand(argv, env, console, timeout)
+
+
+def read_console(console: Path) -> str:
+    text = console.read_text(errors="replace") if console.exists() else ""
+    return text.replace("\r\n", "\n")
+
+
+def run_vm(
+    qemu_binary: str,
+    guest_dir: Path,
+    workdir: Path,
+    sockets: list[Path],
+    script: str,
+    **options: Any,
+) -> VmRun:
+    """Boot the guest (:func:`vm_command`) and wait until QEMU exits."""
+    command = vm_command(workdir, qemu_binary, sockets, script, **options)
     start = time.monotonic()
     result = subprocess.run(
-        command, capture_output=True, text=True, env=env, timeout=timeout + 60, check=False
+        command.argv,
+        capture_output=True,
+        text=True,
+        env=command.env,
+        timeout=command.timeout + 60,
+        check=False,
     )
     wall = time.monotonic() - start
-    text = console.read_text(errors="replace") if console.exists() else ""
-    text = text.replace("\r\n", "\n")
+    text = read_console(command.console)
     return VmRun(result.returncode, text, result.stdout + result.stderr, wall, _boot_marks(text))
+
+
+class RunningVm:
+    """A run-vm started in its own process group, for tests that kill QEMU (SIGKILL to the
+    group: run-vm, ``timeout`` and QEMU die together, as with a crash of the host side)."""
+
+    def __init__(self, command: VmCommand) -> None:
+        self.command = command
+        self.output = command.console.with_suffix(".out")
+        with self.output.open("wb") as out:
+            self.process = subprocess.Popen(
+                command.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=command.env,
+                start_new_session=True,
+            )
+        self.started = time.monotonic()
+
+    def console(self) -> str:
+        return read_console(self.command.console)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str] | None:
+        """The first match of ``pattern`` (multiline) in the console, or None when QEMU exited
+        or ``timeout`` passed first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.console(), re.M)
+            if match or self.process.poll() is not None or time.monotonic() > deadline:
+                return match
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
 
 
 @pytest.fixture
@@ -218,6 +321,65 @@ def vm(qemu_binary: str, guest_dir: Path, tmp_path: Path) -> Callable[..., VmRun
     """``vm([socket, ...], script, append=...)``: :func:`run_vm` in this test's tmp_path."""
 
     def run(sockets: list[Path], script: str, **options: object) -> VmRun:
-        return run_vm(qemu_binary, guest_dir, tmp_path, sockets, script, **options)  # type: ignore[arg-type]
+        return run_vm(qemu_binary, guest_dir, tmp_path, sockets, script, **options)
 
     return run
+
+
+class Qmp:
+    """A minimal synchronous QMP client (QEMU's JSON monitor on a UNIX socket)."""
+
+    def __init__(self, path: Path, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"QEMU made no QMP socket at {path}")
+            time.sleep(0.05)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.reader = self.sock.makefile("r", encoding="utf-8")
+        self.events: list[dict[str, Any]] = []
+        greeting = json.loads(self.reader.readline())
+        assert "QMP" in greeting, greeting
+        self.execute("qmp_capabilities")
+
+    def execute(self, command: str, **arguments: Any) -> Any:
+        """Run ``command``; its ``return`` value (events seen meanwhile go to ``events``)."""
+        request: dict[str, Any] = {"execute": command}
+        if arguments:
+            request["arguments"] = arguments
+        self.sock.sendall(json.dumps(request).encode() + b"\n")
+        while True:
+            line = self.reader.readline()
+            if not line:
+                raise ConnectionError(f"QMP closed while waiting for {command}")
+            message = json.loads(line)
+            if "event" in message:
+                self.events.append(message)
+            elif "error" in message:
+                raise RuntimeError(f"QMP {command}: {message['error']}")
+            else:
+                return message.get("return")
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+#: Figures the QEMU tests measured (boot times, throughput, where QEMU was killed), shown
+#: in pytest's terminal summary so that a plain ``make test`` reports them.
+FIGURES: list[str] = []
+
+
+def report(text: str) -> None:
+    """Record ``text`` for the terminal summary (and print it, for ``pytest -s``)."""
+    FIGURES.append(text.strip("\n"))
+    print("\n" + text.strip("\n"))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if FIGURES:
+        terminalreporter.section("real-QEMU figures (tests/qemu)")
+        for text in FIGURES:
+            terminalreporter.write_line(text)

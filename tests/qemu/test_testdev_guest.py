@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Server, ServerPool, VmRun, run_vm
+from .conftest import Server, ServerPool, VmRun, report, run_vm
 
 pytestmark = pytest.mark.qemu
 
@@ -340,7 +340,7 @@ def guest(
     finally:
         pool.stop_all()
     checks = {m.group(2): (m.group(1) == "OK", m.group(3)) for m in CHECKS.finditer(run.console)}
-    print(f"\nguest boot: run-vm wall {run.wall_s:.1f} s; {run.guest_times()}; logs in {workdir}")
+    report(f"\nguest boot: run-vm wall {run.wall_s:.1f} s; {run.guest_times()}; logs in {workdir}")
     yield GuestResult(run, server, checks)
 
 

@@ -1,0 +1,248 @@
+"""Client side of the legacy (v1) region-based migration and protocol-0.1 dirty pages.
+
+What an older client (kernel VFIO 5.8-5.17, libvfio-user protocol 0.1) does, over our
+:class:`~emulator.client.Client` (facts 8.3, 9.3; layout in :mod:`protocol.migration_v1`):
+
+* find the migration region: the device-specific region (index >= 9) whose TYPE cap says
+  3/1;
+* change states by writing ``device_state`` with a read-modify-write (reserved bits kept);
+* save: read ``pending_bytes``; while it is not 0: read ``data_offset`` (the device
+  prepares a segment), ``data_size``, the segment's bytes at ``data_offset``, then
+  ``pending_bytes`` again (acknowledging the segment);
+* resume: per segment, read ``data_offset``, write the bytes there, write ``data_size``.
+
+:func:`migrate` is :func:`emulator.migration.migrate` for this interface: destination
+RUNNING -> RESUMING; source SAVING|RUNNING (pre-copy, optional), then SAVING (stop-and-
+copy) until ``pending_bytes`` is 0; source -> 0 (STOP); destination -> RUNNING. Segments go
+to the destination as they are read, in order and with the same sizes (v1 requires both).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from protocol.constants import Command, RegionFlags
+from protocol.messages import TypeCap
+from protocol.migration_v1 import (
+    DATA_OFFSET_OFFSET,
+    DATA_SIZE_OFFSET,
+    DEVICE_STATE_OFFSET,
+    PENDING_BYTES_OFFSET,
+    REGION_SUBTYPE_MIGRATION,
+    REGION_TYPE_MIGRATION,
+    STATE_MASK,
+    BitmapRange,
+    DirtyPages,
+    DirtyPagesFlags,
+    StateBits,
+)
+
+from .client import Client, ClientError, InvalidReply
+from .migration import MigrationError, Mode
+
+U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
+PCI_FIXED_REGIONS = 9
+#: Pre-copy stops after this many segment rounds even if the device keeps changing.
+DEFAULT_PRECOPY_SEGMENTS = 64
+
+RUNNING = StateBits.RUNNING
+SAVING = StateBits.SAVING
+RESUMING = StateBits.RESUMING
+
+
+# -- dirty pages (14) --------------------------------------------------------------------------
+
+
+async def dirty_pages_start(client: Client) -> None:
+    await client.request(Command.DIRTY_PAGES, DirtyPages(8, DirtyPagesFlags.START).pack())
+
+
+async def dirty_pages_stop(client: Client) -> None:
+    await client.request(Command.DIRTY_PAGES, DirtyPages(8, DirtyPagesFlags.STOP).pack())
+
+
+async def dirty_bitmap(client: Client, iova: int, size: int, pgsize: int = 4096) -> bytes:
+    """GET_BITMAP for ``[iova, iova+size)``: one bit per page, LSB first, u64 words."""
+    pages = (size + pgsize - 1) // pgsize
+    bitmap_size = 8 * ((pages + 63) // 64)
+    request = DirtyPages(
+        40 + bitmap_size, DirtyPagesFlags.GET_BITMAP, BitmapRange(iova, size, pgsize, bitmap_size)
+    )
+    _, payload, fds = await client.request(Command.DIRTY_PAGES, request.pack())
+    if fds or len(payload) != 40 + bitmap_size or payload[8:40] != request.pack()[8:]:
+        raise InvalidReply(Command.DIRTY_PAGES, f"GET_BITMAP reply of {len(payload)} bytes")
+    return payload[40:]
+
+
+# -- the region ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationRegionInfo:
+    index: int
+    size: int
+
+
+async def find_region(client: Client) -> MigrationRegionInfo:
+    """The device's v1 migration region (TYPE cap 3/1 among the device-specific regions)."""
+    info = await client.get_info()
+    for index in range(PCI_FIXED_REGIONS, info.num_regions):
+        region = await client.get_region_info(index)
+        if region.fd is not None:
+            os.close(region.fd)
+        wanted = TypeCap(REGION_TYPE_MIGRATION, REGION_SUBTYPE_MIGRATION)
+        if wanted in region.caps and region.info.flags & RegionFlags.WRITE:
+            return MigrationRegionInfo(index, region.info.size)
+    raise MigrationError("the device has no v1 migration region", stage="discovery")
+
+
+async def _read_u64(client: Client, region: int, offset: int) -> int:
+    value: int = U64.unpack(await client.region_read(region, offset, 8))[0]
+    return value
+
+
+async def get_device_state(client: Client, region: int) -> int:
+    """The raw ``device_state`` register (reserved bits included)."""
+    value: int = U32.unpack(await client.region_read(region, DEVICE_STATE_OFFSET, 4))[0]
+    return value
+
+
+async def set_device_state(client: Client, region: int, bits: int) -> None:
+    """Read-modify-write of ``device_state``: the state bits become ``bits``."""
+    current = await get_device_state(client, region)
+    value = (current & ~STATE_MASK & 0xFFFF_FFFF) | (bits & STATE_MASK)
+    await client.region_write(region, DEVICE_STATE_OFFSET, U32.pack(value))
+
+
+async def pending_bytes(client: Client, region: int) -> int:
+    return await _read_u64(client, region, PENDING_BYTES_OFFSET)
+
+
+def _chunk(client: Client) -> int:
+    return max(1, min(client.server_max_data_xfer_size, 1 << 20))
+
+
+async def read_segment(client: Client, region: int) -> bytes:
+    """One save iteration after a non-zero ``pending_bytes``: the next segment."""
+    offset = await _read_u64(client, region, DATA_OFFSET_OFFSET)
+    size = await _read_u64(client, region, DATA_SIZE_OFFSET)
+    step = _chunk(client)
+    parts = [
+        await client.region_read(region, offset + at, min(step, size - at))
+        for at in range(0, size, step)
+    ]
+    return b"".join(parts)
+
+
+async def segments(
+    client: Client, region: int, *, limit: int | None = None
+) -> AsyncIterator[bytes]:
+    """Segments while ``pending_bytes`` is not 0 (at most ``limit``); each is acknowledged
+    by the ``pending_bytes`` read that follows it."""
+    count = 0
+    while await pending_bytes(client, region):
+        if limit is not None and count >= limit:
+            return
+        segment = await read_segment(client, region)
+        count += 1
+        if not segment:
+            return  # nothing now (pre-copy); a well-behaved device says so with 0 pending
+        yield segment
+
+
+async def write_segment(client: Client, region: int, segment: bytes) -> None:
+    """One resume iteration: the segment into the data window, then its size."""
+    offset = await _read_u64(client, region, DATA_OFFSET_OFFSET)
+    step = _chunk(client)
+    for at in range(0, len(segment), step):
+        await client.region_write(region, offset + at, segment[at : at + step])
+    await client.region_write(region, DATA_SIZE_OFFSET, U64.pack(len(segment)))
+
+
+# -- a whole migration ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationReportV1:
+    mode: Mode
+    bytes_moved: int
+    precopy_bytes: int
+    segments: int
+    downtime_s: float
+    total_s: float
+
+    def lines(self) -> list[str]:
+        return [
+            "protocol: v1 (migration region)",
+            f"mode: {self.mode}",
+            f"bytes moved: {self.bytes_moved} in {self.segments} segment(s)",
+            f"pre-copy bytes: {self.precopy_bytes}",
+            f"downtime: {self.downtime_s * 1e3:.3f} ms",
+            f"total time: {self.total_s * 1e3:.3f} ms",
+        ]
+
+
+async def migrate(
+    source: Client,
+    destination: Client,
+    *,
+    mode: Mode = "stop-copy",
+    precopy_segments: int = DEFAULT_PRECOPY_SEGMENTS,
+) -> MigrationReportV1:
+    """Migrate through the v1 regions only. On failure the source is put back to RUNNING
+    and the destination reset (best effort) and :class:`MigrationError` is raised."""
+    started = time.perf_counter()
+    src = await find_region(source)
+    dst = await find_region(destination)
+    stage = "destination RUNNING -> RESUMING"
+    moved = precopy = count = 0
+    try:
+        await set_device_state(destination, dst.index, RESUMING)
+        if mode == "pre-copy":
+            stage = "source pre-copy"
+            await set_device_state(source, src.index, SAVING | RUNNING)
+            async for segment in segments(source, src.index, limit=precopy_segments):
+                await write_segment(destination, dst.index, segment)
+                precopy += len(segment)
+                count += 1
+        stage = "source stop-and-copy"
+        stopped = time.perf_counter()
+        await set_device_state(source, src.index, SAVING)
+        async for segment in segments(source, src.index):
+            await write_segment(destination, dst.index, segment)
+            moved += len(segment)
+            count += 1
+        stage = "source -> STOP"
+        await set_device_state(source, src.index, 0)
+        stage = "destination RESUMING -> RUNNING (loading the state)"
+        await set_device_state(destination, dst.index, RUNNING)
+    except ClientError as exc:
+        notes = await _recover(source, src.index, destination)
+        raise MigrationError(
+            f"v1 migration failed while {stage}: {exc}",
+            stage=stage,
+            errno=exc.errno,
+            recovery=notes,
+        ) from exc
+    done = time.perf_counter()
+    return MigrationReportV1(mode, moved + precopy, precopy, count, done - stopped, done - started)
+
+
+async def _recover(source: Client, region: int, destination: Client) -> list[str]:
+    notes = []
+    try:
+        await set_device_state(source, region, RUNNING)
+        notes.append("source -> RUNNING")
+    except ClientError as exc:
+        notes.append(f"source left as it is ({exc})")
+    try:
+        await destination.reset()
+        notes.append("destination DEVICE_RESET -> RUNNING")
+    except ClientError as exc:
+        notes.append(f"destination left as it is ({exc})")
+    return notes

@@ -692,6 +692,8 @@ class TestdevGuest:
         self._losses: list[str] = []
         self._verify_wanted: trio.Event | None = None
         self._ops_done = trio.Event()
+        self._op = ""
+        self._interrupted: list[str] = []
         self._stop = False
         self._done = trio.Event()
         self.vm: Vm | None = None
@@ -748,6 +750,7 @@ class TestdevGuest:
                     self._verify_wanted = None
                     continue
                 op = self.rng.choice(ops)
+                self._op = op.__name__
                 await op()
                 await trio.sleep(0)
         finally:
@@ -766,6 +769,8 @@ class TestdevGuest:
                 if not _connection_gone(self.vm, client):
                     raise
                 client = await self.vm.wait_replaced(client)
+                # (which operation a fault interrupted: named in any loss found next)
+                self._interrupted.append(f"{self._op} {'retried' if retry else 'resolved'}")
                 if not retry:
                     raise _Reconnected from None
 
@@ -838,9 +843,7 @@ class TestdevGuest:
         try:
             await self._request(lambda c: c.region_write(BAR0, td.REG_DMA_CTRL, ctrl), retry=False)
         except _Reconnected:
-            started = await self._read32(td.REG_DMA_STATUS) == td.DMA_BUSY
-            if not started and await self._read32(td.REG_DMA_DONE) == self.copies:
-                await self._request(lambda c: c.region_write(BAR0, td.REG_DMA_CTRL, ctrl))
+            await self._resolve_copy(ctrl)
         assert self.vm is not None
         await self.vm.gate.check()  # the VM may stop with the copy in flight
         with trio.move_on_after(GUEST_TIMEOUT) as waited:
@@ -861,8 +864,25 @@ class TestdevGuest:
         self.ops["dma"] += 1
         self._ops_done.set()
 
+    async def _resolve_copy(self, ctrl: bytes) -> None:
+        """A fault took the connection around the DMA_CTRL write: find out what became of
+        the copy and start it (again) unless it is running or done."""
+        status = await self._read32(td.REG_DMA_STATUS)
+        if status == td.DMA_BUSY or await self._read32(td.REG_DMA_DONE) != self.copies:
+            return  # running (or resubmitted for this connection), or completed
+        if status == td.DMA_FAILED:
+            # It ran and failed when its client vanished mid-DMA: the device raised its
+            # completion interrupt (delivered or not, the client being gone) and the
+            # driver acknowledges it, then retries.
+            self.irqs += 1
+            await self._write32(td.REG_IRQ_STATUS, 1 << DMA_VECTOR)
+            self.msix[DMA_VECTOR].take()
+        await self._request(lambda c: c.region_write(BAR0, td.REG_DMA_CTRL, ctrl))
+
     # -- verification ------------------------------------------------------------------------
     def _loss(self, what: str) -> None:
+        if self._interrupted:
+            what += f" (after a fault interrupted: {', '.join(self._interrupted[-3:])})"
         self._losses.append(what)
 
     async def _check_model(self) -> None:
@@ -892,6 +912,7 @@ class TestdevGuest:
         stray = [fd.take() for fd in self.msix]
         if any(stray):
             self._loss(f"interrupts nobody caused: {stray}")
+        self._interrupted.clear()
 
     async def verify(self) -> None:
         """The guest checks its model at its next operation boundary; then it runs

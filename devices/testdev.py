@@ -412,8 +412,9 @@ class TestDev(Device):
         # A copy cancelled because the previous client went away (its job dies with the
         # connection) is still BUSY: it runs again for the client that attaches now, so a
         # reconnecting guest does not wait forever. (A copy is idempotent: same source,
-        # same destination.) While stopped, the job waits in the queue as any other.
-        self.resume()
+        # same destination.) While stopped, the engine's resume does it on the way back.
+        if self.migration.operating:
+            self.resume()
 
     def on_detach(self) -> None:
         # The connection drops every queued job (and cancels the running one): a copy

@@ -431,7 +431,11 @@ class Device:
     #: Migration interfaces served (the ``migration=`` option): "v2" (DEVICE_FEATURE and
     #: MIG_DATA_*) and/or "v1" (the legacy migration region). Both drive one engine.
     migration_protocols: frozenset[str] = frozenset({"v2"})
-    #: Size of the v1 migration region's data window (the largest segment).
+    #: Size of the v1 migration region's data window (the largest segment). It sits on the
+    #: device (a plain number, no wire knowledge) because it is part of what the device
+    #: looks like to a client: the region's size in GET_REGION_INFO and the segment sizes
+    #: a v1 client sees. A model reproducing a real device sets it to that device's value
+    #: (devices.lvu_sample: libvfio-user's 16 KiB); emulator.migration_region reads it.
     migration_v1_window: ClassVar[int] = 1 << 20
 
     def __init__(self, config: ConfigSpace, irq: InterruptController) -> None:
@@ -465,7 +469,8 @@ class Device:
         region = self._region(index)
         if not region.readable:
             raise DeviceError(errno.EINVAL, f"region {index} is not readable")
-        check_span(region.size, offset, count, f"region {index}")
+        if offset < 0 or count < 0 or offset + count > region.size:  # hot: format on failure
+            check_span(region.size, offset, count, f"region {index}")
         data = region.read(offset, count)
         if len(data) != count:
             raise DeviceError(errno.EIO, f"region {index} returned {len(data)} of {count} bytes")
@@ -475,7 +480,8 @@ class Device:
         region = self._region(index)
         if not region.writable:
             raise DeviceError(errno.EINVAL, f"region {index} is not writable")
-        check_span(region.size, offset, len(data), f"region {index}")
+        if offset < 0 or offset + len(data) > region.size:  # hot: format on failure
+            check_span(region.size, offset, len(data), f"region {index}")
         region.write(offset, data)
 
     def _region(self, index: int) -> Region:

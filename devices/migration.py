@@ -243,7 +243,7 @@ class Staging(Protocol):
 
 
 class MemoryStaging:
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 0) -> None:  # grows as bytes arrive: nothing to reserve
         self._data = bytearray()
 
     @property
@@ -362,8 +362,9 @@ class MigrationEngine:
         self.saving: SavingSession | None = None
         self.resuming: ResumingSession | None = None
         self.work: WorkControl = NoWork()
-        #: Makes staging buffers for resumed data (the runtime installs a memfd-backed one).
-        self.staging_factory: Callable[[], Staging] = MemoryStaging
+        #: Makes staging buffers for resumed data, given the most bytes they must hold (the
+        #: runtime installs a memfd-backed one).
+        self.staging_factory: Callable[[int], Staging] = MemoryStaging
 
     # -- queries -----------------------------------------------------------------------------
     @property
@@ -449,7 +450,7 @@ class MigrationEngine:
 
     def _new_resuming(self) -> None:
         self._drop_resuming()
-        self.resuming = ResumingSession(self.max_resume, self.staging_factory())
+        self.resuming = ResumingSession(self.max_resume, self.staging_factory(self.max_resume))
 
     def _drop_resuming(self) -> None:
         if self.resuming is not None:
@@ -474,15 +475,18 @@ class MigrationEngine:
 
     def _apply_resumed(self) -> None:
         """RESUMING -> STOP: validate everything, then apply atomically or not at all."""
-        assert self.resuming is not None
-        received = self.resuming
-        # On any failure the partial data is discarded and a fresh stream may be written.
-        self.resuming = ResumingSession(self.max_resume, self.staging_factory())
+        received, self.resuming = self.resuming, None
+        if received is None:
+            raise StreamError("nothing was resumed (no staging for the stream)")
         try:
             self._decode_and_apply(received.staging.view(), received.checksums)
-        finally:
+        except BaseException:
+            # The partial data is discarded and a fresh stream may be written. Only now is
+            # a second staging made: a process with room for one stream stays usable.
             received.close()
-        self._drop_resuming()
+            self._new_resuming()
+            raise
+        received.close()
 
     def _decode_and_apply(
         self, data: memoryview, checksums: Mapping[tuple[int, int], int] | None = None

@@ -10,6 +10,14 @@ machine a fault costs microseconds: measured here, two 1 MiB copies per message 
 :func:`keep_large_buffers` raises the mmap threshold to 4 MiB (messages come from the heap
 and are reused) and the trim threshold to 32 MiB (at most that much freed memory is kept
 at the heap top). Elsewhere than glibc it does nothing.
+
+The trade-off is resident memory: freed blocks below 4 MiB are no longer handed back to
+the kernel, so RSS stays near its high-water mark (plus up to 32 MiB kept at the heap top)
+instead of shrinking after a transfer. The setting is process-wide and cannot be undone
+per caller, so only the command line applies it, for the commands that move bulk data
+(``serve``, ``migrate``, ``bench``), and :func:`emulator.migration.migrate`, through whose
+process a whole in-band stream passes. Merely constructing a ``DeviceServer`` (library use,
+tests) leaves the host program's allocator alone.
 """
 
 from __future__ import annotations

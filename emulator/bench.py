@@ -1156,8 +1156,11 @@ def _run_script(name: str, argv: Sequence[str]) -> int:
         del sys.modules[spec.name]
 
 
-def add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``bench migration`` and ``bench serialize`` to the ``vfio-user-emu`` subparsers."""
+def add_bench_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """Add ``bench migration`` and ``bench serialize`` to the ``vfio-user-emu`` subparsers;
+    returns the ``bench`` subparsers, for benchmarks defined elsewhere."""
     bench = sub.add_parser("bench", help="run a benchmark (not a test)")
     which = bench.add_subparsers(dest="benchmark", required=True)
     migration = which.add_parser(
@@ -1175,6 +1178,7 @@ def add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         add_help=False,
     )
     serialize.add_argument("script_args", nargs=argparse.REMAINDER)
+    return which
 
 
 def run_bench(args: argparse.Namespace) -> int:

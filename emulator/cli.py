@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import trio
 
@@ -20,6 +21,7 @@ from devices.registry import (
 )
 from protocol.messages import DmaLayout
 
+from . import allocator, bench_rtt, bench_scale
 from .bench import add_bench_parser, run_bench
 from .client import Client, ClientError
 from .info import describe
@@ -34,6 +36,7 @@ from .migration import (
 from .migration_v1 import migrate as migrate_v1
 from .netdev import NetdevError, netdev_help, setup_netdevs
 from .qemu import qemu_args, qemu_command_line
+from .serve_config import ServeConfig, run_config
 from .server import DeviceServer, ServerError
 from .soak import add_soak_parser, run_soak_cli
 
@@ -70,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     where = serve.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket-path", help="create the listening socket here (mode 0600)")
     where.add_argument("--fd", type=int, help="use an inherited listening socket")
+    # serve --config: many devices in one process (emulator/serve_config.py).
+    where.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE.toml",
+        help="serve every [[device]] of this file, each on its own socket, in one process",
+    )
     serve.add_argument(
         "--netdev",
         action="append",
@@ -135,12 +145,35 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_PRECOPY_THRESHOLD,
         help="stop pre-copy once a round moves at most this many bytes",
     )
-    add_bench_parser(sub)
+    benchmarks = add_bench_parser(sub)
+    # bench rtt / bench scale (emulator/bench_rtt.py, emulator/bench_scale.py)
+    rtt = benchmarks.add_parser(
+        "rtt", help="per-message round trip vs a Python echo floor (scripts/bench_rtt.py)"
+    )
+    bench_rtt.add_arguments(rtt)
+    rtt.set_defaults(run_benchmark=bench_rtt.run_from_args)
+    scale = benchmarks.add_parser(
+        "scale", help="many devices in one process or many (scripts/bench_scale.py)"
+    )
+    bench_scale.add_arguments(scale)
+    scale.set_defaults(run_benchmark=bench_scale.run_from_args)
     add_soak_parser(sub)
     return parser
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    if args.config is not None:  # serve --config (emulator/serve_config.py)
+        if args.netdev or args.device != DEFAULT_DEVICE:
+            print("vfio-user-emu: --config replaces --device and --netdev", file=sys.stderr)
+            return 2
+        defaults = ServeConfig(
+            devices=(),
+            max_data_xfer_size=args.max_data_xfer_size,
+            max_dma_maps=args.max_dma_maps,
+            dma_layout=None if args.dma_layout == "auto" else DmaLayout(args.dma_layout),
+            trace=args.trace,
+        )
+        return await run_config(args.config, defaults)
     try:
         device = create_device(args.device)
         layout = None if args.dma_layout == "auto" else DmaLayout(args.dma_layout)
@@ -256,6 +289,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    if args.command in ("serve", "migrate", "bench"):
+        # Bulk data moves through messages: reuse freed buffers (process-wide malloc
+        # tuning, more RSS; see emulator/allocator.py), for these commands only.
+        allocator.keep_large_buffers()
     if args.command == "serve":
         return trio.run(_serve, args)
     if args.command == "info":
@@ -263,7 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "migrate":
         return trio.run(_migrate, args)
     if args.command == "bench":
-        return run_bench(args)
+        runner = getattr(args, "run_benchmark", None)
+        return int(runner(args)) if runner is not None else run_bench(args)
     if args.command == "soak":
         return run_soak_cli(args)
     if args.command == "qemu-args":

@@ -13,6 +13,8 @@ session returns one end of a pipe with the reply (SCM_RIGHTS, ``data_fd`` = its 
   is still in the pipe, then validates.
 
 Leaving the state ends the session and closes our end; a new session gets a new pipe.
+What the client has not read of a saving pipe by then is discarded: it may hold device RAM
+pages by reference (vmsplice), which must not show the RAM as it is later.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import mmap
 import os
 import threading
 from collections.abc import Callable
+from functools import partial
 
 import trio
 
 from devices.errors import DeviceError
-from devices.migration import MigrationEngine, SavingSession
+from devices.migration import DEFAULT_MAX_RESUME, MigrationEngine, SavingSession
 from devices.state_stream import Buffer
 from protocol.constants import MigState
 from protocol.migration_fsm import Arc
@@ -54,19 +57,32 @@ OPENS_RESUME = (MigState.STOP, MigState.RESUMING)
 class MemfdStaging:
     """Resumed bytes kept in a memfd, outside the Python heap.
 
-    The memfd is mapped once, read-only, over ``RESERVE`` bytes of address space (memory is
-    used only where bytes arrive): bytes spliced in from a data fd are checksummed where
-    they landed, and validation later reads them without mapping anything again.
+    The memfd is mapped once, read-only, over ``reserve`` bytes of address space (the
+    engine's resume limit; memory is used only where bytes arrive): bytes spliced in from a
+    data fd are checksummed where they landed, and validation later reads them without
+    mapping anything again. A process without room for that reservation (RLIMIT_AS,
+    RLIMIT_FSIZE) maps the staged bytes on demand instead; running out of room then is a
+    clean ENOMEM/EFBIG for the client, never a traceback.
     """
 
-    def __init__(self) -> None:
-        self.fd = os.memfd_create("vfio-user-emu-resume", os.MFD_CLOEXEC)
+    def __init__(self, reserve: int = DEFAULT_MAX_RESUME) -> None:
+        self.reserve = reserve
+        try:
+            self.fd = os.memfd_create("vfio-user-emu-resume", os.MFD_CLOEXEC)
+        except OSError as exc:
+            raise DeviceError(exc.errno or errno.ENOMEM, f"resume staging: {exc}") from None
         self._size = 0
         self._mapped = 0  # bytes before this offset were read through the mapping already
         self._map: mmap.mmap | None = None
         try:
-            os.ftruncate(self.fd, RESERVE)  # sparse: no memory until written
-            self._map = mmap.mmap(self.fd, RESERVE, mmap.MAP_SHARED, mmap.PROT_READ)
+            os.ftruncate(self.fd, reserve)  # sparse: no memory until written
+            self._map = mmap.mmap(self.fd, reserve, mmap.MAP_SHARED, mmap.PROT_READ)
+        except (OSError, ValueError, OverflowError) as exc:
+            log.info(
+                "resume staging: no room to reserve %d bytes (%s); mapping on demand", reserve, exc
+            )
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
         except BaseException:
             os.close(self.fd)
             raise
@@ -77,10 +93,10 @@ class MemfdStaging:
 
     def append(self, data: Buffer) -> None:
         view = memoryview(data).cast("B")
-        if self._size + len(view) > RESERVE:
-            raise DeviceError(errno.EFBIG, f"resumed stream exceeds {RESERVE} bytes")
+        if self._size + len(view) > self.reserve:
+            raise DeviceError(errno.EFBIG, f"resumed stream exceeds {self.reserve} bytes")
         while view:
-            written = os.pwrite(self.fd, view, self._size)
+            written = _staging_io(partial(os.pwrite, self.fd, view, self._size))
             self._size += written
             view = view[written:]
 
@@ -88,10 +104,10 @@ class MemfdStaging:
         """Move up to ``count`` bytes from a pipe into the staging file (``splice``: no copy
         through Python); returns a view of where they landed, empty at EOF. Raises
         BlockingIOError when the pipe is empty."""
-        count = min(count, RESERVE - self._size)
+        count = min(count, self.reserve - self._size)
         if count <= 0:
-            raise DeviceError(errno.EFBIG, f"resumed stream exceeds {RESERVE} bytes")
-        moved = os.splice(source, self.fd, count, offset_dst=self._size)
+            raise DeviceError(errno.EFBIG, f"resumed stream exceeds {self.reserve} bytes")
+        moved = _staging_io(partial(os.splice, source, self.fd, count, offset_dst=self._size))
         start, self._size = self._size, self._size + moved
         if self._mapped == start:
             self._mapped = self._size  # the caller reads the bytes where they landed
@@ -99,12 +115,24 @@ class MemfdStaging:
 
     def window(self, start: int, end: int) -> memoryview:
         """A view of staged bytes (faulted in as they are read)."""
-        assert self._map is not None
-        return memoryview(self._map)[start:end]
+        if self._map is not None:
+            return memoryview(self._map)[start:end]
+        if end <= start:
+            return memoryview(b"")
+        skew = start % mmap.PAGESIZE  # no reservation: map just these bytes
+        try:
+            piece = mmap.mmap(
+                self.fd, end - start + skew, mmap.MAP_SHARED, mmap.PROT_READ, offset=start - skew
+            )
+        except OSError as exc:
+            raise DeviceError(errno.ENOMEM, f"resume staging: cannot map: {exc}") from None
+        return memoryview(piece)[skew:]
 
     def view(self) -> memoryview:
-        if not self.size or self._map is None:
+        if not self.size or self.fd < 0:
             return memoryview(b"")
+        if self._map is None:
+            return self.window(0, self._size)
         # Map in what was not read yet in one go (validation reads every byte anyway).
         start = self._mapped & ~(mmap.PAGESIZE - 1)
         if start < self._size:
@@ -125,11 +153,21 @@ class MemfdStaging:
         threading.Thread(target=_release, args=(mapping, fd), daemon=True).start()
 
 
-#: Address space reserved for a staged stream (the engine's StreamLimits.max_stream).
-RESERVE = 1 << 34
 #: madvise(2) advice (Linux 5.14) that faults a range in without touching it page by page.
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 LARGE_STAGING = 16 << 20
+
+
+def _staging_io(operation: Callable[[], int]) -> int:
+    """Errors of the staging file itself (no memory, RLIMIT_FSIZE) as clean errnos."""
+    try:
+        return operation()
+    except BlockingIOError:
+        raise  # an empty pipe: the caller waits
+    except OSError as exc:
+        if exc.errno not in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG):
+            raise
+        raise DeviceError(exc.errno, f"resume staging: {exc}") from None
 
 
 def _release(mapping: mmap.mmap | None, fd: int) -> None:
@@ -146,12 +184,16 @@ def _release(mapping: mmap.mmap | None, fd: int) -> None:
 VMSPLICE_MIN = 64 << 10
 
 
-def _writer_for(view: memoryview) -> Callable[[int, memoryview], int]:
+def _writer_for(view: memoryview, state: MigState) -> Callable[[int, memoryview], int]:
     """How to put ``view`` into the pipe: pieces of a memory mapping (device RAM, which
     stays put while the device is stopped in STOP_COPY) are handed over without a copy
-    (vmsplice); anything else, e.g. bytes the allocator may reuse once sent, is copied."""
+    (vmsplice); anything else, e.g. bytes the allocator may reuse once sent, is copied.
+    Pages go by reference only in STOP_COPY, and whatever of them the client did not read
+    is discarded when that state is left (:meth:`DataFdSessions.close`)."""
+    assert state == MigState.STOP_COPY, "saving data fds only pump in STOP_COPY"
     if (
-        len(view) >= VMSPLICE_MIN
+        state == MigState.STOP_COPY
+        and len(view) >= VMSPLICE_MIN
         and isinstance(view.obj, mmap.mmap)
         and fastpath.vmsplice_available()
     ):
@@ -179,6 +221,8 @@ class DataFdSessions:
         self._session_open = False
         self.failure: DeviceError | None = None
         self._bounce: bytearray | None = None  # resumed bytes pass through it (one per client)
+        #: Our own copy of a saving pipe's read end, to empty the pipe when the session ends.
+        self._saving_read_end: int | None = None
 
     @property
     def active(self) -> bool:
@@ -197,19 +241,26 @@ class DataFdSessions:
         if self.active and engine.state not in (MigState.STOP_COPY, MigState.RESUMING):
             self.close()
         if any(arc in STARTS_STOP_COPY_DATA for arc in arcs) and engine.saving is not None:
-            return self._open_saving(engine.saving)
+            return self._open_saving(engine)
         if OPENS_RESUME in arcs and engine.resuming is not None:
             return self._open_resuming(engine)
         return None
 
-    def _open_saving(self, session: SavingSession) -> int:
+    def _open_saving(self, engine: MigrationEngine) -> int:
+        assert engine.saving is not None
         self.close()
         read_end, write_end = _pipe()
+        try:
+            self._saving_read_end = os.dup(read_end)
+        except OSError:
+            os.close(read_end)
+            os.close(write_end)
+            raise
         os.set_blocking(write_end, False)
         self._our_end = write_end
         self._session_open = True
         self._scope = trio.CancelScope()
-        self.nursery.start_soon(self._pump_out, session, write_end, self._scope)
+        self.nursery.start_soon(self._pump_out, engine, engine.saving, write_end, self._scope)
         return read_end
 
     def _open_resuming(self, engine: MigrationEngine) -> int:
@@ -223,13 +274,15 @@ class DataFdSessions:
         self.nursery.start_soon(self._pump_in, engine, read_end, self._scope)
         return write_end
 
-    async def _pump_out(self, session: SavingSession, fd: int, scope: trio.CancelScope) -> None:
+    async def _pump_out(
+        self, engine: MigrationEngine, session: SavingSession, fd: int, scope: trio.CancelScope
+    ) -> None:
         with scope:
             while True:
                 view = session.take(CHUNK)
                 if not view:
                     break  # the whole stream is written (STOP_COPY data is complete)
-                write = _writer_for(view)
+                write = _writer_for(view, engine.state)
                 while view:
                     try:
                         written = write(fd, view)
@@ -298,12 +351,32 @@ class DataFdSessions:
             os.close(self._our_end)
             self._our_end = None
 
+    def _discard_unread(self) -> None:
+        """Empty a saving pipe the client may still hold: what it did not read yet may be
+        device RAM pages by reference (vmsplice), which would show the RAM as it is when
+        read, even to another client. Called before the device can run or change (the
+        callers close the session before a reset, after a transition without yielding to
+        device work, and at teardown). Our write end is closed first, so reading ends at
+        EOF and never blocks."""
+        fd, self._saving_read_end = self._saving_read_end, None
+        if fd is None:
+            return
+        try:
+            while os.read(fd, CHUNK):
+                pass
+        except OSError as exc:
+            log.warning("data fd: could not empty the saving pipe: %s", exc)
+        finally:
+            os.close(fd)
+
     def close(self) -> None:
-        """End the session (state left, device reset, client gone): our end is closed."""
+        """End the session (state left, device reset, client gone): our end is closed and
+        what the client did not read of a saving pipe is discarded."""
         if self._scope is not None:
             self._scope.cancel()
             self._scope = None
         self._close_fd()
+        self._discard_unread()
         self._resume_engine = None
         self._session_open = False
         self.failure = None

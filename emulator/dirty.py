@@ -26,53 +26,30 @@ Rules (vfio-user 0.9.2 with the kernel's and libvfio-user's checks, facts sectio
 from __future__ import annotations
 
 import errno
-import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
+from protocol.dirty_logging import (
+    MAX_RANGES,
+    RANGE,
+    REPORT,
+    START_HEADER,
+    U64_LIMIT,
+    LoggingRequest,
+    bitmap_bytes,
+    page_size_ok,
+)
 from protocol.errors import ProtocolError, require
 
-START_HEADER = struct.Struct("<QII")
-RANGE = struct.Struct("<QQ")
-REPORT = struct.Struct("<QQQ")
-MAX_RANGES = 1024
-MIN_PAGE = 4096
-U64_LIMIT = 1 << 64
-
-
-def _page_size_ok(size: int) -> bool:
-    return size >= MIN_PAGE and size & (size - 1) == 0
-
-
-@dataclass(frozen=True, slots=True)
-class LoggingRequest:
-    page_size: int
-    ranges: tuple[tuple[int, int], ...]  # empty: every write
-
-    @classmethod
-    def unpack(cls, data: bytes) -> LoggingRequest:
-        require(len(data) >= START_HEADER.size, "DMA_LOGGING_START: data too short")
-        page_size, count, _reserved = START_HEADER.unpack_from(data)
-        require(_page_size_ok(page_size), f"DMA_LOGGING_START: page size {page_size}")
-        require(count <= MAX_RANGES, f"DMA_LOGGING_START: {count} ranges", errno.E2BIG)
-        require(
-            len(data) == START_HEADER.size + count * RANGE.size,
-            f"DMA_LOGGING_START: {len(data)} bytes for {count} ranges",
-        )
-        ranges = sorted(
-            RANGE.unpack_from(data, START_HEADER.size + i * RANGE.size) for i in range(count)
-        )
-        end = 0
-        for iova, length in ranges:
-            require(length > 0, "DMA_LOGGING_START: empty range")
-            require(
-                iova % page_size == 0 and length % page_size == 0,
-                f"DMA_LOGGING_START: range [{iova:#x}, +{length:#x}) not page-aligned",
-            )
-            require(iova + length <= U64_LIMIT, "range wraps", errno.EOVERFLOW)
-            require(iova >= end, "DMA_LOGGING_START: overlapping ranges")
-            end = iova + length
-        return cls(page_size, tuple(ranges))
+__all__ = [
+    "MAX_RANGES",
+    "RANGE",
+    "REPORT",
+    "START_HEADER",
+    "DirtyLogging",
+    "LoggingFeature",
+    "LoggingRequest",
+    "covered",
+]
 
 
 class DirtyLogging:
@@ -98,8 +75,6 @@ class DirtyLogging:
 
     def report(self, iova: int, length: int, page_size: int) -> bytes:
         """The bitmap for ``[iova, iova+length)`` at ``page_size``; clears what it reports."""
-        bits = (length + page_size - 1) // page_size
-        words = (bits + 63) // 64
         bitmap = 0
         end = iova + length
         logged = self.page_size
@@ -121,7 +96,7 @@ class DirtyLogging:
             if iova <= start and stop <= end:
                 forget.append(page)
         self.pages.difference_update(forget)
-        return bitmap.to_bytes(8 * words, "little")
+        return bitmap.to_bytes(bitmap_bytes(length, page_size), "little")
 
 
 class LoggingFeature:
@@ -156,12 +131,11 @@ class LoggingFeature:
         assert self.session is not None
         require(len(data) >= REPORT.size, "DMA_LOGGING_REPORT: data too short")
         iova, length, page_size = REPORT.unpack_from(data)
-        require(_page_size_ok(page_size), f"DMA_LOGGING_REPORT: page size {page_size}")
+        require(page_size_ok(page_size), f"DMA_LOGGING_REPORT: page size {page_size}")
         require(length > 0, "DMA_LOGGING_REPORT: empty range")
         require(iova + length <= U64_LIMIT, "range wraps", errno.EOVERFLOW)
         self._check_reportable(iova, length)
-        bits = (length + page_size - 1) // page_size
-        bitmap_size = 8 * ((bits + 63) // 64)
+        bitmap_size = bitmap_bytes(length, page_size)
         require(
             bitmap_size <= max_bitmap,
             f"DMA_LOGGING_REPORT: a {bitmap_size}-byte bitmap exceeds {max_bitmap}",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import errno
 import fcntl
+import logging
 import mmap
 import os
 import stat
@@ -24,6 +25,8 @@ from protocol.errors import ProtocolError
 from protocol.messages import DmaMap
 
 PAGE_SIZE = mmap.PAGESIZE
+
+log = logging.getLogger("vfio_user_emu")
 
 
 @dataclass(eq=False)
@@ -113,9 +116,12 @@ def _open_mapping(request: DmaMap, fd: int | None, *, mmap_unsealed: bool = Fals
     mapping = Mapping(request.address, request.size, readable, writable, fd, request.offset)
     if fd is None:
         return mapping
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
         raise ProtocolError(errno.EINVAL, "DMA_MAP: fd is not a regular file or memfd")
+    # Seal first, measure after: a size read before the seal could be undercut by a client
+    # shrinking the file in between (SIGBUS on our next access).
+    sealed = mmap_unsealed or mmap_is_safe(fd)
+    st = os.fstat(fd)
     if st.st_size < request.offset + request.size:
         raise ProtocolError(
             errno.EINVAL,
@@ -123,7 +129,7 @@ def _open_mapping(request: DmaMap, fd: int | None, *, mmap_unsealed: bool = Fals
             f"offset {request.offset:#x} + size {request.size:#x}",
         )
     mapping.file_id = (st.st_dev, st.st_ino)
-    if not (mmap_unsealed or mmap_is_safe(fd)):
+    if not sealed:
         os.close(fd)  # reached through DMA_READ/DMA_WRITE messages instead
         mapping.fd = None
         return mapping
@@ -152,6 +158,7 @@ class IovaMap:
         self._starts: list[int] = []
         self._maps: list[Mapping] = []
         self._slots: list[Mapping | None] = []  # DMA_MAP order, freed slots reused
+        self._fallback_logged = False  # one warning per session, not one per DMA_MAP
 
     def __len__(self) -> int:
         return len(self._maps)
@@ -167,6 +174,8 @@ class IovaMap:
             if fd is not None:
                 os.close(fd)
             raise
+        if fd is not None and not mapping.fd_backed:
+            self._log_message_fallback(mapping)
         existing = self._overlapping(mapping.address, mapping.end)
         if existing:
             mapping.close()
@@ -185,6 +194,19 @@ class IovaMap:
             self._slots[self._slots.index(None)] = mapping
         else:
             self._slots.append(mapping)
+
+    def _log_message_fallback(self, mapping: Mapping) -> None:
+        if self._fallback_logged:
+            return
+        self._fallback_logged = True
+        log.warning(
+            "DMA_MAP [%#x, +%#x): its fd could not be sealed against shrinking (a file on "
+            "disk, hugetlbfs, or a memfd closed to sealing), so the device reaches it with "
+            "DMA_READ/DMA_WRITE messages, much slower than mmap; --dma-mmap-unsealed mmaps "
+            "such fds for a trusted client (further fallbacks of this session not logged)",
+            mapping.address,
+            mapping.size,
+        )
 
     def remove(self, address: int, size: int) -> Mapping:
         at = bisect.bisect_left(self._starts, address)

@@ -26,7 +26,6 @@ address): an :class:`emulator.testing.GuestRam` memfd mapped with DMA_MAP ``fd=`
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -34,6 +33,7 @@ from typing import Protocol
 import trio
 
 from protocol.constants import FEATURE_GET, FEATURE_PROBE, FEATURE_SET, Command, DeviceFeature
+from protocol.dirty_logging import MAX_RANGES, RANGE, REPORT, START_HEADER, bitmap_bytes
 from protocol.messages import DeviceFeatureMsg
 
 from .client import Client, DmaMemory, InvalidReply
@@ -46,11 +46,6 @@ __all__ = [
 ]
 
 DEFAULT_PAGE_SIZE = 4096
-#: DMA_LOGGING_START takes at most this many ranges (the server's limit, and libvfio-user's).
-MAX_RANGES = 1024
-START_HEADER = struct.Struct("<QII")  # page_size, num_ranges, reserved
-RANGE = struct.Struct("<QQ")  # iova, length
-REPORT = struct.Struct("<QQQ")  # iova, length, page_size
 #: A REPORT covers at most this much (a 2 KiB bitmap at 4 KiB pages): bounded replies.
 REPORT_SPAN = 64 * 1024 * 1024
 #: Bytes copied between checkpoints (other tasks, e.g. a client serving DMA, keep running).
@@ -270,7 +265,7 @@ class GuestMemoryMigration:
     async def _report(self, client: Client, iova: int, length: int) -> int:
         bits = length // self.page_size
         request = REPORT.pack(iova, length, self.page_size)
-        argsz = DeviceFeatureMsg.HEADER_SIZE + REPORT.size + 8 * ((bits + 63) // 64)
+        argsz = DeviceFeatureMsg.HEADER_SIZE + REPORT.size + bitmap_bytes(length, self.page_size)
         payload = await client.device_feature(
             FEATURE_GET | DeviceFeature.DMA_LOGGING_REPORT, request, argsz=argsz
         )

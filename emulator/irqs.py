@@ -118,6 +118,10 @@ class IrqBindings:
         for fd in fds:
             # Never block the server on a client's fd: an eventfd whose counter the client
             # drove to its maximum (or a full pipe passed instead) would block a write.
+            # O_NONBLOCK belongs to the file description the client shares, so its copy
+            # turns non-blocking too (README, Limits; QEMU's and libvfio-user's eventfds
+            # are non-blocking anyway). Polling for POLLOUT before a blocking write instead
+            # would leave the client a window to saturate the counter and hang the server.
             os.set_blocking(fd, False)
         if action == IrqSetFlags.ACTION_TRIGGER:
             table = self.triggers[index]

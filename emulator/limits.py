@@ -52,8 +52,10 @@ class Limits:
     #: (E2BIG beyond); also the most vectors a served device may declare per index.
     max_irq_vectors: int = MSIX_MAX_VECTORS
     #: Commands received but not yet answered (held back, in order, while a deferred one
-    #: such as a migration arc runs); past this the reader stops reading the socket, so the
-    #: replies we owe the client (our queue of outgoing messages) stay bounded.
+    #: such as a migration arc runs). Past this the reader reads on only so that the DMA
+    #: replies the deferred command waits for get through: once the commands held beyond it
+    #: reach max_message_size bytes or max_fds_per_message fds, it stops reading the socket,
+    #: so the replies we owe the client (our queue of outgoing messages) stay bounded.
     max_queued_replies: int = 1024
     #: Devices of this process with a migration data session open at once (EBUSY beyond).
     max_migration_sessions: int = 4
@@ -173,6 +175,37 @@ MIGRATION_SESSIONS = MigrationSessions()
 MESSAGE_OVERHEAD = 4096
 
 
+#: The count limits' options: (option, Limits field, what it counts, what happens beyond).
+_COUNT_OPTIONS = (
+    ("--max-dma-maps", "max_dma_maps", "DMA mappings per client", "more: ENOSPC"),
+    (
+        "--max-fds-per-msg",
+        "max_fds_per_message",
+        "fds accepted with one message",
+        "more: the connection is closed",
+    ),
+    (
+        "--max-irq-vectors",
+        "max_irq_vectors",
+        "vectors per SET_IRQS and eventfds bound per client",
+        "more: E2BIG",
+    ),
+    (
+        "--max-queued-replies",
+        "max_queued_replies",
+        "commands awaiting their reply while one waits, e.g. for a migration arc",
+        "beyond, the socket is read only for the DMA replies the device waits for, within"
+        " --max-msg-size bytes",
+    ),
+    (
+        "--max-migration-sessions",
+        "max_migration_sessions",
+        "devices of this process with migration data open at once",
+        "more: EBUSY",
+    ),
+)
+
+
 def add_limit_options(parser: argparse.ArgumentParser) -> None:
     """``serve``'s limit options (one block, documented in the README's "Limits")."""
     defaults = Limits()
@@ -184,45 +217,15 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
         help="largest message accepted, header included (default: the transfer size + 4 KiB;"
         " larger: E2BIG, payload skipped); also caps --max-data-xfer-size",
     )
-    group.add_argument(
-        "--max-dma-maps",
-        type=int,
-        default=defaults.max_dma_maps,
-        metavar="N",
-        help=f"DMA mappings per client (default {defaults.max_dma_maps}; more: ENOSPC)",
-    )
-    group.add_argument(
-        "--max-fds-per-msg",
-        type=int,
-        default=defaults.max_fds_per_message,
-        metavar="N",
-        help=f"fds accepted with one message (default {defaults.max_fds_per_message};"
-        " more: the connection is closed)",
-    )
-    group.add_argument(
-        "--max-irq-vectors",
-        type=int,
-        default=defaults.max_irq_vectors,
-        metavar="N",
-        help=f"vectors per SET_IRQS and eventfds bound per client (default"
-        f" {defaults.max_irq_vectors}; more: E2BIG)",
-    )
-    group.add_argument(
-        "--max-queued-replies",
-        type=int,
-        default=defaults.max_queued_replies,
-        metavar="N",
-        help=f"commands awaiting their reply while one waits, e.g. for a migration arc (default"
-        f" {defaults.max_queued_replies}; then the socket is not read until they drain)",
-    )
-    group.add_argument(
-        "--max-migration-sessions",
-        type=int,
-        default=defaults.max_migration_sessions,
-        metavar="N",
-        help=f"devices of this process with migration data open at once (default"
-        f" {defaults.max_migration_sessions}; more: EBUSY)",
-    )
+    for option, field_name, what, beyond in _COUNT_OPTIONS:
+        default = getattr(defaults, field_name)
+        group.add_argument(
+            option,
+            type=int,
+            default=default,
+            metavar="N",
+            help=f"{what} (default {default}; {beyond})",
+        )
     group.add_argument(
         "--max-migration-stream",
         type=int,

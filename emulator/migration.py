@@ -65,7 +65,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar, get_args
+from typing import Literal, NoReturn, Protocol, TypeVar, get_args
 
 import trio
 
@@ -726,13 +726,32 @@ async def migrate(
     try:
         return await run.transfer(started)
     except BaseException as exc:
-        notes = await run.recover()
-        if isinstance(exc, ClientError):
-            raise MigrationError(
-                f"migration failed while {run.stage}: {exc}",
-                stage=run.stage,
-                errno=exc.errno,
-                recovery=notes,
-            ) from exc
-        exc.add_note(f"migration failed while {run.stage}; recovery: {'; '.join(notes)}")
-        raise
+        await fail_after_recovery(run, exc, "migration")
+
+
+class Recoverable(Protocol):
+    """A migration run: where it is, and how to undo what it did so far."""
+
+    stage: str
+
+    async def recover(self) -> list[str]: ...
+
+
+async def fail_after_recovery(run: Recoverable, exc: BaseException, what: str) -> NoReturn:
+    """Recover from ``exc`` (the source back to RUNNING, the destination reset: best
+    effort), then raise: a failed request as :class:`MigrationError` naming the stage and
+    the errno, anything else as itself with a note saying where it struck and what
+    recovery did."""
+    notes = await run.recover()
+    if isinstance(exc, ClientError):
+        raise MigrationError(
+            f"{what} failed while {run.stage}: {exc}",
+            stage=run.stage,
+            errno=exc.errno,
+            recovery=notes,
+        ) from exc
+    if isinstance(exc, MigrationError):  # it names its stage already
+        exc.add_note(f"recovery: {'; '.join(notes) or 'nothing to undo'}")
+    else:
+        exc.add_note(f"{what} failed while {run.stage}; recovery: {'; '.join(notes)}")
+    raise exc

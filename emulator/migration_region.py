@@ -2,9 +2,10 @@
 
 A device started with ``migration=v1`` (or ``both``) shows one more region, right after its
 own (index 9 for a device with the nine PCI regions): the v1 migration region of
-:mod:`protocol.migration_v1` (layout, bitfield rules). Writes of ``device_state`` become
-v2 SETs of :class:`devices.migration.MigrationEngine`, so v1 and v2 clients drive the same
-states, arcs, pausing and stream; only the way the data moves differs.
+:mod:`protocol.migration_v1` (layout, bitfield rules, allowed-transition table). Writes
+of ``device_state`` that the v1 table allows become v2 SETs of
+:class:`devices.migration.MigrationEngine`, so v1 and v2 clients drive the same states,
+arcs, pausing and stream; only the way the data moves differs.
 
 The data moves in *segments* through the data window (``DATA_OFFSET``, ``window`` bytes):
 
@@ -43,6 +44,7 @@ from protocol.migration_v1 import (
     DATA_OFFSET,
     REGION_SUBTYPE_MIGRATION,
     REGION_TYPE_MIGRATION,
+    check_transition,
     register_at,
     register_value,
     requested_state,
@@ -66,27 +68,28 @@ def region_for(device: Device) -> MigrationRegion | None:
 
 
 class _Written:
-    """Which bytes of the data window a resuming client wrote (merged intervals)."""
+    """Which bytes of the data window a resuming client wrote: one mask byte per window
+    byte, so a write costs its own length and ``covers`` one C-level scan -- a client
+    sending many tiny scattered writes cannot make each one cost more than the last."""
 
     def __init__(self) -> None:
-        self.spans: list[tuple[int, int]] = []
+        self.mask = bytearray()
 
     def add(self, start: int, end: int) -> None:
-        merged: list[tuple[int, int]] = []
-        for lo, hi in sorted([*self.spans, (start, end)]):
-            if merged and lo <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
-            else:
-                merged.append((lo, hi))
-        self.spans = merged
+        if len(self.mask) < end:
+            self.mask.extend(bytes(end - len(self.mask)))
+        self.mask[start:end] = b"\x01" * (end - start)
 
     def covers(self, size: int) -> bool:
-        return size == 0 or any(lo == 0 and hi >= size for lo, hi in self.spans)
+        """Was every byte of ``[0, size)`` written?"""
+        return size <= len(self.mask) and self.mask.find(0, 0, size) == -1
 
 
 class MigrationRegion:
     def __init__(self, device: Device) -> None:
-        self.device = device
+        # Weak: the region is the value of _REGIONS, keyed weakly by this very device; a
+        # strong reference here would keep every device that ever served v1 alive.
+        self._device = weakref.ref(device)
         self.index = device.num_regions
         self.window = device.migration_v1_window
         self.size = DATA_OFFSET + self.window
@@ -95,6 +98,13 @@ class MigrationRegion:
         self._written = _Written()
         #: The engine and data sessions the segment state belongs to.
         self._seen: tuple[object, ...] | None = None
+
+    @property
+    def device(self) -> Device:
+        device = self._device()
+        if device is None:
+            raise DeviceError(errno.ENODEV, "migration region: the device is gone")
+        return device
 
     # -- description --------------------------------------------------------------------------
     def region_info(self, argsz: int) -> bytes:
@@ -170,7 +180,9 @@ class MigrationRegion:
             return None
         name = register_at(offset, len(data))
         if name == "device_state":
-            target = requested_state(U32.unpack(data)[0])  # EINVAL before anything changes
+            # EINVAL before anything changes: invalid bits, or not a v1 arc from here.
+            target = requested_state(U32.unpack(data)[0])
+            check_transition(state, target)
             return lambda: self._transition(target)
         if name == "reserved":
             return None
@@ -180,6 +192,8 @@ class MigrationRegion:
         raise ProtocolError(errno.EINVAL, f"migration region: {name} is read-only")
 
     async def _transition(self, target: MigState) -> None:
+        # Again when it runs: another client may have moved the engine since the write.
+        check_transition(self.device.migration.state, target)
         try:
             await self.device.migration.set_state(target)
         finally:

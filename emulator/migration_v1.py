@@ -15,6 +15,8 @@ What an older client (kernel VFIO 5.8-5.17, libvfio-user protocol 0.1) does, ove
 RUNNING -> RESUMING; source SAVING|RUNNING (pre-copy, optional), then SAVING (stop-and-
 copy) until ``pending_bytes`` is 0; source -> 0 (STOP); destination -> RUNNING. Segments go
 to the destination as they are read, in order and with the same sizes (v1 requires both).
+Any failure, discovery included, ends in :class:`MigrationError` after recovery (source
+back to RUNNING along the v1 transitions, destination reset).
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import trio
+
 from protocol.constants import Command, RegionFlags
+from protocol.dirty_logging import bitmap_bytes
 from protocol.messages import TypeCap
 from protocol.migration_v1 import (
     DATA_OFFSET_OFFSET,
@@ -42,7 +47,7 @@ from protocol.migration_v1 import (
 )
 
 from .client import Client, ClientError, InvalidReply
-from .migration import MigrationError, Mode
+from .migration import RECOVERY_TIMEOUT, MigrationError, Mode, fail_after_recovery
 
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
@@ -68,8 +73,7 @@ async def dirty_pages_stop(client: Client) -> None:
 
 async def dirty_bitmap(client: Client, iova: int, size: int, pgsize: int = 4096) -> bytes:
     """GET_BITMAP for ``[iova, iova+size)``: one bit per page, LSB first, u64 words."""
-    pages = (size + pgsize - 1) // pgsize
-    bitmap_size = 8 * ((pages + 63) // 64)
+    bitmap_size = bitmap_bytes(size, pgsize)
     request = DirtyPages(
         40 + bitmap_size, DirtyPagesFlags.GET_BITMAP, BitmapRange(iova, size, pgsize, bitmap_size)
     )
@@ -140,18 +144,25 @@ async def read_segment(client: Client, region: int) -> bytes:
 
 
 async def segments(
-    client: Client, region: int, *, limit: int | None = None
+    client: Client, region: int, *, limit: int | None = None, precopy: bool = False
 ) -> AsyncIterator[bytes]:
     """Segments while ``pending_bytes`` is not 0 (at most ``limit``); each is acknowledged
-    by the ``pending_bytes`` read that follows it."""
+    by the ``pending_bytes`` read that follows it. An empty segment although bytes were
+    pending means "nothing now" in pre-copy (``precopy``); in stop-and-copy it would end a
+    stream the device said was not complete, so it is an InvalidReply."""
     count = 0
-    while await pending_bytes(client, region):
+    while pending := await pending_bytes(client, region):
         if limit is not None and count >= limit:
             return
         segment = await read_segment(client, region)
         count += 1
         if not segment:
-            return  # nothing now (pre-copy); a well-behaved device says so with 0 pending
+            if precopy:
+                return
+            raise InvalidReply(
+                Command.REGION_READ,
+                f"stop-and-copy: an empty segment while pending_bytes was {pending}",
+            )
         yield segment
 
 
@@ -197,52 +208,90 @@ async def migrate(
     """Migrate through the v1 regions only. On failure the source is put back to RUNNING
     and the destination reset (best effort) and :class:`MigrationError` is raised."""
     started = time.perf_counter()
-    src = await find_region(source)
-    dst = await find_region(destination)
-    stage = "destination RUNNING -> RESUMING"
-    moved = precopy = count = 0
+    run = _Run(source, destination)
     try:
+        return await run.transfer(mode, precopy_segments, started)
+    except BaseException as exc:
+        await fail_after_recovery(run, exc, "v1 migration")
+
+
+class _Run:
+    """One v1 migration: where it is (``stage``) and what it touched (for recovery)."""
+
+    def __init__(self, source: Client, destination: Client) -> None:
+        self.source = source
+        self.destination = destination
+        self.stage = "discovery"
+        self.src: MigrationRegionInfo | None = None
+        self.destination_touched = False
+
+    async def transfer(
+        self, mode: Mode, precopy_segments: int, started: float
+    ) -> MigrationReportV1:
+        source, destination = self.source, self.destination
+        src = await find_region(source)
+        dst = await find_region(destination)
+        self.src = src
+        moved = precopy = count = 0
+        self.stage = "destination RUNNING -> RESUMING"
+        self.destination_touched = True
         await set_device_state(destination, dst.index, RESUMING)
         if mode == "pre-copy":
-            stage = "source pre-copy"
+            self.stage = "source pre-copy"
             await set_device_state(source, src.index, SAVING | RUNNING)
-            async for segment in segments(source, src.index, limit=precopy_segments):
+            limit = precopy_segments
+            async for segment in segments(source, src.index, limit=limit, precopy=True):
                 await write_segment(destination, dst.index, segment)
                 precopy += len(segment)
                 count += 1
-        stage = "source stop-and-copy"
+        self.stage = "source stop-and-copy"
         stopped = time.perf_counter()
         await set_device_state(source, src.index, SAVING)
         async for segment in segments(source, src.index):
             await write_segment(destination, dst.index, segment)
             moved += len(segment)
             count += 1
-        stage = "source -> STOP"
+        self.stage = "source -> STOP"
         await set_device_state(source, src.index, 0)
-        stage = "destination RESUMING -> RUNNING (loading the state)"
+        self.stage = "destination RESUMING -> RUNNING (loading the state)"
         await set_device_state(destination, dst.index, RUNNING)
-    except ClientError as exc:
-        notes = await _recover(source, src.index, destination)
-        raise MigrationError(
-            f"v1 migration failed while {stage}: {exc}",
-            stage=stage,
-            errno=exc.errno,
-            recovery=notes,
-        ) from exc
-    done = time.perf_counter()
-    return MigrationReportV1(mode, moved + precopy, precopy, count, done - stopped, done - started)
+        done = time.perf_counter()
+        return MigrationReportV1(
+            mode, moved + precopy, precopy, count, done - stopped, done - started
+        )
+
+    async def recover(self) -> list[str]:
+        """Best effort, shielded and bounded: the source back to RUNNING, the destination
+        reset. Nothing was touched before discovery completed."""
+        notes: list[str] = []
+        with trio.CancelScope(shield=True), trio.move_on_after(RECOVERY_TIMEOUT) as scope:
+            if self.src is not None:
+                notes.append(await _recover_source(self.source, self.src.index))
+            if self.destination_touched:
+                notes.append(await _recover_destination(self.destination))
+        if scope.cancelled_caught:
+            notes.append(f"recovery gave up after {RECOVERY_TIMEOUT:g}s")
+        return notes
 
 
-async def _recover(source: Client, region: int, destination: Client) -> list[str]:
-    notes = []
+async def _recover_source(source: Client, region: int) -> str:
+    """Back to RUNNING along the v1 table: pre-copy may only go on to stop-and-copy, which
+    may return to RUNNING."""
     try:
+        bits = await get_device_state(source, region) & STATE_MASK
+        if bits == RUNNING:
+            return "source still RUNNING"
+        if bits & SAVING and bits & RUNNING:  # PRE_COPY or PRE_COPY_P2P
+            await set_device_state(source, region, SAVING)
         await set_device_state(source, region, RUNNING)
-        notes.append("source -> RUNNING")
     except ClientError as exc:
-        notes.append(f"source left as it is ({exc})")
+        return f"source left as it is ({exc})"
+    return "source -> RUNNING"
+
+
+async def _recover_destination(destination: Client) -> str:
     try:
         await destination.reset()
-        notes.append("destination DEVICE_RESET -> RUNNING")
     except ClientError as exc:
-        notes.append(f"destination left as it is ({exc})")
-    return notes
+        return f"destination left as it is ({exc})"
+    return "destination DEVICE_RESET -> RUNNING"

@@ -35,7 +35,7 @@ from protocol.errors import ProtocolError
 from protocol.header import Header, pack_error_reply
 from protocol.version import ServerCapabilities
 
-from . import allocator, fastpath
+from . import fastpath
 from .connection import ClientSession
 from .limits import MIGRATION_SESSIONS, Limits, apply_to_device, peer_allowed, peer_uid
 from .session import RegionFds
@@ -159,10 +159,8 @@ class RamBacking:
 
 @functools.cache
 def _install_fast_path() -> None:
-    """Pick the C fast path for migration streams once per process (or the fallback), and
-    keep large freed buffers for reuse (message copies without page faults)."""
+    """Pick the C fast path for migration streams once per process (or the fallback)."""
     fastpath.install_best()
-    allocator.keep_large_buffers()
 
 
 class DeviceServer:
@@ -262,14 +260,21 @@ class DeviceServer:
 
     async def _serve_client(self, sock: trio.socket.SocketType, stop: trio.CancelScope) -> None:
         assert self._backing is not None
-        session = ClientSession(
-            sock,
-            self.device,
-            capabilities=self.capabilities,
-            limits=self.limits,
-            region_fds=RegionFds(self._backing.fds),
-            tracer=self.tracer,
-        )
+        try:
+            session = ClientSession(
+                sock,
+                self.device,
+                capabilities=self.capabilities,
+                limits=self.limits,
+                region_fds=RegionFds(self._backing.fds),
+                tracer=self.tracer,
+            )
+        except OSError as exc:
+            # Out of fds (EMFILE when the session dups the socket) or memory for this one
+            # client: it is dropped, the server goes on serving the next one.
+            log.warning("%s: cannot serve a client (%s); connection closed", self.name, exc)
+            sock.close()
+            return
         self.active = session
         self.state = ServerState.SERVING
         log.info("%s: client connected", self.name)

@@ -20,6 +20,7 @@ from protocol.constants import (
     FEATURE_INDEX_MASK,
     FEATURE_PROBE,
     FEATURE_SET,
+    FLAG_NO_REPLY,
     PCI_NUM_IRQS,
     Command,
     DeviceFeature,
@@ -30,9 +31,11 @@ from protocol.constants import (
     MigState,
     RegionFlags,
 )
+from protocol.dirty_logging import bitmap_bytes
 from protocol.errors import ProtocolError, require
 from protocol.header import Header
 from protocol.messages import (
+    REGION_ACCESS,
     DeviceFeatureMsg,
     DeviceInfo,
     DmaMap,
@@ -51,7 +54,7 @@ from protocol.messages import (
     TypeCap,
     pack_region_caps,
 )
-from protocol.migration_v1 import DirtyPages, DirtyPagesFlags, bitmap_bytes
+from protocol.migration_v1 import DirtyPages, DirtyPagesFlags
 from protocol.version import ClientCapabilities, ServerCapabilities
 
 from .datafd import DataFdSessions
@@ -67,6 +70,8 @@ U64 = struct.Struct("<Q")
 MIG_STATE = struct.Struct("<Ii")
 MIG_DATA_HEADER = 8  # argsz, size
 REGION_CONFIG = 7
+#: Migration states in which BAR writes are refused (see _check_writable_now).
+FROZEN_STATES = frozenset({MigState.STOP_COPY, MigState.RESUMING})
 #: Features served, with the operations each supports (kernel/libvfio-user semantics).
 FEATURE_OPS = {
     DeviceFeature.MIGRATION: FEATURE_GET,
@@ -181,12 +186,13 @@ class Session:
         }
 
     def handle(self, header: Header, payload: bytes, fds: list[int]) -> Outcome | Deferred:
+        # Hot path: no error text is formatted unless there is an error.
         handler = self.handlers.get(header.command)
         if handler is None:
             raise ProtocolError(errno.EINVAL, f"command {header.command_name()} not served")
-        if header.command != Command.DEVICE_RESET:
+        if not payload and header.command != Command.DEVICE_RESET:
             # libvfio-user refuses payload-less commands other than DEVICE_RESET too.
-            require(payload != b"", f"{header.command_name()} without payload")
+            raise ProtocolError(errno.EINVAL, f"{header.command_name()} without payload")
         return handler(header, payload, fds)
 
     # -- DMA -------------------------------------------------------------------------------
@@ -222,8 +228,9 @@ class Session:
         return self.v1 is not None and index == self.v1.index
 
     def _region(self, index: int) -> Region | None:
-        require(index < self.num_regions, f"region {index} >= {self.num_regions} regions")
         region = self.device.regions.get(index)
+        if region is None and index >= self.num_regions:
+            raise ProtocolError(errno.EINVAL, f"region {index} >= {self.num_regions} regions")
         return region if region is not None and region.size else None
 
     def get_region_info(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
@@ -287,29 +294,34 @@ class Session:
         return Outcome(reply.pack(), list(eventfds))
 
     def _check_count(self, count: int) -> None:
-        require(
-            count <= self.server.max_data_xfer_size,
-            f"count {count} exceeds max_data_xfer_size {self.server.max_data_xfer_size}",
-        )
+        if count > self.server.max_data_xfer_size:
+            raise ProtocolError(
+                errno.EINVAL,
+                f"count {count} exceeds max_data_xfer_size {self.server.max_data_xfer_size}",
+            )
 
+    # REGION_READ / REGION_WRITE are the guest's register accesses, by far the most frequent
+    # messages: they use the payload struct directly instead of the codec objects
+    # (RegionAccess / RegionData lay out the same bytes; see docs/performance.md).
     def region_read(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
-        request = RegionAccess.unpack(payload)
-        require(len(payload) == RegionAccess.SIZE, "REGION_READ: trailing bytes")
-        self._check_count(request.count)
-        self._region(request.region)
-        if request.count == 0:
+        if len(payload) != REGION_ACCESS.size:
+            RegionAccess.unpack(payload)  # raises for a short payload
+            raise ProtocolError(errno.EINVAL, "REGION_READ: trailing bytes")
+        offset, index, count = REGION_ACCESS.unpack_from(payload)
+        self._check_count(count)
+        self._region(index)
+        if count == 0:
             return EMPTY
-        if self.v1 is not None and self._is_v1_region(request.region):
-            data = self.v1.read(request.offset, request.count)
-        else:
-            data = self.device.region_read(request.region, request.offset, request.count)
-        return Outcome(RegionData(request.offset, request.region, request.count, data).pack())
+        if self.v1 is not None and index == self.v1.index:
+            return Outcome(payload + self.v1.read(offset, count))
+        data = self.device.region_read(index, offset, count)
+        return Outcome(payload + data)  # the reply echoes offset, region, count
 
     def _check_writable_now(self, region: int, offset: int, count: int) -> None:
         """While the state is being read out (STOP_COPY) or loaded (RESUMING), a BAR write
         would change state behind the stream's back. Config space and the MSI-X table stay
         writable in every state."""
-        if self.device.migration.state not in (MigState.STOP_COPY, MigState.RESUMING):
+        if self.device.migration.state not in FROZEN_STATES:
             return
         if region == REGION_CONFIG:
             return
@@ -323,33 +335,51 @@ class Session:
         )
 
     def region_write(self, header: Header, payload: bytes, fds: list[int]) -> Outcome | Deferred:
-        request = RegionData.unpack(payload)
-        self._check_count(request.count)
-        self._region(request.region)
-        echo = Outcome(RegionAccess(request.offset, request.region, request.count).pack())
-        if self.v1 is not None and self._is_v1_region(request.region):
-            transition = self.v1.write(request.offset, request.data) if request.count else None
-            if transition is None:
-                return echo
+        if len(payload) < REGION_ACCESS.size:
+            RegionData.unpack(payload)  # raises with the codec's message
+        offset, index, count = REGION_ACCESS.unpack_from(payload)
+        if len(payload) != REGION_ACCESS.size + count:
+            RegionData.unpack(payload)  # raises with the codec's message
+        self._check_count(count)
+        self._region(index)
+        if self.v1 is not None and index == self.v1.index:
+            return self._v1_region_write(offset, payload[REGION_ACCESS.size :])
+        if self.device.migration.state in FROZEN_STATES:
+            self._check_writable_now(index, offset, count)
+        if count:
+            self.device.region_write(index, offset, payload[REGION_ACCESS.size :])
+        if header.flags & FLAG_NO_REPLY:
+            return EMPTY  # posted: the reply is never sent, so not built either
+        return Outcome(payload[: REGION_ACCESS.size])
 
-            async def change_state() -> Outcome:
-                await transition()
-                return echo
+    def _v1_region_write(self, offset: int, data: bytes) -> Outcome | Deferred:
+        """A write to the v1 migration region; a ``device_state`` write is a state change
+        of the engine, answered once it is done."""
+        assert self.v1 is not None
+        echo = Outcome(RegionAccess(offset, self.v1.index, len(data)).pack())
+        transition = self.v1.write(offset, data) if data else None
+        if transition is None:
+            return echo
 
-            return Deferred(change_state)
-        self._check_writable_now(request.region, request.offset, request.count)
-        if request.count:
-            self.device.region_write(request.region, request.offset, request.data)
-        return echo
+        async def change_state() -> Outcome:
+            await transition()
+            return echo
+
+        return Deferred(change_state)
 
     def region_write_multi(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
         require(self.server.write_multiple, "REGION_WRITE_MULTI was not offered")
-        request = RegionWriteMulti.unpack(payload)
-        for entry in request.entries:
-            self._region(entry.region)
-            self._check_writable_now(entry.region, entry.offset, entry.count)
-            self.device.region_write(entry.region, entry.offset, entry.data)
-        return Outcome(U64.pack(len(request.entries)))
+        writes = RegionWriteMulti.unpack_writes(payload)  # all checked before any is done
+        frozen = self.device.migration.state in FROZEN_STATES
+        region_write = self.device.region_write
+        for offset, index, data in writes:
+            # The v1 migration region is not among the device's regions: entries aimed at
+            # it get EINVAL from the device (its state changes need a reply per write).
+            self._region(index)
+            if frozen:
+                self._check_writable_now(index, offset, len(data))
+            region_write(index, offset, data)
+        return Outcome(U64.pack(len(writes)))
 
     def reset(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
         require(payload == b"", "DEVICE_RESET carries no payload")
@@ -535,7 +565,8 @@ class Session:
     def dirty_pages(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
         """DIRTY_PAGES (14) over the same dirty log as DMA_LOGGING (protocol.migration_v1
         rule 5). START logs every write at the negotiated ``migration.pgsize``."""
-        self._check_protocol_0_1("DIRTY_PAGES")
+        # Old libvfio-user answered ENOTSUP when migration was not configured (facts 9.3).
+        self._check_protocol_0_1("DIRTY_PAGES", no_v1=errno.ENOTSUP)
         require(self.logging is not None, "dirty logging is not available on this session")
         assert self.logging is not None and self.client.migration_pgsize is not None
         request = DirtyPages.unpack(payload)
@@ -581,7 +612,7 @@ class Session:
         self.maps.remove(request.address, request.size)
         return head + bitmap + bytes(bitmap_size - len(bitmap))
 
-    def _check_protocol_0_1(self, what: str) -> None:
+    def _check_protocol_0_1(self, what: str, no_v1: int = errno.EINVAL) -> None:
         """Protocol 0.1 dirty tracking is for clients that announced it (the ``migration``
         capability) talking to a device started with the v1 interface; everyone else sees
         the current spec, where it does not exist."""
@@ -589,4 +620,6 @@ class Session:
             self.client.migration_pgsize is not None,
             f"{what} needs the protocol 0.1 migration capability",
         )
-        require(self.v1 is not None, f"{what} needs a device started with migration=v1 or both")
+        require(
+            self.v1 is not None, f"{what} needs a device started with migration=v1 or both", no_v1
+        )

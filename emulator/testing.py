@@ -11,9 +11,11 @@ share one harness::
 from __future__ import annotations
 
 import fcntl
+import math
 import mmap
 import os
 import socket
+import struct
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -22,10 +24,19 @@ from typing import Protocol
 
 import trio
 
+from devices import testdev
 from devices.api import Device
-from protocol.constants import HEADER_SIZE, Command
+from devices.state_stream import Section
+from protocol.constants import (
+    FEATURE_SET,
+    HEADER_SIZE,
+    Command,
+    DeviceFeature,
+    DmaMapFlags,
+    MigState,
+)
 from protocol.header import Header, pack_message, pack_reply
-from protocol.messages import VersionPayload
+from protocol.messages import DeviceFeatureMsg, DmaMap, RegionAccess, VersionPayload
 from protocol.version import ServerCapabilities
 
 from .client import Client
@@ -262,6 +273,20 @@ class RawConnection:
         await send_message(self.sock, pack_message(msg_id, command, payload, flags), fds)
         return msg_id
 
+    async def send_raw(self, data: bytes) -> None:
+        """Send bytes as they are: e.g. many messages packed into one buffer."""
+        await send_message(self.sock, data, ())
+
+    async def receive_many(self, count: int, timeout: float = 5.0) -> list[tuple[Header, bytes]]:
+        """The next ``count`` whole messages (asserting the connection stays open)."""
+        out = []
+        with trio.fail_after(timeout):
+            for _ in range(count):
+                message = await self.receive(math.inf)
+                assert message is not None, "server closed the connection"
+                out.append(message)
+        return out
+
     async def send_reply(self, msg_id: int, command: int, payload: bytes = b"") -> None:
         """Answer a request the server sent (DMA_READ / DMA_WRITE)."""
         await send_message(self.sock, pack_reply(msg_id, command, payload))
@@ -301,3 +326,49 @@ class RawConnection:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def flat_sections(sections: Sequence[Section]) -> list[tuple[str, bytes]]:
+    """A device's saved sections with each payload as one ``bytes``: comparable with ==
+    whether the device produced a buffer or a list of pieces."""
+    out = []
+    for name, payload in sections:
+        if isinstance(payload, bytes | bytearray | memoryview):
+            out.append((name, bytes(payload)))
+        else:
+            out.append((name, b"".join(bytes(piece) for piece in payload)))
+    return out
+
+
+def set_mig_state_payload(state: MigState) -> bytes:
+    """DEVICE_FEATURE payload moving the device to ``state`` (no data fd)."""
+    return DeviceFeatureMsg(
+        16, FEATURE_SET | DeviceFeature.MIG_DEVICE_STATE, struct.pack("<Ii", state, -1)
+    ).pack()
+
+
+async def start_dma_left_unanswered(conn: RawConnection) -> tuple[Header, bytes]:
+    """Make a :class:`~devices.testdev.TestDev` start a 64-byte copy through DMA_READ /
+    DMA_WRITE messages (guest RAM mapped without an fd) and return the job's DMA_READ
+    request (header, payload), unanswered: the device job waits for it (until
+    ``dma_reply_timeout``), so a migration SET (which pauses device work) is deferred until
+    the test answers it."""
+    rw = DmaMapFlags.READ | DmaMapFlags.WRITE
+    header, _ = await conn.call(
+        Command.DMA_MAP, DmaMap(DmaMap.SIZE, rw, 0, 0x10000, 0x10000).pack()
+    )
+    assert not header.is_error
+    enable = struct.pack("<H", PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)
+    await conn.call(
+        Command.REGION_WRITE, RegionAccess(PCI_COMMAND, CONFIG_REGION, 2).pack() + enable
+    )
+    for reg, value in [
+        (testdev.REG_DMA_SRC, 0x10000), (testdev.REG_DMA_DST, 0x18000),
+        (testdev.REG_DMA_LEN, 64), (testdev.REG_DMA_CTRL, 1),
+    ]:  # fmt: skip
+        access = RegionAccess(reg, 0, 4).pack() + struct.pack("<I", value)
+        header, _ = await conn.call(Command.REGION_WRITE, access)
+        assert not header.is_error
+    message = await conn.receive()
+    assert message is not None and message[0].command == Command.DMA_READ, message
+    return message

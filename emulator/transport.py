@@ -23,10 +23,12 @@ import trio
 
 _FD_ITEMSIZE = array.array("i").itemsize
 #: Received fds are close-on-exec from the start (no leak into children such as QEMU).
-_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
-_SOL_SOCKET = socket.SOL_SOCKET
-_SCM_RIGHTS = socket.SCM_RIGHTS
-_MSG_CTRUNC = socket.MSG_CTRUNC
+#: Plain ints: ``socket.MSG_*`` are IntFlag members, and ``int & IntFlag`` runs Python-level
+#: enum code on every message (measured ~1 µs; docs/performance.md).
+_RECV_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 
 
 class TransportError(Exception):
@@ -101,6 +103,32 @@ async def receive_chunk(
     data, ancdata, msg_flags, _ = await sock.recvmsg(
         max_bytes, ancillary_space(max_fds), _RECV_FLAGS
     )
+    return _with_fds(data, ancdata, msg_flags, max_fds)
+
+
+def receive_chunk_nowait(
+    sock: socket.socket, max_bytes: int, max_fds: int
+) -> tuple[bytes, list[int]]:
+    """:func:`receive_chunk` on a non-blocking stdlib socket, without yielding to trio.
+
+    Raises ``BlockingIOError`` when nothing is buffered (the caller then waits with
+    ``trio.lowlevel.wait_readable``). The connection's fast path: a message that is already
+    in the socket buffer costs one system call and no trip through the scheduler."""
+    data, ancdata, msg_flags, _ = sock.recvmsg(max_bytes, ancillary_space(max_fds), _RECV_FLAGS)
+    return _with_fds(data, ancdata, msg_flags, max_fds)
+
+
+def send_nowait(sock: socket.socket, data: bytes) -> int:
+    """Send what the socket takes now (no fds, no yield); the count of bytes sent."""
+    try:
+        return sock.send(data)
+    except BlockingIOError:
+        return 0
+
+
+def _with_fds(
+    data: bytes, ancdata: list[tuple[int, int, bytes]], msg_flags: int, max_fds: int
+) -> tuple[bytes, list[int]]:
     if not ancdata and not msg_flags & _MSG_CTRUNC:
         return data, []
     fds = array.array("i")

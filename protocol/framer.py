@@ -20,7 +20,11 @@ from dataclasses import dataclass, field
 
 from .constants import HEADER_SIZE
 from .errors import ProtocolError
-from .header import Header
+from .header import HEADER, Header
+
+#: Payloads larger than this are copied out of the buffer through a memoryview (one copy;
+#: migration data moves in such messages); smaller ones by slicing, which costs less there.
+COPY_ONCE_ABOVE = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -73,23 +77,27 @@ class MessageFramer:
     # -- output --------------------------------------------------------------------------
     def next_message(self) -> Message | Oversized | None:
         """The next whole message, an :class:`Oversized` notice, or None for "need data"."""
-        if self._discard_left or len(self._buf) < HEADER_SIZE:
+        # Called for every message: locals, and no call that is not needed.
+        buf = self._buf
+        if self._discard_left or len(buf) < HEADER_SIZE:
             return None
-        header = Header.unpack(self._buf)
-        if header.size < HEADER_SIZE:
-            raise ProtocolError(
-                errno.EINVAL, f"message size {header.size} below the header", fatal=True
-            )
+        header = Header._make(HEADER.unpack_from(buf))  # the length was just checked
+        size = header.size
+        if size < HEADER_SIZE:
+            raise ProtocolError(errno.EINVAL, f"message size {size} below the header", fatal=True)
         start = self._buf_start
-        if header.size > self.max_message_size:
+        if size > self.max_message_size:
             return self._start_discard(header, start)
-        if len(self._buf) < header.size:
+        if len(buf) < size:
             return None
-        with memoryview(self._buf) as view:  # one copy (a bytearray slice would be two)
-            payload = view[HEADER_SIZE : header.size].tobytes()
-        del self._buf[: header.size]
-        self._buf_start += header.size
-        return Message(header, payload, self._claim(start + header.size))
+        if size > COPY_ONCE_ABOVE:
+            with memoryview(buf) as view:  # one copy (a bytearray slice would be two)
+                payload = view[HEADER_SIZE:size].tobytes()
+        else:  # for small messages a slice is cheaper than making a memoryview
+            payload = bytes(buf[HEADER_SIZE:size])
+        del buf[:size]
+        self._buf_start = start + size
+        return Message(header, payload, self._claim(start + size) if self._marks else [])
 
     def _start_discard(self, header: Header, start: int) -> Oversized:
         end = start + header.size

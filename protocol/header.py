@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .constants import (
     FLAG_ERROR,
@@ -20,8 +20,10 @@ HEADER = struct.Struct("<HHIII")
 assert HEADER.size == HEADER_SIZE
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+class Header(NamedTuple):
+    """Immutable; a NamedTuple because it is built for every message and a tuple costs
+    a quarter of a frozen dataclass to create (docs/performance.md)."""
+
     msg_id: int
     command: int
     size: int
@@ -65,8 +67,7 @@ class Header:
     def unpack(cls, data: bytes | bytearray | memoryview) -> Header:
         if len(data) < HEADER_SIZE:
             raise ProtocolError(errno.EINVAL, f"header needs {HEADER_SIZE} bytes, got {len(data)}")
-        msg_id, command, size, flags, error = HEADER.unpack_from(data)
-        return cls(msg_id, command, size, flags, error)
+        return cls._make(HEADER.unpack_from(data))
 
 
 def pack_message(

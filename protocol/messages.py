@@ -35,7 +35,8 @@ ARGSZ_FLAGS = struct.Struct("<II")
 
 
 def _need(payload: bytes | memoryview, size: int, what: str) -> None:
-    require(len(payload) >= size, f"{what}: payload of {len(payload)} bytes, need {size}")
+    if len(payload) < size:  # the message is only formatted when it is needed
+        raise ProtocolError(errno.EINVAL, f"{what}: payload of {len(payload)} bytes, need {size}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,7 +484,10 @@ class RegionData:
         _need(payload, REGION_ACCESS.size, "REGION data")
         offset, region, count = REGION_ACCESS.unpack_from(payload)
         data = bytes(payload[REGION_ACCESS.size :])
-        require(len(data) == count, f"REGION data: count {count} but {len(data)} data bytes")
+        if len(data) != count:
+            raise ProtocolError(
+                errno.EINVAL, f"REGION data: count {count} but {len(data)} data bytes"
+            )
         return cls(offset, region, count, data)
 
 
@@ -621,6 +625,22 @@ class RegionWriteMulti:
             require(0 < count <= MULTI_MAX_DATA, f"REGION_WRITE_MULTI: entry count {count}")
             entries.append(WriteMultiEntry(off, region, count, data[:count]))
         return cls(tuple(entries))
+
+    @classmethod
+    def unpack_writes(cls, payload: bytes | memoryview) -> list[tuple[int, int, bytes]]:
+        """``(offset, region, data)`` of every entry, checked exactly as :meth:`unpack`
+        checks them but without an object per entry (a guest's batched register writes)."""
+        if len(payload) >= U64.size:
+            (wr_cnt,) = U64.unpack_from(payload)
+            if 0 < wr_cnt <= cls.MAX_ENTRIES and len(payload) == U64.size + wr_cnt * 24:
+                writes = []
+                for off, region, count, data in MULTI_ENTRY.iter_unpack(payload[U64.size :]):
+                    if not 0 < count <= MULTI_MAX_DATA:
+                        break  # unpack() below says what is wrong
+                    writes.append((off, region, data[:count]))
+                else:
+                    return writes
+        return [(e.offset, e.region, e.data) for e in cls.unpack(payload).entries]
 
 
 # --------------------------------------------------------------------------------------------

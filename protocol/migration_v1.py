@@ -28,10 +28,26 @@ Rules:
     is a v2 SET of the mapped state: the engine plans the path (so unsupported states, e.g.
     NDMA without P2P or SAVING|RUNNING without PRE_COPY, fail with EINVAL before any arc),
     and a failing arc leaves the state as it was or ERROR -- never an intermediate state.
- 4. Bits 4-31 are reserved. They belong to the device (which keeps them 0): a write's
+ 4. Before that, the change must be an arc of the v1 allowed-transition table
+    (ALLOWED_TRANSITIONS; vfio-user 0.9.1, facts 8.3.2), else EINVAL and nothing changes:
+
+        from/to        STOP  RUNNING  STOP_COPY  PRE_COPY  RESUMING
+        STOP            -     yes      no         no        no
+        RUNNING        yes     -       yes        yes       yes
+        STOP_COPY      yes    yes       -         no        no
+        PRE_COPY        no     no      yes         -        no
+        RESUMING        no    yes       no        no         -
+
+    Writing the current state again ("-") is allowed and does nothing. The NDMA states are
+    not in the 0.9.1 table; they get the conservative rows of the kernel v2 direct arcs
+    that touch them: RUNNING <-> RUNNING_P2P, RUNNING_P2P -> STOP, PRE_COPY <->
+    PRE_COPY_P2P, PRE_COPY_P2P -> STOP_COPY (so NDMA is entered only from the state it
+    quiesces and left towards the stopped state the v2 path takes next, or back). ERROR
+    has no row: only DEVICE_RESET leaves it (facts 8.3.1), every write is refused.
+ 5. Bits 4-31 are reserved. They belong to the device (which keeps them 0): a write's
     reserved bits are ignored, so a client's read-modify-write preserves them and a
     client that sets them does not change them.
- 5. DIRTY_PAGES (14), for clients that negotiated the ``migration`` capability (the
+ 6. DIRTY_PAGES (14), for clients that negotiated the ``migration`` capability (the
     connection refuses it from others) with a device serving v1 (the session checks): request
     ``argsz u32, flags u32`` with exactly one of START 1, STOP 2, GET_BITMAP 4. START and
     STOP carry nothing more (header-only replies). GET_BITMAP appends ``iova u64, size u64,
@@ -50,6 +66,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Self
 
 from .constants import MigState
+from .dirty_logging import bitmap_bytes
 from .errors import ProtocolError, require
 
 # -- the region ---------------------------------------------------------------------------
@@ -125,7 +142,7 @@ def register_value(state: MigState, reserved: int = 0) -> int:
 
 
 def requested_state(value: int) -> MigState:
-    """The v2 state a ``device_state`` write asks for (rules 2-4); EINVAL if invalid."""
+    """The v2 state a ``device_state`` write asks for (rules 2 and 5); EINVAL if invalid."""
     require(0 <= value <= 0xFFFF_FFFF, f"device_state {value:#x} is not a u32")
     bits = value & STATE_MASK
     state = BITS_TO_STATE.get(bits)
@@ -133,6 +150,38 @@ def requested_state(value: int) -> MigState:
         what = "the error value" if bits == ERROR_BITS else "an invalid combination"
         raise ProtocolError(errno.EINVAL, f"device_state {bits:#x} is {what}")
     return state
+
+
+_STOP, _RUN, _SC, _PC = MigState.STOP, MigState.RUNNING, MigState.STOP_COPY, MigState.PRE_COPY
+_RES_S, _RP2P, _PCP2P = MigState.RESUMING, MigState.RUNNING_P2P, MigState.PRE_COPY_P2P
+
+#: Rule 4: state -> the states a ``device_state`` write may move it to (besides itself).
+ALLOWED_TRANSITIONS: dict[MigState, frozenset[MigState]] = {
+    _STOP: frozenset({_RUN}),
+    _RUN: frozenset({_STOP, _SC, _PC, _RES_S, _RP2P}),
+    _SC: frozenset({_STOP, _RUN}),
+    _PC: frozenset({_SC, _PCP2P}),
+    _RES_S: frozenset({_RUN}),
+    _RP2P: frozenset({_RUN, _STOP}),
+    _PCP2P: frozenset({_PC, _SC}),
+    MigState.ERROR: frozenset(),
+}
+
+
+def transition_allowed(current: MigState, target: MigState) -> bool:
+    """Rule 4: may a ``device_state`` write move ``current`` to ``target``?"""
+    if current == MigState.ERROR:
+        return False
+    return target == current or target in ALLOWED_TRANSITIONS.get(current, frozenset())
+
+
+def check_transition(current: MigState, target: MigState) -> None:
+    """EINVAL unless rule 4 allows ``current`` -> ``target``."""
+    require(
+        transition_allowed(current, target),
+        f"device_state: {current.name} -> {target.name} is not a v1 transition"
+        + (" (only DEVICE_RESET leaves ERROR)" if current == MigState.ERROR else ""),
+    )
 
 
 # -- DIRTY_PAGES (14) ------------------------------------------------------------------------
@@ -146,12 +195,6 @@ class DirtyPagesFlags(enum.IntFlag):
 
 DIRTY_HEADER = struct.Struct("<II")
 BITMAP_RANGE = struct.Struct("<QQQQ")
-
-
-def bitmap_bytes(size: int, pgsize: int) -> int:
-    """Bytes of a bitmap with one bit per page of ``size``, in whole u64 words."""
-    pages = (size + pgsize - 1) // pgsize
-    return 8 * ((pages + 63) // 64)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,13 @@
 """Tests run on the C fast path when it is built (as the server does). Tests that switch
 implementations get the installed one back afterwards, so one test cannot slow down (or
-change) the rest."""
+change) the rest.
 
+``VFIO_USER_EMU_REQUIRE_FASTPATH=1`` (set by CI's ``.ci/run``) makes the whole run fail at
+start when the C fast path is not in use, so that a missing compiler or Python headers can
+not silently turn CI into a test of the pure-Python fallback only. Without it a user with no
+compiler still gets the full suite on the fallback."""
+
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -9,7 +15,18 @@ import pytest
 from devices import stream_primitives
 from emulator import fastpath
 
-fastpath.install_best()
+REQUIRE_FASTPATH_VAR = "VFIO_USER_EMU_REQUIRE_FASTPATH"
+
+_installed = fastpath.install_best()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get(REQUIRE_FASTPATH_VAR, "") not in ("", "0") and _installed.name != "c":
+        why = fastpath.load_error() or "it did not pass its self-test or was switched off"
+        raise pytest.UsageError(
+            f"{REQUIRE_FASTPATH_VAR}=1 but the C fast path is not in use ({why}); install gcc "
+            "and python3-dev, then `make clean test` (or `make fastpath`)"
+        )
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +126,27 @@ def first_request(name: str, command: int, *, conn: str | None = None) -> TraceM
         if msg.command == command:
             return msg
     raise LookupError(f"{name}: no client request with command {command}")
+
+
+def conversation(
+    name: str, conn: str, first: int, last: int, *, skip: Collection[int] = ()
+) -> list[tuple[TraceMessage, TraceMessage]]:
+    """(client request, recorded reply) pairs of one connection with seq in [first, last];
+    ``skip`` leaves out messages by seq (e.g. server->client DMA requests and replies)."""
+    pairs = []
+    pending: TraceMessage | None = None
+    for msg in messages(name, conn=conn, max_seq=last):
+        if msg.seq < first or msg.seq in skip:
+            continue
+        if msg.from_client:
+            assert pending is None, f"{msg}: two requests in a row"
+            pending = msg
+        else:
+            assert pending is not None and pending.msg_id == msg.msg_id, msg
+            pairs.append((pending, msg))
+            pending = None
+    assert pending is None
+    return pairs
 
 
 ALL_TRACES = (

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from devices.api import DeviceError
 from devices.e1000 import E1000, E1000Options
 from devices.e1000 import regs as r
-from devices.state_stream import LoadedSection, Section
+from devices.state_stream import LoadedSection
 from emulator.guest_e1000 import parse_ip, tcp_frame, tx_descriptors
+from emulator.testing import flat_sections
 from protocol.constants import MigState
 from tests.devices.test_e1000 import MAC, Microwire, Rig, frame_to, mdic
 
@@ -25,18 +26,8 @@ CTX = 16  # size of the TX context at the start of the "e1000.tx" section
 IP_A, IP_B = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
 
 
-def flat(sections: Sequence[Section]) -> list[tuple[str, bytes]]:
-    out = []
-    for name, payload in sections:
-        if isinstance(payload, bytes | bytearray | memoryview):
-            out.append((name, bytes(payload)))
-        else:
-            out.append((name, b"".join(bytes(piece) for piece in payload)))
-    return out
-
-
 def state_of(dev: E1000) -> list[tuple[str, bytes]]:
-    return flat(dev.save_state())
+    return flat_sections(dev.save_state())
 
 
 def load_into(dev: E1000, sections: Sequence[LoadedSection]) -> None:
@@ -97,7 +88,7 @@ async def test_round_trip_preserves_everything_and_work_resumes_on_the_destinati
     dst = Rig()
     dst.dma.mem[:] = rig.dma.mem  # shared guest RAM, as a local migration has
     dst.tx_next, dst.tx_count, dst.rx_count = rig.tx_next, rig.tx_count, rig.rx_count
-    load_into(dst.dev, flat(saved))
+    load_into(dst.dev, flat_sections(saved))
     assert state_of(dst.dev) == before
     dst.dev.resume()
     assert dst.port.accepting[-1] is True

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from devices import testdev as td
 from devices.errors import DeviceError
 from devices.irq import INTX, Delivery
-from devices.migration import ALL_CAPS, RunState
+from devices.migration import ALL_CAPS, MemoryStaging, RunState
 from devices.testdev import TestDev
 from protocol.constants import MigrationCaps, MigState
 from protocol.errors import ProtocolError
@@ -412,6 +412,49 @@ async def test_invalid_resumed_stream_fails_and_stays_resuming():
     result = await dev.migration.set_state(RUNNING)
     assert result.arcs == [(RESUMING, STOP), (STOP, RUNNING)]
     assert dev.region_read(td.BAR_REGS, td.REG_SCRATCH, 4) == bytes(4)
+
+
+class OneStagingAtATime:
+    """A staging factory for a process with room for one stream's staging, not two."""
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.reserves: list[int] = []
+
+    def __call__(self, reserve: int) -> MemoryStaging:
+        if self.live:
+            raise DeviceError(errno.ENOMEM, "no room for a second staging")
+        self.live += 1
+        self.reserves.append(reserve)
+        staging = MemoryStaging(reserve)
+        close = staging.close
+
+        def closed() -> None:
+            self.live -= 1
+            close()
+
+        staging.close = closed  # type: ignore[method-assign]
+        return staging
+
+
+async def test_leaving_resuming_needs_room_for_one_staging_only():
+    dev = await device_in(SC, RUNNING)
+    factory = OneStagingAtATime()
+    dev.migration.staging_factory = factory
+    dev.migration.max_resume = 1 << 20
+    await dev.migration.set_state(RESUMING)
+    dev.migration.write_data(await valid_stream())
+    await dev.migration.set_state(STOP)  # loads without a second staging
+    assert factory.live == 0 and factory.reserves == [1 << 20]  # sized by the stream limit
+    # A failed load still leaves a fresh staging behind for the next attempt.
+    await dev.migration.set_state(RESUMING)
+    dev.migration.write_data(b"not a stream")
+    with pytest.raises(DeviceError):
+        await dev.migration.set_state(STOP)
+    assert dev.migration.state == RESUMING and factory.live == 1
+    dev.migration.write_data(await valid_stream())
+    await dev.migration.set_state(STOP)
+    assert factory.live == 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -646,15 +646,43 @@ async def test_leaving_stop_copy_closes_our_end_even_with_data_unread(tmp_path: 
         inode = pipe_inode(fd)
         await trio.sleep(0.05)  # the server fills the pipe and waits
         assert await client.set_mig_state(STOP) is None
-        partial = await read_to_eof(fd)  # what was in the pipe, then EOF
+        assert await read_to_eof(fd) == b""  # what was in the pipe is discarded: EOF
         os.close(fd)
         assert inode not in open_pipe_inodes()
-        assert 0 < len(partial) < BIG_RAM
-        # It was the start of the stream, and the device still gives the whole one.
+        # The device still gives the whole stream.
         whole = await save_via_fd(client)
         assert len(whole) > BIG_RAM
-        assert whole[64:].startswith(partial[64:])  # (sessions differ in their id only)
         assert await get_state(twin) == RUNNING
+
+
+@pytest.mark.parametrize("leave", ["running", "reset", "new client"])
+async def test_unread_stream_left_in_the_pipe_never_shows_later_ram(tmp_path: Path, leave: str):
+    """Device RAM goes into the pipe by reference (vmsplice): bytes still in the pipe once
+    STOP_COPY is left would show the RAM as it is when read, e.g. another client's data.
+    The pipe is emptied when the session ends, before the device can change."""
+    dev = TestDev(TestDevOptions(ram_size=BIG_RAM))
+    async with served_device(dev, tmp_path, name="dev.sock") as served:
+        fill_random(served, 32)
+        async with Client.connect(served.socket_path, capabilities=DATA_FD_CAPABILITIES) as a:
+            fd = await a.set_mig_state(STOP_COPY)
+            assert fd is not None
+            first = await read_some(fd, 64 << 10)
+            await trio.sleep(0.05)  # the server fills the pipe and waits
+            if leave == "running":
+                assert await a.set_mig_state(RUNNING) is None
+            elif leave == "reset":
+                await a.reset()
+        if leave == "new client":
+            with trio.fail_after(TIMEOUT):
+                while served.server.active is not None:
+                    await trio.sleep(0.01)
+        async with Client.connect(served.socket_path, capabilities=DATA_FD_CAPABILITIES):
+            # The next user's RAM (whatever the device's state now, e.g. still STOP_COPY).
+            dev_of(served).ram.buffer[:] = b"\xa5" * BIG_RAM
+            rest = await read_to_eof(fd)
+            os.close(fd)
+        assert len(first) == 64 << 10
+        assert rest == b""
 
 
 async def test_each_session_gets_a_new_pipe(tmp_path: Path):
@@ -989,6 +1017,64 @@ async def test_a_stream_past_the_resume_limit_is_refused(tmp_path: Path):
         assert snapshot(s) == before
 
 
+def os_for_datafd(monkeypatch: pytest.MonkeyPatch, **replaced: Callable[..., Any]) -> None:
+    """emulator.datafd sees ``os`` with some calls replaced (the rest of the process not)."""
+    from emulator import datafd
+
+    fake_os = types.SimpleNamespace(**{n: getattr(os, n) for n in dir(os) if n[:2] != "__"})
+    for name, call in replaced.items():
+        setattr(fake_os, name, call)
+    monkeypatch.setattr(datafd, "os", fake_os)
+
+
+def no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+async def test_a_resume_without_room_to_reserve_staging_maps_on_demand(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """RLIMIT_FSIZE/RLIMIT_AS below the stream limit: the staging's big reservation fails,
+    and the resume still works (its bytes are mapped when they are read)."""
+
+    def ftruncate(fd: int, length: int) -> None:
+        if length > 1 << 30:
+            raise OSError(errno.EFBIG, "File too large")
+        os.ftruncate(fd, length)
+
+    async with serve(tmp_path, "src") as (served, src), serve(tmp_path, "dst") as (s, dst):
+        await put_guest_state(served, src, 65)
+        stream = await save_via_fd(src)
+        os_for_datafd(monkeypatch, ftruncate=ftruncate)
+        await load_via_fd(dst, stream)
+        assert snapshot(s) == snapshot(served)
+    no_tracebacks(caplog)
+
+
+async def test_no_staging_at_all_is_a_clean_errno_and_the_device_stays_in_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    def memfd_create(name: str, flags: int = 0) -> int:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    async with serve(tmp_path, "src") as (served, src), serve(tmp_path, "dst") as (s, dst):
+        await put_guest_state(served, src, 66)
+        stream = await save_via_fd(src)
+        await go(dst, STOP)
+        os_for_datafd(monkeypatch, memfd_create=memfd_create)
+        assert await errno_of(dst.set_mig_state(RESUMING)) == errno.ENOMEM
+        assert await get_state(dst) == STOP
+        assert dev_of(s).migration.resuming is None  # undone, nothing half-open
+        monkeypatch.undo()
+        fd = await dst.set_mig_state(RESUMING)
+        assert fd is not None
+        await write_fd(fd, stream)
+        os.close(fd)
+        assert await dst.set_mig_state(STOP) is None
+        assert snapshot(s) == snapshot(served)
+    no_tracebacks(caplog)
+
+
 async def test_a_client_that_disconnects_mid_transfer_leaves_the_server_healthy(
     tmp_path: Path,
 ):
@@ -1042,10 +1128,10 @@ def test_only_large_pieces_of_mappings_go_by_reference() -> None:
     try:
         view = memoryview(memory)
         expected = fastpath.vmsplice if fastpath.vmsplice_available() else os.write
-        assert datafd._writer_for(view[4096:]) is expected
-        assert datafd._writer_for(view[: datafd.VMSPLICE_MIN - 1]) is os.write
-        assert datafd._writer_for(memoryview(bytes(1 << 20))) is os.write
-        assert datafd._writer_for(memoryview(bytearray(1 << 20))) is os.write
+        assert datafd._writer_for(view[4096:], STOP_COPY) is expected
+        assert datafd._writer_for(view[: datafd.VMSPLICE_MIN - 1], STOP_COPY) is os.write
+        assert datafd._writer_for(memoryview(bytes(1 << 20)), STOP_COPY) is os.write
+        assert datafd._writer_for(memoryview(bytearray(1 << 20)), STOP_COPY) is os.write
         view.release()
     finally:
         memory.close()

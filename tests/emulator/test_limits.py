@@ -34,6 +34,8 @@ from emulator.testing import (
     ServedDevice,
     enable_bus_master,
     served_device,
+    set_mig_state_payload,
+    start_dma_left_unanswered,
 )
 from protocol.constants import (
     FEATURE_GET,
@@ -46,12 +48,14 @@ from protocol.constants import (
     IrqSetFlags,
     MigState,
 )
+from protocol.errors import ProtocolError
 from protocol.header import Header, pack_message
-from protocol.messages import DeviceFeatureMsg, DmaMap, IrqSet, RegionAccess, VersionPayload
+from protocol.messages import DmaMap, IrqSet, RegionAccess, VersionPayload
 from protocol.version import ServerCapabilities
 
 EVENTFD_TRIGGER = IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER
 RW = DmaMapFlags.READ | DmaMapFlags.WRITE
+RAM_BAR = 2
 
 
 @asynccontextmanager
@@ -190,53 +194,62 @@ def test_a_device_with_more_vectors_than_the_limit_is_not_served(tmp_path: Path)
 
 @pytest.mark.parametrize("limit", [1, 3])
 async def test_commands_owed_a_reply_stay_within_the_limit(tmp_path: Path, limit: int) -> None:
-    """While a SET waits for a device job stuck on DMA, later commands are held back; the
-    reader stops reading once ``limit`` are held, and every one is answered in order.
-
-    A reply to the job's DMA_READ would now sit behind the unread commands, so the job
-    waits out ``dma_reply_timeout`` (the client is not answering while it floods us)."""
-    limits = Limits(max_queued_replies=limit, dma_reply_timeout=1.0)
+    """While a SET waits for a device job stuck on DMA, later commands are held back, in
+    order. Past ``limit`` held, the reader reads on as far as the job's DMA_READ reply (the
+    client answers it after more commands): the job goes on at once instead of waiting out
+    ``dma_reply_timeout``, and every command is answered in order."""
+    limits = Limits(max_queued_replies=limit, dma_reply_timeout=30.0)
     async with serving(tmp_path, limits) as served:
         conn = await RawConnection.connect(served.socket_path)
         try:
-            header, _ = await conn.call(Command.DMA_MAP, dma_map_payload(0x10000, 0x10000))
-            assert not header.is_error
-            command = 0x06 | 0x04  # memory space + bus master
-            await conn.call(
-                Command.REGION_WRITE,
-                RegionAccess(4, CONFIG_REGION, 2).pack() + struct.pack("<H", command),
-            )
-            for reg, value in [
-                (td.REG_DMA_SRC, 0x10000), (td.REG_DMA_DST, 0x18000),
-                (td.REG_DMA_LEN, 64), (td.REG_DMA_CTRL, 1),
-            ]:  # fmt: skip
-                await conn.call(
-                    Command.REGION_WRITE, RegionAccess(reg, 0, 4).pack() + struct.pack("<I", value)
-                )
-            message = await conn.receive()  # the device job's DMA_READ, left unanswered
-            assert message is not None and message[0].command == Command.DMA_READ
-            stop = DeviceFeatureMsg(
-                16,
-                FEATURE_SET | DeviceFeature.MIG_DEVICE_STATE,
-                struct.pack("<Ii", MigState.STOP, -1),
-            ).pack()
-            set_id = await conn.send(Command.DEVICE_FEATURE, stop)
+            dma, dma_payload = await start_dma_left_unanswered(conn)
+            set_id = await conn.send(Command.DEVICE_FEATURE, set_mig_state_payload(MigState.STOP))
             read = RegionAccess(td.REG_SCRATCH, 0, 4).pack()
             ids = [await conn.send(Command.REGION_READ, read) for _ in range(limit + 5)]
+            await conn.send_reply(dma.msg_id, Command.DMA_READ, dma_payload + bytes(64))
+            got: list[int] = []
+            with trio.fail_after(5):  # well within dma_reply_timeout: no stall
+                while len(got) < len(ids) + 1:
+                    message = await conn.receive()
+                    assert message is not None
+                    header = message[0]
+                    if header.command == Command.DMA_WRITE and header.is_command:
+                        await conn.send_reply(header.msg_id, Command.DMA_WRITE)
+                        continue
+                    assert not header.is_error
+                    got.append(header.msg_id)
+            assert got == [set_id, *ids]
+        finally:
+            conn.close()
+
+
+async def test_reading_past_the_queued_replies_limit_is_bounded(tmp_path: Path) -> None:
+    """Commands held past the limit stop the reading once they reach max_message_size
+    bytes: then the job's DMA reply behind them waits (``dma_reply_timeout``), and every
+    command is still answered in order."""
+    limit, write_size = 2, 4000
+    limits = Limits(max_queued_replies=limit, max_message_size=8192, dma_reply_timeout=1.0)
+    async with serving(tmp_path, limits) as served:
+        conn = await RawConnection.connect(served.socket_path)
+        try:
+            await start_dma_left_unanswered(conn)
+            set_id = await conn.send(Command.DEVICE_FEATURE, set_mig_state_payload(MigState.STOP))
+            write = RegionAccess(0, RAM_BAR, write_size).pack() + bytes(write_size)
+            ids = [await conn.send(Command.REGION_WRITE, write) for _ in range(limit + 6)]
             session = served.server.active
             assert session is not None
+            # Held past the limit: 4016, 8032 bytes (< 8192), then 12048: reading stops.
             with trio.fail_after(5):
-                while len(session._backlog) < limit:
+                while len(session._backlog) < limit + 3:
                     await trio.sleep(0.01)
             await trio.sleep(0.2)
-            assert len(session._backlog) == limit  # not one more read off the socket
-            # The DMA times out, the job ends, the SET completes: all answered, in order.
+            assert len(session._backlog) == limit + 3  # not one more read off the socket
             got = []
             for _ in range(len(ids) + 1):
                 message = await conn.receive()
                 assert message is not None
-                got.append(message[0].msg_id)
                 assert not message[0].is_error
+                got.append(message[0].msg_id)
             assert got == [set_id, *ids]
         finally:
             conn.close()
@@ -461,6 +474,9 @@ async def test_a_client_eventfd_at_its_maximum_never_blocks_the_server(tmp_path:
             await client.region_write(0, td.REG_DOORBELL, struct.pack("<I", 0))
             with trio.fail_after(5):
                 assert await client.region_read(0, td.REG_ID, 4) == struct.pack("<I", td.ID_VALUE)
+            # As the README says: the flag is on the shared file description, so the
+            # client's own copy turned non-blocking too.
+            assert not os.get_blocking(full.fd)
         finally:
             full.close()
 
@@ -540,8 +556,9 @@ async def start_copy(client: Client, src: int, dst: int, length: int) -> None:
 
 
 async def test_an_unsealable_dma_file_shrunk_by_the_client_does_not_kill_the_server(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="vfio_user_emu")
     async with (
         serving(tmp_path, Limits()) as served,
         Client.connect(served.socket_path) as client,
@@ -549,8 +566,12 @@ async def test_an_unsealable_dma_file_shrunk_by_the_client_does_not_kill_the_ser
         await enable_bus_master(client)
         fd = os.memfd_create("unsealable", os.MFD_CLOEXEC)  # no MFD_ALLOW_SEALING
         try:
-            os.ftruncate(fd, 0x20000)
+            os.ftruncate(fd, 0x40000)
             await client.dma_map(0, 0x20000, fd=fd)  # accepted, reached with messages
+            await client.dma_map(0x20000, 0x20000, fd=fd, offset=0x20000)
+            fallbacks = [r for r in caplog.records if "--dma-mmap-unsealed" in r.getMessage()]
+            assert len(fallbacks) == 1  # once per session, naming the way out
+            assert fallbacks[0].levelno == logging.WARNING
             os.ftruncate(fd, 0)  # the client shrinks it behind our back
             await start_copy(client, 0, 0x10000, 64)
             with trio.fail_after(5):
@@ -586,6 +607,30 @@ async def test_sealable_dma_memfds_and_our_ram_fds_are_sealed_against_shrinking(
                 os.ftruncate(region.fd, 0)  # the device's RAM BAR: sealed at creation
         finally:
             os.close(region.fd)
+
+
+def test_a_dma_file_shrunk_just_before_the_seal_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The coverage check must see the size the seal froze: a client shrinking its memfd
+    between our size check and the seal would leave us mapping past the end (SIGBUS)."""
+    from emulator import dma
+
+    real_seal = dma.mmap_is_safe
+
+    def shrunk_then_sealed(fd: int) -> bool:
+        os.ftruncate(fd, 0x1000)  # the hostile client wins the race
+        return real_seal(fd)
+
+    monkeypatch.setattr(dma, "mmap_is_safe", shrunk_then_sealed)
+    maps = dma.IovaMap(max_maps=4)
+    fd = os.memfd_create("racy", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 0x10000)
+    with pytest.raises(ProtocolError) as refused:
+        maps.add(DmaMap(argsz=32, flags=RW, offset=0, address=0, size=0x10000), fd)
+    assert refused.value.errno == errno.EINVAL and len(maps) == 0
+    # Refused by our own coverage check (not only by CPython's mmap length check).
+    assert "does not cover" in str(refused.value)
 
 
 # -- connection floods ---------------------------------------------------------------------------
@@ -646,3 +691,35 @@ def test_a_connection_flood_neither_kills_the_server_nor_disturbs_its_client(
 
 
 FLOOD_SPARE_FDS = 6
+
+
+async def test_a_client_the_server_has_no_fd_for_is_dropped_and_the_next_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The session dups the client's socket; EMFILE there closes that one client, it does
+    not escape into the server's nursery and end the server."""
+    real_dup = os.dup
+    failures = [OSError(errno.EMFILE, "Too many open files")]
+
+    def dup_failing_once(fd: int) -> int:
+        if failures:
+            raise failures.pop()
+        return real_dup(fd)
+
+    async with serving(tmp_path, Limits()) as served:
+        monkeypatch.setattr(os, "dup", dup_failing_once)
+        first = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with first:
+            await first.connect(str(served.socket_path))
+            with trio.fail_after(5):
+                assert await first.recv(4096) == b""  # closed, not served
+        assert not failures
+        conn = await RawConnection.connect(served.socket_path)  # the next client is served
+        try:
+            header, payload = await conn.call(
+                Command.REGION_READ, RegionAccess(0, CONFIG_REGION, 2).pack()
+            )
+            assert not header.is_error and payload[-2:] == struct.pack("<H", td.VENDOR_ID)
+        finally:
+            conn.close()
+    assert "cannot serve a client" in caplog.text

@@ -83,34 +83,10 @@ async def serve_lvu(directory: Path, clock: Clock) -> AsyncIterator[tuple[Served
             wire.close()
 
 
-def conversation(conn: str, first: int, last: int) -> list[tuple[TraceMessage, TraceMessage]]:
-    """(request, recorded reply) pairs of one connection with seq in [first, last]."""
-    pairs = []
-    pending: TraceMessage | None = None
-    for msg in traces.messages(LVU_CLIENT, conn=conn, max_seq=last):
-        if msg.seq < first:
-            continue
-        if msg.from_client:
-            assert pending is None, f"{msg}: two requests in a row"
-            pending = msg
-        else:
-            assert pending is not None and pending.msg_id == msg.msg_id, msg
-            pairs.append((pending, msg))
-            pending = None
-    assert pending is None
-    return pairs
-
-
-def trace_message(conn: str, seq: int) -> TraceMessage:
-    for msg in traces.messages(LVU_CLIENT, conn=conn, max_seq=seq):
-        if msg.seq == seq:
-            return msg
-    raise LookupError(seq)
-
-
 async def negotiate(wire: RawWire, conn: str) -> dict[str, object]:
     """The trace's VERSION; our reply must be usable by the client: max_msg_fds 8."""
-    request, recorded = conversation(conn, VERSION_SEQ[conn], VERSION_SEQ[conn] + 1)[0]
+    first = VERSION_SEQ[conn]
+    request, recorded = traces.conversation(LVU_CLIENT, conn, first, first + 1)[0]
     assert request.command == Command.VERSION
     reply = await wire.request(request)
     assert reply.header.msg_id == request.msg_id and not reply.header.is_error
@@ -138,7 +114,7 @@ def assert_same_reply(ours: RawReply, recorded: TraceMessage) -> None:
 async def test_device_description_matches_the_sample_server(tmp_path):
     async with serve_lvu(tmp_path, Clock()) as (_, wire):
         await negotiate(wire, "src")
-        for request, recorded in conversation("src", 3, CONFIG_SEQ):
+        for request, recorded in traces.conversation(LVU_CLIENT, "src", 3, CONFIG_SEQ):
             reply = await wire.request(request)
             if request.command == Command.REGION_READ and request.seq == CONFIG_SEQ - 1:
                 assert reply.header == recorded.header
@@ -159,7 +135,7 @@ async def test_device_description_matches_the_sample_server(tmp_path):
 async def test_irq_info_counts(tmp_path):
     async with serve_lvu(tmp_path, Clock()) as (_, wire):
         await negotiate(wire, "src")
-        for request, recorded in conversation("src", 63, 72):
+        for request, recorded in traces.conversation(LVU_CLIENT, "src", 63, 72):
             reply = await wire.request(request)
             assert reply.header == recorded.header and not reply.fds
             # argsz, index, count as recorded; our INTx also says MASKABLE|AUTOMASKED.
@@ -186,15 +162,15 @@ def set_state_target(msg: TraceMessage) -> MigState:
 
 async def test_source_migration_replay(tmp_path):
     # BAR0 and BAR1 as the client left them just before SET PRE_COPY (#147, #149).
-    setup = conversation("src", 147, 150)
-    window = conversation("src", 151, 254)
+    setup = traces.conversation(LVU_CLIENT, "src", 147, 150)
+    window = traces.conversation(LVU_CLIENT, "src", 151, 254)
     commands = {request.command for request, _ in window}
     assert commands == {
         Command.DEVICE_FEATURE,
         Command.MIG_DATA_READ,
         Command.REGION_WRITE,
     }
-    final_bar1 = trace_message("dst", 296).payload[16:]
+    final_bar1 = traces.by_seq(LVU_CLIENT, 296).payload[16:]
     assert len(final_bar1) == RAM_SIZE
 
     async with serve_lvu(tmp_path, Clock()) as (served, wire):
@@ -248,7 +224,7 @@ async def test_source_migration_replay(tmp_path):
 
 
 async def test_destination_migration_replay(tmp_path):
-    window = conversation("dst", 257, 298)
+    window = traces.conversation(LVU_CLIENT, "dst", 257, 298)
     assert [set_state_target(r) for r, _ in window if is_set_state(r)] == [
         MigState.RESUMING,
         MigState.STOP,
@@ -270,13 +246,13 @@ async def test_destination_migration_replay(tmp_path):
             assert_same_reply(reply, recorded)
         assert device.migration.state == MigState.RUNNING
         assert device.time_value == TRACE_T
-        assert bytes(device.bar1.buffer) == trace_message("dst", 296).payload[16:]
+        assert bytes(device.bar1.buffer) == traces.by_seq(LVU_CLIENT, 296).payload[16:]
         assert device.deadline == CLOCK + 100, "RUNNING re-armed the migrated time"
 
 
 @pytest.mark.parametrize("defect", ["short", "long"])
 async def test_destination_rejects_a_bad_stream(tmp_path, defect):
-    window = conversation("dst", 257, 294)
+    window = traces.conversation(LVU_CLIENT, "dst", 257, 294)
     resuming, stop = window[0], window[-1]
     writes = [pair for pair in window if pair[0].command == Command.MIG_DATA_WRITE]
     async with serve_lvu(tmp_path, Clock()) as (served, wire):

@@ -98,24 +98,6 @@ async def serve(directory: Path, clock: Clock) -> AsyncIterator[tuple[ServedDevi
             wire.close()
 
 
-def pairs(conn: str, first: int, last: int) -> list[tuple[TraceMessage, TraceMessage]]:
-    """(client request, recorded reply) of one connection, server->client DMA left out."""
-    out = []
-    pending: TraceMessage | None = None
-    for msg in traces.messages(LVU_V1, conn=conn, max_seq=last):
-        if msg.seq < first or msg.seq in DMA_SEQS:
-            continue
-        if msg.from_client:
-            assert pending is None, f"{msg}: two requests in a row"
-            pending = msg
-        else:
-            assert pending is not None and pending.msg_id == msg.msg_id, msg
-            out.append((pending, msg))
-            pending = None
-    assert pending is None
-    return out
-
-
 def assert_same_reply(ours: RawReply, recorded: TraceMessage) -> None:
     where = f"{recorded}: ours {ours.header}"
     assert ours.header == recorded.header, where
@@ -125,7 +107,7 @@ def assert_same_reply(ours: RawReply, recorded: TraceMessage) -> None:
 
 async def negotiate(wire: RawWire, conn: str) -> None:
     first = 1 if conn == "src" else 181
-    request, recorded = pairs(conn, first, first + 1)[0]
+    request, recorded = traces.conversation(LVU_V1, conn, first, first + 1, skip=DMA_SEQS)[0]
     assert request.command == Command.VERSION
     reply = await wire.request(request)
     ours_header, their_header = reply.header, recorded.header
@@ -176,18 +158,11 @@ async def replay(
     return special
 
 
-def recorded(seq: int) -> TraceMessage:
-    for msg in traces.messages(LVU_V1, max_seq=seq):
-        if msg.seq == seq:
-            return msg
-    raise LookupError(seq)
-
-
 # --------------------------------------------------------------------------------------------
 
 
 async def test_source_session_and_v1_save_replay(tmp_path):
-    window = pairs("src", 3, 180)
+    window = traces.conversation(LVU_V1, "src", 3, 180, skip=DMA_SEQS)
     commands = {request.command for request, _ in window}
     assert Command.DIRTY_PAGES in commands and Command.DMA_MAP in commands
     clock = Clock(FIRST_T - 1 + 0.5)
@@ -207,15 +182,16 @@ async def test_source_session_and_v1_save_replay(tmp_path):
 
     # The documented differences, checked for what they must still say.
     config = RegionInfo.unpack(special[CONFIG_INFO_SEQ].payload)
-    theirs_config = RegionInfo.unpack(recorded(CONFIG_INFO_SEQ).payload)
+    theirs_config = RegionInfo.unpack(traces.by_seq(LVU_V1, CONFIG_INFO_SEQ).payload)
     assert config == dataclasses.replace(theirs_config, flags=RegionFlags.READ | RegionFlags.WRITE)
     ours = bytearray(special[CONFIG_READ_SEQ].payload)
-    theirs = bytearray(recorded(CONFIG_READ_SEQ).payload)
+    theirs = bytearray(traces.by_seq(LVU_V1, CONFIG_READ_SEQ).payload)
     for at in UNUSED_BARS:
         theirs[REGION_DATA_HEAD + at] = 0
     assert ours == theirs
     caps_reply = special[BAR1_CAPS_SEQ]
-    assert caps_reply.payload == recorded(BAR1_CAPS_SEQ).payload and len(caps_reply.fds) == 1
+    assert caps_reply.payload == traces.by_seq(LVU_V1, BAR1_CAPS_SEQ).payload
+    assert len(caps_reply.fds) == 1
 
     first, full = (special[seq] for seq in MIGRATION_INFO_SEQS)
     for reply in (first, full):
@@ -229,7 +205,7 @@ async def test_source_session_and_v1_save_replay(tmp_path):
 
 
 async def test_destination_v1_resume_replay(tmp_path):
-    window = pairs("dst", 183, 246)
+    window = traces.conversation(LVU_V1, "dst", 183, 246, skip=DMA_SEQS)
     states = [
         struct.unpack_from("<I", r.payload, 16)[0]
         for r, _ in window
@@ -251,13 +227,14 @@ async def test_destination_v1_resume_replay(tmp_path):
                 assert device.migration.state == MigState.RUNNING
                 assert device.time_value == MIGRATED_T
                 assert device.deadline == clock.now + 1, "RUNNING re-armed the migrated T"
-                assert bytes(device.bar1.buffer) == recorded(200).payload[REGION_DATA_HEAD:]
+                last_bar1 = traces.by_seq(LVU_V1, 200).payload[REGION_DATA_HEAD:]
+                assert bytes(device.bar1.buffer) == last_bar1
         finally:
             intx.close()
 
 
 async def test_destination_refuses_a_truncated_segment_stream(tmp_path):
-    window = pairs("dst", 183, 198)
+    window = traces.conversation(LVU_V1, "dst", 183, 198, skip=DMA_SEQS)
     resuming, running = window[0], window[-1]
     # Only the PRE_COPY segment (BAR1 alone), then RUNNING: the stream lacks BAR0.
     first_segment = window[1:4]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import re
+import socket
 import struct
 import subprocess
 import sys
@@ -17,7 +19,9 @@ from devices import testdev as td
 from emulator import migration_v1
 from emulator.client import Client
 from emulator.migration import get_state
-from protocol.constants import MigState
+from emulator.testing import RawWire
+from protocol.constants import FLAG_ERROR, HEADER_SIZE, MigState, MsgType
+from protocol.header import Header
 
 PYTHON = sys.executable
 
@@ -149,3 +153,50 @@ async def test_migrate_through_the_v1_region(tmp_path: Path) -> None:
             assert await client.region_read(td.BAR_RAM, 0x1000, 19) == b"migrated by the CLI"
         async with Client.connect(src) as client:
             assert await migration_v1.get_device_state(client, 9) == 0  # STOP
+
+
+async def _version_then_eio(listener: trio.socket.SocketType, real: Path) -> None:
+    """A source that negotiates like the real server, then fails every request with EIO
+    (here: the v1 region discovery's GET_INFO)."""
+    conn, _ = await listener.accept()
+    client = RawWire(conn)
+    upstream = await RawWire.connect(real)
+    try:
+        version = await client.receive()  # framed like a reply: header size
+        await upstream.send(version.raw)
+        await client.send((await upstream.receive()).raw)
+        while True:
+            request = await client.receive()
+            header = request.header
+            failed = Header(
+                header.msg_id, header.command, HEADER_SIZE, MsgType.REPLY | FLAG_ERROR, errno.EIO
+            )
+            await client.send(failed.pack())
+    except (AssertionError, OSError, trio.TooSlowError):
+        pass  # the CLI went away
+    finally:
+        client.close()
+        upstream.close()
+
+
+async def test_v1_discovery_failure_is_a_clean_error(tmp_path: Path) -> None:
+    """A request failing during the v1 region discovery ends the CLI with a message and a
+    non-zero exit, not a traceback."""
+    real, src, dst = tmp_path / "real.sock", tmp_path / "src.sock", tmp_path / "dst.sock"
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(str(src))
+    listener.listen(1)
+    with listener:
+        async with (
+            server(real, "testdev,migration=v1"),
+            server(dst, "testdev,migration=v1"),
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(_version_then_eio, listener, real)
+            result = await cli("migrate", "--from", str(src), "--to", str(dst), "--protocol", "v1")
+            nursery.cancel_scope.cancel()
+    err = result.stderr.decode()
+    assert result.returncode == 1, err
+    assert "Traceback" not in err
+    assert "vfio-user-emu: migrate: v1 migration failed while discovery" in err
+    assert "EIO" in err

@@ -704,3 +704,41 @@ async def test_chunks_respect_transfer_limits_and_stream(tmp_path: Path) -> None
             assert len(writes) < reads <= len(writes) + PIPELINE_DEPTH
             assert await dst.region_read(td.BAR_RAM, 0x3FFF0, 16) == b"end of the RAM!!"
             await set_state(src, MigState.RUNNING)  # so it can be migrated again
+
+
+class _FailedRun:
+    """A migration run that failed at a known stage; recovery reports what it did."""
+
+    def __init__(self, notes: list[str]) -> None:
+        self.stage = "writing the state"
+        self.notes = notes
+        self.recovered = 0
+
+    async def recover(self) -> list[str]:
+        self.recovered += 1
+        return self.notes
+
+
+async def test_both_migrations_wrap_failures_the_same_way() -> None:
+    from emulator.client import ClientError
+    from emulator.migration import MigrationError, fail_after_recovery
+    from protocol.constants import Command
+
+    run = _FailedRun(["source STOP -> RUNNING"])
+    request_failed = ClientError(errno.EINVAL, Command.DEVICE_FEATURE)
+    with pytest.raises(MigrationError) as wrapped:
+        await fail_after_recovery(run, request_failed, "v1 migration")
+    assert wrapped.value.errno == errno.EINVAL and wrapped.value.stage == run.stage
+    assert wrapped.value.__cause__ is request_failed
+    assert str(wrapped.value).startswith("v1 migration failed while writing the state: ")
+    assert str(wrapped.value).endswith("; recovery: source STOP -> RUNNING")
+    with pytest.raises(RuntimeError) as other:
+        await fail_after_recovery(run, RuntimeError("bug"), "migration")
+    assert other.value.__notes__ == [
+        "migration failed while writing the state; recovery: source STOP -> RUNNING"
+    ]
+    own = MigrationError("no v1 region", stage="discovery")
+    with pytest.raises(MigrationError) as kept:
+        await fail_after_recovery(_FailedRun([]), own, "v1 migration")
+    assert kept.value is own and own.__notes__ == ["recovery: nothing to undo"]
+    assert run.recovered == 2

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -17,15 +18,15 @@ from devices import testdev as td
 from devices.api import Device
 from devices.e1000 import E1000, E1000Options
 from devices.e1000 import regs as r
+from devices.errors import DeviceError
 from devices.migration import ALL_CAPS
 from devices.registry import DeviceSpecError, create_device
-from devices.state_stream import Section
 from devices.testdev import TestDev, TestDevOptions
 from emulator import migration as v2
 from emulator import migration_v1 as v1
 from emulator.client import Client, ClientError
 from emulator.info import describe
-from emulator.testing import GuestRam, served_device
+from emulator.testing import GuestRam, flat_sections, served_device
 from protocol.constants import Command, MigState
 from protocol.messages import NdmaCap, TypeCap
 from protocol.migration_v1 import DATA_OFFSET
@@ -100,12 +101,11 @@ async def test_every_bitfield_transition_and_the_invalid_ones(tmp_path: Path) ->
 
         assert await read() == R
         for bits, name in {**VALID, **VALID_P2P}.items():
+            if bits == N | S | R:
+                await v1.set_device_state(client, region, S | R)  # NDMA quiesces pre-copy
             await v1.set_device_state(client, region, bits)
             assert await read() == bits and device.migration.state.name == name
-            if bits == RES:
-                await client.reset()  # leaving RESUMING without data: only a reset
-            else:
-                await v1.set_device_state(client, region, R)
+            await client.reset()  # the one way back from every state (v1 table)
             assert await read() == R
         for bits in INVALID:
             for start in (R, S | R):
@@ -114,8 +114,8 @@ async def test_every_bitfield_transition_and_the_invalid_ones(tmp_path: Path) ->
                     await client.region_write(region, 0, struct.pack("<I", bits))
                 assert info.value.errno == errno.EINVAL, bits
                 assert await read() == start, "an invalid write changes nothing"
-            await v1.set_device_state(client, region, R)
-        # STOP_COPY -> PRE_COPY is refused by the FSM, and changes nothing.
+            await client.reset()
+        # STOP_COPY -> PRE_COPY is refused (v1 table and FSM), and changes nothing.
         await v1.set_device_state(client, region, S)
         with pytest.raises(ClientError):
             await v1.set_device_state(client, region, S | R)
@@ -126,13 +126,128 @@ async def test_every_bitfield_transition_and_the_invalid_ones(tmp_path: Path) ->
         # Reserved bits: ignored on write, read back as the device keeps them (0).
         await client.region_write(region, 0, struct.pack("<I", 0xABCD_0000 | S | R))
         assert await read() == S | R
-        await v1.set_device_state(client, region, R)
+        await client.reset()
         # The v2 interface is not offered with migration=v1.
         with pytest.raises(ClientError) as info:
             await v2.get_state(client)
         assert info.value.errno == errno.EINVAL
         with pytest.raises(ClientError):
             await client.mig_data_read(16)
+
+
+#: The vfio-user v1 allowed-transition table, hand-copied from the facts (8.3.2): from
+#: (rows) -> to (columns STOP, RUNNING, STOP_COPY, PRE_COPY, RESUMING); "-" same state.
+FACTS_V1_TABLE = {
+    0: "- y n n n",
+    R: "y - y y y",
+    S: "y y - n n",
+    S | R: "n n y - n",
+    RES: "n y n n -",
+}
+FACTS_V1_COLUMNS = [0, R, S, S | R, RES]
+#: Our NDMA rows (the kernel v2 direct arcs touching RUNNING_P2P / PRE_COPY_P2P).
+NDMA_ARCS = {(R, N | R), (N | R, R), (N | R, 0), (S | R, N | S | R), (N | S | R, S | R)}
+NDMA_ARCS |= {(N | S | R, S)}
+
+
+def v1_allows(start: int, target: int) -> bool:
+    if start == target:
+        return True
+    if start in FACTS_V1_TABLE and target in FACTS_V1_COLUMNS:
+        return FACTS_V1_TABLE[start].split()[FACTS_V1_COLUMNS.index(target)] == "y"
+    return (start, target) in NDMA_ARCS
+
+
+async def test_every_from_to_pair_follows_the_v1_table(tmp_path: Path) -> None:
+    """Every (from, to) pair of the seven writable states over the socket: the allowed
+    ones succeed, the others get EINVAL and leave device_state as it was."""
+    device = small_testdev()
+    device.set_migration_caps(ALL_CAPS)
+    states = [*VALID, *VALID_P2P]
+    async with clients(tmp_path, with_protocols(device, "v1")) as (client,):
+        region = (await v1.find_region(client)).index
+        for start in states:
+            for target in states:
+                await client.reset()
+                await device.migration.set_state(MigState[{**VALID, **VALID_P2P}[start]])
+                assert await v1.get_device_state(client, region) == start
+                if start == RES and target != RES:
+                    # Leaving RESUMING loads the stream; an empty one is refused by the
+                    # device, not by the table: allowed shows as "not EINVAL from the
+                    # table", i.e. the state the engine reached or kept.
+                    if not v1_allows(start, target):
+                        with pytest.raises(ClientError) as info:
+                            await v1.set_device_state(client, region, target)
+                        assert info.value.errno == errno.EINVAL
+                        assert await v1.get_device_state(client, region) == start
+                    continue
+                if v1_allows(start, target):
+                    await v1.set_device_state(client, region, target)
+                    assert await v1.get_device_state(client, region) == target, (start, target)
+                else:
+                    with pytest.raises(ClientError) as info:
+                        await v1.set_device_state(client, region, target)
+                    assert info.value.errno == errno.EINVAL, (start, target)
+                    assert await v1.get_device_state(client, region) == start, (start, target)
+
+
+async def test_the_error_state_refuses_every_write_until_reset(tmp_path: Path) -> None:
+    class Fragile(TestDev):
+        fail: frozenset[tuple[MigState, MigState]] = frozenset()
+
+        def migration_arc(self, arc: tuple[MigState, MigState]) -> None:
+            if arc in self.fail:
+                raise DeviceError(errno.EIO, f"arc {arc} fails")
+
+    device = Fragile(TestDevOptions(ram_size=16 * 1024, msix_vectors=2))
+    async with clients(tmp_path, with_protocols(device, "v1")) as (client,):
+        region = (await v1.find_region(client)).index
+        # RUNNING -> STOP -> STOP_COPY fails, and so does the walk back: ERROR.
+        device.fail = frozenset(
+            {(MigState.STOP, MigState.STOP_COPY), (MigState.STOP, MigState.RUNNING)}
+        )
+        with pytest.raises(ClientError):
+            await v1.set_device_state(client, region, S)
+        assert await v1.get_device_state(client, region) == S | RES
+        device.fail = frozenset()
+        for bits in [*VALID, *VALID_P2P]:
+            with pytest.raises(ClientError) as info:
+                await client.region_write(region, 0, struct.pack("<I", bits))
+            assert info.value.errno == errno.EINVAL, bits
+            assert await v1.get_device_state(client, region) == S | RES
+        await client.reset()
+        assert await v1.get_device_state(client, region) == R
+
+
+async def test_scattered_tiny_window_writes_stay_cheap_and_are_checked(tmp_path: Path) -> None:
+    """A resuming client writing the data window one byte at a time, every other byte:
+    the last writes must cost about what the first did (the old interval list made each
+    write dearer, until the server stalled), and data_size still sees the gaps."""
+    count = 8000
+    async with clients(tmp_path, with_protocols(small_testdev(), "v1")) as (client,):
+        await v1.set_device_state(client, MIGRATION_REGION, RES)
+        quarter = count // 4
+        took = []
+        for first in range(0, count, quarter):
+            began = time.perf_counter()
+            for k in range(first, first + quarter):
+                await client.region_write(MIGRATION_REGION, DATA_OFFSET + 2 * k, b"x")
+            took.append(time.perf_counter() - began)
+        assert took[-1] < 3 * took[0], f"{took}: writes grow dearer"
+        data_size = struct.pack("<Q", 2 * count)
+        with pytest.raises(ClientError) as info:  # the odd bytes were never written
+            await client.region_write(MIGRATION_REGION, 0x18, data_size)
+        assert info.value.errno == errno.EINVAL
+        await client.reset()
+
+
+async def test_write_multi_cannot_reach_the_v1_region(tmp_path: Path) -> None:
+    async with clients(tmp_path, with_protocols(small_testdev(), "v1")) as (client,):
+        entry = (MIGRATION_REGION, 0, struct.pack("<I", S | R))
+        with pytest.raises(ClientError) as info:
+            await client.region_write_multi([entry], posted=False)
+        assert info.value.errno == errno.EINVAL
+        assert await v1.get_device_state(client, MIGRATION_REGION) == R
 
 
 async def test_without_pre_copy_saving_running_is_refused(tmp_path: Path) -> None:
@@ -150,19 +265,9 @@ async def test_without_pre_copy_saving_running_is_refused(tmp_path: Path) -> Non
 # -- whole migrations: v1 gives the same device state as v2 ------------------------------------
 
 
-def flat(sections: Sequence[Section]) -> list[tuple[str, bytes]]:
-    out = []
-    for name, payload in sections:
-        if isinstance(payload, bytes | bytearray | memoryview):
-            out.append((name, bytes(payload)))
-        else:
-            out.append((name, b"".join(bytes(piece) for piece in payload)))
-    return out
-
-
 def device_state(device: Device) -> dict[str, Any]:
     return {
-        "own": flat(device.save_state()),
+        "own": flat_sections(device.save_state()),
         "config": bytes(device.config.snapshot()),
         "irq": bytes(device.irq.snapshot()),
     }
@@ -239,6 +344,51 @@ async def test_v1_migration_refused_by_the_destination_recovers(tmp_path: Path) 
         assert other.migration.state == MigState.RUNNING
 
 
+async def test_v1_migration_failing_in_pre_copy_returns_the_source_to_running(
+    tmp_path: Path,
+) -> None:
+    """PRE_COPY -> RUNNING is not a v1 transition: recovery goes through stop-and-copy."""
+
+    class SmallWindow(TestDev):
+        migration_v1_window = 4096
+
+    source = with_protocols(small_testdev(), "v1")
+    other = with_protocols(SmallWindow(TestDevOptions(ram_size=16 * 1024, msix_vectors=2)), "v1")
+    async with clients(tmp_path, source, other) as (src, dst):
+        await src.region_write(td.BAR_RAM, 0, bytes(range(256)) * 32)  # 8 KiB to pre-copy
+        with pytest.raises(v2.MigrationError) as info:
+            await v1.migrate(src, dst, mode="pre-copy")
+        assert info.value.stage == "source pre-copy"
+        assert info.value.errno == errno.EINVAL  # a segment larger than the window
+        assert "source -> RUNNING" in info.value.recovery
+        assert source.migration.state == MigState.RUNNING
+        assert other.migration.state == MigState.RUNNING
+
+
+async def test_an_empty_segment_in_stop_and_copy_is_a_short_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source claiming pending bytes but handing out an empty segment in stop-and-copy
+    would end the stream early; the driver refuses it instead of loading half a state."""
+    source = with_protocols(small_testdev(), "v1")
+    destination = with_protocols(small_testdev(), "v1")
+    real_read = source.migration.read_data
+
+    def short_stream(size: int) -> bytes:
+        if source.migration.state == MigState.STOP_COPY:
+            return b""
+        return real_read(size)
+
+    monkeypatch.setattr(source.migration, "read_data", short_stream)
+    async with clients(tmp_path, source, destination) as (src, dst):
+        with pytest.raises(v2.MigrationError) as info:
+            await v1.migrate(src, dst)
+        assert info.value.stage == "source stop-and-copy"
+        assert info.value.errno == errno.EPROTO
+        assert source.migration.state == MigState.RUNNING
+        assert destination.migration.state == MigState.RUNNING
+
+
 # -- DIRTY_PAGES (14) -----------------------------------------------------------------------
 
 
@@ -278,11 +428,16 @@ async def test_dirty_pages_need_the_capability_and_a_v1_device(tmp_path: Path) -
         with pytest.raises(ClientError) as info:
             await v1.dirty_pages_start(client)
         assert info.value.errno == errno.EINVAL
-    # A protocol-0.1 client, but the device serves only v2 (the default): not offered.
+    # A protocol-0.1 client, but the device serves only v2 (the default): migration (v1)
+    # is not configured, which old libvfio-user answered with ENOTSUP (facts 9.3).
     async with clients(tmp_path, small_testdev()) as (client,):
+        for request in (v1.dirty_pages_start, v1.dirty_pages_stop):
+            with pytest.raises(ClientError) as info:
+                await request(client)
+            assert info.value.errno == errno.ENOTSUP
         with pytest.raises(ClientError) as info:
-            await v1.dirty_pages_start(client)
-        assert info.value.errno == errno.EINVAL
+            await v1.dirty_bitmap(client, 0, 4096)
+        assert info.value.errno == errno.ENOTSUP
 
 
 async def test_large_single_region_accesses(tmp_path: Path) -> None:

@@ -316,3 +316,34 @@ def test_connection_never_raises(
         assert conn.state is ConnState.CLOSED
     got_fds += conn.take_all_fds()
     assert sorted(got_fds) == sorted(fed_fds)
+
+
+multi_entries = st.lists(
+    st.tuples(
+        st.integers(0, (1 << 64) - 1),
+        st.integers(0, 0xFFFFFFFF),
+        st.sampled_from([0, 1, 2, 4, 8, 9]),  # 0 and 9 are invalid counts
+        st.binary(min_size=8, max_size=8),
+    ),
+    min_size=0,
+    max_size=6,
+)
+
+
+@FUZZ
+@given(entries=multi_entries, tail=st.binary(max_size=3), payload=payloads)
+def test_write_multi_fast_unpack_agrees_with_the_codec(
+    entries: list[tuple[int, int, int, bytes]], tail: bytes, payload: bytes
+) -> None:
+    """RegionWriteMulti.unpack_writes (the session's hot path) accepts and refuses exactly
+    what unpack does, with the same entries."""
+    built = struct.pack("<Q", len(entries)) + b"".join(
+        struct.pack("<QII8s", off, region, count, data) for off, region, count, data in entries
+    )
+    for raw in (built, built + tail, payload):
+        expected = only_protocol_error(functools.partial(RegionWriteMulti.unpack, raw))
+        fast = only_protocol_error(functools.partial(RegionWriteMulti.unpack_writes, raw))
+        if expected is None:
+            assert fast is None
+        else:
+            assert fast == [(e.offset, e.region, e.data) for e in expected.entries]

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from protocol.constants import MigState
+from protocol.dirty_logging import bitmap_bytes
 from protocol.errors import ProtocolError
 from protocol.migration_v1 import (
     BITS_TO_STATE,
@@ -19,7 +20,6 @@ from protocol.migration_v1 import (
     DirtyPages,
     DirtyPagesFlags,
     StateBits,
-    bitmap_bytes,
     register_at,
     register_value,
     requested_state,

@@ -80,7 +80,7 @@ mac=$(cat $net/address)
 if [ "$mac" = "$MY_MAC" ]; then ok "mac $mac"; else bad "mac: $mac, expected $MY_MAC"; fi
 ip link set $ifc up
 n=0
-while [ "$(cat $net/carrier 2>/dev/null)" != 1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+while [ "$(cat $net/carrier 2>/dev/null)" != 1 ] && [ $n -lt 150 ]; do sleep 0.1; n=$((n + 1)); done
 if [ "$(cat $net/carrier 2>/dev/null)" = 1 ]; then ok "carrier after $((n * 100)) ms"
 else bad "carrier: no link after 10 s"; fi
 speed=$(cat $net/speed 2>/dev/null); duplex=$(cat $net/duplex 2>/dev/null)
@@ -107,7 +107,7 @@ else bad "ping: $(grep transmitted /tmp/ping)"; fi
 JUMBO = r"""
 ip link set $ifc mtu @JUMBO_MTU@
 n=0
-while [ "$(cat $net/carrier 2>/dev/null)" != 1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+while [ "$(cat $net/carrier 2>/dev/null)" != 1 ] && [ $n -lt 150 ]; do sleep 0.1; n=$((n + 1)); done
 if [ "$(cat $net/mtu)/$(cat $net/carrier)" = @JUMBO_MTU@/1 ]; then ok "jumbo_mtu"
 else bad "jumbo_mtu: mtu $(cat $net/mtu) carrier $(cat $net/carrier)"; fi
 """
@@ -423,19 +423,85 @@ def test_reboot_resets_device_and_traffic_resumes(pair: Pair) -> None:
     assert trace.count("client connected") == 1, "QEMU reconnected instead of resetting"
 
 
-#: What Linux's e1000 driver (or the kernel) logs when a NIC misbehaves: a transmit ring that
-#: stops moving, a watchdog reset, EEPROM/PHY trouble, or a kernel warning or oops.
+#: What Linux's e1000 driver (or the kernel) logs when a NIC misbehaves: a transmit queue
+#: that stopped for good (NETDEV WATCHDOG, then an adapter reset), EEPROM/PHY trouble, or a
+#: kernel warning or oops. Any of these fails the test.
 DRIVER_COMPLAINTS = re.compile(
-    r"Tx Unit Hang|Reset adapter|NETDEV WATCHDOG|EEPROM Checksum Is Not Valid|"
+    r"Reset adapter|NETDEV WATCHDOG|EEPROM Checksum Is Not Valid|"
     r"PHY reset is blocked|Hardware Error|e1000.*(?:error|failed)|Call Trace|WARNING:|BUG:",
     re.I,
 )
+#: "Detected Tx Unit Hang" is not in that list, on purpose. The driver's watchdog (every 2 s)
+#: prints it when the oldest transmit descriptor it has not yet reclaimed was queued more
+#: than a second ago (tx_timeout_factor * HZ, guest time, which follows the host's clock
+#: under TCG). That measures latency, not a stop: during the bulk transfer the ring is full,
+#: and with two TCG guests, two emulators and other work on 2 shared cores an emulator that
+#: gets little CPU for a moment leaves the oldest descriptor over a second old while TDH is
+#: still advancing. The driver then stops the queue and wakes it as soon as descriptors are
+#: reclaimed again. A genuine device bug (a lost doorbell, a TDH that stops or wraps
+#: wrongly) does not recover: the queue stays stopped, and after the 5 s transmit timeout
+#: the kernel prints NETDEV WATCHDOG and resets the adapter, which DRIVER_COMPLAINTS fails
+#: on, as do the transfer's checksum and the later pings and messages in the other tests.
+#: So a few hang reports that recovered are tolerated, but recorded (with the guest's
+#: kernel timestamps and TDH/TDT) in the test's report; more than this many per guest fail.
+TX_HANG = re.compile(r"Detected Tx Unit Hang")
+MAX_TX_HANG_REPORTS = 3
+_KERNEL_TIME = re.compile(r"\[\s*(\d+\.\d+)\]")
+_RING_STATE = re.compile(r"\b(TDH|TDT)\s+<([0-9a-f]+)>")
 
 
-def test_no_driver_complaints(pair: Pair) -> None:
+def kernel_events(console: str, pattern: re.Pattern[str]) -> list[str]:
+    """Each console line matching ``pattern``, as "boot N [kernel time] match" (guest A's
+    kernel clock starts again at its reboot: each boot begins with "Linux version")."""
+    events = []
+    boot = 0
+    lines = console.splitlines()
+    for index, line in enumerate(lines):
+        if "] Linux version " in line:
+            boot += 1
+        match = pattern.search(line)
+        if not match:
+            continue
+        stamp = _KERNEL_TIME.search(line)
+        when = f"[{stamp[1]}]" if stamp else "[no kernel time]"
+        # A hang report's next lines carry the ring's state: worth keeping for the record.
+        ring = " ".join(
+            f"{m[1]}={m[2]}" for m in _RING_STATE.finditer("\n".join(lines[index + 1 : index + 4]))
+        )
+        events.append(f"boot {boot} {when} {match[0]}" + (f" ({ring})" if ring else ""))
+    return events
+
+
+def test_kernel_events_dates_complaints_per_boot() -> None:
+    console = (
+        "[    0.000000] Linux version 6.1.0-56-amd64\n"
+        "[    9.100000] e1000 0000:00:02.0 eth0: Detected Tx Unit Hang\n"
+        "[    9.100000]   Tx Queue             <0>\n"
+        "[    9.100000]   TDH                  <3b>\n"
+        "[    9.100000]   TDT                  <41>\n"
+        "[    0.000000] Linux version 6.1.0-56-amd64\n"
+        "[   12.500000] NETDEV WATCHDOG: eth0 (e1000): transmit queue 0 timed out\n"
+    )
+    assert kernel_events(console, TX_HANG) == [
+        "boot 1 [9.100000] Detected Tx Unit Hang (TDH=3b TDT=41)"
+    ]
+    assert kernel_events(console, DRIVER_COMPLAINTS) == ["boot 2 [12.500000] NETDEV WATCHDOG"]
+
+
+def test_no_driver_complaints(pair: Pair, record_property: Callable[[str, object], None]) -> None:
     for guest in (pair.a, pair.b):
-        complaints = [m[0] for m in DRIVER_COMPLAINTS.finditer(guest.run.console)]
+        complaints = kernel_events(guest.run.console, DRIVER_COMPLAINTS)
+        hangs = kernel_events(guest.run.console, TX_HANG)
+        if complaints or hangs:
+            figure = "; ".join(complaints + hangs)
+            record_property(f"e1000_guest_{guest.name}_driver_messages", figure)
+            report(f"\ne1000 guest {guest.name} driver messages: {figure}")
         assert not complaints, f"guest {guest.name}: {complaints}\n{pair.report()}"
+        assert len(hangs) <= MAX_TX_HANG_REPORTS, (
+            f"guest {guest.name}: {len(hangs)} Tx Unit Hang reports (more than "
+            f"{MAX_TX_HANG_REPORTS} is more than a loaded machine explains): {hangs}\n"
+            + pair.report()
+        )
         names = [
             f"b{boot}.stats.{s}"
             for boot in (1, 2)

@@ -82,10 +82,10 @@ barsize() { set -- $(sed -n "$(($1 + 1))p" $dev/resource); echo $(( $2 - $1 + 1 
 barflags() { set -- $(sed -n "$(($1 + 1))p" $dev/resource); echo $(( $3 )); }
 nohandler() { dmesg | grep -c "No irq handler for vector" ; }
 vector_seen() { dmesg | grep -c " 0\.$1 No irq handler for vector"; }
-# await_vector VECTOR COUNT: until the kernel logged VECTOR COUNT times (at most ~3 s)
+# await_vector VECTOR COUNT: until the kernel logged VECTOR COUNT times (at most ~15 s)
 await_vector() {
     n=0
-    while [ $(vector_seen $1) -lt $2 ] && [ $n -lt 30 ]; do n=$((n + 1)); sleep 0.1; done
+    while [ $(vector_seen $1) -lt $2 ] && [ $n -lt 150 ]; do n=$((n + 1)); sleep 0.1; done
     vector_seen $1
 }
 
@@ -144,7 +144,7 @@ dma() {  # dma SRC DST LEN -> final DMA_STATUS
     wrm $((bar0 + 0x50)) $3
     wrm $((bar0 + 0x54)) 1
     n=0
-    while [ $(rdm $((bar0 + 0x58))) -eq 1 ] && [ $n -lt 200 ]; do n=$((n + 1)); usleep 10000; done
+    while [ $(rdm $((bar0 + 0x58))) -eq 1 ] && [ $n -lt 1500 ]; do n=$((n + 1)); usleep 10000; done
     rdm $((bar0 + 0x58))
 }
 i=0

@@ -533,7 +533,14 @@ class MigrationEngine:
         self.run_state = RunState.PAUSED
         self.device.irq.suspend()
         self.device.pause()
-        await self.work.pause_work()
+        try:
+            await self.work.pause_work()
+        except BaseException:
+            # Cancelled (the client went away while its SET waited for the job in
+            # progress): the arc did not happen, so the device must run again rather than
+            # stay RUNNING in name with its work and interrupts held (found by the soak).
+            self._resume()
+            raise
 
     def _resume(self) -> None:
         if self.run_state is RunState.RUNNING:

@@ -407,3 +407,16 @@ class TestDev(Device):
         # Work that arrived while stopped, or that came with migrated state, runs now.
         if self.regs.get(REG_DMA_STATUS) == DMA_BUSY and not self._copy_queued:
             self._submit_copy()
+
+    def on_attach(self) -> None:
+        # A copy cancelled because the previous client went away (its job dies with the
+        # connection) is still BUSY: it runs again for the client that attaches now, so a
+        # reconnecting guest does not wait forever. (A copy is idempotent: same source,
+        # same destination.) While stopped, the engine's resume does it on the way back.
+        if self.migration.operating:
+            self.resume()
+
+    def on_detach(self) -> None:
+        # The connection drops every queued job (and cancels the running one): a copy
+        # queued but never started is no longer queued.
+        self._copy_queued = False

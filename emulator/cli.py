@@ -38,6 +38,7 @@ from .netdev import NetdevError, netdev_help, setup_netdevs
 from .qemu import qemu_args, qemu_command_line
 from .serve_config import ServeConfig, run_config
 from .server import DeviceServer, ServerError
+from .soak import add_soak_parser, run_soak_cli
 
 log = logging.getLogger("vfio_user_emu")
 
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_scale.add_arguments(scale)
     scale.set_defaults(run_benchmark=bench_scale.run_from_args)
+    add_soak_parser(sub)
     return parser
 
 
@@ -300,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         runner = getattr(args, "run_benchmark", None)
         return int(runner(args)) if runner is not None else run_bench(args)
+    if args.command == "soak":
+        return run_soak_cli(args)
     if args.command == "qemu-args":
         print(" ".join(qemu_args(args.socket_path, args.memory)))
         return 0

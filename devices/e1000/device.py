@@ -690,6 +690,7 @@ class E1000(Device):
         processed = False
         report = False  # an RS descriptor was written back
         delay = False  # ... with IDE
+        yielded = False
         while not self._paused and values[r.TCTL] & r.TCTL_EN:
             head, tail = values[r.TDH], values[r.TDT]
             if head == tail or head >= count_total or tail >= count_total:
@@ -721,11 +722,16 @@ class E1000(Device):
                 break
             values[r.TDH] = (head + count) % count_total
             processed = True
+            if self._waiting:
+                yielded = True  # let queued work (receive) run first: see _rx_job
+                break
         if processed:
             causes = r.ICR_TXDW if report else 0
             if values[r.TDH] == values[r.TDT]:
                 causes |= r.ICR_TXQE
             self._cause(causes, tx_delay=delay)
+        if yielded:
+            self._kick_tx(doorbell=False)  # the rest, behind what was queued meanwhile
 
     async def _tx_descriptor(self, address: int, lower: int, upper: int, cmd: int) -> None:
         values = self.values
@@ -944,6 +950,13 @@ class E1000(Device):
             if not used:
                 if fifo:
                     self._no_buffer()  # the frame at the head needs more descriptors
+                break
+            if self._waiting and fifo:
+                # Transmit and receive are separate engines on the real part: while
+                # frames keep arriving, a receive job that ran until the FIFO is empty
+                # would starve the transmit job queued behind it (and the reverse), so
+                # each goes to the back of the queue after a batch when work waits.
+                self._kick_rx()
                 break
         if self._backpressure and self.rx_fifo_bytes <= self._rx_fifo_limit() // 2:
             self._set_backpressure(False)

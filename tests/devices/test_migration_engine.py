@@ -630,3 +630,27 @@ async def run_walk(caps: int, fail: set[Arc], actions: list[tuple[str, int]]) ->
 )
 def test_random_walk_keeps_invariants(caps: int, fail: set[Arc], actions: list[tuple[str, int]]):
     trio.run(run_walk, caps, fail, actions)
+
+
+class SlowWork(Work):
+    """The job in progress takes a while to finish (pause_work waits for it)."""
+
+    async def pause_work(self) -> None:
+        await super().pause_work()
+        await trio.sleep_forever()
+
+
+async def test_set_cancelled_while_pausing_leaves_the_device_running():
+    """The client goes away while its SET waits for the job in progress: the arc did not
+    happen, so the device must run again (work, interrupts) and still say RUNNING. (Found
+    by the soak: the device stayed RUNNING with interrupts latched forever.)"""
+    dev = RecDev(SC | PRE)
+    dev.work = dev.migration.work = SlowWork()
+    with trio.move_on_after(0.01) as scope:
+        await dev.migration.set_state(STOP_COPY)
+    assert scope.cancelled_caught
+    assert dev.migration.state == RUNNING and dev.migration.run_state is RunState.RUNNING
+    assert dev.irq.delivery is Delivery.ACTIVE and not dev.work.paused
+    assert dev.events == ["pause", "resume"] and dev.calls == []
+    dev.region_write(td.BAR_REGS, td.REG_DOORBELL, (0).to_bytes(4, "little"))
+    assert dev.sink.fired == [(INTX, 0)]  # delivered, not latched

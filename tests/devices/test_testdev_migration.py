@@ -788,6 +788,58 @@ async def test_bit_flip_in_trailer_reserved_word_is_refused() -> None:
     await assert_refused(dst, bad, random.Random(6))
 
 
+class _JobsContext:
+    """A client connection as the device sees it: queued jobs and flat guest memory."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Callable[[], Awaitable[None]]] = []
+        self.memory = bytearray(0x4000)
+
+    @property
+    def dma(self) -> _JobsContext:
+        return self
+
+    async def read(self, iova: int, length: int) -> bytes:
+        return bytes(self.memory[iova : iova + length])
+
+    async def write(self, iova: int, data: bytes) -> None:
+        self.memory[iova : iova + len(data)] = data
+
+    def submit(self, job: Callable[[], Awaitable[None]]) -> bool:
+        self.jobs.append(job)
+        return True
+
+
+def _start_copy(dev: TestDev, length: int) -> None:
+    for offset, value in ((0x40, 0x0), (0x44, 0), (0x48, 0x2000), (0x4C, 0), (0x50, length)):
+        dev.region_write(0, offset, struct.pack("<I", value))
+    dev.region_write(0, 0x54, struct.pack("<I", 1))
+
+
+async def test_copy_dropped_with_the_client_runs_for_the_next_one() -> None:
+    """A copy queued (or running) when the client leaves dies with the connection's job
+    queue; it is still BUSY in the registers and runs again for the next client instead of
+    staying BUSY forever (found by the soak)."""
+    dev = TestDev()
+    dev.config.write(0x04, struct.pack("<H", 0x6))  # memory + bus master
+    first = _JobsContext()
+    dev.attach(cast(DeviceContext, first))
+    _start_copy(dev, 0x100)
+    assert len(first.jobs) == 1
+    dev.detach()  # the queue goes with the connection, the job never ran
+    second = _JobsContext()
+    second.memory[0:0x100] = bytes(range(256))
+    dev.attach(cast(DeviceContext, second))
+    assert len(second.jobs) == 1
+    await second.jobs.pop()()
+    assert dev.regs.get(0x58) == 2 and dev.regs.get(0x5C) == 1  # DONE, one copy
+    assert second.memory[0x2000:0x2100] == bytes(range(256))
+    dev.detach()
+    third = _JobsContext()
+    dev.attach(cast(DeviceContext, third))  # nothing BUSY: nothing resubmitted
+    assert third.jobs == [] and dev.regs.get(0x5C) == 1
+
+
 async def test_large_ram_is_saved_in_parts_and_restored() -> None:
     """RAM above RAM_SECTION goes out as ram.zpage parts (the source checksums one while the
     previous one is sent); they cover the whole RAM, zero pages elided, and restore it."""

@@ -104,7 +104,7 @@ def dma_unmaps(draw: st.DrawFn) -> DmaUnmap:
     if kind == "all":
         return DmaUnmap(argsz, DmaUnmapFlags.ALL, 0, 0)
     size = draw(u64)
-    address = draw(st.integers(0, (1 << 64) - size))
+    address = draw(st.integers(0, (1 << 64) - max(size, 1)))  # a u64, and address + size <= 2**64
     if kind == "plain":
         return DmaUnmap(argsz, 0, address, size)
     return DmaUnmap(argsz, DmaUnmapFlags.GET_DIRTY_BITMAP, address, size, draw(u64), draw(u64))

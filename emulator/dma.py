@@ -286,26 +286,20 @@ class MessageChannel(Protocol):
 
 
 class DirtyLog:
-    """Pages written by the device (4 KiB granularity), read and cleared by the migration
-    code's dirty-page logging."""
+    """Where the device's writes to guest memory are told: ``sink``, the connection's
+    dirty-page logging, which keeps pages only while a client's logging session runs.
 
-    def __init__(self, page_size: int = PAGE_SIZE) -> None:
-        self.page_size = page_size
-        self.pages: set[int] = set()
-        #: Also told of every write: the client's dirty-logging session, when started.
+    It keeps nothing itself. (It used to also collect every page ever written in a set that
+    nothing read: a connection's memory then grew with each guest page its device touched,
+    up to the size of guest RAM.)"""
+
+    def __init__(self) -> None:
+        #: Told of every write: the client's dirty-logging session, when started.
         self.sink: Callable[[int, int], None] | None = None
 
     def record(self, iova: int, length: int) -> None:
         if self.sink is not None:
             self.sink(iova, length)
-        if length:
-            first = iova // self.page_size
-            last = (iova + length - 1) // self.page_size
-            self.pages.update(range(first, last + 1))
-
-    def take(self) -> set[int]:
-        pages, self.pages = self.pages, set()
-        return pages
 
 
 class DmaEngine:

@@ -63,11 +63,17 @@ class DmaModel(RuleBasedStateMachine):
         self.ram = GuestRam(FILE_SIZE)
         self.channel = FakeChannel()
         self.maps = IovaMap(max_maps=6)
-        self.dirty = DirtyLog(page_size=0x100)
+        self.dirty = DirtyLog()
+        self.dirty_pages: set[int] = set()  # 256-byte pages the engine said it wrote
+        self.dirty.sink = self._record_dirty
         self.engine = DmaEngine(self.maps, self.channel, self.dirty)
         # model: iova range -> (writable, file offset or None for message-backed)
         self.model: dict[tuple[int, int], tuple[bool, int | None]] = {}
         self.file = bytearray(FILE_SIZE)
+
+    def _record_dirty(self, iova: int, length: int) -> None:
+        if length:
+            self.dirty_pages.update(range(iova // 0x100, (iova + length - 1) // 0x100 + 1))
 
     def teardown(self) -> None:
         self.maps.clear()
@@ -142,7 +148,7 @@ class DmaModel(RuleBasedStateMachine):
             _, offset, inner = place
             if offset is not None:
                 self.file[offset + inner] = data[i]
-        assert self.dirty.pages >= {(iova + i) // 0x100 for i in range(length)}
+        assert self.dirty_pages >= {(iova + i) // 0x100 for i in range(length)}
 
     @rule(iova=addresses, length=st.integers(0, 0x800))
     def read(self, iova: int, length: int) -> None:
@@ -201,4 +207,35 @@ def test_scatter_gather_checks_every_segment_before_moving_a_byte() -> None:
             pass
         else:
             raise AssertionError("segments and data of different lengths must fault")
+        maps.clear()
+
+
+def test_device_writes_keep_nothing_without_a_logging_session() -> None:
+    """A connection's DMA writes go to its dirty-page logging, which keeps pages only while
+    a session runs: writing every page of 16 MiB of guest memory leaves no per-page objects
+    behind (the dirty log once kept a set of every page ever written, which nothing read)."""
+    import gc
+    import os
+    import sys
+
+    from emulator.dirty import LoggingFeature
+
+    pages = 4096
+    with GuestRam(pages * 0x1000) as ram:
+        maps = IovaMap(max_maps=1)
+        maps.add(DmaMap(32, 3, 0, 0x0, pages * 0x1000), os.dup(ram.fd))
+        dirty = DirtyLog()
+        logging = LoggingFeature(lambda iova, length: True)
+        dirty.sink = logging.record  # as a connection wires them
+        engine = DmaEngine(maps, FakeChannel(), dirty)
+        run(engine.write(0x0, b"warm"))
+        gc.collect()
+        blocks_before = sys.getallocatedblocks()
+        for page in range(pages):
+            run(engine.write(page * 0x1000 + 8, b"x"))
+        gc.collect()
+        grown = sys.getallocatedblocks() - blocks_before
+        assert logging.session is None
+        assert grown < pages // 8, f"{grown} blocks kept after writing {pages} pages"
+        assert ram.read(0x3000 + 8, 1) == b"x"
         maps.clear()

@@ -39,7 +39,12 @@ at once and its device is discarded, which is what its clients see of a crashed 
 Only the destination may be killed: the source holds the VM's only copy of the state.
 
 Resources (RSS, open fds, threads, trio tasks) are sampled every few migrations and
-reported with their least-squares slope per 1000 migrations; a leak shows as a slope.
+reported with their least-squares slope per 1000 migrations; a leak shows as a slope. RSS
+alone misleads: it moves by hundreds of kB between samples (guest RAM pages the servers map
+become resident as devices touch them; malloc keeps freed blocks, see
+:mod:`emulator.allocator`), so a short run's RSS slope is mostly noise and warm-up. The
+anonymous part of RSS (the heaps, without guest RAM) and the count of live Python objects
+are reported beside it: a leak of Python objects keeps that count growing.
 """
 
 from __future__ import annotations
@@ -553,16 +558,26 @@ def _trio_tasks() -> int:
 class ResourceSample:
     migrations: int
     rss_kb: int
+    #: Private anonymous pages (the heaps): RSS without the guest RAM the servers map
+    #: (shared pages, resident as the devices touch them) and without file pages.
+    anon_kb: int
+    #: Python objects alive (gc-tracked), the harness's own samples left out. RSS moves with
+    #: the allocator (freed blocks kept, fragmentation) and is noisy by hundreds of kB; a
+    #: leak of Python objects shows here as a count that keeps growing.
+    py_objects: int
     fds: int
     threads: int
     tasks: int
 
 
-def sample_resources(migrations: int) -> ResourceSample:
+def sample_resources(migrations: int, samples_held: int = 0) -> ResourceSample:
+    """``samples_held``: ResourceSamples the caller keeps (not counted as objects)."""
     gc.collect()  # count what is alive, not garbage waiting for the cycle collector
     return ResourceSample(
         migrations=migrations,
         rss_kb=_status_kb("VmRSS"),
+        anon_kb=_status_kb("RssAnon"),
+        py_objects=len(gc.get_objects()) - samples_held,
         fds=len(os.listdir("/proc/self/fd")),
         threads=_status_kb("Threads"),
         tasks=_trio_tasks(),
@@ -1368,6 +1383,10 @@ class SoakResult:
                 "rss_kb_first": first.rss_kb if first else 0,
                 "rss_kb_last": last.rss_kb if last else 0,
                 "rss_kb_slope_per_1000": self.slope("rss_kb"),
+                "anon_kb_slope_per_1000": self.slope("anon_kb"),
+                "py_objects_first": first.py_objects if first else 0,
+                "py_objects_last": last.py_objects if last else 0,
+                "py_objects_slope_per_1000": self.slope("py_objects"),
                 "fds_first": first.fds if first else 0,
                 "fds_last": last.fds if last else 0,
                 "fds_slope_per_1000": self.slope("fds"),
@@ -1455,12 +1474,16 @@ class Soak:
         return True
 
     async def _loop(self) -> None:
-        self.result.samples.append(sample_resources(0))
+        self._sample()
         while self._more():
             await self.migrate_once()
             if self.result.migrations % SAMPLE_EVERY == 0:
-                self.result.samples.append(sample_resources(self.result.migrations))
-        self.result.samples.append(sample_resources(self.result.migrations))
+                self._sample()
+        self._sample()
+
+    def _sample(self) -> None:
+        samples = self.result.samples
+        samples.append(sample_resources(self.result.migrations, len(samples)))
 
     # -- one migration ----------------------------------------------------------------------------
     async def migrate_once(self) -> None:
@@ -1777,7 +1800,13 @@ def summary_table(summary: dict[str, Any]) -> str:
         (
             "RSS",
             f"{res['rss_kb_first']} -> {res['rss_kb_last']} kB, "
-            f"slope {res['rss_kb_slope_per_1000']:+.1f} kB/1000",
+            f"slope {res['rss_kb_slope_per_1000']:+.1f} kB/1000 "
+            f"(anonymous {res['anon_kb_slope_per_1000']:+.1f})",
+        ),
+        (
+            "Python objects",
+            f"{res['py_objects_first']} -> {res['py_objects_last']}, "
+            f"slope {res['py_objects_slope_per_1000']:+.1f}/1000",
         ),
         (
             "open fds",

@@ -39,6 +39,7 @@ from emulator.soak import (
     percentile,
     resume_source,
     run_soak,
+    sample_resources,
     settle_destination,
 )
 from protocol.constants import Command, MigState
@@ -295,6 +296,21 @@ def test_slope_and_percentiles() -> None:
     assert percentile([], 0.9) == 0
 
 
+async def test_resource_samples_count_live_python_objects() -> None:
+    """The object count sees objects kept alive (what a leak of Python objects is) and
+    leaves out the samples the harness itself holds."""
+    before = sample_resources(0)
+    kept = [[index] for index in range(5000)]  # 5000 gc-tracked lists, plus ``kept``
+    during = sample_resources(1)
+    assert during.py_objects - before.py_objects >= len(kept)
+    del kept
+    after = sample_resources(2)
+    assert after.py_objects - before.py_objects < 100  # (gone again; a few are the test's)
+    held = sample_resources(3, samples_held=40)
+    assert held.py_objects < after.py_objects
+    assert before.anon_kb > 0 and before.anon_kb <= before.rss_kb
+
+
 def test_soak_command_writes_a_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report = tmp_path / "soak.json"
     argv = ["soak", "--iterations", "40", "--faults", "0.3", "--seed", "4", "--quiet"]
@@ -302,9 +318,13 @@ def test_soak_command_writes_a_report(tmp_path: Path, capsys: pytest.CaptureFixt
     data = json.loads(report.read_text())
     assert data["ok"] is True and data["migrations"] == 40 and data["losses"] == 0
     assert data["faults_injected"] == data["faults_recovered"] > 0
-    assert {"rss_kb_slope_per_1000", "fds_slope_per_1000", "tasks_slope_per_1000"} <= set(
-        data["resources"]
-    )
+    assert {
+        "rss_kb_slope_per_1000",
+        "anon_kb_slope_per_1000",
+        "py_objects_slope_per_1000",
+        "fds_slope_per_1000",
+        "tasks_slope_per_1000",
+    } <= set(data["resources"])
     assert set(data["downtime_ms"]) == {"p50", "p90", "p99", "max"}
     table = capsys.readouterr().out
     assert "faults recovered" in table and "downtime p50/p90/p99/max" in table

@@ -3,7 +3,8 @@
 A range mapped with an fd is mmapped here and accessed directly. A range mapped without one
 is reached with DMA_READ/DMA_WRITE messages to the client, split at the client's
 ``max_data_xfer_size``. Either way every access is checked against the map and its
-permissions before a byte moves, and every byte written is recorded in the dirty log.
+permissions before a byte moves, and every byte written is told to the dirty-page logging
+(which records pages while a client's logging session runs).
 """
 
 from __future__ import annotations

@@ -24,6 +24,11 @@ Layout:
   room and only our job is behind (a backend delivering a burst), the device keeps the frame
   and calls ``set_accepting(False)`` until the FIFO has drained to half.
 
+A disconnect cancels the running job at any await: each transmit or receive batch commits
+(frames on the wire or off the FIFO, TDH/RDH) at once after its last write-back, so a cut
+job is redone from the same head for the next client, never losing or repeating a frame
+(see ``_tx_batch``, ``_rx_batch``). A DMA fault keeps the work and retries it.
+
 Timers (autonegotiation, interrupt mitigation) are deadlines on ``clock`` checked on every
 register access and by a timer job that sleeps with ``context.sleep`` only while no other
 device work is queued, so it never holds up DMA. Timers freeze while the device is paused.

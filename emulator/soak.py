@@ -147,8 +147,6 @@ class FaultKind(enum.Enum):
 
 #: Faults that need the migration data to travel in MIG_DATA_WRITE messages.
 STREAM_FAULTS = (FaultKind.CORRUPT_STREAM, FaultKind.TRUNCATE_STREAM)
-#: Faults that take the source's (the running VM's) connection away.
-SOURCE_CONNECTION_FAULTS = (FaultKind.CUT_SOURCE, FaultKind.KILL_CLIENT)
 
 
 class Cut(enum.Enum):
@@ -301,11 +299,8 @@ class FaultPlanner:
         rate: float,
         rng: random.Random,
         kinds: Sequence[FaultKind],
-        *,
-        source_cuts: bool = True,
     ) -> None:
         self.rate = rate
-        self.source_cuts = source_cuts
         self.rng = rng
         self.kinds = list(kinds)
         #: Messages a migration sends on each side (learnt from clean migrations).
@@ -333,7 +328,7 @@ class FaultPlanner:
             cut = rng.choice((Cut.BEFORE, Cut.AFTER))
             return Fault(kind, side, self._message(side, after=cut == Cut.AFTER), cut)
         if kind == FaultKind.TRUNCATE_MESSAGE:
-            side = rng.choice(("source", "destination") if self.source_cuts else ("destination",))
+            side = rng.choice(("source", "destination"))
             return Fault(kind, side, rng.randrange(self.messages[side]), Cut.HALF)
         if kind in STREAM_FAULTS:
             cut = Cut.CORRUPT if kind == FaultKind.CORRUPT_STREAM else Cut.SHORTEN
@@ -1308,18 +1303,8 @@ class SoakConfig:
         if self.iterations is None and self.duration is None:
             raise ValueError("give --iterations or --duration")
 
-    @property
-    def source_cuts(self) -> bool:
-        """Whether faults may take the running source's connection away. Not by default
-        for e1000: a transmit or receive job cut off by a disconnect loses or repeats the
-        frames it was moving (the model keeps no per-descriptor progress across a detach),
-        which the exactly-once check would report on every such fault."""
-        return self.kinds is not None or self.device != "e1000"
-
     def fault_kinds(self) -> list[FaultKind]:
         kinds = list(self.kinds if self.kinds is not None else FaultKind)
-        if not self.source_cuts:
-            kinds = [kind for kind in kinds if kind not in SOURCE_CONNECTION_FAULTS]
         if self.transport == "fd" and self.mode == "stop-copy":
             # The STOP_COPY data travels over pipes, not in MIG_DATA_WRITE messages.
             kinds = [kind for kind in kinds if kind not in STREAM_FAULTS]
@@ -1420,9 +1405,7 @@ class Soak:
         self.config = config
         self.directory = directory
         self.rng = random.Random(config.seed)
-        self.planner = FaultPlanner(
-            config.faults, self.rng, config.fault_kinds(), source_cuts=config.source_cuts
-        )
+        self.planner = FaultPlanner(config.faults, self.rng, config.fault_kinds())
         guest_rng = random.Random(config.seed + 1)
         self.guest: Guest = (
             TestdevGuest(guest_rng) if config.device == "testdev" else E1000Flow(guest_rng)

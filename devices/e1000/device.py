@@ -24,6 +24,11 @@ Layout:
   room and only our job is behind (a backend delivering a burst), the device keeps the frame
   and calls ``set_accepting(False)`` until the FIFO has drained to half.
 
+A disconnect cancels the running job at any await: each transmit or receive batch commits
+(frames on the wire or off the FIFO, TDH/RDH) at once after its last write-back, so a cut
+job is redone from the same head for the next client, never losing or repeating a frame
+(see ``_tx_batch``, ``_rx_batch``). A DMA fault keeps the work and retries it.
+
 Timers (autonegotiation, interrupt mitigation) are deadlines on ``clock`` checked on every
 register access and by a timer job that sleeps with ``context.sleep`` only while no other
 device work is queued, so it never holds up DMA. Timers freeze while the device is paused.
@@ -65,6 +70,11 @@ RX_BATCH = 64
 MAX_FRAME = 1514  # without FCS and VLAN tag, RCTL.LPE off
 MAX_LONG_FRAME = 16384
 TIMER_NAMES = ("autoneg", "itr", "rxpkt", "rxabs", "txpkt", "txabs")
+#: Retrying transmit and receive after a DMA fault (not migrated: resume kicks both anyway).
+#: A client that reconnected maps its memory only after the attach that resubmits the work.
+DMA_RETRY = "dmaretry"
+DMA_RETRY_FIRST = 0.001
+DMA_RETRY_MAX = 0.1
 #: Longest timer a saved state may carry (ns): 0xffff x 1.024 us, with room to spare.
 MAX_TIMER_NS = 1_000_000_000
 
@@ -161,6 +171,29 @@ class _IoPorts(Region):
         self.ioaddr = 0
 
 
+@dataclass(slots=True)
+class _Progress:
+    """What a transmit or receive job has committed so far (for its interrupt causes)."""
+
+    moved: int = 0  # descriptors (transmit) or frames (receive)
+    report: bool = False  # transmit: an RS descriptor was written back
+    delay: bool = False  # ... with IDE
+
+
+@dataclass(slots=True)
+class _TxStage:
+    """A transmit batch read but not yet committed: the assembler it leaves behind, the
+    frames it completes, the TSO context descriptors it counts, the TXDW it reports."""
+
+    tx: packet.TxAssembler
+    count: int  # descriptors
+    next_head: int  # TDH after them
+    frames: list[packet.TxFrame] = field(default_factory=list)
+    tso_contexts: int = 0
+    report: bool = False  # an RS descriptor is written back
+    delay: bool = False  # ... with IDE
+
+
 _MISC = struct.Struct("<IBBB6q")  # ioaddr, rx delaying, tx delaying, rnbc noted, timers
 
 
@@ -210,6 +243,8 @@ class E1000(Device):
         self._next_due = math.inf
         self._rx_delaying = False
         self._tx_delaying = False
+        self._dma_failing = False  # the last transmit or receive DMA faulted
+        self._dma_retry_delay = DMA_RETRY_FIRST
 
         # device work
         self._paused = False
@@ -331,7 +366,7 @@ class E1000(Device):
         """CTRL.RST: the MAC's registers and state; the PHY (and its autonegotiation in
         progress) and the EEPROM are not touched, as on the real part."""
         self.regs.reset()
-        for name in ("itr", "rxpkt", "rxabs", "txpkt", "txabs"):
+        for name in ("itr", "rxpkt", "rxabs", "txpkt", "txabs", DMA_RETRY):
             self._disarm(name)
         self._reset_mac_state()
         self.irq.lower_intx()
@@ -345,6 +380,8 @@ class E1000(Device):
         self._rnbc_noted = False
         self._set_backpressure(False)
         self._rx_delaying = self._tx_delaying = False
+        self._dma_failing = False
+        self._dma_retry_delay = DMA_RETRY_FIRST
         self._new_generation()
         self._load_mac_into_ra()
         self._update_link_status()
@@ -613,6 +650,24 @@ class E1000(Device):
             self._rx_delay_done()
         elif name in ("txpkt", "txabs"):
             self._tx_delay_done()
+        elif name == DMA_RETRY:
+            self._kick_tx(doorbell=False)
+            self._kick_rx()
+
+    def _dma_failed(self, what: str, index: int, exc: DeviceError) -> None:
+        """A transmit or receive job stopped at a DMA fault, its work left in place: try
+        again after a while (backing off), logging once until DMA works again."""
+        if not self._dma_failing:
+            log.warning("e1000: %s DMA failed at %d: %s (retrying)", what, index, exc)
+            self._dma_failing = True
+        if DMA_RETRY not in self._timers and DMA_RETRY not in self._frozen:
+            self._arm(DMA_RETRY, self._dma_retry_delay)
+            self._dma_retry_delay = min(2 * self._dma_retry_delay, DMA_RETRY_MAX)
+
+    def _dma_worked(self) -> None:
+        if self._dma_failing:
+            self._dma_failing = False
+            self._dma_retry_delay = DMA_RETRY_FIRST
 
     def _submit(self, work: Callable[[int], Awaitable[None]]) -> bool:
         generation = self._generation
@@ -684,12 +739,9 @@ class E1000(Device):
     async def _tx_job(self, generation: int) -> None:
         self._tx_queued = False
         values = self.values
-        dma = self.context.dma
         count_total = values[r.TDLEN] // r.DESC_SIZE
         base = (values[r.TDBAH] << 32 | values[r.TDBAL]) & ~0xF
-        processed = False
-        report = False  # an RS descriptor was written back
-        delay = False  # ... with IDE
+        progress = _Progress()
         yielded = False
         while not self._paused and values[r.TCTL] & r.TCTL_EN:
             head, tail = values[r.TDH], values[r.TDT]
@@ -697,57 +749,114 @@ class E1000(Device):
                 break
             count = min((tail - head) % count_total, count_total - head, TX_BATCH)
             try:
-                raw = await dma.read(base + head * r.DESC_SIZE, count * r.DESC_SIZE)
-                if generation != self._generation:
-                    return
-                writeback: bytearray | None = None
-                for i in range(count):
-                    address, lower, upper = r.DESC.unpack_from(raw, i * r.DESC_SIZE)
-                    cmd = lower >> 24
-                    await self._tx_descriptor(address, lower, upper, cmd)
-                    if generation != self._generation:
-                        return
-                    if cmd & (r.TXD_CMD_RS | r.TXD_CMD_RPS):
-                        if writeback is None:
-                            writeback = bytearray(raw)
-                        writeback[i * r.DESC_SIZE + 12] |= r.TXD_STAT_DD
-                        report = True
-                        delay = delay or bool(cmd & r.TXD_CMD_IDE)
-                if writeback is not None:
-                    await dma.write(base + head * r.DESC_SIZE, writeback)
-                    if generation != self._generation:
-                        return
+                moved = await self._tx_batch(
+                    generation, base, head, count, count_total=count_total, progress=progress
+                )
             except DeviceError as exc:
-                log.warning("e1000: transmit DMA failed at TDH %d: %s", head, exc)
+                self._dma_failed("transmit", head, exc)
                 break
-            values[r.TDH] = (head + count) % count_total
-            processed = True
+            if not moved:
+                return  # reset, reloaded or detached meanwhile
             if self._waiting:
                 yielded = True  # let queued work (receive) run first: see _rx_job
                 break
-        if processed:
-            causes = r.ICR_TXDW if report else 0
-            if values[r.TDH] == values[r.TDT]:
-                causes |= r.ICR_TXQE
-            self._cause(causes, tx_delay=delay)
+        self._tx_causes(progress)
         if yielded:
             self._kick_tx(doorbell=False)  # the rest, behind what was queued meanwhile
 
-    async def _tx_descriptor(self, address: int, lower: int, upper: int, cmd: int) -> None:
+    async def _tx_batch(
+        self,
+        generation: int,
+        base: int,
+        head: int,
+        count: int,
+        *,
+        count_total: int,
+        progress: _Progress,
+    ) -> bool:
+        """Move ``count`` descriptors from ``head``; False when the device was reset meanwhile.
+
+        Exactly once across a disconnect: the connection cancels the job at any await. The
+        descriptors and buffers are read into a copy of the assembler (nothing the guest or
+        the wire sees); the DD write-back is the only await with an effect, and the commit
+        (frames on the wire, the assembler, TDH) follows it with no await in between. A job
+        cancelled before the write-back left no trace: the next one redoes the batch from
+        the same TDH. Cancelled during the write-back, the DD bits have landed (the runtime
+        moves a write's bytes before its await can be cancelled), so the batch commits
+        before the cancellation goes on."""
+        dma = self.context.dma
+        raw = await dma.read(base + head * r.DESC_SIZE, count * r.DESC_SIZE)
+        if generation != self._generation:
+            return False
+        stage = _TxStage(self.tx.copy(), count, (head + count) % count_total)
+        writeback: bytearray | None = None
+        for i in range(count):
+            address, lower, upper = r.DESC.unpack_from(raw, i * r.DESC_SIZE)
+            cmd = lower >> 24
+            await self._tx_descriptor(stage, address, lower, upper, cmd)
+            if generation != self._generation:
+                return False
+            if cmd & (r.TXD_CMD_RS | r.TXD_CMD_RPS):
+                if writeback is None:
+                    writeback = bytearray(raw)
+                writeback[i * r.DESC_SIZE + 12] |= r.TXD_STAT_DD
+                stage.report = True
+                stage.delay = stage.delay or bool(cmd & r.TXD_CMD_IDE)
+        if writeback is not None:
+            try:
+                await dma.write(base + head * r.DESC_SIZE, writeback)
+            except DeviceError:
+                raise  # refused before a byte moved: nothing to commit
+            except BaseException:
+                if generation == self._generation:  # cancelled: see above
+                    self._tx_commit(stage, progress)
+                    self._tx_causes(progress)
+                raise
+            if generation != self._generation:
+                return False
+        self._tx_commit(stage, progress)
+        return True
+
+    def _tx_commit(self, stage: _TxStage, progress: _Progress) -> None:
+        """A batch's effects, all at once (no await may split them)."""
+        self._dma_worked()
+        self.tx = stage.tx
+        for _ in range(stage.tso_contexts):
+            self._count(r.TSCTC)
+        for frame in stage.frames:
+            self._send(frame)
+        self.values[r.TDH] = stage.next_head
+        progress.moved += stage.count
+        progress.report = progress.report or stage.report
+        progress.delay = progress.delay or stage.delay
+
+    def _tx_causes(self, progress: _Progress) -> None:
+        if not progress.moved:
+            return
+        values = self.values
+        causes = r.ICR_TXDW if progress.report else 0
+        if values[r.TDH] == values[r.TDT]:
+            causes |= r.ICR_TXQE
+        self._cause(causes, tx_delay=progress.delay)
+
+    async def _tx_descriptor(
+        self, stage: _TxStage, address: int, lower: int, upper: int, cmd: int
+    ) -> None:
+        """Read one descriptor's buffer into ``stage`` (its assembler and frames)."""
         values = self.values
         vlan_enabled = bool(values[r.CTRL] & r.CTRL_VME)
         if lower & r.TXD_CMD_DEXT << 24:
             dtyp = lower >> 20 & 0xF
             if dtyp == r.TXD_DTYP_CONTEXT:
-                self.tx.context(address, lower, upper)
+                stage.tx.context(address, lower, upper)
                 if cmd & r.TUCMD_TSE:
-                    self._count(r.TSCTC)
+                    stage.tso_contexts += 1
                 return
             if dtyp != r.TXD_DTYP_DATA:
                 return  # reserved descriptor type: skipped
             length = lower & 0xFFFFF
             payload = await self.context.dma.read(address, length) if length else b""
-            frames = self.tx.add(
+            frames = stage.tx.add(
                 payload,
                 cmd=cmd,
                 extended=True,
@@ -758,7 +867,7 @@ class E1000(Device):
         else:
             length = lower & 0xFFFF
             payload = await self.context.dma.read(address, length) if length else b""
-            frames = self.tx.add(
+            frames = stage.tx.add(
                 payload,
                 cmd=cmd,
                 extended=False,
@@ -767,8 +876,7 @@ class E1000(Device):
                 legacy_css=upper >> 8 & 0xFF,
                 vlan_enabled=vlan_enabled,
             )
-        for frame in frames:
-            self._send(frame)
+        stage.frames.extend(frames)
 
     def _send(self, tx_frame: packet.TxFrame) -> None:
         values = self.values
@@ -925,7 +1033,7 @@ class E1000(Device):
     async def _rx_job(self, generation: int) -> None:
         self._rx_queued = False
         values = self.values
-        delivered = 0
+        progress = _Progress()
         fifo = self.rx_fifo
         while fifo and not self._paused and values[r.RCTL] & r.RCTL_EN:
             count_total = values[r.RDLEN] // r.DESC_SIZE
@@ -936,17 +1044,14 @@ class E1000(Device):
                 break
             base = (values[r.RDBAH] << 32 | values[r.RDBAL]) & ~0xF
             try:
-                done = await self._rx_batch(generation, base, head, available, count_total)
+                used = await self._rx_batch(
+                    generation, base, head, available, count_total=count_total, progress=progress
+                )
             except DeviceError as exc:
-                log.warning("e1000: receive DMA failed at RDH %d: %s", head, exc)
-                if fifo:
-                    self._drop_head(fifo[0])
+                self._dma_failed("receive", head, exc)  # the frame stays at the FIFO head
                 break
-            if done is None:
-                return  # reset or reloaded meanwhile
-            used, frames = done
-            values[r.RDH] = (head + used) % count_total
-            delivered += frames
+            if used is None:
+                return  # reset, reloaded or detached meanwhile
             if not used:
                 if fifo:
                     self._no_buffer()  # the frame at the head needs more descriptors
@@ -958,9 +1063,13 @@ class E1000(Device):
                 # each goes to the back of the queue after a batch when work waits.
                 self._kick_rx()
                 break
+        self._rx_causes(progress)
+
+    def _rx_causes(self, progress: _Progress) -> None:
+        values = self.values
         if self._backpressure and self.rx_fifo_bytes <= self._rx_fifo_limit() // 2:
             self._set_backpressure(False)
-        if delivered:
+        if progress.moved:
             causes = r.ICR_RXT0
             count_total = values[r.RDLEN] // r.DESC_SIZE
             if count_total:
@@ -971,10 +1080,27 @@ class E1000(Device):
             self._cause(causes, rx_delay=True)
 
     async def _rx_batch(
-        self, generation: int, base: int, head: int, available: int, count_total: int
-    ) -> tuple[int, int] | None:
-        """Fill up to RX_BATCH descriptors from ``head`` with FIFO frames; returns
-        (descriptors used, frames delivered), None when the device was reset meanwhile."""
+        self,
+        generation: int,
+        base: int,
+        head: int,
+        available: int,
+        *,
+        count_total: int,
+        progress: _Progress,
+    ) -> int | None:
+        """Fill up to RX_BATCH descriptors from ``head`` with FIFO frames; returns the
+        descriptors used, None when the device was reset meanwhile.
+
+        Exactly once across a disconnect (the connection cancels the job at any await):
+        the frames stay in the FIFO, and RDH where it is, while their buffers are written;
+        the write-back of the descriptors from RDH (the guest's next to read) is the last
+        await, and the commit (frames off the FIFO, RDH) follows it with no await in
+        between. Cancelled before it, the next job writes the same frames into the same
+        buffers and descriptors again (the guest saw no DD at RDH, so read nothing).
+        Cancelled during it, the descriptors have landed (the runtime moves a write's
+        bytes before its await can be cancelled): the batch commits before the
+        cancellation goes on."""
         dma = self.context.dma
         fifo = self.rx_fifo
         batch = min(available, RX_BATCH)
@@ -982,14 +1108,15 @@ class E1000(Device):
         addresses = await self._rx_buffers(base, head, batch, count_total)
         if generation != self._generation:
             return None
-        used = delivered = 0
+        used = 0
+        frames: list[bytes] = []
         writebacks: list[tuple[int, bytes]] = []
-        while fifo and not self._paused:
-            frame = fifo[0]
+        while len(frames) < len(fifo) and not self._paused:
+            frame = fifo[len(frames)]
             data, status, errors, csum, special = self._rx_prepare(frame)
             need = -(-len(data) // size)
             if need > batch - used:
-                if need >= count_total:
+                if need >= count_total and not frames:
                     self._drop_head(frame)  # can never fit this ring
                     continue
                 break
@@ -1010,15 +1137,45 @@ class E1000(Device):
                 )
                 writebacks.append(((head + index) % count_total, desc))
             used += need
-            fifo.popleft()
-            self.rx_fifo_bytes -= len(frame)
-            self._rnbc_noted = False
-            self._count_received(frame)
-            delivered += 1
-        await self._write_rx_descriptors(base, writebacks)
+            frames.append(frame)
+        if not frames:
+            return 0
+        runs = self._descriptor_runs(writebacks)
+        for run_start, run in runs[:-1]:  # the ring wrapped: the part from index 0
+            await dma.write(base + run_start * r.DESC_SIZE, run)
+            if generation != self._generation:
+                return None
+        run_start, run = runs[-1]
+        try:
+            await dma.write(base + run_start * r.DESC_SIZE, run)
+        except DeviceError:
+            raise  # refused before a byte moved: nothing to commit
+        except BaseException:
+            if generation == self._generation:  # cancelled: see above
+                self._rx_commit(frames, head, used, count_total, progress)
+                self._rx_causes(progress)
+            raise
         if generation != self._generation:
             return None
-        return used, delivered
+        self._rx_commit(frames, head, used, count_total, progress)
+        return used
+
+    def _rx_commit(
+        self, frames: list[bytes], head: int, used: int, count_total: int, progress: _Progress
+    ) -> None:
+        """A batch's effects, all at once (no await may split them)."""
+        self._dma_worked()
+        fifo = self.rx_fifo
+        for frame in frames:
+            # The guest may have turned the receiver off meanwhile, clearing the FIFO: the
+            # frames are in its ring all the same, only what is still queued leaves it.
+            if fifo and fifo[0] is frame:
+                fifo.popleft()
+                self.rx_fifo_bytes -= len(frame)
+                self._rnbc_noted = False
+            self._count_received(frame)
+        self.values[r.RDH] = (head + used) % count_total
+        progress.moved += len(frames)
 
     def _no_buffer(self) -> None:
         """A frame waits in the FIFO with no descriptor for it (counted once per frame)."""
@@ -1041,19 +1198,18 @@ class E1000(Device):
             raw += await dma.read(base, (count - first) * r.DESC_SIZE)
         return [struct.unpack_from("<Q", raw, i * r.DESC_SIZE)[0] for i in range(count)]
 
-    async def _write_rx_descriptors(self, base: int, writebacks: list[tuple[int, bytes]]) -> None:
-        """Write descriptors back in runs of consecutive indices, one DMA write per run."""
-        run_start = -1
-        run: list[bytes] = []
+    @staticmethod
+    def _descriptor_runs(writebacks: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+        """Descriptors to write back as (first index, bytes) runs of consecutive indices,
+        the run holding the first descriptor last: the guest reads the ring in order from
+        there, so runs written before it show the guest nothing (see _rx_batch)."""
+        runs: list[tuple[int, list[bytes]]] = []
         for index, desc in writebacks:
-            if run and index == run_start + len(run):
-                run.append(desc)
-                continue
-            if run:
-                await self.context.dma.write(base + run_start * r.DESC_SIZE, b"".join(run))
-            run_start, run = index, [desc]
-        if run:
-            await self.context.dma.write(base + run_start * r.DESC_SIZE, b"".join(run))
+            if runs and index == runs[-1][0] + len(runs[-1][1]):
+                runs[-1][1].append(desc)
+            else:
+                runs.append((index, [desc]))
+        return [(start, b"".join(run)) for start, run in reversed(runs)]
 
     def _count_received(self, frame: bytes) -> None:
         wire = len(frame) + 4
@@ -1069,6 +1225,11 @@ class E1000(Device):
     def on_attach(self) -> None:
         self._new_generation()
         self._kick_timers()
+        # Work the previous client's disconnect cut short (its job was cancelled before it
+        # committed, see _tx_batch and _rx_batch) runs again for this one. (While stopped,
+        # resume does it on the way back to RUNNING.)
+        self._kick_tx(doorbell=False)
+        self._kick_rx()
 
     def on_detach(self) -> None:
         self._new_generation()

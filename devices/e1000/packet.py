@@ -22,7 +22,7 @@ Transmit offload semantics (8254x manual, as Linux's e1000 uses them):
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import regs
 
@@ -215,6 +215,10 @@ class TxAssembler:
                 frames.append(self._finish())
             self.drop_packet_keep_context()
         return frames
+
+    def copy(self) -> TxAssembler:
+        """An independent copy (the context is never changed in place, only replaced)."""
+        return replace(self, data=bytearray(self.data), segment=bytearray(self.segment))
 
     def drop_packet_keep_context(self) -> None:
         ctx = self.ctx

@@ -397,7 +397,10 @@ async def test_migrating_one_nic_mid_flow_delivers_every_frame_once_in_order(
 
                 async def paused_with_a_full_ring() -> None:
                     await gate.close()  # B's VM stops...
-                    while len(pair.dev_b.rx_fifo) < 20:  # ...while A goes on sending
+                    values = pair.dev_b.values
+                    # ...while A goes on sending, until its ring is full (RDH caught up with
+                    # RDT: no job can empty the FIFO now) and 20 frames wait in the FIFO.
+                    while len(pair.dev_b.rx_fifo) < 20 or values[r.RDH] != values[r.RDT]:
                         await trio.sleep(0.0005)
 
                 async def precopy_round(round_number: int, moved: int) -> None:

@@ -2,7 +2,7 @@
 disconnect at every message boundary of a migration on either side, the e1000 back-and-forth
 migration during a continuous frame flow, and the pieces (fault socket, checks, statistics).
 
-Cost: about 25-35 s on an idle 2-core machine (the short soaks dominate).
+Cost: about 30-40 s on an idle 2-core machine (the short soaks dominate).
 """
 
 from __future__ import annotations
@@ -92,10 +92,26 @@ async def test_short_soak_other_modes_and_transports(
 
 async def test_short_e1000_soak_with_faults(tmp_path: Path) -> None:
     config = SoakConfig(device="e1000", iterations=40, faults=0.3, seed=2, directory=tmp_path)
+    assert config.fault_kinds() == list(FaultKind)  # the running source's cuts included
     result = await run_soak(config)
     assert result.losses == []
     assert result.faults_recovered == result.faults_injected
     assert sum(result.faults_injected.values()) >= 5
+    assert result.guest["frames_a_to_b"] > 0 and result.guest["frames_b_to_a"] > 0
+
+
+async def test_e1000_soak_cutting_the_running_source_loses_no_frame(tmp_path: Path) -> None:
+    """The running source's connection cut (cut-source) or its client killed (kill-client)
+    mid-flow: the transmit and receive jobs the disconnect cancels (at any await) neither
+    lose nor repeat a frame, and resume for the reconnected client."""
+    kinds = [FaultKind.CUT_SOURCE, FaultKind.KILL_CLIENT]
+    config = SoakConfig(
+        device="e1000", iterations=150, faults=0.5, seed=5, directory=tmp_path, kinds=kinds
+    )
+    result = await run_soak(config)
+    assert result.losses == []
+    assert result.faults_recovered == result.faults_injected
+    assert all(result.faults_injected.get(kind.value, 0) >= 20 for kind in kinds)
     assert result.guest["frames_a_to_b"] > 0 and result.guest["frames_b_to_a"] > 0
 
 

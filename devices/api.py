@@ -18,13 +18,13 @@ from typing import ClassVar, Protocol
 
 from protocol.constants import MigState
 
-from .errors import DeviceError, DmaFault
+from .errors import ClientGone, DeviceError, DmaFault
 from .irq import InterruptController
 from .migration import DEFAULT_CAPS, EnvelopeCodec, MigrationCodec, MigrationEngine
 from .pci import ConfigAccessError, ConfigSpace
 from .state_stream import LoadedSection, Section, StreamLimits
 
-__all__ = ["DeviceError", "DmaFault"]
+__all__ = ["ClientGone", "DeviceError", "DmaFault"]
 
 REGION_CONFIG = 7
 PCI_FIXED_REGIONS = 9

@@ -18,3 +18,9 @@ class DmaFault(DeviceError):
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.EFAULT, message)
+
+
+class ClientGone(DmaFault):
+    """The DMA could not be done because the client's connection is going away (the request
+    could not be sent). Not a fault of the access: the work it belongs to dies with the
+    connection, and a device that keeps such work pending runs it for the next client."""

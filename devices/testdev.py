@@ -34,6 +34,7 @@ from typing import ClassVar
 
 from . import stream_primitives
 from .api import (
+    ClientGone,
     Device,
     DeviceError,
     IoEventFd,
@@ -232,6 +233,11 @@ class TestDev(Device):
                 raise DeviceError(errno.E2BIG, f"DMA_LEN {length} above {DMA_MAX_LEN}")
             data = await self.context.dma.read(src, length)
             await self.context.dma.write(dst, data)
+        except ClientGone:
+            # Our client hung up under the copy: it did not fail, it was dropped with the
+            # connection, like a job cancelled there. It stays BUSY, with no interrupt, and
+            # runs again for the next client (on_attach, or the engine's resume).
+            return
         except DeviceError as exc:
             self.regs.set(REG_DMA_ERROR, exc.errno)
             self.regs.set(REG_DMA_STATUS, DMA_FAILED)

@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from devices.api import Device, DeviceError, DmaFault
+from devices.api import ClientGone, Device, DeviceError, DmaFault
 from devices.irq import NullSink
 from devices.migration import NoWork
 from protocol.connection import (
@@ -576,8 +576,11 @@ class ClientSession:
             raise DmaFault(f"bad DMA_WRITE reply: {exc}") from None
 
     async def _dma_request(self, command: Command, payload: bytes) -> tuple[Header, bytes]:
+        # A request the client can no longer get is not a DMA fault: ClientGone tells the
+        # device its work dies with the connection (it would have been cancelled a moment
+        # later, when the read loop sees the hang-up), so it must not report a failure.
         if self.closed:
-            raise DmaFault("client gone")
+            raise ClientGone("client gone")
         msg_id, data = self.proto.request(command, payload)
         waiter = self._waiters[msg_id] = _Waiter()
         try:
@@ -585,7 +588,7 @@ class ClientSession:
             try:
                 await self._send(data)
             except (OSError, TransportError, trio.ClosedResourceError) as exc:
-                raise DmaFault(f"client gone: {exc}") from None
+                raise ClientGone(f"client gone: {exc}") from None
             with trio.move_on_after(self.limits.dma_reply_timeout):
                 await waiter.event.wait()
         finally:

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from devices import pci, stream_primitives
-from devices.api import DeviceContext
+from devices.api import ClientGone, DeviceContext
 from devices.errors import DeviceError
 from devices.irq import MSIX
 from devices.migration import CONFIG_SECTION, IRQ_SECTION, MigrationEngine
@@ -48,6 +48,7 @@ from devices.testdev import (
     REG_DOORBELL,
     REG_ENTRY,
     REG_ID,
+    REG_IRQ_COUNT,
     REG_IRQ_STATUS,
     REG_SCRATCH,
     TestDev,
@@ -862,3 +863,51 @@ async def test_large_ram_is_saved_in_parts_and_restored() -> None:
     write_chunks(dst.migration, stream, rng)
     await dst.migration.set_state(STOP)
     assert dst.ram.buffer == src.ram.buffer
+
+
+class _HangUpContext(_JobsContext):
+    """A connection whose client hangs up when the device's DMA is about to be sent."""
+
+    async def write(self, iova: int, data: bytes) -> None:
+        raise ClientGone("client gone: broken pipe")
+
+
+@pytest.mark.parametrize("stopped_before_reattach", [False, True])
+async def test_copy_whose_client_hangs_up_mid_dma_neither_fails_nor_interrupts(
+    stopped_before_reattach: bool,
+) -> None:
+    """The copy's DMA finds its client gone (the connection sends into a closed socket
+    before its read loop sees the hang-up): that is the copy dropped with the connection,
+    not a failed copy. It stays BUSY with no interrupt and runs once for the next client
+    (on attach while running; by the engine's resume when it was stopped meanwhile), so
+    the guest sees exactly one completion and one interrupt (soak, cut-source, pre-copy)."""
+    dev = TestDev()
+    dev.config.write(0x04, struct.pack("<H", 0x6))  # memory + bus master
+    first = _HangUpContext()
+    dev.attach(cast(DeviceContext, first))
+    await dev.migration.set_state(PRE_COPY)  # a running state: the copy runs
+    ctrl = 1 | DMA_CTRL_IRQ | (2 << 8)
+    for offset, value in ((0x40, 0x0), (0x44, 0), (0x48, 0x2000), (0x4C, 0), (0x50, 0x100)):
+        dev.region_write(0, offset, struct.pack("<I", value))
+    dev.region_write(0, 0x54, struct.pack("<I", ctrl))
+    irqs_before = dev.regs.get(REG_IRQ_COUNT)
+    await first.jobs.pop()()  # the DMA hits the hang-up
+    assert dev.regs.get(REG_DMA_STATUS) == DMA_BUSY
+    assert dev.regs.get(REG_IRQ_COUNT) == irqs_before
+    assert dev.regs.get(REG_IRQ_STATUS) == 0
+    dev.detach()
+
+    second = _JobsContext()
+    second.memory[0:0x100] = bytes(range(256))
+    if stopped_before_reattach:
+        await dev.migration.set_state(STOP)
+    dev.attach(cast(DeviceContext, second))
+    if stopped_before_reattach:
+        assert second.jobs == []  # stopped: nothing runs until the device runs again
+        await dev.migration.set_state(RUNNING)
+    assert len(second.jobs) == 1
+    await second.jobs.pop()()
+    assert dev.regs.get(REG_DMA_STATUS) == DMA_DONE and dev.regs.get(REG_DMA_DONE) == 1
+    assert dev.regs.get(REG_IRQ_COUNT) == irqs_before + 1
+    assert dev.regs.get(REG_IRQ_STATUS) == 1 << 2
+    assert second.memory[0x2000:0x2100] == bytes(range(256))

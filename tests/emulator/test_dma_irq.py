@@ -524,3 +524,24 @@ async def test_err_and_req_notifications(served: ServedDevice, client: Client) -
     assert err.take() == req.take() == 0
     err.close()
     req.close()
+
+
+async def test_dma_to_a_client_that_hung_up_is_client_gone_not_a_fault(tmp_path) -> None:
+    """A DMA request the session cannot send because its client hung up raises ClientGone
+    (the device's work dies with the connection), not a plain DmaFault the device would
+    report to the guest as a failed DMA (the soak's cut-source fault found testdev copies
+    failing, and interrupting twice, that way)."""
+    from devices.api import ClientGone
+    from devices.testdev import TestDev
+    from emulator.testing import served_device
+
+    async with (
+        served_device(TestDev(), tmp_path) as served,
+        Client.connect(served.socket_path) as client,
+    ):
+        await client.dma_map(0x1000, 0x1000)  # no fd: DMA goes by messages
+        session = served.server.active
+        assert session is not None
+        client._shutdown()  # hang up; the session has not noticed yet (no checkpoint)
+        with pytest.raises(ClientGone):
+            await session.dma_read(0x1000, 4)

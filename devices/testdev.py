@@ -168,7 +168,7 @@ class TestDev(Device):
         bank.add(REG_DMA_DST + 4, "DMA_DST_HI")
         bank.add(REG_DMA_LEN, "DMA_LEN")
         bank.add(REG_DMA_CTRL, "DMA_CTRL", on_read=lambda: 0, on_write=self._dma_ctrl)
-        bank.add(REG_DMA_STATUS, "DMA_STATUS", writable=0)
+        bank.add(REG_DMA_STATUS, "DMA_STATUS", writable=0, on_read=self._dma_status)
         bank.add(REG_DMA_DONE, "DMA_DONE", writable=0)
         bank.add(REG_DMA_ERROR, "DMA_ERROR", writable=0)
         bank.add(REG_IOEVENT, "IOEVENT", on_read=lambda: 0, on_write=lambda _v: self._ioevent())
@@ -204,6 +204,16 @@ class TestDev(Device):
         self.regs.set(REG_DMA_CTRL_LATCH, value)
         self.regs.set(REG_DMA_STATUS, DMA_BUSY)
         self._submit_copy()
+
+    def _dma_status(self) -> int:
+        # BUSY with no job while running: the copy's job died with its client (dropped at
+        # the disconnect, or its DMA found the client gone). It runs again now, when the
+        # new client's driver polls for it, not when that client attaches: a client that
+        # has just connected has not mapped its memory yet, and the copy would fail (and
+        # interrupt) for nothing (found by the soak, pre-copy with cut-source).
+        if self.regs.get(REG_DMA_STATUS) == DMA_BUSY and self.migration.operating:
+            self.resume()
+        return self.regs.get(REG_DMA_STATUS)
 
     def _submit_copy(self) -> None:
         """Queue the copy the registers describe. While the device is stopped the job waits
@@ -414,15 +424,10 @@ class TestDev(Device):
         if self.regs.get(REG_DMA_STATUS) == DMA_BUSY and not self._copy_queued:
             self._submit_copy()
 
-    def on_attach(self) -> None:
-        # A copy cancelled because the previous client went away (its job dies with the
-        # connection) is still BUSY: it runs again for the client that attaches now, so a
-        # reconnecting guest does not wait forever. (A copy is idempotent: same source,
-        # same destination.) While stopped, the engine's resume does it on the way back.
-        if self.migration.operating:
-            self.resume()
-
     def on_detach(self) -> None:
         # The connection drops every queued job (and cancels the running one): a copy
-        # queued but never started is no longer queued.
+        # queued but never started is no longer queued. It stays BUSY and runs again for
+        # the next client (a copy is idempotent: same source, same destination): when that
+        # client's driver polls DMA_STATUS (_dma_status), or by the engine's resume when the
+        # device was stopped meanwhile; never at attach, before the client mapped memory.
         self._copy_queued = False

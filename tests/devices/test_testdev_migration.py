@@ -820,7 +820,8 @@ def _start_copy(dev: TestDev, length: int) -> None:
 async def test_copy_dropped_with_the_client_runs_for_the_next_one() -> None:
     """A copy queued (or running) when the client leaves dies with the connection's job
     queue; it is still BUSY in the registers and runs again for the next client instead of
-    staying BUSY forever (found by the soak)."""
+    staying BUSY forever (found by the soak): when its driver polls DMA_STATUS, not at
+    attach, before that client has mapped its memory (the copy would fail, found too)."""
     dev = TestDev()
     dev.config.write(0x04, struct.pack("<H", 0x6))  # memory + bus master
     first = _JobsContext()
@@ -829,8 +830,12 @@ async def test_copy_dropped_with_the_client_runs_for_the_next_one() -> None:
     assert len(first.jobs) == 1
     dev.detach()  # the queue goes with the connection, the job never ran
     second = _JobsContext()
-    second.memory[0:0x100] = bytes(range(256))
     dev.attach(cast(DeviceContext, second))
+    assert second.jobs == []  # just connected: nothing mapped yet, nothing runs
+    second.memory[0:0x100] = bytes(range(256))  # the client maps its memory
+    assert dev.region_read(0, 0x58, 4) == struct.pack("<I", 1)  # the driver polls: BUSY
+    assert len(second.jobs) == 1
+    dev.region_read(0, 0x58, 4)  # polling again does not queue it twice
     assert len(second.jobs) == 1
     await second.jobs.pop()()
     assert dev.regs.get(0x58) == 2 and dev.regs.get(0x5C) == 1  # DONE, one copy
@@ -838,6 +843,7 @@ async def test_copy_dropped_with_the_client_runs_for_the_next_one() -> None:
     dev.detach()
     third = _JobsContext()
     dev.attach(cast(DeviceContext, third))  # nothing BUSY: nothing resubmitted
+    dev.region_read(0, 0x58, 4)
     assert third.jobs == [] and dev.regs.get(0x5C) == 1
 
 
@@ -898,13 +904,17 @@ async def test_copy_whose_client_hangs_up_mid_dma_neither_fails_nor_interrupts(
     dev.detach()
 
     second = _JobsContext()
-    second.memory[0:0x100] = bytes(range(256))
     if stopped_before_reattach:
         await dev.migration.set_state(STOP)
     dev.attach(cast(DeviceContext, second))
+    assert second.jobs == []  # just connected: nothing mapped yet, nothing runs
+    second.memory[0:0x100] = bytes(range(256))  # the client maps its memory
     if stopped_before_reattach:
+        dev.region_read(0, 0x58, 4)
         assert second.jobs == []  # stopped: nothing runs until the device runs again
         await dev.migration.set_state(RUNNING)
+    else:
+        dev.region_read(0, 0x58, 4)  # the driver polls DMA_STATUS
     assert len(second.jobs) == 1
     await second.jobs.pop()()
     assert dev.regs.get(REG_DMA_STATUS) == DMA_DONE and dev.regs.get(REG_DMA_DONE) == 1

@@ -1380,20 +1380,15 @@ class SoakResult:
             "resources": {
                 "samples": len(self.samples),
                 "slopes_after_migration": self.warmup,
-                "rss_kb_first": first.rss_kb if first else 0,
-                "rss_kb_last": last.rss_kb if last else 0,
-                "rss_kb_slope_per_1000": self.slope("rss_kb"),
-                "anon_kb_slope_per_1000": self.slope("anon_kb"),
-                "py_objects_first": first.py_objects if first else 0,
-                "py_objects_last": last.py_objects if last else 0,
-                "py_objects_slope_per_1000": self.slope("py_objects"),
-                "fds_first": first.fds if first else 0,
-                "fds_last": last.fds if last else 0,
-                "fds_slope_per_1000": self.slope("fds"),
-                "threads_slope_per_1000": self.slope("threads"),
-                "tasks_first": first.tasks if first else 0,
-                "tasks_last": last.tasks if last else 0,
-                "tasks_slope_per_1000": self.slope("tasks"),
+                **{
+                    f"{metric}_{end}": getattr(sample, metric) if sample else 0
+                    for metric in ("rss_kb", "py_objects", "fds", "tasks")
+                    for end, sample in (("first", first), ("last", last))
+                },
+                **{
+                    f"{metric}_slope_per_1000": self.slope(metric)
+                    for metric in ("rss_kb", "anon_kb", "py_objects", "fds", "threads", "tasks")
+                },
             },
             "migration_failures": dict(self.failure_notes.most_common(20)),
             "guest": self.guest,

@@ -22,7 +22,7 @@ from .errors import ClientGone, DeviceError, DmaFault
 from .irq import InterruptController
 from .migration import DEFAULT_CAPS, EnvelopeCodec, MigrationCodec, MigrationEngine
 from .pci import ConfigAccessError, ConfigSpace
-from .state_stream import LoadedSection, Section, StreamLimits
+from .state_stream import LoadedSection, Section, SectionSink, StreamLimits
 
 __all__ = ["ClientGone", "DeviceError", "DmaFault"]
 
@@ -534,6 +534,14 @@ class Device:
     def load_state(self, sections: Sequence[LoadedSection]) -> None:
         """Validate every section, then apply: on any error nothing may have changed."""
         raise DeviceError(errno.ENOTSUP, f"{self.type_name} cannot load state")
+
+    def resume_sink(self, name: str, length: int) -> SectionSink | None:
+        """A sink that applies section ``name`` (``length`` payload bytes) while the stream
+        arrives, e.g. a large RAM written in place instead of staged; None (the default)
+        keeps the section for :meth:`load_state`, which then does not see the applied
+        ones. The engine undoes what sinks wrote if the stream or :meth:`load_state`
+        fails, so "nothing may have changed" holds for them too."""
+        return None
 
     def precopy_start(self) -> Sequence[Section]:
         return []

@@ -14,12 +14,13 @@ the device's ``pause`` hook stops its timers and backends.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import os
 import struct
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -39,10 +40,12 @@ from protocol.migration_fsm import (
 from .errors import DeviceError
 from .state_stream import (
     Buffer,
-    ChecksumScanner,
     LazyPiece,
     LoadedSection,
     Section,
+    SectionSink,
+    SinkFactory,
+    StreamDecoder,
     StreamError,
     StreamLimits,
     StreamWriter,
@@ -131,17 +134,24 @@ class EnvelopeCodec:
         assert self._writer is not None
         return self._writer.deferred_trailer()
 
-    def decode(
-        self, data: memoryview, checksums: Mapping[tuple[int, int], int] | None = None
-    ) -> list[LoadedSection]:
+    def decode(self, data: memoryview) -> list[LoadedSection]:
         _, sections = decode(
             data,
             device_type=self.device_type,
             max_model_version=self.model_version,
             limits=self.limits,
-            checksums=checksums,
         )
         return sections
+
+    def decoder(self, sink_for: SinkFactory, store: Staging) -> StreamDecoder:
+        """Decodes a stream while it arrives (see :class:`ResumingSession`)."""
+        return StreamDecoder(
+            device_type=self.device_type,
+            max_model_version=self.model_version,
+            sink_for=sink_for,
+            store=store,
+            limits=self.limits,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,36 +271,73 @@ class MemoryStaging:
 
 
 class ResumingSession:
-    """Resumed bytes in order. Large sections are checksummed while they arrive (the bytes
-    are in cache then), so validating the whole stream at RESUMING -> STOP does not read
-    them again."""
+    """Resumed bytes, in order. With a ``decoder`` (our envelope) the stream is validated
+    while it arrives and the device's sinks apply large sections in place (no staging of a
+    large RAM); only the other sections' payloads are staged. Without one (another codec)
+    the whole stream is staged and decoded at RESUMING -> STOP.
 
-    def __init__(self, limit: int, staging: Staging) -> None:
+    A decoding error is kept and reported at RESUMING -> STOP (the errno the transition
+    fails with), as when the whole stream was staged; bytes after it are only counted."""
+
+    def __init__(self, limit: int, staging: Staging, decoder: StreamDecoder | None = None) -> None:
         self.limit = limit
         self.staging = staging
-        self.scanner = ChecksumScanner()
+        self.decoder = decoder
+        self._received = 0
+        self._committed = False
 
     @property
     def size(self) -> int:
-        return self.staging.size
-
-    @property
-    def checksums(self) -> Mapping[tuple[int, int], int]:
-        """CRC-32C of byte ranges of the staged stream (see :func:`state_stream.decode`)."""
-        return self.scanner.checksums
+        return self._received
 
     def write(self, data: Buffer) -> None:
-        if self.staging.size + len(data) > self.limit:
+        if self._received + len(data) > self.limit:
             raise DeviceError(errno.EFBIG, f"resumed stream exceeds {self.limit} bytes")
-        self.staging.append(data)
-        self.scanner.feed(data)
+        self._received += len(data)
+        if self.decoder is None:
+            self.staging.append(data)
+        elif self.decoder.error is None:
+            with contextlib.suppress(StreamError):  # kept in decoder.error
+                self.decoder.feed(data)
+
+    def target(self, limit: int) -> memoryview | None:
+        """Where the next bytes go when the device takes them in place (its RAM): the
+        runtime reads them straight into it and calls :meth:`landed`. None: :meth:`write`."""
+        room = min(limit, self.limit - self._received)
+        if self.decoder is None or self.decoder.error is not None or room <= 0:
+            return None
+        return self.decoder.target(room)
+
+    def wanted(self, limit: int) -> int:
+        """How many bytes to read next for :meth:`write` (see StreamDecoder.wanted)."""
+        return limit if self.decoder is None else self.decoder.wanted(limit)
+
+    def landed(self, count: int) -> None:
+        assert self.decoder is not None
+        self._received += count
+        with contextlib.suppress(StreamError):  # kept in decoder.error
+            self.decoder.landed(count)
 
     def staged(self, data: Buffer) -> None:
-        """Bytes the runtime put into the staging itself (spliced from a data fd), given as
-        a view of where they landed: checksummed like written ones."""
-        self.scanner.feed(data)
+        """Bytes the runtime put into the staging itself (spliced from a data fd; only
+        without a decoder)."""
+        assert self.decoder is None, "a decoded stream is written, not staged"
+        self._received += len(data)
+
+    def sections(self) -> list[LoadedSection] | None:
+        """The decoded sections the sinks did not take (None: decode the staging)."""
+        return None if self.decoder is None else self.decoder.sections()
+
+    def commit(self) -> None:
+        """The state was loaded: what the sinks applied stays."""
+        if self.decoder is not None:
+            self.decoder.commit()
+        self._committed = True
 
     def close(self) -> None:
+        """End the session; unless committed, what sinks applied is taken back."""
+        if self.decoder is not None and not self._committed:
+            self.decoder.undo()
         self.staging.close()
 
 
@@ -450,7 +497,17 @@ class MigrationEngine:
 
     def _new_resuming(self) -> None:
         self._drop_resuming()
-        self.resuming = ResumingSession(self.max_resume, self.staging_factory(self.max_resume))
+        staging = self.staging_factory(self.max_resume)
+        codec = self.device.migration_codec(self.stream_limits)
+        decoder = None
+        if isinstance(codec, EnvelopeCodec):
+            decoder = codec.decoder(self._sink_for, staging)
+        self.resuming = ResumingSession(self.max_resume, staging, decoder)
+
+    def _sink_for(self, name: str, length: int) -> SectionSink | None:
+        if name.startswith("pci."):
+            return None  # the engine's own sections
+        return self.device.resume_sink(name, length)
 
     def _drop_resuming(self) -> None:
         if self.resuming is not None:
@@ -479,23 +536,22 @@ class MigrationEngine:
         if received is None:
             raise StreamError("nothing was resumed (no staging for the stream)")
         try:
-            self._decode_and_apply(received.staging.view(), received.checksums)
+            sections = received.sections()
+            if sections is None:
+                sections = self.device.migration_codec(self.stream_limits).decode(
+                    received.staging.view()
+                )
+            self._apply_sections(sections)
         except BaseException:
             # The partial data is discarded and a fresh stream may be written. Only now is
             # a second staging made: a process with room for one stream stays usable.
             received.close()
             self._new_resuming()
             raise
+        received.commit()
         received.close()
 
-    def _decode_and_apply(
-        self, data: memoryview, checksums: Mapping[tuple[int, int], int] | None = None
-    ) -> None:
-        codec = self.device.migration_codec(self.stream_limits)
-        if isinstance(codec, EnvelopeCodec):
-            sections = codec.decode(data, checksums)
-        else:
-            sections = codec.decode(data)
+    def _apply_sections(self, sections: Sequence[LoadedSection]) -> None:
         generic: dict[str, Buffer] = {}
         for name, payload in sections:
             if not name.startswith("pci."):
@@ -585,6 +641,13 @@ class MigrationEngine:
         if not self.saving.pending and not self.saving.complete:
             self.saving.add(self.device.precopy_changes())
         return self.saving.pending
+
+    def discard_resumed(self) -> None:
+        """The runtime refused part of the resumed stream (e.g. past the size limit): what
+        was applied in place is taken back now, as a failed load does, and a fresh
+        stream may be written."""
+        if self.state == RESUMING and self.resuming is not None:
+            self._new_resuming()
 
     def write_data(self, data: bytes) -> None:
         if self.state != RESUMING or self.resuming is None:

@@ -20,11 +20,13 @@ checked before a single section reaches the device. Any defect raises :class:`St
 
 from __future__ import annotations
 
+import enum
 import errno
 import re
 import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import NoReturn, Protocol
 
 from . import stream_primitives
 from .errors import DeviceError
@@ -216,25 +218,15 @@ def decode(
     device_type: str,
     max_model_version: int,
     limits: StreamLimits | None = None,
-    checksums: Mapping[tuple[int, int], int] | None = None,
 ) -> tuple[StreamHeader, list[LoadedSection]]:
-    """Validate a whole stream and return its sections in order.
-
-    ``checksums`` may hold CRC-32C values of byte ranges ``(start, end)`` of ``data``
-    computed while it arrived (:class:`ChecksumScanner`); a range found there is not read
-    again. Every check is made all the same, against those values."""
+    """Validate a whole stream and return its sections in order (:class:`StreamDecoder`
+    makes the same checks on a stream while it arrives)."""
     limits = limits or StreamLimits()
-    known = checksums or {}
     view = memoryview(data).cast("B")
     if len(view) > limits.max_stream:
         raise StreamError(f"{len(view)} bytes exceeds the {limits.max_stream}-byte limit")
     header = parse_header(view)
-    if header.device_type != device_type:
-        raise StreamError(f"stream is for device {header.device_type!r}, not {device_type!r}")
-    if not 1 <= header.model_version <= max_model_version:
-        raise StreamError(
-            f"device model version {header.model_version} unsupported (max {max_model_version})"
-        )
+    _check_device(header, device_type, max_model_version)
     sections: list[LoadedSection] = []
     pos = HEADER.size
     while True:
@@ -245,23 +237,31 @@ def decode(
             break
         if tag != SECTION_TAG:
             raise StreamError(f"unknown record tag {tag!r} at offset {pos}")
-        pos = _section(view, pos, len(sections), limits, sections, known=known)
+        pos = _section(view, pos, len(sections), limits, sections)
     if len(view) - pos != TRAILER.size:
         raise StreamError("truncated trailer or bytes after it")
-    _tag, count, crc, reserved = TRAILER.unpack_from(view, pos)
-    if reserved:
-        # Not covered by the stream CRC (which ends before the trailer): must be exact.
-        raise StreamError(f"trailer reserved word is {reserved:#x}, not 0")
-    if count != len(sections):
-        raise StreamError(f"trailer counts {count} sections, stream has {len(sections)}")
-    if _range_crc(view, 0, pos, known) != crc:
-        raise StreamError("stream checksum mismatch")
+    _check_trailer(view[pos:], len(sections), _crc(view[:pos]))
     return header, sections
 
 
-def _range_crc(view: memoryview, start: int, end: int, known: Mapping[tuple[int, int], int]) -> int:
-    crc = known.get((start, end))
-    return _crc(view[start:end]) if crc is None else crc
+def _check_device(header: StreamHeader, device_type: str, max_model_version: int) -> None:
+    if header.device_type != device_type:
+        raise StreamError(f"stream is for device {header.device_type!r}, not {device_type!r}")
+    if not 1 <= header.model_version <= max_model_version:
+        raise StreamError(
+            f"device model version {header.model_version} unsupported (max {max_model_version})"
+        )
+
+
+def _check_trailer(trailer: Buffer, sections: int, stream_crc: int) -> None:
+    _tag, count, crc, reserved = TRAILER.unpack_from(trailer)
+    if reserved:
+        # Not covered by the stream CRC (which ends before the trailer): must be exact.
+        raise StreamError(f"trailer reserved word is {reserved:#x}, not 0")
+    if count != sections:
+        raise StreamError(f"trailer counts {count} sections, stream has {sections}")
+    if stream_crc != crc:
+        raise StreamError("stream checksum mismatch")
 
 
 def _section(
@@ -270,12 +270,32 @@ def _section(
     index: int,
     limits: StreamLimits,
     out: list[LoadedSection],
-    *,
-    known: Mapping[tuple[int, int], int],
 ) -> int:
     if len(view) - pos < SECTION.size:
         raise StreamError("truncated section header")
-    _tag, got_index, name_len, flags, length, crc = SECTION.unpack_from(view, pos)
+    record = _section_record(view[pos : pos + SECTION.size], index, limits)
+    start = pos + SECTION.size
+    end = start + record.name_len + record.length
+    if end > len(view):
+        raise StreamError(f"section {index}: truncated ({record.length} payload bytes announced)")
+    name = _section_name(view[start : start + record.name_len], index)
+    payload = view[start + record.name_len : end]
+    if _crc(view[start:end]) != record.crc:
+        raise StreamError(f"section {index} ({name}): checksum mismatch")
+    out.append((name, payload))
+    return int(end)
+
+
+@dataclass(frozen=True, slots=True)
+class _SectionRecord:
+    name_len: int
+    length: int
+    crc: int
+
+
+def _section_record(head: Buffer, index: int, limits: StreamLimits) -> _SectionRecord:
+    """A section header's fields, each checked (index ``index`` expected)."""
+    _tag, got_index, name_len, flags, length, crc = SECTION.unpack_from(head)
     if got_index != index:
         raise StreamError(f"section {got_index} where {index} was expected (reordered?)")
     if index >= limits.max_sections:
@@ -284,79 +304,299 @@ def _section(
         raise StreamError(f"section {index}: bad flags {flags:#x} or name length {name_len}")
     if length > limits.max_section:
         raise StreamError(f"section {index}: {length} bytes exceeds the section limit")
-    start = pos + SECTION.size
-    end = start + name_len + length
-    if end > len(view):
-        raise StreamError(f"section {index}: truncated ({length} payload bytes announced)")
-    raw_name = bytes(view[start : start + name_len])
-    payload = view[start + name_len : end]
+    return _SectionRecord(name_len, length, crc)
+
+
+def _section_name(raw: Buffer, index: int) -> str:
+    raw_name = bytes(raw)
     if not _NAME.fullmatch(raw_name):
         raise StreamError(f"section {index}: bad name {raw_name!r}")
-    if _range_crc(view, start, end, known) != crc:
-        raise StreamError(f"section {index} ({raw_name.decode()}): checksum mismatch")
-    out.append((raw_name.decode("ascii"), payload))
-    return int(end)
+    return raw_name.decode("ascii")
 
 
-class ChecksumScanner:
-    """Follows a stream while it arrives and checksums its large sections on the way, so
-    that :func:`decode` need not read them again (``decode(..., checksums=scanner.checksums)``).
+# --------------------------------------------------------------------------- arriving streams
 
-    It validates nothing and trusts nothing: it only records the CRC of byte ranges that
-    ``decode`` will ask about if the stream is what it claims to be. Once the bytes stop
-    looking like a stream it stops (``decode`` computes whatever is missing and rejects
-    what is wrong). Memory stays bounded: at most ``MAX_RANGES`` ranges, only for sections
-    of at least ``MIN_SECTION`` bytes.
+
+class SectionSink(Protocol):
+    """Takes one section's payload while it arrives, so that large state (device RAM) is
+    applied in place instead of being staged. What it writes must be revertible: the
+    engine calls :meth:`undo` if the stream or the device's load fails afterwards, or
+    :meth:`commit` once the whole state is loaded."""
+
+    def write(self, data: memoryview) -> None:
+        """The next payload bytes, in order; raises DeviceError (EINVAL) on bad content."""
+        ...
+
+    def target(self, limit: int) -> memoryview | None:
+        """Where the next payload bytes (at most ``limit``) go, for the runtime to read them
+        straight into (then :meth:`landed`), or None: pass them to :meth:`write`."""
+        ...
+
+    def landed(self, count: int) -> None:
+        """``count`` payload bytes were read into the last :meth:`target`."""
+        ...
+
+    def finish(self) -> None:
+        """Every payload byte was written and its checksum matched."""
+        ...
+
+    def undo(self) -> None: ...
+
+    def commit(self) -> None: ...
+
+
+#: ``(name, payload length) -> sink`` for a section to apply while it arrives, or None to
+#: keep it for the device's load.
+SinkFactory = Callable[[str, int], SectionSink | None]
+
+
+class PayloadStore(Protocol):
+    """Where the payloads of kept sections wait (the engine's staging)."""
+
+    def append(self, data: Buffer) -> None: ...
+
+    def view(self) -> memoryview: ...
+
+
+#: Bytes read at a time outside payloads (records and a sink's header are far smaller).
+SMALL_READ = 4096
+
+
+class _Phase(enum.Enum):
+    HEADER = "header"
+    TAG = "tag"  # the first 4 bytes of a record: section or trailer
+    SECTION = "section header"
+    NAME = "name"
+    PAYLOAD = "payload"
+    TRAILER = "trailer"
+    DONE = "done"
+
+
+@dataclass(slots=True)
+class _Arriving:
+    """The section whose name or payload is arriving."""
+
+    index: int
+    record: _SectionRecord
+    name: str = ""
+    crc: int = 0  # of the name and the payload bytes so far
+    left: int = 0  # payload bytes still to come
+    sink: SectionSink | None = None
+    kept_at: int = 0  # where the payload starts in the store
+
+
+class StreamDecoder:
+    """Validates a stream while it arrives: the checks of :func:`decode`, each made as soon
+    as its bytes are in, so a defect is found early and a large stream is never held.
+
+    Section payloads go to the sink ``sink_for`` returns for them (applied in place, see
+    :class:`SectionSink`) or are kept in ``store``; :meth:`sections` returns the kept ones
+    once the trailer checked out. Sinks see payload bytes before their section's checksum is
+    checked: whatever they wrote is undone unless :meth:`commit` is reached. The first defect
+    raises :class:`StreamError` (EINVAL) and every later call raises it again.
     """
 
-    MIN_SECTION = 4096
-    MAX_RANGES = 1 << 16
+    def __init__(
+        self,
+        *,
+        device_type: str,
+        max_model_version: int,
+        sink_for: SinkFactory,
+        store: PayloadStore,
+        limits: StreamLimits | None = None,
+    ) -> None:
+        self.device_type = device_type
+        self.max_model_version = max_model_version
+        self.limits = limits or StreamLimits()
+        self._sink_for = sink_for
+        self._store = store
+        self._stored = 0
+        self._phase = _Phase.HEADER
+        self._record = bytearray()
+        self._tag_bytes = b""  # of the record whose fixed part is arriving
+        self._need = HEADER.size
+        self._received = 0
+        self._parsed = 0  # bytes parsed (``_received`` also counts those still being fed)
+        self._stream_crc = 0  # of every byte before the current name/payload
+        self._index = 0
+        self._section: _Arriving | None = None
+        self._kept: list[tuple[str, int, int]] = []  # name, store offset, length
+        self._sinks: list[SectionSink] = []
+        self._target = memoryview(b"")  # the last place offered for a read in place
+        self.error: StreamError | None = None
 
-    def __init__(self) -> None:
-        self.checksums: dict[tuple[int, int], int] = {}
-        self._pos = 0  # stream bytes fed so far
-        self._record = bytearray()  # the header or record header being assembled
-        self._need = HEADER.size  # bytes ``_record`` must reach (0: in a payload)
-        self._stream_crc = 0  # of every byte before the current payload
-        self._payload_start = 0  # of the current section's name + payload
-        self._payload_left = 0
-        self._payload_crc = 0
-        self.stopped = False
+    @property
+    def received(self) -> int:
+        return self._received
 
     def feed(self, data: Buffer) -> None:
+        if self.error is not None:
+            raise self.error
         view = memoryview(data).cast("B")
-        while view and not self.stopped:
-            view = self._feed_payload(view) if self._payload_left else self._feed_record(view)
+        try:
+            self._count_received(len(view))
+            while view:
+                view = self._step(view)
+        except DeviceError as exc:
+            self._fail(exc)
 
-    def _feed_payload(self, view: memoryview) -> memoryview:
-        take = min(self._payload_left, len(view))
-        self._payload_crc = _crc(view[:take], self._payload_crc)
-        self._payload_left -= take
-        self._pos += take
-        if not self._payload_left:
-            length = self._pos - self._payload_start
-            if length >= self.MIN_SECTION:
-                self.checksums[(self._payload_start, self._pos)] = self._payload_crc
-            self._stream_crc = _combine(self._stream_crc, self._payload_crc, length)
-            self.stopped = len(self.checksums) >= self.MAX_RANGES
-        return view[take:]
+    def _count_received(self, count: int) -> None:
+        self._received += count
+        if self._received > self.limits.max_stream:
+            raise StreamError(f"more than the {self.limits.max_stream}-byte limit")
 
-    def _feed_record(self, view: memoryview) -> memoryview:
+    def _fail(self, exc: DeviceError) -> NoReturn:
+        self.error = exc if isinstance(exc, StreamError) else StreamError(str(exc))
+        raise self.error from None
+
+    def target(self, limit: int) -> memoryview | None:
+        """Where the next stream bytes belong when a sink can take them in place (see
+        :meth:`SectionSink.target`): the caller reads at most ``limit`` bytes into it and
+        reports them with :meth:`landed`. None: pass bytes to :meth:`feed`."""
+        section = self._section
+        if self.error is not None or self._phase is not _Phase.PAYLOAD or section is None:
+            return None
+        if section.sink is None:
+            return None
+        target = section.sink.target(min(limit, section.left))
+        if target is not None:
+            self._target = target
+        return target
+
+    def wanted(self, limit: int) -> int:
+        """How many bytes (at most ``limit``) to read for :meth:`feed` when :meth:`target`
+        offers no place: few while records and a sink's own header arrive, so that the
+        payload after them is read in place; a kept payload whole."""
+        section = self._section
+        if self._phase is _Phase.PAYLOAD and section is not None and section.sink is None:
+            return min(limit, section.left)
+        return min(limit, SMALL_READ)
+
+    def landed(self, count: int) -> None:
+        """``count`` bytes were read into the last :meth:`target` (checked like fed ones)."""
+        if self.error is not None:
+            raise self.error
+        section, landed = self._section, self._target[:count]
+        assert section is not None and section.sink is not None and len(landed) == count
+        try:
+            self._count_received(count)
+            section.crc = _crc(landed, section.crc)
+            section.left -= count
+            self._parsed += count
+            section.sink.landed(count)
+            if not section.left:
+                self._section_done(section)
+        except DeviceError as exc:
+            self._fail(exc)
+
+    def sections(self) -> list[LoadedSection]:
+        """The kept sections, once the whole stream arrived and checked out."""
+        if self.error is not None:
+            raise self.error
+        if self._phase is not _Phase.DONE:
+            self.error = StreamError(f"truncated: the stream ends in its {self._phase.value}")
+            raise self.error
+        stored = self._store.view() if self._kept else memoryview(b"")
+        return [(name, stored[at : at + length]) for name, at, length in self._kept]
+
+    def undo(self) -> None:
+        """Revert what sinks applied (newest first: a later section may overwrite an earlier)."""
+        sinks, self._sinks = self._sinks, []
+        for sink in reversed(sinks):
+            sink.undo()
+
+    def commit(self) -> None:
+        sinks, self._sinks = self._sinks, []
+        for sink in sinks:
+            sink.commit()
+
+    # -- parsing ---------------------------------------------------------------------------
+    def _step(self, view: memoryview) -> memoryview:
+        if self._phase is _Phase.PAYLOAD:
+            return self._payload(view)
+        if self._phase is _Phase.DONE:
+            raise StreamError("bytes after the trailer")
         take = min(self._need - len(self._record), len(view))
         self._record += view[:take]
-        self._pos += take
-        in_section_header = self._need == SECTION.size
-        if in_section_header and len(self._record) >= 4 and self._record[:4] != SECTION_TAG:
-            if self._record[:4] == TRAILER_TAG:  # the stream checksum covers all before it
-                self.checksums[(0, self._pos - len(self._record))] = self._stream_crc
-            self.stopped = True  # a trailer (nothing more to checksum) or not a stream
-        elif len(self._record) == self._need:
-            self._stream_crc = _crc(self._record, self._stream_crc)
-            if in_section_header:
-                _tag, _index, name_len, _flags, length, _crc_value = SECTION.unpack(self._record)
-                self._payload_start = self._pos
-                self._payload_left = name_len + length
-                self._payload_crc = 0
+        self._parsed += take
+        if len(self._record) == self._need:
+            record = bytes(self._record)
             self._record.clear()
-            self._need = SECTION.size
+            self._complete(record)
         return view[take:]
+
+    def _complete(self, record: bytes) -> None:
+        """A fixed-size piece (header, tag, section header, name, trailer) is in."""
+        if self._phase is _Phase.HEADER:
+            _check_device(parse_header(record), self.device_type, self.max_model_version)
+            self._stream_crc = _crc(record)
+            self._expect(_Phase.TAG, 4)
+        elif self._phase is _Phase.TAG:
+            self._tag(record)
+        elif self._phase is _Phase.SECTION:
+            head = self._tag_bytes + record
+            arriving = _Arriving(self._index, _section_record(head, self._index, self.limits))
+            self._section = arriving
+            self._stream_crc = _crc(head, self._stream_crc)
+            self._expect(_Phase.NAME, arriving.record.name_len)
+        elif self._phase is _Phase.NAME:
+            self._named(record)
+        elif self._phase is _Phase.TRAILER:
+            _check_trailer(self._tag_bytes + record, self._index, self._stream_crc)
+            self._expect(_Phase.DONE, 0)
+
+    def _expect(self, phase: _Phase, size: int) -> None:
+        self._phase, self._need = phase, size
+
+    def _tag(self, tag: bytes) -> None:
+        self._tag_bytes = tag
+        if tag == SECTION_TAG:
+            self._expect(_Phase.SECTION, SECTION.size - 4)
+        elif tag == TRAILER_TAG:
+            self._expect(_Phase.TRAILER, TRAILER.size - 4)
+        else:
+            raise StreamError(f"unknown record tag {tag!r} at offset {self._parsed - 4}")
+
+    def _named(self, raw: bytes) -> None:
+        section = self._section
+        assert section is not None
+        section.name = _section_name(raw, section.index)
+        section.crc = _crc(raw)
+        section.left = section.record.length
+        section.sink = self._sink_for(section.name, section.record.length)
+        if section.sink is not None:
+            self._sinks.append(section.sink)
+        else:
+            section.kept_at = self._stored
+        self._phase = _Phase.PAYLOAD
+        if not section.left:
+            self._section_done(section)
+
+    def _payload(self, view: memoryview) -> memoryview:
+        section = self._section
+        assert section is not None
+        piece = view[: section.left]
+        section.crc = _crc(piece, section.crc)
+        section.left -= len(piece)
+        self._parsed += len(piece)
+        if section.sink is not None:
+            section.sink.write(piece)
+        else:
+            self._store.append(piece)
+            self._stored += len(piece)
+        if not section.left:
+            self._section_done(section)
+        return view[len(piece) :]
+
+    def _section_done(self, section: _Arriving) -> None:
+        if section.crc != section.record.crc:
+            raise StreamError(f"section {section.index} ({section.name}): checksum mismatch")
+        covered = section.record.name_len + section.record.length
+        self._stream_crc = _combine(self._stream_crc, section.crc, covered)
+        if section.sink is not None:
+            section.sink.finish()
+        else:
+            self._kept.append((section.name, section.kept_at, section.record.length))
+        self._section = None
+        self._index += 1
+        self._expect(_Phase.TAG, 4)

@@ -320,15 +320,28 @@ def _parse(payload: Buffer, max_total: int) -> _Layout:
     view = byte_view(payload)
     if len(view) < PAGES_HEADER.size:
         raise ValueError(f"page payload of {len(view)} bytes is shorter than its header")
-    page_size, total = PAGES_HEADER.unpack_from(view)
-    check_stream_page_size(page_size)
-    if total > max_total:
-        raise ValueError(f"page payload claims {total} bytes, more than the {max_total} allowed")
-    pages = page_count(total, page_size)
+    page_size, total, pages = _parse_header(view, max_total)
     bitmap_end = PAGES_HEADER.size + (pages + 7) // 8
     if len(view) < bitmap_end:
         raise ValueError("page payload is truncated inside its bitmap")
     bitmap = view[PAGES_HEADER.size : bitmap_end]
+    body = view[bitmap_end:]
+    _check_body_length(bitmap, page_size, total, len(body))
+    return _Layout(page_size, total, pages, bitmap, body)
+
+
+def _parse_header(view: memoryview, max_total: int) -> tuple[int, int, int]:
+    """``(page_size, total_len, pages)`` of a payload's header, checked."""
+    page_size, total = PAGES_HEADER.unpack_from(view)
+    check_stream_page_size(page_size)
+    if total > max_total:
+        raise ValueError(f"page payload claims {total} bytes, more than the {max_total} allowed")
+    return page_size, total, page_count(total, page_size)
+
+
+def _check_body_length(bitmap: memoryview, page_size: int, total: int, body_len: int) -> None:
+    """The bitmap has no stray bits, and the body holds exactly the pages it leaves."""
+    pages = page_count(total, page_size)
     if pages % 8 and bitmap[-1] >> (pages % 8):
         raise ValueError("page bitmap has bits set beyond the last page")
     zero_pages = int.from_bytes(bitmap, "little").bit_count()
@@ -336,10 +349,8 @@ def _parse(payload: Buffer, max_total: int) -> _Layout:
     last = total - (pages - 1) * page_size if pages else 0
     if pages and not (bitmap[(pages - 1) >> 3] >> ((pages - 1) & 7)) & 1:
         expected -= page_size - last  # the last page is sent and may be partial
-    body = view[bitmap_end:]
-    if len(body) != expected:
-        raise ValueError(f"page payload carries {len(body)} bytes of pages, expected {expected}")
-    return _Layout(page_size, total, pages, bitmap, body)
+    if body_len != expected:
+        raise ValueError(f"page payload carries {body_len} bytes of pages, expected {expected}")
 
 
 def _write(layout: _Layout, dest: memoryview, clear: bool) -> None:
@@ -395,3 +406,112 @@ def unpack_pages_into(payload: Buffer, dest: memoryview) -> None:
             f"page payload holds {layout.total_len} bytes, destination is {len(target)}"
         )
     _write(layout, target, clear=True)
+
+
+class PageSink(Protocol):
+    """Where :class:`PagesReceiver` puts data: offsets are from the start of the data."""
+
+    def write(self, offset: int, data: memoryview) -> None: ...
+
+    def clear(self, offset: int, count: int) -> None: ...
+
+    def prepare(self, offset: int, count: int) -> memoryview:
+        """The memory ``count`` bytes at ``offset`` will be read into (by the caller)."""
+        ...
+
+
+class PagesReceiver:
+    """:func:`unpack_pages_into` for a payload that arrives in pieces: the payload (of a
+    known ``length``) is checked as soon as its header and bitmap are in, exactly as
+    :func:`check_pages` does, before anything is written; then the zero pages are cleared
+    and each non-zero page is written where it belongs as its bytes arrive. Any defect
+    raises :class:`ValueError`."""
+
+    def __init__(self, length: int, max_total: int, sink: PageSink) -> None:
+        self._length = length
+        self._max_total = max_total
+        self._sink = sink
+        self._head = bytearray()
+        self._need = PAGES_HEADER.size  # header bytes, then header + bitmap bytes
+        self._page_size = 0
+        self.total_len = 0
+        self._runs: list[tuple[int, int]] = []  # non-zero byte ranges still to fill, reversed
+        self._received = 0
+        self._window = memoryview(b"")  # prepared by the sink for reads in place
+        self._window_start = 0
+
+    def feed(self, data: Buffer) -> None:
+        view = byte_view(data)
+        if self._received + len(view) > self._length:
+            raise ValueError(f"page payload longer than the {self._length} bytes announced")
+        self._received += len(view)
+        if self._need:
+            view = self._take_head(view)
+        while view:
+            start, stop = self._runs[-1]
+            piece = view[: stop - start]
+            self._sink.write(start, piece)
+            view = view[len(piece) :]
+            if start + len(piece) == stop:
+                self._runs.pop()
+            else:
+                self._runs[-1] = (start + len(piece), stop)
+
+    def target(self, limit: int) -> memoryview | None:
+        """Where the next payload bytes (at most ``limit``) belong, for the caller to read
+        them straight into (then :meth:`landed`); None before the header and bitmap are in
+        (or past the end): use :meth:`feed`."""
+        if self._need or not self._runs:
+            return None
+        start, stop = self._runs[-1]
+        window, at = self._window, start - self._window_start
+        if not 0 <= at < len(window):  # prepared once, though it may be filled in steps
+            window = self._window = self._sink.prepare(start, min(stop - start, limit))
+            self._window_start, at = start, 0
+        return window[at : at + limit]
+
+    def landed(self, count: int) -> None:
+        """``count`` bytes were read into the last :meth:`target`."""
+        self._received += count
+        start, stop = self._runs[-1]
+        if start + count == stop:
+            self._runs.pop()
+        else:
+            self._runs[-1] = (start + count, stop)
+
+    def finish(self) -> int:
+        """Checks that the whole payload arrived; returns the data's length."""
+        if self._received != self._length or self._need:
+            raise ValueError(f"page payload of {self._received} bytes is truncated")
+        return self.total_len
+
+    def _take_head(self, view: memoryview) -> memoryview:
+        take = min(self._need - len(self._head), len(view))
+        self._head += view[:take]
+        view = view[take:]
+        if len(self._head) < self._need:
+            return view
+        if self._need == PAGES_HEADER.size:
+            self._page_size, self.total_len, pages = _parse_header(
+                memoryview(self._head), self._max_total
+            )
+            self._need += (pages + 7) // 8
+            if self._length < self._need:
+                raise ValueError("page payload is truncated inside its bitmap")
+            return self._take_head(view) if self._need > len(self._head) else self._begin(view)
+        return self._begin(view)
+
+    def _begin(self, view: memoryview) -> memoryview:
+        """Header and bitmap are in: check the body's length, clear the zero pages."""
+        bitmap = memoryview(self._head)[PAGES_HEADER.size :]
+        size, total = self._page_size, self.total_len
+        _check_body_length(bitmap, size, total, self._length - self._need)
+        self._need = 0
+        for first, end, is_zero in _runs(bitmap, page_count(total, size)):
+            start, stop = first * size, min(end * size, total)
+            if is_zero:
+                self._sink.clear(start, stop - start)
+            else:
+                self._runs.append((start, stop))
+        self._runs.reverse()
+        return view

@@ -45,8 +45,9 @@ from .api import (
     SplitRegion,
 )
 from .irq import InterruptController
+from .memory_journal import MemoryJournal
 from .pci import BarKind, BarSpec, ConfigSpace
-from .state_stream import Buffer, LoadedSection, Section
+from .state_stream import Buffer, LoadedSection, Section, SectionSink
 
 VENDOR_ID = 0x1B36
 DEVICE_ID = 0x0F00
@@ -392,6 +393,12 @@ class TestDev(Device):
         self.regs.values.update(regs)
         self._copy_queued = False
 
+    def resume_sink(self, name: str, length: int) -> SectionSink | None:
+        """RAM sections are written into RAM while they arrive (no staged copy of RAM)."""
+        if name in ("ram.z", "ram.zpage"):
+            return _RamSink(self.ram.buffer, length, whole=name == "ram.z")
+        return None
+
     def _checked_ram(
         self, offset: int, body: memoryview, *, elided: bool, whole: bool
     ) -> tuple[int, Buffer, bool]:
@@ -431,3 +438,69 @@ class TestDev(Device):
         # client's driver polls DMA_STATUS (_dma_status), or by the engine's resume when the
         # device was stopped meanwhile; never at attach, before the client mapped memory.
         self._copy_queued = False
+
+
+class _RamSink:
+    """A "ram.z" (whole RAM) or "ram.zpage" (offset u64, then part of RAM) section written
+    into RAM as it arrives, with the checks :meth:`TestDevice.load_state` makes on one;
+    journaled, so the engine can take it back."""
+
+    def __init__(self, ram: memoryview, length: int, *, whole: bool) -> None:
+        self._ram = ram
+        self._length = length
+        self._whole = whole
+        self._offset_bytes = bytearray()
+        self._offset = 0
+        self._journal: MemoryJournal | None = None
+        self._pages: stream_primitives.PagesReceiver | None = None
+        if whole:
+            self._start(0, length)
+
+    def write(self, data: memoryview) -> None:
+        if self._pages is None:
+            take = min(PAGE_HEADER.size - len(self._offset_bytes), len(data))
+            self._offset_bytes += data[:take]
+            data = data[take:]
+            if len(self._offset_bytes) < PAGE_HEADER.size:
+                return
+            (offset,) = PAGE_HEADER.unpack(self._offset_bytes)
+            if offset % PAGE or offset >= len(self._ram):
+                raise DeviceError(errno.EINVAL, f"RAM update at {offset:#x} is not a page in RAM")
+            self._start(offset, self._length - PAGE_HEADER.size)
+        assert self._pages is not None
+        try:
+            self._pages.feed(data)
+        except ValueError as exc:
+            raise DeviceError(errno.EINVAL, f"RAM update at {self._offset:#x}: {exc}") from None
+
+    def target(self, limit: int) -> memoryview | None:
+        return None if self._pages is None else self._pages.target(limit)
+
+    def landed(self, count: int) -> None:
+        assert self._pages is not None
+        self._pages.landed(count)
+
+    def finish(self) -> None:
+        if self._pages is None:
+            raise DeviceError(errno.EINVAL, "ram.zpage section too short")
+        try:
+            length = self._pages.finish()
+        except ValueError as exc:
+            raise DeviceError(errno.EINVAL, f"RAM update at {self._offset:#x}: {exc}") from None
+        if not length or (self._whole and length != len(self._ram)):
+            raise DeviceError(errno.EINVAL, f"RAM update [{self._offset:#x}, +{length:#x}) is bad")
+
+    def _start(self, offset: int, payload: int) -> None:
+        self._offset = offset
+        self._journal = MemoryJournal(self._ram[offset:])
+        self._pages = stream_primitives.PagesReceiver(
+            payload, len(self._ram) - offset, self._journal
+        )
+
+    def undo(self) -> None:
+        if self._journal is not None:
+            self._journal.undo()
+
+    def commit(self) -> None:
+        if self._journal is not None:
+            self._journal.commit()

@@ -389,6 +389,10 @@ async def migrate_once(
         Client.connect(src.socket_path, capabilities=caps) as source,
         Client.connect(dst.socket_path, capabilities=caps) as destination,
     ):
+        # Every run migrates into a freshly reset device, as a destination VM's is (the
+        # server is reused between runs; its RAM would otherwise hold the last run's state,
+        # which a resume must keep a copy of until the stream checks out).
+        await destination.reset()
         src_ram = await _map_ram(source, size)
         try:
             src_ram[:] = pattern

@@ -178,6 +178,9 @@ class ClientSession:
         self.closed = True
         if self.data_fds is not None:
             self.data_fds.close()
+        # A stream cut off with its writer is never loaded: what of it was applied in
+        # place is taken back (the device stays RESUMING, as it was left).
+        self.device.migration.discard_resumed()
         self._jobs.clear()
         for held in self._backlog:
             close_fds(held.fds)  # commands never processed: their fds are ours to close

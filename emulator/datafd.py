@@ -6,11 +6,13 @@ session returns one end of a pipe with the reply (SCM_RIGHTS, ``data_fd`` = its 
 
 * saving: we write the stream into the pipe from a background task; the client reads until
   EOF. A client that stops reading only stalls that task, never the control socket.
-* resuming: the client writes the stream and closes its end; a background task moves it
-  into a memfd (``splice``, no copy through Python) so a large stream never lives in Python
-  objects, and the session checksums each piece where it landed while it is in cache
-  (validation at RESUMING->STOP does not read it again). RESUMING->STOP first drains what
-  is still in the pipe, then validates.
+* resuming: the client writes the stream and closes its end; a background task reads it
+  through a 1 MiB buffer into the session's decoder, which validates it as it arrives and
+  lets the device write large sections (RAM) straight into place: a large stream is never
+  held, and no fresh memory is touched for it (first-touching a staging copy of a 256 MiB
+  RAM alone costs more than the whole transfer). A stream another codec must decode
+  whole is spliced into a memfd instead. RESUMING->STOP first drains what is still in the
+  pipe, then checks the end of the stream.
 
 Leaving the state ends the session and closes our end; a new session gets a new pipe.
 What the client has not read of a saving pipe by then is discarded: it may hold device RAM
@@ -234,7 +236,10 @@ class DataFdSessions:
         if self._resume_engine is not None and target != MigState.RESUMING:
             self._drain(self._resume_engine)
             if self.failure is not None:
-                raise self.failure  # e.g. EFBIG: bytes were refused, the stream is incomplete
+                # e.g. EFBIG: bytes were refused, the stream is incomplete: nothing of it
+                # may stay applied.
+                self._resume_engine.discard_resumed()
+                raise self.failure
 
     def after_transition(self, engine: MigrationEngine, arcs: list[Arc]) -> int | None:
         """Open a pipe if the arcs started a data session; returns the client's end."""
@@ -325,14 +330,22 @@ class DataFdSessions:
         if room <= 0:
             raise DeviceError(errno.EFBIG, f"resumed stream exceeds {session.limit} bytes")
         staging = session.staging
-        if isinstance(staging, MemfdStaging):
-            landed = staging.fill_from(fd, min(CHUNK, room))
-            session.staged(landed)  # checksummed where it landed, while it is in cache
+        if session.decoder is None and isinstance(staging, MemfdStaging):
+            landed = staging.fill_from(fd, min(CHUNK, room))  # staged whole: no copy here
+            session.staged(landed)
             return len(landed) > 0
+        # Decoded while it arrives: RAM sections are read straight into device RAM, the
+        # rest passes through a small buffer that stays in cache.
+        target = session.target(CHUNK)
+        if target is not None:
+            count = os.readv(fd, [target])  # BlockingIOError: pipe empty
+            if count:
+                session.landed(count)
+            return count > 0
         if self._bounce is None:
             self._bounce = bytearray(CHUNK)
         buffer = memoryview(self._bounce)
-        count = os.readv(fd, [buffer[: min(CHUNK, room)]])  # BlockingIOError: pipe empty
+        count = os.readv(fd, [buffer[: session.wanted(min(CHUNK, room))]])  # or BlockingIOError
         session.write(buffer[:count])
         return count > 0
 

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from devices import stream_primitives as sp
-from devices.state_stream import StreamError, StreamLimits, decode, encode
+from devices.migration import MemoryStaging
+from devices.state_stream import StreamDecoder, StreamError, StreamLimits, decode, encode
 from devices.stream_primitives import crc32c
 from emulator import fastpath
 
@@ -68,12 +69,15 @@ def check(data: bytes, limits: StreamLimits | None = None) -> bool:
 
 
 def check_one(data: bytes, limits: StreamLimits | None = None) -> bool:
-    """Decode; only StreamError may escape, and an accepted stream must be exact."""
+    """Decode; only StreamError may escape, and an accepted stream must be exact. The
+    decoder of arriving streams must decide the same, whole or in pieces."""
     try:
         header, sections = decode(data, device_type=DTYPE, max_model_version=MAXV, limits=limits)
     except StreamError as exc:
         assert exc.errno == errno.EINVAL
+        assert arriving(data, limits) is None
         return False
+    assert arriving(data, limits) == [(name, bytes(payload)) for name, payload in sections]
     again = encode(header.device_type, header.model_version, header.session_id, sections)
     if again != data:
         # The one known inexactness: decode ignores the trailer's reserved word (see the
@@ -85,6 +89,55 @@ def check_one(data: bytes, limits: StreamLimits | None = None) -> bool:
         assert len(sections) <= limits.max_sections
         assert all(len(payload) <= limits.max_section for _, payload in sections)
     return True
+
+
+def arriving(data: bytes, limits: StreamLimits | None) -> list[tuple[str, bytes]] | None:
+    """The sections a :class:`StreamDecoder` fed ``data`` in pieces of 1, 7, 64, ... bytes
+    accepts (None: rejected with StreamError); odd-numbered sections go to a sink."""
+    order: list[str] = []
+    sunk: dict[int, bytearray] = {}
+
+    class Sink:
+        def __init__(self, index: int) -> None:
+            self.data = sunk.setdefault(index, bytearray())
+
+        def write(self, piece: memoryview) -> None:
+            self.data += piece
+
+        def target(self, limit: int) -> memoryview | None:
+            return None  # test_stream_streaming covers reads in place
+
+        def landed(self, count: int) -> None:
+            raise AssertionError("no target was offered")
+
+        def finish(self) -> None: ...
+
+        def undo(self) -> None: ...
+
+        def commit(self) -> None: ...
+
+    def sink_for(name: str, length: int) -> Sink | None:
+        order.append(name)
+        return Sink(len(order) - 1) if len(order) % 2 == 0 else None
+
+    store = MemoryStaging()
+    decoder = StreamDecoder(
+        device_type=DTYPE, max_model_version=MAXV, sink_for=sink_for, store=store, limits=limits
+    )
+    at, sizes = 0, [1, 7, 64, 4096]
+    try:
+        while at < len(data):
+            size = sizes[at % len(sizes)]
+            decoder.feed(data[at : at + size])
+            at += size
+        kept = iter(decoder.sections())
+    except StreamError as exc:
+        assert exc.errno == errno.EINVAL
+        return None
+    return [
+        (name, bytes(sunk[index]) if index in sunk else bytes(next(kept)[1]))
+        for index, name in enumerate(order)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -323,3 +323,106 @@ def test_pack_pages_uses_the_current_bitmap() -> None:
     )
     sp.pack_pages(bytes(4096), 1024)
     assert seen == [1024]
+
+
+# --------------------------------------------------------------------------- arriving pages
+
+
+class JournalLike:
+    """A PageSink over a plain buffer that records its calls."""
+
+    def __init__(self, dest: bytearray) -> None:
+        self.dest = dest
+        self.calls: list[tuple[str, int, int]] = []
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self.calls.append(("write", offset, len(data)))
+        self.dest[offset : offset + len(data)] = data
+
+    def clear(self, offset: int, count: int) -> None:
+        self.calls.append(("clear", offset, count))
+        self.dest[offset : offset + count] = bytes(count)
+
+    def prepare(self, offset: int, count: int) -> memoryview:
+        self.calls.append(("prepare", offset, count))
+        return memoryview(self.dest)[offset : offset + count]
+
+
+def receive(payload: bytes, dest: bytearray, cuts: list[int], max_total: int) -> int:
+    receiver = sp.PagesReceiver(len(payload), max_total, JournalLike(dest))
+    at = 0
+    for number, cut in enumerate([*sorted(set(cuts)), len(payload)]):
+        piece = memoryview(payload)[at:cut]
+        at = max(at, cut)
+        while number % 2 and piece and (target := receiver.target(len(piece))) is not None:
+            target[:] = piece[: len(target)]  # read in place, as the runtime does
+            receiver.landed(len(target))
+            piece = piece[len(target) :]
+        receiver.feed(piece)
+    return receiver.finish()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sparse_data(), st.sampled_from(PAGE_SIZES[:3]), st.lists(st.integers(0, 50_000)))
+def test_receiver_rebuilds_what_unpack_into_does(
+    data: bytes, page_size: int, cuts: list[int]
+) -> None:
+    payload = b"".join(sp.pack_pages(data, page_size))
+    dest = bytearray(b"\xee" * len(data))
+    assert receive(payload, dest, cuts, len(data)) == len(data)
+    assert dest == data
+
+
+@pytest.mark.parametrize("cut", [0, 5, 12, 13])
+def test_receiver_rejects_what_unpack_rejects_before_writing(cut: int) -> None:
+    for payload in [
+        b"\x00" * 11,
+        struct.pack("<IQ", 4000, 0),
+        struct.pack("<IQ", 4096, 1 << 63),
+        struct.pack("<IQ", 512, 4096),
+        struct.pack("<IQ", 512, 512 * 3) + b"\xff",
+        struct.pack("<IQ", 512, 512 * 2) + b"\x01" + b"x" * 511,
+        struct.pack("<IQ", 512, 700) + b"\x01" + b"x" * 512,
+    ]:
+        dest = bytearray(b"\xee" * 4096)
+        sink = JournalLike(dest)
+        receiver = sp.PagesReceiver(len(payload), 1 << 20, sink)
+        with pytest.raises(ValueError):
+            receiver.feed(payload[:cut])
+            receiver.feed(payload[cut:])
+            receiver.finish()
+        assert sink.calls == [] and dest == b"\xee" * 4096
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_receiver_and_unpack_agree_on_mutations(draw: st.DataObject) -> None:
+    data, payload = _valid_payload()
+    mutated = bytearray(payload)
+    for _ in range(draw.draw(st.integers(1, 3))):
+        mutated[draw.draw(st.integers(0, len(mutated) - 1))] ^= 1 << draw.draw(st.integers(0, 7))
+    if draw.draw(st.booleans()):
+        del mutated[draw.draw(st.integers(0, len(mutated))) :]
+    cuts = draw.draw(st.lists(st.integers(0, len(mutated))))
+    expected = bytearray(len(data))
+    try:
+        sp.unpack_pages_into(mutated, memoryview(expected))
+    except ValueError:
+        expected_ok = False
+    else:
+        expected_ok = True
+    dest = bytearray(len(data))
+    try:
+        got_ok = receive(bytes(mutated), dest, cuts, len(data)) == len(data)
+    except ValueError:
+        got_ok = False
+    assert got_ok == expected_ok
+    if expected_ok:
+        assert dest == expected
+
+
+def test_receiver_refuses_bytes_past_its_length() -> None:
+    _, payload = _valid_payload()
+    receiver = sp.PagesReceiver(len(payload) - 1, 1 << 20, JournalLike(bytearray(1 << 13)))
+    with pytest.raises(ValueError):
+        receiver.feed(payload)

@@ -1,13 +1,15 @@
 """Streaming the migration stream: CRC-32C combination, sections checksummed only when the
-reader reaches them (:class:`SavingSession`), and resumed streams checksummed while they
-arrive (:class:`ChecksumScanner`, ``decode(..., checksums=...)``).
+reader reaches them (:class:`SavingSession`), and resumed streams decoded while they arrive
+(:class:`StreamDecoder`, with sinks that apply sections in place).
 
-The invariants: the bytes are exactly those of :func:`encode`, and what the scanner records
-can never make :func:`decode` accept or reject anything it would not have without it.
+The invariants: the bytes are exactly those of :func:`encode`, and however a stream is cut
+into pieces, the decoder accepts exactly what :func:`decode` accepts, with the same sections,
+and what its sinks applied is taken back whenever it rejects.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from collections.abc import Iterator
@@ -21,9 +23,9 @@ from devices.errors import DeviceError
 from devices.migration import EnvelopeCodec, MemoryStaging, ResumingSession, SavingSession
 from devices.state_stream import (
     HEADER,
-    SECTION,
-    ChecksumScanner,
     LazyPiece,
+    StreamDecoder,
+    StreamError,
     StreamLimits,
     StreamWriter,
     decode,
@@ -64,19 +66,100 @@ def chunked(data: bytes, cuts: list[int]) -> Iterator[bytes]:
     yield data[at:]
 
 
-def outcome(data: bytes, checksums: dict[tuple[int, int], int] | None) -> object:
+def outcome(data: bytes) -> object:
     try:
-        _, sections = decode(data, device_type=DTYPE, max_model_version=1, checksums=checksums)
+        _, sections = decode(data, device_type=DTYPE, max_model_version=1)
     except DeviceError as exc:
-        return ("error", exc.errno, str(exc))
+        return ("error", exc.errno)
     return [(name, bytes(payload)) for name, payload in sections]
 
 
-def scanned(data: bytes, cuts: list[int]) -> ChecksumScanner:
-    scanner = ChecksumScanner()
-    for piece in chunked(data, cuts):
-        scanner.feed(piece)
-    return scanner
+class RecordingSink:
+    """Collects a payload; ``undo`` / ``commit`` record what the decoder asked for."""
+
+    def __init__(self, name: str, length: int, log: list[str]) -> None:
+        self.name, self.length, self.log = name, length, log
+        self.data = bytearray(length)
+        self.filled = 0
+
+    def write(self, data: memoryview) -> None:
+        self.data[self.filled : self.filled + len(data)] = data
+        self.filled += len(data)
+
+    def target(self, limit: int) -> memoryview | None:
+        return memoryview(self.data)[self.filled : self.filled + limit]
+
+    def landed(self, count: int) -> None:
+        self.filled += count
+
+    def finish(self) -> None:
+        assert self.filled == self.length
+        self.log.append(f"finish {self.name}")
+
+    def undo(self) -> None:
+        self.log.append(f"undo {self.name}")
+
+    def commit(self) -> None:
+        self.log.append(f"commit {self.name}")
+
+
+class Received:
+    """A stream fed to a :class:`StreamDecoder` piece by piece; sections whose name starts
+    with "big" go to sinks."""
+
+    def __init__(self, data: bytes, cuts: list[int], limits: StreamLimits | None = None) -> None:
+        self.log: list[str] = []
+        self.order: list[str] = []  # every section's name, as the decoder reached it
+        self.sinks: list[RecordingSink] = []
+        self.store = MemoryStaging()
+        self.decoder = StreamDecoder(
+            device_type=DTYPE,
+            max_model_version=1,
+            sink_for=self._sink_for,
+            store=self.store,
+            limits=limits,
+        )
+        for piece in chunked(data, cuts):
+            try:
+                self._give(memoryview(piece))
+            except StreamError:
+                break
+
+    def _give(self, piece: memoryview) -> None:
+        """As the runtime does: into a sink's memory where one offers it, else fed."""
+        while piece:
+            target = self.decoder.target(len(piece))
+            if target is None:
+                self.decoder.feed(piece)
+                return
+            target[:] = piece[: len(target)]
+            self.decoder.landed(len(target))
+            piece = piece[len(target) :]
+
+    def _sink_for(self, name: str, length: int) -> RecordingSink | None:
+        self.order.append(name)
+        if not name.startswith("big"):
+            return None
+        sink = RecordingSink(name, length, self.log)
+        self.sinks.append(sink)
+        return sink
+
+    def outcome(self) -> object:
+        """In :func:`outcome`'s form: every section in stream order, sunk ones included."""
+        try:
+            kept = iter(self.decoder.sections())
+        except DeviceError as exc:
+            return ("error", exc.errno)
+        sunk = iter(self.sinks)
+        out: list[tuple[str, bytes]] = []
+        for name in self.order:
+            if name.startswith("big"):
+                sink = next(sunk)
+                out.append((sink.name, bytes(sink.data)))
+            else:
+                kept_name, payload = next(kept)
+                out.append((kept_name, bytes(payload)))
+        return out
 
 
 # --------------------------------------------------------------------------- CRC combination
@@ -178,23 +261,25 @@ def test_saving_session_checksums_a_section_only_when_reached() -> None:
 # --------------------------------------------------------------------------- the scanner
 
 
+big_sections_st = st.lists(
+    st.tuples(st.sampled_from(["big.ram", "bigger", "small", "regs"]), payloads), max_size=6
+)
+
+
 @given(
-    sections=sections_st,
+    sections=big_sections_st,
     cuts=st.lists(st.integers(0, 60_000), max_size=12),
 )
 @settings(max_examples=80)
-def test_scanner_records_true_checksums_and_spares_the_second_pass(
-    sections: list[Sec], cuts: list[int]
-) -> None:
+def test_decoder_takes_a_stream_cut_anywhere(sections: list[Sec], cuts: list[int]) -> None:
     stream = encode(DTYPE, 1, SESSION, sections)
-    scanner = scanned(stream, cuts)
-    for (start, end), value in scanner.checksums.items():
-        assert sp.crc32c(stream[start:end]) == value
-    trailer_at = len(stream) - 16
-    assert scanner.checksums[(0, trailer_at)] == sp.crc32c(stream[:trailer_at])
-    large = [p for _, p in sections if len(p) >= ChecksumScanner.MIN_SECTION]
-    assert len(scanner.checksums) == 1 + len(large)
-    assert outcome(stream, scanner.checksums) == sections
+    received = Received(stream, cuts)
+    assert received.outcome() == sections == outcome(stream)
+    assert received.decoder.received == len(stream)
+    received.decoder.commit()
+    assert received.log == [f"finish {n}" for n, _ in sections if n.startswith("big")] + [
+        f"commit {n}" for n, _ in sections if n.startswith("big")
+    ]
 
 
 @st.composite
@@ -217,37 +302,106 @@ def damaged_streams(draw: st.DrawFn) -> bytes:
 
 
 @given(data=damaged_streams(), cuts=st.lists(st.integers(0, 60_000), max_size=8))
-@settings(max_examples=150)
-def test_scanner_never_changes_what_decode_decides(data: bytes, cuts: list[int]) -> None:
-    scanner = scanned(data, cuts)
-    for (start, end), value in scanner.checksums.items():
-        assert sp.crc32c(data[start:end]) == value
-    assert outcome(data, scanner.checksums) == outcome(data, None)
+@settings(max_examples=200)
+def test_decoder_decides_as_decode_does(data: bytes, cuts: list[int]) -> None:
+    received = Received(data, cuts)
+    assert received.outcome() == outcome(data)
 
 
-def test_scanner_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ChecksumScanner, "MAX_RANGES", 3)
-    sections = [(f"s{i}", os.urandom(5000)) for i in range(6)]
-    stream = encode(DTYPE, 1, SESSION, sections)
-    scanner = scanned(stream, [])
-    assert len(scanner.checksums) == 3 and scanner.stopped
-    assert outcome(stream, scanner.checksums) == sections  # decode computes the rest
+def test_decoder_reports_the_first_defect_again_and_stops() -> None:
+    stream = bytearray(encode(DTYPE, 1, SESSION, [("big.ram", noise(5000)), ("tail", b"t")]))
+    stream[HEADER.size + 40] ^= 1  # inside the big section's payload
+    received = Received(bytes(stream), [HEADER.size + 100])
+    error = received.decoder.error
+    assert error is not None and "checksum mismatch" in str(error)
+    with pytest.raises(StreamError) as again:
+        received.decoder.feed(b"more")
+    assert again.value is error
+    with pytest.raises(StreamError):
+        received.decoder.sections()
+    received.decoder.undo()
+    assert received.log == ["undo big.ram"]  # the sink wrote, its checksum then failed
 
 
-def test_scanner_stops_on_a_record_that_is_not_a_section() -> None:
-    stream = bytearray(encode(DTYPE, 1, SESSION, [("a", os.urandom(5000))]))
-    stream[HEADER.size : HEADER.size + 4] = b"JUNK"
-    scanner = scanned(bytes(stream), [])
-    assert scanner.stopped and not scanner.checksums
-    assert SECTION.size == 24
+def test_decoder_undoes_sinks_newest_first() -> None:
+    sections = [("big.a", noise(5000)), ("big.b", noise(6000))]
+    received = Received(encode(DTYPE, 1, SESSION, sections), [])
+    received.decoder.undo()
+    assert received.log == ["finish big.a", "finish big.b", "undo big.b", "undo big.a"]
+    received.decoder.undo()  # once only
+    assert len(received.log) == 4
 
 
-def test_resuming_session_scans_what_is_written() -> None:
+def test_decoder_checks_the_device_before_any_sink() -> None:
+    stream = encode("e1000", 1, SESSION, [("big.ram", noise(5000))])
+    received = Received(stream, [])
+    assert received.outcome() == ("error", errno.EINVAL) and received.order == []
+
+
+def test_decoder_enforces_the_stream_limit_while_it_arrives() -> None:
+    stream = encode(DTYPE, 1, SESSION, [("big.ram", noise(50_000))])
+    received = Received(stream, list(range(0, len(stream), 1000)), StreamLimits(max_stream=20_000))
+    assert received.decoder.error is not None and "limit" in str(received.decoder.error)
+    assert received.decoder.received <= 21_000  # stopped at the piece that crossed it
+
+
+def test_resuming_session_keeps_the_error_for_the_end() -> None:
     sections = [("geometry", b"g"), ("ram", os.urandom(10_000))]
+    stream = bytearray(encode(DTYPE, 1, SESSION, sections))
+    stream[-20] ^= 0xFF
+    store = MemoryStaging()
+    codec = EnvelopeCodec(DTYPE, 1, StreamLimits())
+    session = ResumingSession(1 << 20, store, codec.decoder(lambda name, length: None, store))
+    for at in range(0, len(stream), 777):
+        session.write(stream[at : at + 777])  # accepted: the error waits for RESUMING->STOP
+    assert session.size == len(stream)
+    with pytest.raises(StreamError):
+        session.sections()
+
+
+def test_resuming_session_stages_only_kept_payloads() -> None:
+    sections = [("geometry", b"g"), ("big.ram", os.urandom(10_000)), ("regs", b"r" * 8)]
     stream = encode(DTYPE, 1, SESSION, sections)
-    session = ResumingSession(1 << 20, MemoryStaging())
+    store = MemoryStaging()
+    codec = EnvelopeCodec(DTYPE, 1, StreamLimits())
+    log: list[str] = []
+    session = ResumingSession(
+        1 << 20,
+        store,
+        codec.decoder(
+            lambda name, length: RecordingSink(name, length, log) if "big" in name else None,
+            store,
+        ),
+    )
     for at in range(0, len(stream), 777):
         session.write(stream[at : at + 777])
-    assert len(session.checksums) == 2
-    data = session.staging.view()
-    assert outcome(bytes(data), dict(session.checksums)) == sections
+    kept = session.sections()
+    assert kept is not None
+    assert [(n, bytes(p)) for n, p in kept] == [("geometry", b"g"), ("regs", b"r" * 8)]
+    assert store.size == 9
+    session.close()
+    assert log == ["finish big.ram", "undo big.ram"]  # closed without a commit
+
+
+def test_a_reader_that_follows_wanted_reads_sink_payloads_in_place() -> None:
+    """What the data-fd pump does: read into the place :meth:`target` offers, else only
+    :meth:`wanted` bytes, so that a sink's payload is read in place, not copied."""
+    sections = [("regs", noise(300)), ("big.a", noise(200_000)), ("big.b", noise(90_000))]
+    stream = memoryview(encode(DTYPE, 1, SESSION, sections))
+    received = Received(b"", [])
+    copied = in_place = 0
+    while stream:
+        target = received.decoder.target(1 << 16)
+        if target is not None:
+            size = len(target)
+            target[:] = stream[:size]
+            received.decoder.landed(size)
+            in_place += size
+        else:
+            size = received.decoder.wanted(1 << 16)
+            assert size > 0
+            received.decoder.feed(stream[:size])
+            copied += size
+        stream = stream[size:]
+    assert received.outcome() == sections
+    assert in_place >= 290_000 - 2 * 4096  # all but what came with a record's read

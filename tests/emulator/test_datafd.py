@@ -28,6 +28,7 @@ import trio
 
 import devices.migration as engine_module
 from devices import testdev as td
+from devices.api import DetachedContext
 from devices.testdev import TestDev, TestDevOptions
 from emulator.client import Client, ClientError
 from emulator.migration import DATA_FD_CAPABILITIES, migrate
@@ -1115,6 +1116,42 @@ async def test_a_client_that_disconnects_mid_transfer_leaves_the_server_healthy(
             assert not any(dev_of(served).ram.buffer)  # the reset cleared RAM
             stream = await save_via_fd(c)
             assert stream.startswith(b"VFUSTATE") and stream[-16:].startswith(b"END!")
+
+
+@pytest.mark.parametrize("transport", ["fd", "inband"])
+async def test_a_resume_cut_by_a_disconnect_leaves_ram_as_it_was(tmp_path: Path, transport: str):
+    """Most of a valid stream is written (its RAM sections are applied in place as they
+    arrive), then the client goes: the destination keeps RESUMING with its old RAM."""
+    async with serve(tmp_path, "src", ram=BIG_RAM) as (served, src):
+        fill_random(served, 71)
+        stream = await save_via_fd(src)
+    dev = TestDev(TestDevOptions(ram_size=BIG_RAM))
+    async with served_device(dev, tmp_path, name="dst.sock") as s:
+        fill_random(s, 72)
+        before = snapshot(s)
+        caps = DATA_FD_CAPABILITIES if transport == "fd" else PLAIN_CAPS
+        async with Client.connect(s.socket_path, capabilities=caps) as c:
+            await go(c, STOP)
+            part = stream[: len(stream) * 3 // 4]
+            if transport == "fd":
+                fd = await c.set_mig_state(RESUMING)
+                assert fd is not None
+                await write_fd(fd, part)
+                os.close(fd)
+                await trio.sleep(0.1)  # the server applies what it was given
+            else:
+                await go(c, RESUMING)
+                await write_migration_data(c, part)
+            assert snapshot(s)[1] != before[1]  # applied in place while it arrives
+        with trio.fail_after(TIMEOUT):
+            while not isinstance(dev.context, DetachedContext):
+                await trio.sleep(0.01)
+        assert snapshot(s) == before
+        async with Client.connect(s.socket_path, capabilities=DATA_FD_CAPABILITIES) as c:
+            assert await get_state(c) == RESUMING
+            await c.reset()
+            await load_via_fd(c, stream)
+            assert bytes(dev.ram.buffer) == bytes(dev_of(served).ram.buffer)
 
 
 def test_only_large_pieces_of_mappings_go_by_reference() -> None:

@@ -1,0 +1,114 @@
+"""Writes into device memory that can be taken back: a resumed stream is applied in place
+while it arrives (no staging copy of a large RAM), and a stream that then fails to check out
+must leave the device as it was.
+
+Before a write replaces bytes, the journal keeps them, unless they are all zero (a freshly
+reset or never-used destination, the usual case of a migration): then it only notes the
+range, and undoing it clears the range again. The kept bytes live in anonymous mappings
+outside the Python heap, allocated as they are needed and freed by :meth:`commit` or
+:meth:`undo`.
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+
+from . import stream_primitives
+
+#: Kept bytes are stored in mappings of this size (a larger write gets its own).
+STORE_CHUNK = 16 << 20
+#: The zero test looks at this much at a time (a whole-range bitmap bit each).
+ZERO_PROBE = stream_primitives.MAX_PAGE_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    offset: int
+    length: int
+    kept: memoryview | None  # the bytes replaced; None: they were all zero
+
+
+class MemoryJournal:
+    def __init__(self, memory: memoryview) -> None:
+        self.memory = memory
+        self._entries: list[_Entry] = []
+        self._stores: list[mmap.mmap] = []
+        self._store_free = 0  # bytes left in the newest store
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self.prepare(offset, len(data))[:] = data
+
+    def prepare(self, offset: int, count: int) -> memoryview:
+        """The memory at ``offset``, for the caller to overwrite (its bytes kept first)."""
+        self._keep(offset, count)
+        return self.memory[offset : offset + count]
+
+    def clear(self, offset: int, count: int) -> None:
+        current = self.memory[offset : offset + count]
+        if _all_zero(current):
+            return  # nothing changes, nothing to take back
+        self._entries.append(_Entry(offset, count, self._copy(current)))
+        zeros = bytes(min(count, ZERO_PROBE))
+        for at in range(offset, offset + count, len(zeros)):
+            size = min(len(zeros), offset + count - at)
+            self.memory[at : at + size] = zeros[:size]
+
+    def undo(self) -> None:
+        """Every write taken back, newest first (a later write may cover an earlier)."""
+        entries, self._entries = self._entries, []
+        for entry in reversed(entries):
+            target = self.memory[entry.offset : entry.offset + entry.length]
+            if entry.kept is None:
+                _zero(target)
+            else:
+                target[:] = entry.kept
+        self._release()
+
+    def commit(self) -> None:
+        self._entries = []
+        self._release()
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(len(entry.kept) for entry in self._entries if entry.kept is not None)
+
+    def _keep(self, offset: int, count: int) -> None:
+        current = self.memory[offset : offset + count]
+        kept = None if _all_zero(current) else self._copy(current)
+        self._entries.append(_Entry(offset, count, kept))
+
+    def _copy(self, current: memoryview) -> memoryview:
+        kept = self._store(len(current))
+        kept[:] = current
+        return kept
+
+    def _store(self, count: int) -> memoryview:
+        if count > self._store_free:
+            self._stores.append(mmap.mmap(-1, max(count, STORE_CHUNK)))
+            self._store_free = len(self._stores[-1])
+        store = self._stores[-1]
+        start = len(store) - self._store_free
+        self._store_free -= count
+        return memoryview(store)[start : start + count]
+
+    def _release(self) -> None:
+        # Unmapped when the last view of them goes (the entries just dropped hold views).
+        self._stores, self._store_free = [], 0
+
+
+def _all_zero(view: memoryview) -> bool:
+    """Whether ``view`` holds only zero bytes (the fastest available primitive)."""
+    bitmap = stream_primitives.current().zero_page_bitmap
+    for at in range(0, len(view), ZERO_PROBE):
+        piece = view[at : at + ZERO_PROBE]
+        if not bitmap(piece, len(piece))[0] & 1:
+            return False
+    return True
+
+
+def _zero(view: memoryview) -> None:
+    zeros = bytes(min(len(view), ZERO_PROBE))
+    for at in range(0, len(view), len(zeros)):
+        size = min(len(zeros), len(view) - at)
+        view[at : at + size] = zeros[:size]

@@ -229,6 +229,7 @@ def decode(
     _check_device(header, device_type, max_model_version)
     sections: list[LoadedSection] = []
     pos = HEADER.size
+    stream_crc = _crc(view[:pos])  # built from the sections' own: each byte is read once
     while True:
         if len(view) - pos < 4:
             raise StreamError("truncated: no trailer")
@@ -237,10 +238,13 @@ def decode(
             break
         if tag != SECTION_TAG:
             raise StreamError(f"unknown record tag {tag!r} at offset {pos}")
-        pos = _section(view, pos, len(sections), limits, sections)
+        start = pos
+        pos, section_crc = _section(view, pos, len(sections), limits, sections)
+        stream_crc = _crc(view[start : start + SECTION.size], stream_crc)
+        stream_crc = _combine(stream_crc, section_crc, pos - start - SECTION.size)
     if len(view) - pos != TRAILER.size:
         raise StreamError("truncated trailer or bytes after it")
-    _check_trailer(view[pos:], len(sections), _crc(view[:pos]))
+    _check_trailer(view[pos:], len(sections), stream_crc)
     return header, sections
 
 
@@ -270,7 +274,8 @@ def _section(
     index: int,
     limits: StreamLimits,
     out: list[LoadedSection],
-) -> int:
+) -> tuple[int, int]:
+    """One section at ``pos``, checked and appended to ``out``: (its end, its CRC)."""
     if len(view) - pos < SECTION.size:
         raise StreamError("truncated section header")
     record = _section_record(view[pos : pos + SECTION.size], index, limits)
@@ -283,7 +288,7 @@ def _section(
     if _crc(view[start:end]) != record.crc:
         raise StreamError(f"section {index} ({name}): checksum mismatch")
     out.append((name, payload))
-    return int(end)
+    return int(end), record.crc
 
 
 @dataclass(frozen=True, slots=True)

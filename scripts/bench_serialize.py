@@ -1,14 +1,23 @@
-"""Throughput of the migration-stream primitives: memcpy vs C vs pure Python.
+"""Throughput of the migration stream: memcpy vs C vs pure Python.
 
 Run with the project's virtualenv (the package must be installed, e.g. ``make venv``)::
 
     .venv/bin/python scripts/bench_serialize.py            # 16 MiB buffers
     .venv/bin/python scripts/bench_serialize.py --large    # also 256 MiB
 
-MB/s means 10^6 bytes per second; each figure is the best of ``--repeat`` runs.  The
-pure-Python CRC-32C is timed on a smaller sample (``--python-sample-mib``) and its rate is
-extrapolated per MB to the full size, because timing it on the whole buffer takes minutes.
-This is a benchmark, not a test: it asserts only that C and Python agree.
+Two kinds of rows:
+
+* the whole state, as a migration does it (testdev with RAM of the given size, random
+  bytes): **serialize** = the source's stop-copy stream (zero-page bitmap, section framing,
+  CRC-32C) copied into a buffer, as a transport copies it; **parse+verify** = that stream
+  validated and applied into a destination's RAM, whole (decode, then load) or while it
+  arrives (the decoder with RAM read in place, as the data-fd path does);
+* the primitives alone (CRC-32C, zero-page bitmap).
+
+MB/s means 10^6 bytes (of RAM, for the whole-state rows) per second; each figure is the best
+of ``--repeat`` runs. Pure-Python figures are timed on a smaller sample
+(``--python-sample-mib``) and their rate is extrapolated, because a whole buffer takes
+minutes. This is a benchmark, not a test: it asserts only that C and Python agree.
 """
 
 from __future__ import annotations
@@ -23,6 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from devices import stream_primitives as sp
+from devices.migration import MemoryStaging, SavingSession
+from devices.state_stream import StreamLimits, decode
+from devices.testdev import TestDev, TestDevOptions
 from emulator import fastpath
 
 MIB = 1 << 20
@@ -111,6 +123,107 @@ def bench_size(
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# the whole state
+
+READ_PIECE = MIB  # what the data-fd pump reads at a time
+
+
+def testdev_with(ram: bytes) -> TestDev:
+    device = TestDev(TestDevOptions(ram_size=len(ram)))
+    device.ram.buffer[:] = ram
+    return device
+
+
+def serialize_into(device: TestDev, out: memoryview) -> int:
+    """The stop-copy stream as the engine makes it, copied piece by piece into ``out``."""
+    session = SavingSession(device.migration_codec(StreamLimits()))
+    session.finish(device.stop_copy_sections(after_precopy=False))
+    at = 0
+    while piece := session.take(READ_PIECE):
+        out[at : at + len(piece)] = piece
+        at += len(piece)
+    return at
+
+
+def load_whole(device: TestDev, stream: memoryview) -> None:
+    """Decode the whole stream, then apply it (a stream staged before it is loaded)."""
+    _, sections = decode(stream, device_type=device.type_name, max_model_version=1)
+    device.load_state(sections)
+
+
+def load_arriving(device: TestDev, stream: memoryview) -> None:
+    """Decode while it arrives, RAM read in place (the data-fd path), then apply the rest."""
+    codec = device.migration_codec(StreamLimits())
+    decoder = codec.decoder(device.resume_sink, MemoryStaging())
+    while stream:
+        target = decoder.target(READ_PIECE)
+        if target is not None:
+            size = len(target)
+            target[:] = stream[:size]  # the pump's readv from the pipe
+            decoder.landed(size)
+        else:
+            size = decoder.wanted(READ_PIECE)
+            decoder.feed(stream[:size])
+        stream = stream[size:]
+    device.load_state(decoder.sections())
+    decoder.commit()
+
+
+def whole_state_rows(
+    size: int, impl_name: str, sample: int, repeat: int, ram_source: bytes
+) -> list[Row]:
+    """Serialize and parse+verify rows for one implementation (installed by the caller);
+    Python runs on ``sample`` bytes of RAM."""
+    nbytes = size if impl_name == "c" else min(sample, size)
+    ram = ram_source[:nbytes]
+    source = testdev_with(ram)
+    out = memoryview(bytearray(nbytes + (1 << 16)))  # room for the framing
+    length = serialize_into(source, out)  # also faults the buffer in
+    seconds = best_of(repeat, functools.partial(serialize_into, source, out))
+    note = "" if nbytes == size else f"timed on {nbytes / MIB:g} MiB, rate extrapolated"
+    rows = [Row(size, "serialize (stop-copy stream)", impl_name, nbytes, seconds, note)]
+    stream = out[:length]
+    destination = testdev_with(bytes(nbytes))
+    for operation, load in (
+        ("parse+verify+apply, whole stream", load_whole),
+        ("parse+verify+apply, as it arrives", load_arriving),
+    ):
+        seconds = fresh_destination_best_of(
+            repeat, destination, functools.partial(load, destination, stream)
+        )
+        if bytes(destination.ram.buffer) != ram:
+            raise SystemExit(f"{operation} ({impl_name}) did not restore the RAM")
+        rows.append(Row(size, operation, impl_name, nbytes, seconds, note))
+    return rows
+
+
+def fresh_destination_best_of(
+    repeat: int, destination: TestDev, load: Callable[[], object]
+) -> float:
+    """Best time of ``load`` into a destination reset before each run (untimed), as a
+    migration's destination is: its RAM zero, so a resume in place keeps no copy of it."""
+    best = float("inf")
+    for _ in range(repeat):
+        destination.reset()
+        best = min(best, best_of(1, load))
+    return best
+
+
+def whole_state(size: int, sample: int, repeat: int, c_impl: sp.Impl | None) -> list[Row]:
+    ram = bytes(sparse_buffer(size, 4096, 0.0, seed=3))
+    previous = sp.current()
+    rows: list[Row] = []
+    try:
+        for impl in [sp.PYTHON] + ([c_impl] if c_impl is not None else []):
+            sp.install(impl)
+            name = "python" if impl is sp.PYTHON else "c"
+            rows += whole_state_rows(size, name, sample, repeat, ram)
+    finally:
+        sp.install(previous)
+    return rows
+
+
 def print_table(rows: list[Row]) -> None:
     memcpy = {
         r.size: max(x.rate for x in rows if x.size == r.size and x.operation.startswith("memcpy"))
@@ -134,6 +247,7 @@ def print_table(rows: list[Row]) -> None:
             f"{vs_python:>9} {vs_memcpy:>9}  {r.note}"
         )
     print("\nC/memcpy: against the best memcpy row of the same size.")
+    print("whole-state rows: MB of RAM per second (the stream is a little larger).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page-size", type=int, default=4096, help="bitmap page size")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (best kept)")
     parser.add_argument(
-        "--python-sample-mib", type=int, default=1, help="sample size for the Python CRC"
+        "--python-sample-mib", type=int, default=1, help="sample size for the Python rows"
     )
     args = parser.parse_args(argv)
 
@@ -153,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [args.size_mib * MIB] + ([256 * MIB] if args.large else [])
     rows: list[Row] = []
     for size in sizes:
+        rows += whole_state(size, args.python_sample_mib * MIB, max(1, args.repeat), c_impl)
         rows += bench_size(
             size, args.page_size, args.python_sample_mib * MIB, max(1, args.repeat), c_impl
         )

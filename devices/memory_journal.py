@@ -4,20 +4,17 @@ must leave the device as it was.
 
 Before a write replaces bytes, the journal keeps them, unless they are all zero (a freshly
 reset or never-used destination, the usual case of a migration): then it only notes the
-range, and undoing it clears the range again. The kept bytes live in anonymous mappings
-outside the Python heap, allocated as they are needed and freed by :meth:`commit` or
-:meth:`undo`.
+range, and undoing it clears the range again. The kept bytes are copies of at most a write's
+size (the runtime writes up to 1 MiB at a time), freed by :meth:`commit` or :meth:`undo`.
+A destination that is not zero thus costs a copy of what is overwritten, in fresh memory.
 """
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass
 
 from . import stream_primitives
 
-#: Kept bytes are stored in mappings of this size (a larger write gets its own).
-STORE_CHUNK = 16 << 20
 #: The zero test looks at this much at a time (a whole-range bitmap bit each).
 ZERO_PROBE = stream_primitives.MAX_PAGE_SIZE
 
@@ -26,15 +23,13 @@ ZERO_PROBE = stream_primitives.MAX_PAGE_SIZE
 class _Entry:
     offset: int
     length: int
-    kept: memoryview | None  # the bytes replaced; None: they were all zero
+    kept: bytes | None  # the bytes replaced; None: they were all zero
 
 
 class MemoryJournal:
     def __init__(self, memory: memoryview) -> None:
         self.memory = memory
         self._entries: list[_Entry] = []
-        self._stores: list[mmap.mmap] = []
-        self._store_free = 0  # bytes left in the newest store
 
     def write(self, offset: int, data: memoryview) -> None:
         self.prepare(offset, len(data))[:] = data
@@ -48,7 +43,7 @@ class MemoryJournal:
         current = self.memory[offset : offset + count]
         if _all_zero(current):
             return  # nothing changes, nothing to take back
-        self._entries.append(_Entry(offset, count, self._copy(current)))
+        self._entries.append(_Entry(offset, count, bytes(current)))
         zeros = bytes(min(count, ZERO_PROBE))
         for at in range(offset, offset + count, len(zeros)):
             size = min(len(zeros), offset + count - at)
@@ -63,11 +58,9 @@ class MemoryJournal:
                 _zero(target)
             else:
                 target[:] = entry.kept
-        self._release()
 
     def commit(self) -> None:
         self._entries = []
-        self._release()
 
     @property
     def kept_bytes(self) -> int:
@@ -75,26 +68,8 @@ class MemoryJournal:
 
     def _keep(self, offset: int, count: int) -> None:
         current = self.memory[offset : offset + count]
-        kept = None if _all_zero(current) else self._copy(current)
+        kept = None if _all_zero(current) else bytes(current)
         self._entries.append(_Entry(offset, count, kept))
-
-    def _copy(self, current: memoryview) -> memoryview:
-        kept = self._store(len(current))
-        kept[:] = current
-        return kept
-
-    def _store(self, count: int) -> memoryview:
-        if count > self._store_free:
-            self._stores.append(mmap.mmap(-1, max(count, STORE_CHUNK)))
-            self._store_free = len(self._stores[-1])
-        store = self._stores[-1]
-        start = len(store) - self._store_free
-        self._store_free -= count
-        return memoryview(store)[start : start + count]
-
-    def _release(self) -> None:
-        # Unmapped when the last view of them goes (the entries just dropped hold views).
-        self._stores, self._store_free = [], 0
 
 
 def _all_zero(view: memoryview) -> bool:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from devices import stream_primitives as sp
 from devices.migration import MemoryStaging, SavingSession
-from devices.state_stream import StreamLimits, decode
+from devices.state_stream import StreamDecoder, StreamLimits, decode
 from devices.testdev import TestDev, TestDevOptions
 from emulator import fastpath
 
@@ -154,8 +154,12 @@ def load_whole(device: TestDev, stream: memoryview) -> None:
 
 def load_arriving(device: TestDev, stream: memoryview) -> None:
     """Decode while it arrives, RAM read in place (the data-fd path), then apply the rest."""
-    codec = device.migration_codec(StreamLimits())
-    decoder = codec.decoder(device.resume_sink, MemoryStaging())
+    decoder = StreamDecoder(
+        device_type=device.type_name,
+        max_model_version=device.model_version,
+        sink_for=device.resume_sink,
+        store=MemoryStaging(),
+    )
     while stream:
         target = decoder.target(READ_PIECE)
         if target is not None:

@@ -105,6 +105,15 @@ else bad "ping: $(grep transmitted /tmp/ping)"; fi
 # several 4 KiB page buffers: descriptors chained up to EOP); A pings B with 8000 bytes, so
 # an 8042-byte frame goes each way.
 JUMBO = r"""
+# The MTU change resets the NIC, and autonegotiation then takes 0.5 s. A frame the stack
+# queues meanwhile (e.g. the last ACKs of the bulk transfer) leaves Tx work pending while
+# the link is down, which makes the driver's watchdog reset the adapter once more, as it
+# would on the real part; on a loaded machine the window is wide. So wait for the link to
+# go quiet first (tx_packets unchanged for a second, at most 10 s).
+last=-1; n=0
+while [ "$(cat $net/statistics/tx_packets)" != "$last" ] && [ $n -lt 10 ]; do
+    last=$(cat $net/statistics/tx_packets); sleep 1; n=$((n + 1))
+done
 ip link set $ifc mtu @JUMBO_MTU@
 n=0
 while [ "$(cat $net/carrier 2>/dev/null)" != 1 ] && [ $n -lt 150 ]; do sleep 0.1; n=$((n + 1)); done

@@ -55,7 +55,7 @@ from protocol.constants import (
     RegionFlags,
 )
 from protocol.errors import ProtocolError
-from protocol.framer import Message, MessageFramer, Oversized
+from protocol.framer import InPlaceMessage, Message, MessageFramer, Oversized
 from protocol.header import HEADER, Header, pack_error_reply, pack_message, pack_reply
 from protocol.messages import (
     U64,
@@ -80,7 +80,16 @@ from protocol.messages import (
 )
 from protocol.version import parse_capabilities_json, parse_client_version
 
-from .transport import TransportError, close_fds, receive_chunk, send_message
+from .transport import (
+    Part,
+    TransportError,
+    close_fds,
+    enlarge_send_buffer,
+    receive_chunk,
+    receive_into,
+    send_gathered,
+    send_message,
+)
 
 __all__ = [
     "Client",
@@ -210,9 +219,19 @@ class GuestMemory:
 class _Pending:
     """One request waiting for its reply."""
 
-    __slots__ = ("abandoned", "command", "error", "event", "fds", "header", "payload")
+    __slots__ = (
+        "abandoned",
+        "command",
+        "error",
+        "event",
+        "fds",
+        "header",
+        "in_place",
+        "into",
+        "payload",
+    )
 
-    def __init__(self, command: int) -> None:
+    def __init__(self, command: int, into: bytearray | None = None) -> None:
         self.command = command
         self.event = trio.Event()
         self.header: Header | None = None
@@ -220,6 +239,10 @@ class _Pending:
         self.fds: list[int] = []
         self.error: ClientError | None = None
         self.abandoned = False
+        #: Where a large reply payload is received (see Client._place_reply), and the view
+        #: of it once it was received there.
+        self.into = into
+        self.in_place: memoryview | None = None
 
 
 class InFlight:
@@ -248,12 +271,21 @@ class InFlight:
         assert header is not None
         return header, waiter.payload, self.client._check_reply(self.command, header, waiter)
 
+    @property
+    def received_in_place(self) -> memoryview | None:
+        """After :meth:`reply`: the payload, when it was received into the buffer the
+        request named (``payload`` is then empty)."""
+        return self._waiter.in_place
+
     def abandon(self) -> None:
         """Not waiting for the reply after all (it is dropped when it comes)."""
         if self._waiter.event.is_set():
             close_fds(self._waiter.fds)
         else:
             self._waiter.abandoned = True
+            if self._waiter.into is not None:
+                # The reply may still be received into that buffer: never lend it again.
+                self.client._forget_receive_buffers()
 
 
 class _Broken:
@@ -281,6 +313,8 @@ class Client:
         trace: Callable[[str], None] | None = None,
     ) -> None:
         self._sock = sock
+        if isinstance(sock, trio.socket.SocketType):  # not a test's stand-in
+            enlarge_send_buffer(sock)
         self.trace = trace
         self.capabilities: dict[str, Any] = dict(
             DEFAULT_CAPABILITIES if capabilities is None else capabilities
@@ -298,7 +332,8 @@ class Client:
         self.server_max_msg_fds = 1
         self.server_max_data_xfer_size = DEFAULT_MAX_DATA_XFER_SIZE
         self._memory: DmaMemory | None = None
-        self._framer = MessageFramer(MAX_MESSAGE_SIZE)
+        self._framer = MessageFramer(MAX_MESSAGE_SIZE, self._place_reply)
+        self._receive_buffers: list[bytearray] = []
         self._pending: dict[int, _Pending] = {}
         self._next_id = 0
         self._send_lock = trio.Lock()
@@ -449,19 +484,26 @@ class Client:
         if self._broken is not None:
             raise self._broken.error(command)
 
-    async def _send(self, data: bytes | bytearray, fds: Sequence[int], command: int) -> None:
+    async def _send(
+        self, data: bytes | bytearray | list[Part], fds: Sequence[int], command: int
+    ) -> None:
+        """Send one message: bytes, or a list of parts (header first) sent gathered."""
         async with self._send_lock:
             self._check_usable(command)
             if self.trace is not None:
-                if len(data) >= HEADER.size:
-                    self._trace("->", Header.unpack(data), len(fds))
+                head = data[0] if isinstance(data, list) else data
+                if len(head) >= HEADER.size:
+                    self._trace("->", Header.unpack(head), len(fds))
                 else:
-                    self.trace(f"-> {len(data)} raw bytes, fds={len(fds)}")
+                    self.trace(f"-> {len(head)} raw bytes, fds={len(fds)}")
             # Shielded: a half-sent message would corrupt the stream. A send stuck on a
             # server that stopped reading is undone by aclose(), which closes the socket.
             with trio.CancelScope(shield=True):
                 try:
-                    await send_message(self._sock, data, fds)
+                    if isinstance(data, list):
+                        await send_gathered(self._sock, data, fds)
+                    else:
+                        await send_message(self._sock, data, fds)
                 except (OSError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
                     why = _Broken(ConnectionLost, _errno_of(exc), f"send failed: {exc!r}")
                     self._break(why)
@@ -511,22 +553,24 @@ class Client:
         return await self._send_request(command, (payload,), fds)
 
     async def _send_request(
-        self, command: int, parts: Sequence[bytes | bytearray | memoryview], fds: Sequence[int]
+        self,
+        command: int,
+        parts: Sequence[Part],
+        fds: Sequence[int],
+        *,
+        into: bytearray | None = None,
     ) -> InFlight:
-        """:meth:`send_request` of a payload made of ``parts`` (copied once, into the
-        message)."""
+        """:meth:`send_request` of a payload made of ``parts``, sent gathered after the
+        header (never joined: migration data goes out from the buffer it came in). A large
+        reply payload is received into ``into`` when it fits (see :meth:`_place_reply`)."""
         self._check_usable(command)
         msg_id = self._allocate_id()
-        data = bytearray(HEADER.size + sum(len(part) for part in parts))
-        HEADER.pack_into(data, 0, msg_id, command, len(data), MsgType.COMMAND, 0)
-        at = HEADER.size
-        for part in parts:
-            data[at : at + len(part)] = part
-            at += len(part)
-        waiter = _Pending(command)
+        size = HEADER.size + sum(len(part) for part in parts)
+        head = HEADER.pack(msg_id, command, size, MsgType.COMMAND, 0)
+        waiter = _Pending(command, into)
         self._pending[msg_id] = waiter
         try:
-            await self._send(data, fds, command)
+            await self._send([head, *parts], fds, command)
         except BaseException:
             if self._pending.get(msg_id) is waiter:
                 del self._pending[msg_id]
@@ -859,17 +903,23 @@ class Client:
         """
         return bytes(await self.mig_data_read_reply(await self.mig_data_read_send(size), size))
 
-    async def mig_data_read_send(self, size: int) -> InFlight:
-        """Send MIG_DATA_READ of ``size`` bytes; :meth:`mig_data_read_reply` gets the data."""
+    async def mig_data_read_send(self, size: int, into: bytearray | None = None) -> InFlight:
+        """Send MIG_DATA_READ of ``size`` bytes; :meth:`mig_data_read_reply` gets the data.
+
+        With ``into`` (at least 8 + ``size`` bytes, e.g. from :meth:`receive_buffers`), a
+        large reply is received straight into it: the caller must leave it alone until it
+        has the reply and is done with its data."""
         request = MigDataRead(_MIG_HEADER + size, size).pack()
-        return await self.send_request(Command.MIG_DATA_READ, request)
+        return await self._send_request(Command.MIG_DATA_READ, (request,), (), into=into)
 
     async def mig_data_read_reply(self, sent: InFlight, size: int) -> memoryview:
         """The data of a MIG_DATA_READ sent with :meth:`mig_data_read_send`, as a view of
-        the reply (not copied)."""
+        the reply (not copied): of the ``into`` buffer when it was received there."""
         cmd = Command.MIG_DATA_READ
-        _, payload, fds = await sent.reply()
+        _, reply, fds = await sent.reply()
         self._no_fds(cmd, fds)
+        in_place = sent.received_in_place
+        payload = reply if in_place is None else in_place
         if len(payload) < _MIG_HEADER:
             raise InvalidReply(cmd, f"reply of {len(payload)} bytes: no MIG_DATA header")
         argsz, valid = struct.unpack_from("<II", payload)
@@ -888,7 +938,8 @@ class Client:
 
     async def mig_data_write_send(self, data: bytes | bytearray | memoryview) -> InFlight:
         """Send MIG_DATA_WRITE; :meth:`mig_data_write_reply` waits for the server's answer.
-        ``data`` is copied once, straight into the message."""
+        ``data`` is sent from where it is (gathered after the header): once this returns,
+        the kernel has it and the caller may reuse its buffer."""
         head = struct.pack("<II", _MIG_HEADER + len(data), len(data))
         return await self._send_request(Command.MIG_DATA_WRITE, (head, data), ())
 
@@ -896,6 +947,31 @@ class Client:
         _, reply, fds = await sent.reply()
         self._no_fds(Command.MIG_DATA_WRITE, fds)
         self._exact(Command.MIG_DATA_WRITE, reply, 0)
+
+    def receive_buffers(self, count: int, size: int) -> list[bytearray]:
+        """``count`` buffers of ``size`` bytes to receive replies into (the ``into`` of
+        :meth:`mig_data_read_send`). They are kept and lent again by later calls, so a
+        migration does not page in fresh memory for every message; one user at a time."""
+        kept = self._receive_buffers
+        if len(kept) < count or any(len(buffer) < size for buffer in kept[:count]):
+            kept[:] = [bytearray(size) for _ in range(count)]
+        return kept[:count]
+
+    def _forget_receive_buffers(self) -> None:
+        self._receive_buffers = []
+
+    def _place_reply(self, header: Header) -> memoryview | None:
+        """Where the framer receives a large reply payload in place: the buffer its request
+        named, when it fits (a larger reply is received as usual, then refused)."""
+        if header.flags & (FLAGS_TYPE_MASK | FLAG_ERROR) != MsgType.REPLY:
+            return None
+        waiter = self._pending.get(header.msg_id)
+        if waiter is None or waiter.into is None or waiter.abandoned:
+            return None
+        size = header.size - HEADER.size
+        if waiter.command != header.command or size > len(waiter.into):
+            return None
+        return memoryview(waiter.into)[:size]
 
     # -- server -> client DMA -------------------------------------------------------------
 
@@ -971,14 +1047,22 @@ class Client:
                 return
 
     async def _receive_loop(self) -> None:
+        framer = self._framer
         try:
             while True:
-                data, fds = await receive_chunk(self._sock, RECV_BYTES, RECV_FDS)
-                if not data:
+                if (place := framer.receive_buffer()) is not None:
+                    count, fds = await receive_into(self._sock, place, RECV_FDS)
+                    if count:
+                        framer.received(count, fds)
+                else:
+                    data, fds = await receive_chunk(self._sock, RECV_BYTES, RECV_FDS)
+                    count = len(data)
+                    if count:
+                        framer.feed(data, fds)
+                if not count:
                     close_fds(fds)
                     self._break(_Broken(ConnectionLost, _errno.ECONNRESET, "server hung up"))
                     return
-                self._framer.feed(data, fds)
                 while (item := self._framer.next_message()) is not None:
                     self._dispatch(item)
                 close_fds(self._framer.take_orphan_fds())
@@ -991,10 +1075,13 @@ class Client:
         finally:
             close_fds(self._framer.take_all_fds())
 
-    def _dispatch(self, item: Message | Oversized) -> None:
+    def _dispatch(self, item: Message | InPlaceMessage | Oversized) -> None:
         header = item.header
         if self.trace is not None:
             self._trace("<-", header, len(item.fds))
+        if isinstance(item, InPlaceMessage):  # a reply received into its request's buffer
+            self._complete(header, b"", item.fds, None, item.payload)
+            return
         kind = header.msg_type
         if isinstance(item, Oversized):
             close_fds(item.fds)
@@ -1018,7 +1105,12 @@ class Client:
             raise InvalidReply(header.command, f"message type {header.flags & FLAGS_TYPE_MASK}")
 
     def _complete(
-        self, header: Header, payload: bytes, fds: list[int], error: ClientError | None
+        self,
+        header: Header,
+        payload: bytes,
+        fds: list[int],
+        error: ClientError | None,
+        in_place: memoryview | None = None,
     ) -> None:
         waiter = self._pending.pop(header.msg_id, None)
         if waiter is None:
@@ -1031,6 +1123,7 @@ class Client:
             return
         waiter.header = header
         waiter.payload = payload
+        waiter.in_place = in_place
         waiter.fds = fds
         waiter.error = error
         waiter.event.set()

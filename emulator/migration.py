@@ -127,6 +127,8 @@ MIN_CHUNK = 4096
 PROBE_SIZE = 4096
 #: STOP_COPY reads (and writes) in flight at once.
 PIPELINE_DEPTH = 4
+#: argsz + size in front of the data of a MIG_DATA_READ reply.
+MIG_DATA_HEADER = 8
 #: Seconds the whole recovery after a failure may take.
 RECOVERY_TIMEOUT = 10.0
 
@@ -565,7 +567,10 @@ class _Migration:
         """
         reading = f"{what}: reading migration data from the source"
         writing = f"{what}: writing migration data to the destination"
-        reads: deque[tuple[InFlight, int]] = deque()
+        # Each read's reply is received into a buffer of its own, which is free again once
+        # its data went out to the destination (the kernel has it when the send returns).
+        free = deque(self.source.receive_buffers(PIPELINE_DEPTH, MIG_DATA_HEADER + self.chunk))
+        reads: deque[tuple[InFlight, int, bytearray]] = deque()
         writes: deque[InFlight] = deque()
         moved = 0
         want = self.chunk
@@ -574,19 +579,23 @@ class _Migration:
         try:
             while True:
                 self.stage = reading
-                while not ended and len(reads) < PIPELINE_DEPTH:
-                    reads.append((await self.source.mig_data_read_send(want), want))
+                while not ended and free:
+                    buffer = free.popleft()
+                    sent = await self.source.mig_data_read_send(want, into=buffer)
+                    reads.append((sent, want, buffer))
                 if not reads:
                     break
-                sent, size = reads.popleft()
+                sent, size, buffer = reads.popleft()
                 data = await self.source.mig_data_read_reply(sent, size)
                 if not data:
                     ended = True
+                    free.append(buffer)
                     continue
                 if len(data) < size:
                     want = min(PROBE_SIZE, self.chunk)
                 self.stage = writing
                 writes.append(await self.destination.mig_data_write_send(data))
+                free.append(buffer)
                 moved += len(data)
                 while len(writes) > PIPELINE_DEPTH:
                     await self.destination.mig_data_write_reply(writes.popleft())
@@ -594,7 +603,7 @@ class _Migration:
             while writes:
                 await self.destination.mig_data_write_reply(writes.popleft())
         finally:
-            for sent, _ in reads:
+            for sent, _, _ in reads:
                 sent.abandon()
             for sent in writes:
                 sent.abandon()

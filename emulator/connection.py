@@ -127,8 +127,8 @@ class ClientSession:
         self.region_fds = region_fds
         self.tracer = tracer
         # MIG_DATA_WRITE payloads land in one buffer reused for the connection; each is
-        # consumed (Session.mig_data_write) before the next bytes are received, or copied
-        # when held behind a deferred command (_hold).
+        # consumed (Session.mig_data_write) before the next event is taken, or copied when
+        # held behind a deferred command (_hold).
         self.proto = ServerConnection(
             capabilities, limits.max_message_size, in_place=(Command.MIG_DATA_WRITE,)
         )

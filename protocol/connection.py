@@ -70,7 +70,7 @@ class Negotiated:
 class CommandReceived:
     header: Header
     #: A view for a command received in place (see ServerConnection): valid until the next
-    #: bytes are received on the connection.
+    #: event is taken.
     payload: bytes | memoryview
     fds: list[int] = field(default_factory=list)
 
@@ -121,8 +121,8 @@ _COMMAND = int(MsgType.COMMAND)
 class ServerConnection:
     """``in_place``: commands whose large payloads are received into one buffer the
     connection reuses (see protocol.framer) rather than into a new bytes object each: their
-    CommandReceived carries a view of it, valid only until the next bytes are received, so
-    the runtime must be done with it (or copy it) before it receives more."""
+    CommandReceived carries a view of it, valid only until the next event is taken, so the
+    runtime must be done with it (or copy it) before it asks for the next one."""
 
     def __init__(
         self,

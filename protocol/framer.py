@@ -51,7 +51,8 @@ class Message:
 @dataclass(slots=True)
 class InPlaceMessage:
     """A message whose payload was received into the buffer its ``place`` callback gave:
-    ``payload`` is a view of that buffer (valid as long as its owner keeps it unchanged)."""
+    ``payload`` is a view of that buffer. An owner that lends the same buffer again must be
+    done with it before it takes the next message (which may start in that buffer)."""
 
     header: Header
     payload: memoryview

@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from emulator.transport import (
+    Part,
     TransportError,
     after,
     ancillary_space,
@@ -200,12 +201,14 @@ def test_ancillary_space():
 
 
 def test_after_drops_bytes_from_the_front_without_copying():
-    parts = [b"abc", bytearray(b"de"), memoryview(b"fghij")]
+    parts: list[Part] = [b"abc", bytearray(b"de"), memoryview(b"fghij")]
     assert [bytes(p) for p in after(parts, 0)] == [b"abc", b"de", b"fghij"]
     assert [bytes(p) for p in after(parts, 4)] == [b"e", b"fghij"]
     assert [bytes(p) for p in after(parts, 5)] == [b"fghij"]
     assert after(parts, 10) == []
-    assert after(parts, 7)[0].obj is parts[2].obj  # a view of the caller's buffer
+    tail = after(parts, 7)[0]
+    assert isinstance(tail, memoryview) and isinstance(parts[2], memoryview)
+    assert tail.obj is parts[2].obj  # a view of the caller's buffer
 
 
 async def test_gathered_send_of_more_parts_than_one_sendmsg_takes(pair):

@@ -260,10 +260,7 @@ class InFlight:
         try:
             await waiter.event.wait()
         except BaseException:
-            if waiter.event.is_set():
-                close_fds(waiter.fds)
-            else:
-                waiter.abandoned = True  # the receive task drops the reply quietly
+            self.abandon()  # the receive task drops the reply quietly
             raise
         if waiter.error is not None:
             raise waiter.error
@@ -933,7 +930,7 @@ class Client:
             raise InvalidReply(cmd, f"reply argsz {argsz} < 8 + {valid}")
         return memoryview(payload)[_MIG_HEADER : _MIG_HEADER + valid]
 
-    async def mig_data_write(self, data: bytes) -> None:
+    async def mig_data_write(self, data: bytes | bytearray | memoryview) -> None:
         await self.mig_data_write_reply(await self.mig_data_write_send(data))
 
     async def mig_data_write_send(self, data: bytes | bytearray | memoryview) -> InFlight:

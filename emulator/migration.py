@@ -236,7 +236,7 @@ async def set_state_with_fd(client: Client, state: MigState) -> int | None:
     return await client.set_mig_state(int(state))
 
 
-async def write_all(fd: int, data: bytes) -> None:
+async def write_all(fd: int, data: bytes | memoryview) -> None:
     """Write all of ``data`` to a (non-blocking) pipe, waiting when it is full."""
     os.set_blocking(fd, False)
     view = memoryview(data)
@@ -534,12 +534,15 @@ class _Migration:
         writing = f"{what}: writing migration data to the destination"
         moved = 0
         want = self.chunk
+        # Replies are received into one reused buffer (free again once the data is sent on).
+        (buffer,) = self.source.receive_buffers(1, MIG_DATA_HEADER + self.chunk)
         began = time.perf_counter()
         try:
             while limit is None or moved < limit:
                 size = want if limit is None else min(want, limit - moved)
                 self.stage = reading
-                data = await self.source.mig_data_read(size)
+                sent = await self.source.mig_data_read_send(size, into=buffer)
+                data = await self.source.mig_data_read_reply(sent, size)
                 if not data:
                     break
                 self.stage = writing

@@ -257,3 +257,19 @@ async def test_connections_ask_for_large_send_buffers(tmp_path: Path) -> None:
         assert server_side.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= expected
         client_side = client._sock
         assert client_side.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= expected
+
+
+async def test_a_cancelled_wait_for_a_read_takes_its_buffer_out_of_use(tmp_path: Path) -> None:
+    async with (
+        served_device(TestDev(), tmp_path) as served,
+        Client.connect(served.socket_path) as client,
+    ):
+        await client.set_mig_state(MigState.STOP_COPY)
+        (buffer,) = client.receive_buffers(1, 8 + 65536)
+        sent = await client.mig_data_read_send(65536, into=buffer)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await client.mig_data_read_reply(sent, 65536)
+        (fresh,) = client.receive_buffers(1, 8 + 65536)
+        assert fresh is not buffer
+        await client.set_mig_state(MigState.STOP)

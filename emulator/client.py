@@ -32,7 +32,7 @@ import struct
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import trio
 
@@ -83,11 +83,15 @@ from protocol.version import parse_capabilities_json, parse_client_version
 from .transport import (
     Part,
     TransportError,
+    after,
     close_fds,
     enlarge_send_buffer,
     receive_chunk,
+    receive_chunk_nowait,
     receive_into,
+    receive_into_nowait,
     send_gathered,
+    send_gathered_nowait,
     send_message,
 )
 
@@ -110,6 +114,8 @@ DEFAULT_CAPABILITIES: dict[str, Any] = {
 MAX_ERRNO = 4096
 #: Bytes per recvmsg.
 RECV_BYTES = 1 << 16
+#: Reads the receive task does back to back before it lets other tasks run.
+RECEIVE_BUDGET = 64
 #: Room for fds per recvmsg: Linux's SCM_MAX_FD, so the kernel never has to drop any; fds
 #: the protocol does not allow are closed by us and the request fails instead.
 RECV_FDS = 253
@@ -310,8 +316,14 @@ class Client:
         trace: Callable[[str], None] | None = None,
     ) -> None:
         self._sock = sock
-        if isinstance(sock, trio.socket.SocketType):  # not a test's stand-in
+        #: A non-blocking stdlib twin of the socket (a dup), for sends and receives that
+        #: need not wait: no trip through trio's scheduler each (see _send, _receive_loop).
+        #: None for a test's stand-in socket, which then sees every send and receive.
+        self._raw: socket.socket | None = None
+        if isinstance(sock, trio.socket.SocketType):
             enlarge_send_buffer(sock)
+            self._raw = socket.socket(fileno=os.dup(sock.fileno()))
+            self._raw.setblocking(False)
         self.trace = trace
         self.capabilities: dict[str, Any] = dict(
             DEFAULT_CAPABILITIES if capabilities is None else capabilities
@@ -420,6 +432,9 @@ class Client:
         self._background_scope.cancel()
         self._replies_in.close()
         close_fds(self._framer.take_all_fds())
+        if self._raw is not None:
+            trio.lowlevel.notify_closing(self._raw)
+            self._raw.close()
         self._sock.close()
 
     def _break(self, why: _Broken) -> None:
@@ -484,27 +499,66 @@ class Client:
     async def _send(
         self, data: bytes | bytearray | list[Part], fds: Sequence[int], command: int
     ) -> None:
-        """Send one message: bytes, or a list of parts (header first) sent gathered."""
-        async with self._send_lock:
-            self._check_usable(command)
-            if self.trace is not None:
-                head = data[0] if isinstance(data, list) else data
-                if len(head) >= HEADER.size:
-                    self._trace("->", Header.unpack(head), len(fds))
+        """Send one message: bytes, or a list of parts (header first) sent gathered.
+
+        The fast path: when nobody is in the middle of a message (the send lock is free)
+        and no fds go along, one non-blocking ``sendmsg`` on the twin socket usually takes
+        it all, without a scheduler pass; the rest of a partial send follows under the lock
+        before anything else is sent (the lock is taken before anything yields)."""
+        raw = self._raw
+        lock = self._send_lock
+        if raw is None or fds or lock.locked():
+            async with lock:
+                await self._send_locked(data, fds, command)
+            return
+        self._check_usable(command)
+        self._trace_send(data, fds)
+        parts = data if isinstance(data, list) else [data]
+        try:
+            sent = send_gathered_nowait(raw, parts)
+        except OSError as exc:
+            self._send_failed(exc, command)
+        if sent == sum(len(part) for part in parts):
+            return
+        lock.acquire_nowait()
+        try:
+            await self._send_shielded(after(parts, sent), (), command)
+        finally:
+            lock.release()
+
+    async def _send_locked(
+        self, data: bytes | bytearray | list[Part], fds: Sequence[int], command: int
+    ) -> None:
+        self._check_usable(command)
+        self._trace_send(data, fds)
+        await self._send_shielded(data, fds, command)
+
+    async def _send_shielded(
+        self, data: bytes | bytearray | list[Part], fds: Sequence[int], command: int
+    ) -> None:
+        # Shielded: a half-sent message would corrupt the stream. A send stuck on a
+        # server that stopped reading is undone by aclose(), which closes the socket.
+        with trio.CancelScope(shield=True):
+            try:
+                if isinstance(data, list):
+                    await send_gathered(self._sock, data, fds)
                 else:
-                    self.trace(f"-> {len(head)} raw bytes, fds={len(fds)}")
-            # Shielded: a half-sent message would corrupt the stream. A send stuck on a
-            # server that stopped reading is undone by aclose(), which closes the socket.
-            with trio.CancelScope(shield=True):
-                try:
-                    if isinstance(data, list):
-                        await send_gathered(self._sock, data, fds)
-                    else:
-                        await send_message(self._sock, data, fds)
-                except (OSError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
-                    why = _Broken(ConnectionLost, _errno_of(exc), f"send failed: {exc!r}")
-                    self._break(why)
-                    raise why.error(command) from exc
+                    await send_message(self._sock, data, fds)
+            except (OSError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
+                self._send_failed(exc, command)
+
+    def _send_failed(self, exc: BaseException, command: int) -> NoReturn:
+        why = _Broken(ConnectionLost, _errno_of(exc), f"send failed: {exc!r}")
+        self._break(why)
+        raise why.error(command) from exc
+
+    def _trace_send(self, data: bytes | bytearray | list[Part], fds: Sequence[int]) -> None:
+        if self.trace is not None:
+            head = data[0] if isinstance(data, list) else data
+            if len(head) >= HEADER.size:
+                self._trace("->", Header.unpack(head), len(fds))
+            else:
+                self.trace(f"-> {len(head)} raw bytes, fds={len(fds)}")
 
     async def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Send arbitrary bytes (e.g. a malformed message); no reply is awaited.
@@ -1045,17 +1099,25 @@ class Client:
 
     async def _receive_loop(self) -> None:
         framer = self._framer
+        raw = self._raw
+        budget = RECEIVE_BUDGET
         try:
             while True:
-                if (place := framer.receive_buffer()) is not None:
-                    count, fds = await receive_into(self._sock, place, RECV_FDS)
-                    if count:
-                        framer.received(count, fds)
+                if raw is None:
+                    count, fds = await self._receive(framer)
                 else:
-                    data, fds = await receive_chunk(self._sock, RECV_BYTES, RECV_FDS)
-                    count = len(data)
-                    if count:
-                        framer.feed(data, fds)
+                    # The twin socket: read until EAGAIN, and only then wait (a scheduler
+                    # pass); every RECEIVE_BUDGET reads, let the other tasks run.
+                    try:
+                        count, fds = self._receive_nowait(raw, framer)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(raw)
+                        budget = RECEIVE_BUDGET
+                        continue
+                    budget -= 1
+                    if budget <= 0:
+                        await trio.lowlevel.checkpoint()
+                        budget = RECEIVE_BUDGET
                 if not count:
                     close_fds(fds)
                     self._break(_Broken(ConnectionLost, _errno.ECONNRESET, "server hung up"))
@@ -1071,6 +1133,32 @@ class Client:
             self._break(_Broken(ConnectionLost, _errno_of(exc), f"receive failed: {exc!r}"))
         finally:
             close_fds(self._framer.take_all_fds())
+
+    async def _receive(self, framer: MessageFramer) -> tuple[int, list[int]]:
+        """Receive what comes next into the framer: the count of bytes (0: end of stream)
+        and the fds. A payload received in place goes straight to its buffer."""
+        if (place := framer.receive_buffer()) is not None:
+            count, fds = await receive_into(self._sock, place, RECV_FDS)
+            if count:
+                framer.received(count, fds)
+            return count, fds
+        data, fds = await receive_chunk(self._sock, RECV_BYTES, RECV_FDS)
+        if data:
+            framer.feed(data, fds)
+        return len(data), fds
+
+    @staticmethod
+    def _receive_nowait(raw: socket.socket, framer: MessageFramer) -> tuple[int, list[int]]:
+        """:meth:`_receive` on the twin socket, without waiting (BlockingIOError)."""
+        if (place := framer.receive_buffer()) is not None:
+            count, fds = receive_into_nowait(raw, place, RECV_FDS)
+            if count:
+                framer.received(count, fds)
+            return count, fds
+        data, fds = receive_chunk_nowait(raw, RECV_BYTES, RECV_FDS)
+        if data:
+            framer.feed(data, fds)
+        return len(data), fds
 
     def _dispatch(self, item: Message | InPlaceMessage | Oversized) -> None:
         header = item.header

@@ -6,6 +6,7 @@ client.py, transport.py)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from pathlib import Path
@@ -273,3 +274,43 @@ async def test_a_cancelled_wait_for_a_read_takes_its_buffer_out_of_use(tmp_path:
         (fresh,) = client.receive_buffers(1, 8 + 65536)
         assert fresh is not buffer
         await client.set_mig_state(MigState.STOP)
+
+
+async def test_client_sends_from_many_tasks_arrive_whole_through_a_small_buffer(
+    tmp_path: Path,
+) -> None:
+    """The client's fast path (a non-blocking send when nobody is mid-message) with a send
+    buffer far smaller than the messages: partial sends finish under the lock before any
+    other task's bytes, so every message arrives whole."""
+    size = 64 * 1024
+    half = size // 2
+    device = TestDev(TestDevOptions(ram_size=size))
+    async with (
+        served_device(device, tmp_path) as served,
+        Client.connect(served.socket_path) as client,
+    ):
+        client._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+        async def writer(offset: int, seed: int) -> None:
+            for round_ in range(20):
+                await client.region_write(BAR_RAM, offset, stream_bytes(half, seed + round_))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer, 0, 0)
+            nursery.start_soon(writer, half, 100)
+        assert await client.region_read(BAR_RAM, 0, half) == stream_bytes(half, 19)
+        assert await client.region_read(BAR_RAM, half, half) == stream_bytes(half, 119)
+
+
+def open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+async def test_client_closes_its_twin_socket(tmp_path: Path) -> None:
+    async with served_device(TestDev(), tmp_path) as served:
+        before = open_fds()
+        async with Client.connect(served.socket_path) as client:
+            await client.get_info()
+            assert len(open_fds() - before) >= 2  # the socket and its twin
+        await trio.sleep(0.05)  # the server notices the hang-up
+        assert open_fds() - before == set()

@@ -11,6 +11,7 @@ import socket
 import struct
 from pathlib import Path
 
+import pytest
 import trio
 
 from devices import stream_primitives
@@ -25,7 +26,7 @@ from emulator.testing import (
     start_dma_left_unanswered,
     write_migration_data,
 )
-from emulator.transport import SEND_BUFFER
+from emulator.transport import SEND_BUFFER, Part
 from protocol.constants import Command, MigState
 from protocol.header import pack_message
 
@@ -152,13 +153,25 @@ def half_zero_ram(size: int) -> bytes:
     return b"".join(page if i % 2 else bytes(PAGE) for i in range(size // PAGE))
 
 
-async def test_mig_data_read_reply_gathered_from_many_views(tmp_path: Path) -> None:
+@pytest.mark.parametrize("send_buffer", [None, 4096])
+async def test_mig_data_read_reply_gathered_from_many_views(
+    tmp_path: Path, send_buffer: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """One MiB of RAM saved as ~128 page views: each 1 MiB reply is gathered from them and
-    the destination loads a RAM equal to the source's."""
+    the destination loads a RAM equal to the source's. With a tiny send buffer on the
+    source's side each reply goes out in many partial sends (the rest under the lock)."""
     size = 1 << 20
     source = TestDev(TestDevOptions(ram_size=size))
     destination = TestDev(TestDevOptions(ram_size=size))
     source.ram.buffer[:] = half_zero_ram(size)
+    rests: list[int] = []
+    send_rest = ClientSession._send_rest
+
+    async def counted(session: ClientSession, rest: bytes | list[Part]) -> None:
+        rests.append(len(rest))
+        await send_rest(session, rest)
+
+    monkeypatch.setattr(ClientSession, "_send_rest", counted)
     assert len(stream_primitives.pack_pages(source.ram.buffer, PAGE)) > 100
     async with (
         served_device(source, tmp_path, name="src.sock") as src,
@@ -166,6 +179,8 @@ async def test_mig_data_read_reply_gathered_from_many_views(tmp_path: Path) -> N
         Client.connect(src.socket_path) as src_client,
         Client.connect(dst.socket_path) as dst_client,
     ):
+        if send_buffer is not None:
+            active(src)._raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
         await dst_client.set_mig_state(MigState.RESUMING)
         await src_client.set_mig_state(MigState.STOP_COPY)
         stream = await read_migration_data(src_client, chunk=1 << 20)
@@ -173,6 +188,8 @@ async def test_mig_data_read_reply_gathered_from_many_views(tmp_path: Path) -> N
         await write_migration_data(dst_client, stream, chunk=1 << 20)
         await dst_client.set_mig_state(MigState.STOP)
     assert bytes(destination.ram.buffer) == bytes(source.ram.buffer)
+    if send_buffer is not None:
+        assert rests, "expected replies sent in parts"
 
 
 async def test_mig_data_read_padding_and_end_of_stream(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ import struct
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import trio
 
@@ -55,7 +55,7 @@ from protocol.constants import (
     RegionFlags,
 )
 from protocol.errors import ProtocolError
-from protocol.framer import Message, MessageFramer, Oversized
+from protocol.framer import InPlaceMessage, Message, MessageFramer, Oversized
 from protocol.header import HEADER, Header, pack_error_reply, pack_message, pack_reply
 from protocol.messages import (
     U64,
@@ -80,7 +80,20 @@ from protocol.messages import (
 )
 from protocol.version import parse_capabilities_json, parse_client_version
 
-from .transport import TransportError, close_fds, receive_chunk, send_message
+from .transport import (
+    Part,
+    TransportError,
+    after,
+    close_fds,
+    enlarge_send_buffer,
+    receive_chunk,
+    receive_chunk_nowait,
+    receive_into,
+    receive_into_nowait,
+    send_gathered,
+    send_gathered_nowait,
+    send_message,
+)
 
 __all__ = [
     "Client",
@@ -101,6 +114,8 @@ DEFAULT_CAPABILITIES: dict[str, Any] = {
 MAX_ERRNO = 4096
 #: Bytes per recvmsg.
 RECV_BYTES = 1 << 16
+#: Reads the receive task does back to back before it lets other tasks run.
+RECEIVE_BUDGET = 64
 #: Room for fds per recvmsg: Linux's SCM_MAX_FD, so the kernel never has to drop any; fds
 #: the protocol does not allow are closed by us and the request fails instead.
 RECV_FDS = 253
@@ -210,9 +225,19 @@ class GuestMemory:
 class _Pending:
     """One request waiting for its reply."""
 
-    __slots__ = ("abandoned", "command", "error", "event", "fds", "header", "payload")
+    __slots__ = (
+        "abandoned",
+        "command",
+        "error",
+        "event",
+        "fds",
+        "header",
+        "in_place",
+        "into",
+        "payload",
+    )
 
-    def __init__(self, command: int) -> None:
+    def __init__(self, command: int, into: bytearray | None = None) -> None:
         self.command = command
         self.event = trio.Event()
         self.header: Header | None = None
@@ -220,6 +245,10 @@ class _Pending:
         self.fds: list[int] = []
         self.error: ClientError | None = None
         self.abandoned = False
+        #: Where a large reply payload is received (see Client._place_reply), and the view
+        #: of it once it was received there.
+        self.into = into
+        self.in_place: memoryview | None = None
 
 
 class InFlight:
@@ -237,10 +266,7 @@ class InFlight:
         try:
             await waiter.event.wait()
         except BaseException:
-            if waiter.event.is_set():
-                close_fds(waiter.fds)
-            else:
-                waiter.abandoned = True  # the receive task drops the reply quietly
+            self.abandon()  # the receive task drops the reply quietly
             raise
         if waiter.error is not None:
             raise waiter.error
@@ -248,12 +274,21 @@ class InFlight:
         assert header is not None
         return header, waiter.payload, self.client._check_reply(self.command, header, waiter)
 
+    @property
+    def received_in_place(self) -> memoryview | None:
+        """After :meth:`reply`: the payload, when it was received into the buffer the
+        request named (``payload`` is then empty)."""
+        return self._waiter.in_place
+
     def abandon(self) -> None:
         """Not waiting for the reply after all (it is dropped when it comes)."""
         if self._waiter.event.is_set():
             close_fds(self._waiter.fds)
         else:
             self._waiter.abandoned = True
+            if self._waiter.into is not None:
+                # The reply may still be received into that buffer: never lend it again.
+                self.client._forget_receive_buffers()
 
 
 class _Broken:
@@ -281,6 +316,14 @@ class Client:
         trace: Callable[[str], None] | None = None,
     ) -> None:
         self._sock = sock
+        #: A non-blocking stdlib twin of the socket (a dup), for sends and receives that
+        #: need not wait: no trip through trio's scheduler each (see _send, _receive_loop).
+        #: None for a test's stand-in socket, which then sees every send and receive.
+        self._raw: socket.socket | None = None
+        if isinstance(sock, trio.socket.SocketType):
+            enlarge_send_buffer(sock)
+            self._raw = socket.socket(fileno=os.dup(sock.fileno()))
+            self._raw.setblocking(False)
         self.trace = trace
         self.capabilities: dict[str, Any] = dict(
             DEFAULT_CAPABILITIES if capabilities is None else capabilities
@@ -298,7 +341,8 @@ class Client:
         self.server_max_msg_fds = 1
         self.server_max_data_xfer_size = DEFAULT_MAX_DATA_XFER_SIZE
         self._memory: DmaMemory | None = None
-        self._framer = MessageFramer(MAX_MESSAGE_SIZE)
+        self._framer = MessageFramer(MAX_MESSAGE_SIZE, self._place_reply)
+        self._receive_buffers: list[bytearray] = []
         self._pending: dict[int, _Pending] = {}
         self._next_id = 0
         self._send_lock = trio.Lock()
@@ -388,6 +432,9 @@ class Client:
         self._background_scope.cancel()
         self._replies_in.close()
         close_fds(self._framer.take_all_fds())
+        if self._raw is not None:
+            trio.lowlevel.notify_closing(self._raw)
+            self._raw.close()
         self._sock.close()
 
     def _break(self, why: _Broken) -> None:
@@ -449,23 +496,69 @@ class Client:
         if self._broken is not None:
             raise self._broken.error(command)
 
-    async def _send(self, data: bytes | bytearray, fds: Sequence[int], command: int) -> None:
-        async with self._send_lock:
-            self._check_usable(command)
-            if self.trace is not None:
-                if len(data) >= HEADER.size:
-                    self._trace("->", Header.unpack(data), len(fds))
+    async def _send(
+        self, data: bytes | bytearray | list[Part], fds: Sequence[int], command: int
+    ) -> None:
+        """Send one message: bytes, or a list of parts (header first) sent gathered.
+
+        The fast path: when nobody is in the middle of a message (the send lock is free)
+        and no fds go along, one non-blocking ``sendmsg`` on the twin socket usually takes
+        it all, without a scheduler pass; the rest of a partial send follows under the lock
+        before anything else is sent (the lock is taken before anything yields)."""
+        raw = self._raw
+        lock = self._send_lock
+        if raw is None or fds or lock.locked():
+            async with lock:
+                await self._send_locked(data, fds, command)
+            return
+        self._check_usable(command)
+        self._trace_send(data, fds)
+        parts = data if isinstance(data, list) else [data]
+        try:
+            sent = send_gathered_nowait(raw, parts)
+        except OSError as exc:
+            self._send_failed(exc, command)
+        if sent == sum(len(part) for part in parts):
+            return
+        lock.acquire_nowait()
+        try:
+            await self._send_shielded(after(parts, sent), (), command)
+        finally:
+            lock.release()
+
+    async def _send_locked(
+        self, data: bytes | bytearray | list[Part], fds: Sequence[int], command: int
+    ) -> None:
+        self._check_usable(command)
+        self._trace_send(data, fds)
+        await self._send_shielded(data, fds, command)
+
+    async def _send_shielded(
+        self, data: bytes | bytearray | list[Part], fds: Sequence[int], command: int
+    ) -> None:
+        # Shielded: a half-sent message would corrupt the stream. A send stuck on a
+        # server that stopped reading is undone by aclose(), which closes the socket.
+        with trio.CancelScope(shield=True):
+            try:
+                if isinstance(data, list):
+                    await send_gathered(self._sock, data, fds)
                 else:
-                    self.trace(f"-> {len(data)} raw bytes, fds={len(fds)}")
-            # Shielded: a half-sent message would corrupt the stream. A send stuck on a
-            # server that stopped reading is undone by aclose(), which closes the socket.
-            with trio.CancelScope(shield=True):
-                try:
                     await send_message(self._sock, data, fds)
-                except (OSError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
-                    why = _Broken(ConnectionLost, _errno_of(exc), f"send failed: {exc!r}")
-                    self._break(why)
-                    raise why.error(command) from exc
+            except (OSError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
+                self._send_failed(exc, command)
+
+    def _send_failed(self, exc: BaseException, command: int) -> NoReturn:
+        why = _Broken(ConnectionLost, _errno_of(exc), f"send failed: {exc!r}")
+        self._break(why)
+        raise why.error(command) from exc
+
+    def _trace_send(self, data: bytes | bytearray | list[Part], fds: Sequence[int]) -> None:
+        if self.trace is not None:
+            head = data[0] if isinstance(data, list) else data
+            if len(head) >= HEADER.size:
+                self._trace("->", Header.unpack(head), len(fds))
+            else:
+                self.trace(f"-> {len(head)} raw bytes, fds={len(fds)}")
 
     async def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Send arbitrary bytes (e.g. a malformed message); no reply is awaited.
@@ -511,22 +604,24 @@ class Client:
         return await self._send_request(command, (payload,), fds)
 
     async def _send_request(
-        self, command: int, parts: Sequence[bytes | bytearray | memoryview], fds: Sequence[int]
+        self,
+        command: int,
+        parts: Sequence[Part],
+        fds: Sequence[int],
+        *,
+        into: bytearray | None = None,
     ) -> InFlight:
-        """:meth:`send_request` of a payload made of ``parts`` (copied once, into the
-        message)."""
+        """:meth:`send_request` of a payload made of ``parts``, sent gathered after the
+        header (never joined: migration data goes out from the buffer it came in). A large
+        reply payload is received into ``into`` when it fits (see :meth:`_place_reply`)."""
         self._check_usable(command)
         msg_id = self._allocate_id()
-        data = bytearray(HEADER.size + sum(len(part) for part in parts))
-        HEADER.pack_into(data, 0, msg_id, command, len(data), MsgType.COMMAND, 0)
-        at = HEADER.size
-        for part in parts:
-            data[at : at + len(part)] = part
-            at += len(part)
-        waiter = _Pending(command)
+        size = HEADER.size + sum(len(part) for part in parts)
+        head = HEADER.pack(msg_id, command, size, MsgType.COMMAND, 0)
+        waiter = _Pending(command, into)
         self._pending[msg_id] = waiter
         try:
-            await self._send(data, fds, command)
+            await self._send([head, *parts], fds, command)
         except BaseException:
             if self._pending.get(msg_id) is waiter:
                 del self._pending[msg_id]
@@ -859,17 +954,23 @@ class Client:
         """
         return bytes(await self.mig_data_read_reply(await self.mig_data_read_send(size), size))
 
-    async def mig_data_read_send(self, size: int) -> InFlight:
-        """Send MIG_DATA_READ of ``size`` bytes; :meth:`mig_data_read_reply` gets the data."""
+    async def mig_data_read_send(self, size: int, into: bytearray | None = None) -> InFlight:
+        """Send MIG_DATA_READ of ``size`` bytes; :meth:`mig_data_read_reply` gets the data.
+
+        With ``into`` (at least 8 + ``size`` bytes, e.g. from :meth:`receive_buffers`), a
+        large reply is received straight into it: the caller must leave it alone until it
+        has the reply and is done with its data."""
         request = MigDataRead(_MIG_HEADER + size, size).pack()
-        return await self.send_request(Command.MIG_DATA_READ, request)
+        return await self._send_request(Command.MIG_DATA_READ, (request,), (), into=into)
 
     async def mig_data_read_reply(self, sent: InFlight, size: int) -> memoryview:
         """The data of a MIG_DATA_READ sent with :meth:`mig_data_read_send`, as a view of
-        the reply (not copied)."""
+        the reply (not copied): of the ``into`` buffer when it was received there."""
         cmd = Command.MIG_DATA_READ
-        _, payload, fds = await sent.reply()
+        _, reply, fds = await sent.reply()
         self._no_fds(cmd, fds)
+        in_place = sent.received_in_place
+        payload = reply if in_place is None else in_place
         if len(payload) < _MIG_HEADER:
             raise InvalidReply(cmd, f"reply of {len(payload)} bytes: no MIG_DATA header")
         argsz, valid = struct.unpack_from("<II", payload)
@@ -883,12 +984,13 @@ class Client:
             raise InvalidReply(cmd, f"reply argsz {argsz} < 8 + {valid}")
         return memoryview(payload)[_MIG_HEADER : _MIG_HEADER + valid]
 
-    async def mig_data_write(self, data: bytes) -> None:
+    async def mig_data_write(self, data: bytes | bytearray | memoryview) -> None:
         await self.mig_data_write_reply(await self.mig_data_write_send(data))
 
     async def mig_data_write_send(self, data: bytes | bytearray | memoryview) -> InFlight:
         """Send MIG_DATA_WRITE; :meth:`mig_data_write_reply` waits for the server's answer.
-        ``data`` is copied once, straight into the message."""
+        ``data`` is sent from where it is (gathered after the header): once this returns,
+        the kernel has it and the caller may reuse its buffer."""
         head = struct.pack("<II", _MIG_HEADER + len(data), len(data))
         return await self._send_request(Command.MIG_DATA_WRITE, (head, data), ())
 
@@ -896,6 +998,31 @@ class Client:
         _, reply, fds = await sent.reply()
         self._no_fds(Command.MIG_DATA_WRITE, fds)
         self._exact(Command.MIG_DATA_WRITE, reply, 0)
+
+    def receive_buffers(self, count: int, size: int) -> list[bytearray]:
+        """``count`` buffers of ``size`` bytes to receive replies into (the ``into`` of
+        :meth:`mig_data_read_send`). They are kept and lent again by later calls, so a
+        migration does not page in fresh memory for every message; one user at a time."""
+        kept = self._receive_buffers
+        if len(kept) < count or any(len(buffer) < size for buffer in kept[:count]):
+            kept[:] = [bytearray(size) for _ in range(count)]
+        return kept[:count]
+
+    def _forget_receive_buffers(self) -> None:
+        self._receive_buffers = []
+
+    def _place_reply(self, header: Header) -> memoryview | None:
+        """Where the framer receives a large reply payload in place: the buffer its request
+        named, when it fits (a larger reply is received as usual, then refused)."""
+        if header.flags & (FLAGS_TYPE_MASK | FLAG_ERROR) != MsgType.REPLY:
+            return None
+        waiter = self._pending.get(header.msg_id)
+        if waiter is None or waiter.into is None or waiter.abandoned:
+            return None
+        size = header.size - HEADER.size
+        if waiter.command != header.command or size > len(waiter.into):
+            return None
+        return memoryview(waiter.into)[:size]
 
     # -- server -> client DMA -------------------------------------------------------------
 
@@ -971,14 +1098,30 @@ class Client:
                 return
 
     async def _receive_loop(self) -> None:
+        framer = self._framer
+        raw = self._raw
+        budget = RECEIVE_BUDGET
         try:
             while True:
-                data, fds = await receive_chunk(self._sock, RECV_BYTES, RECV_FDS)
-                if not data:
+                if raw is None:
+                    count, fds = await self._receive(framer)
+                else:
+                    # The twin socket: read until EAGAIN, and only then wait (a scheduler
+                    # pass); every RECEIVE_BUDGET reads, let the other tasks run.
+                    try:
+                        count, fds = self._receive_nowait(raw, framer)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(raw)
+                        budget = RECEIVE_BUDGET
+                        continue
+                    budget -= 1
+                    if budget <= 0:
+                        await trio.lowlevel.checkpoint()
+                        budget = RECEIVE_BUDGET
+                if not count:
                     close_fds(fds)
                     self._break(_Broken(ConnectionLost, _errno.ECONNRESET, "server hung up"))
                     return
-                self._framer.feed(data, fds)
                 while (item := self._framer.next_message()) is not None:
                     self._dispatch(item)
                 close_fds(self._framer.take_orphan_fds())
@@ -991,10 +1134,39 @@ class Client:
         finally:
             close_fds(self._framer.take_all_fds())
 
-    def _dispatch(self, item: Message | Oversized) -> None:
+    async def _receive(self, framer: MessageFramer) -> tuple[int, list[int]]:
+        """Receive what comes next into the framer: the count of bytes (0: end of stream)
+        and the fds. A payload received in place goes straight to its buffer."""
+        if (place := framer.receive_buffer()) is not None:
+            count, fds = await receive_into(self._sock, place, RECV_FDS)
+            if count:
+                framer.received(count, fds)
+            return count, fds
+        data, fds = await receive_chunk(self._sock, RECV_BYTES, RECV_FDS)
+        if data:
+            framer.feed(data, fds)
+        return len(data), fds
+
+    @staticmethod
+    def _receive_nowait(raw: socket.socket, framer: MessageFramer) -> tuple[int, list[int]]:
+        """:meth:`_receive` on the twin socket, without waiting (BlockingIOError)."""
+        if (place := framer.receive_buffer()) is not None:
+            count, fds = receive_into_nowait(raw, place, RECV_FDS)
+            if count:
+                framer.received(count, fds)
+            return count, fds
+        data, fds = receive_chunk_nowait(raw, RECV_BYTES, RECV_FDS)
+        if data:
+            framer.feed(data, fds)
+        return len(data), fds
+
+    def _dispatch(self, item: Message | InPlaceMessage | Oversized) -> None:
         header = item.header
         if self.trace is not None:
             self._trace("<-", header, len(item.fds))
+        if isinstance(item, InPlaceMessage):  # a reply received into its request's buffer
+            self._complete(header, b"", item.fds, None, item.payload)
+            return
         kind = header.msg_type
         if isinstance(item, Oversized):
             close_fds(item.fds)
@@ -1018,7 +1190,12 @@ class Client:
             raise InvalidReply(header.command, f"message type {header.flags & FLAGS_TYPE_MASK}")
 
     def _complete(
-        self, header: Header, payload: bytes, fds: list[int], error: ClientError | None
+        self,
+        header: Header,
+        payload: bytes,
+        fds: list[int],
+        error: ClientError | None,
+        in_place: memoryview | None = None,
     ) -> None:
         waiter = self._pending.pop(header.msg_id, None)
         if waiter is None:
@@ -1031,6 +1208,7 @@ class Client:
             return
         waiter.header = header
         waiter.payload = payload
+        waiter.in_place = in_place
         waiter.fds = fds
         waiter.error = error
         waiter.event.set()

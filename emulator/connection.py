@@ -68,9 +68,15 @@ from .limits import Limits
 from .session import Deferred, IoEventFds, Outcome, RegionFds, Session
 from .trace import Tracer
 from .transport import (
+    Part,
     TransportError,
+    after,
     close_fds,
+    enlarge_send_buffer,
     receive_chunk_nowait,
+    receive_into_nowait,
+    send_gathered,
+    send_gathered_nowait,
     send_message,
     send_nowait,
 )
@@ -114,12 +120,18 @@ class ClientSession:
         #: Non-blocking stdlib twin of ``sock`` for the fast path (see the module docstring).
         self._raw = socket.socket(fileno=os.dup(sock.fileno()))
         self._raw.setblocking(False)
+        enlarge_send_buffer(self._raw)
         self.device = device
         self.capabilities = capabilities
         self.limits = limits
         self.region_fds = region_fds
         self.tracer = tracer
-        self.proto = ServerConnection(capabilities, limits.max_message_size)
+        # MIG_DATA_WRITE payloads land in one buffer reused for the connection; each is
+        # consumed (Session.mig_data_write) before the next event is taken, or copied when
+        # held behind a deferred command (_hold).
+        self.proto = ServerConnection(
+            capabilities, limits.max_message_size, in_place=(Command.MIG_DATA_WRITE,)
+        )
         self.maps = IovaMap(
             min(limits.max_dma_maps, capabilities.max_dma_maps),
             mmap_unsealed=limits.mmap_unsealed_dma,
@@ -210,11 +222,22 @@ class ClientSession:
     # -- reading -----------------------------------------------------------------------------
     async def _read_loop(self) -> None:
         raw = self._raw
+        proto = self.proto
         max_fds = self.limits.max_fds_per_message
         budget = READ_BUDGET
         while True:
             try:
-                data, fds = receive_chunk_nowait(raw, RECV_BYTES, max_fds)
+                if (place := proto.receive_buffer()) is not None:
+                    # The rest of a bulk payload (MIG_DATA_WRITE), received where it is
+                    # consumed: no bytes object per chunk, no copy out of the framer.
+                    count, fds = receive_into_nowait(raw, place, max_fds)
+                    if count:
+                        proto.received(count, fds)
+                else:
+                    data, fds = receive_chunk_nowait(raw, RECV_BYTES, max_fds)
+                    count = len(data)
+                    if count:
+                        proto.receive_data(data, fds)
             except BlockingIOError:
                 # Everything buffered is answered: sleep until the socket is readable, the
                 # one place the reader sleeps. (Measured: going straight to wait_readable
@@ -231,11 +254,9 @@ class ClientSession:
             except OSError as exc:
                 log.info("connection lost: %s", exc)
                 return
-            if not data:
+            if not count:
                 close_fds(fds)
                 return
-            proto = self.proto
-            proto.receive_data(data, fds)
             while (event := proto.next_event()) is not None:
                 if (
                     type(event) is CommandReceived
@@ -313,7 +334,7 @@ class ClientSession:
         header, fds = event.header, event.fds
         tracer = self.tracer
         if tracer.enabled:  # checked here: the hot path makes no call when tracing is off
-            tracer.message("<-", header, event.payload, len(fds))
+            tracer.message("<-", header, bytes(event.payload), len(fds))
         assert self.session is not None
         try:
             outcome = self.session.handle(header, event.payload, fds)
@@ -336,6 +357,8 @@ class ClientSession:
         return self._answer(header, outcome)
 
     def _answer(self, header: Header, outcome: Outcome) -> Awaitable[None] | None:
+        if outcome.gathered:
+            return self._answer_gathered(header, outcome)
         reply = self.proto.reply(header, outcome.payload)
         if reply is None:  # posted (NO_REPLY): nothing goes back
             if outcome.transient_fds:
@@ -346,6 +369,17 @@ class ClientSession:
         if outcome.fds or outcome.transient_fds:
             return self._send_with_fds(reply, outcome)
         return self._send_soon(reply)
+
+    def _answer_gathered(self, header: Header, outcome: Outcome) -> Awaitable[None] | None:
+        """A reply whose payload is sent from its pieces (MIG_DATA_READ: views of the
+        device's state), without joining them."""
+        parts = outcome.gathered
+        head = self.proto.reply_header(header, sum(len(part) for part in parts))
+        if head is None:
+            return None
+        if self.tracer.enabled:
+            self.tracer.reply(header, b"".join(parts), 0)
+        return self._send_gathered_soon([head, *parts])
 
     async def _send_with_fds(self, reply: bytes, outcome: Outcome) -> None:
         try:
@@ -393,6 +427,9 @@ class ClientSession:
         stopping there would stall the job (and the command) for ``dma_reply_timeout``. What
         it holds beyond the limit is bounded instead: reading stops once those messages
         reach ``max_message_size`` bytes or ``max_fds_per_message`` fds (_overflow_full)."""
+        if isinstance(event, CommandReceived) and isinstance(event.payload, memoryview):
+            # A payload received in place is overwritten by the next one: keep a copy.
+            event.payload = event.payload.tobytes()
         if len(self._backlog) >= self.limits.max_backlog:
             if isinstance(event, CommandReceived):
                 self._overflow_bytes += HEADER_SIZE + len(event.payload)
@@ -480,22 +517,36 @@ class ClientSession:
         lock.acquire_nowait()
         return self._send_rest(data[sent:])
 
-    async def _send_locked(self, data: bytes) -> None:
+    def _send_gathered_soon(self, parts: list[Part]) -> Awaitable[None] | None:
+        """:meth:`_send_soon` of the message made of ``parts`` (one ``sendmsg``)."""
+        lock = self._send_lock
+        if lock.locked():
+            return self._send_locked(parts)
+        sent = send_gathered_nowait(self._raw, parts)
+        if sent == sum(len(part) for part in parts):
+            return None
+        lock.acquire_nowait()
+        return self._send_rest(after(parts, sent))
+
+    async def _send_locked(self, data: bytes | list[Part]) -> None:
         async with self._send_lock:
             await self._send_shielded(data, ())
 
-    async def _send_rest(self, rest: bytes) -> None:
+    async def _send_rest(self, rest: bytes | list[Part]) -> None:
         """The tail of a partially sent message; the lock is already held for us."""
         try:
             await self._send_shielded(rest, ())
         finally:
             self._send_lock.release()
 
-    async def _send_shielded(self, data: bytes, fds: Sequence[int]) -> None:
+    async def _send_shielded(self, data: bytes | list[Part], fds: Sequence[int]) -> None:
         """Send under the lock (the caller holds it), shielded, within SEND_TIMEOUT."""
         with trio.CancelScope(shield=True):
             with trio.move_on_after(SEND_TIMEOUT) as timeout:
-                await send_message(self.sock, data, fds)
+                if isinstance(data, list):
+                    await send_gathered(self.sock, data, fds)
+                else:
+                    await send_message(self.sock, data, fds)
         if timeout.cancelled_caught:
             self._close_socket()
             raise TransportError(errno.ETIMEDOUT, "peer stopped reading; connection dropped")

@@ -127,6 +127,8 @@ MIN_CHUNK = 4096
 PROBE_SIZE = 4096
 #: STOP_COPY reads (and writes) in flight at once.
 PIPELINE_DEPTH = 4
+#: argsz + size in front of the data of a MIG_DATA_READ reply.
+MIG_DATA_HEADER = 8
 #: Seconds the whole recovery after a failure may take.
 RECOVERY_TIMEOUT = 10.0
 
@@ -234,7 +236,7 @@ async def set_state_with_fd(client: Client, state: MigState) -> int | None:
     return await client.set_mig_state(int(state))
 
 
-async def write_all(fd: int, data: bytes) -> None:
+async def write_all(fd: int, data: bytes | memoryview) -> None:
     """Write all of ``data`` to a (non-blocking) pipe, waiting when it is full."""
     os.set_blocking(fd, False)
     view = memoryview(data)
@@ -532,12 +534,15 @@ class _Migration:
         writing = f"{what}: writing migration data to the destination"
         moved = 0
         want = self.chunk
+        # Replies are received into one reused buffer (free again once the data is sent on).
+        (buffer,) = self.source.receive_buffers(1, MIG_DATA_HEADER + self.chunk)
         began = time.perf_counter()
         try:
             while limit is None or moved < limit:
                 size = want if limit is None else min(want, limit - moved)
                 self.stage = reading
-                data = await self.source.mig_data_read(size)
+                sent = await self.source.mig_data_read_send(size, into=buffer)
+                data = await self.source.mig_data_read_reply(sent, size)
                 if not data:
                     break
                 self.stage = writing
@@ -565,7 +570,10 @@ class _Migration:
         """
         reading = f"{what}: reading migration data from the source"
         writing = f"{what}: writing migration data to the destination"
-        reads: deque[tuple[InFlight, int]] = deque()
+        # Each read's reply is received into a buffer of its own, which is free again once
+        # its data went out to the destination (the kernel has it when the send returns).
+        free = deque(self.source.receive_buffers(PIPELINE_DEPTH, MIG_DATA_HEADER + self.chunk))
+        reads: deque[tuple[InFlight, int, bytearray]] = deque()
         writes: deque[InFlight] = deque()
         moved = 0
         want = self.chunk
@@ -574,19 +582,23 @@ class _Migration:
         try:
             while True:
                 self.stage = reading
-                while not ended and len(reads) < PIPELINE_DEPTH:
-                    reads.append((await self.source.mig_data_read_send(want), want))
+                while not ended and free:
+                    buffer = free.popleft()
+                    sent = await self.source.mig_data_read_send(want, into=buffer)
+                    reads.append((sent, want, buffer))
                 if not reads:
                     break
-                sent, size = reads.popleft()
+                sent, size, buffer = reads.popleft()
                 data = await self.source.mig_data_read_reply(sent, size)
                 if not data:
                     ended = True
+                    free.append(buffer)
                     continue
                 if len(data) < size:
                     want = min(PROBE_SIZE, self.chunk)
                 self.stage = writing
                 writes.append(await self.destination.mig_data_write_send(data))
+                free.append(buffer)
                 moved += len(data)
                 while len(writes) > PIPELINE_DEPTH:
                     await self.destination.mig_data_write_reply(writes.popleft())
@@ -594,7 +606,7 @@ class _Migration:
             while writes:
                 await self.destination.mig_data_write_reply(writes.popleft())
         finally:
-            for sent, _ in reads:
+            for sent, _, _ in reads:
                 sent.abandon()
             for sent in writes:
                 sent.abandon()

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from devices.api import Device, DeviceError, Region
 from protocol.constants import (
@@ -53,6 +54,7 @@ from protocol.messages import (
     SparseMmapCap,
     TypeCap,
     pack_region_caps,
+    unpack_mig_data_view,
 )
 from protocol.migration_v1 import DirtyPages, DirtyPagesFlags
 from protocol.version import ClientCapabilities, ServerCapabilities
@@ -101,6 +103,9 @@ class Outcome:
     fds: list[int] = field(default_factory=list)  # sent with the reply; still owned by us
     #: fds sent with the reply that are ours to close once sent (a data fd's client end).
     transient_fds: list[int] = field(default_factory=list)
+    #: When not empty, the payload is these buffers in order, sent without joining them
+    #: (``payload`` is then unused): migration data as views of the device's state.
+    gathered: Sequence[bytes | memoryview] = ()
 
 
 EMPTY = Outcome()
@@ -185,7 +190,15 @@ class Session:
             Command.DIRTY_PAGES: self.dirty_pages,
         }
 
-    def handle(self, header: Header, payload: bytes, fds: list[int]) -> Outcome | Deferred:
+    def handle(
+        self, header: Header, payload: bytes | memoryview, fds: list[int]
+    ) -> Outcome | Deferred:
+        """``payload`` is a view for a command received in place (the connection's reused
+        buffer: see ClientSession), valid only during this call."""
+        if isinstance(payload, memoryview):
+            if header.command == Command.MIG_DATA_WRITE:
+                return self.mig_data_write(header, payload, fds)
+            payload = payload.tobytes()
         # Hot path: no error text is formatted unless there is an error.
         handler = self.handlers.get(header.command)
         if handler is None:
@@ -545,20 +558,42 @@ class Session:
             request.size <= min(self.client.max_data_xfer_size, self.server.max_data_xfer_size),
             f"MIG_DATA_READ of {request.size} bytes exceeds max_data_xfer_size",
         )
-        data = self.device.migration.read_data(request.size)
+        pieces = self._migration_data(request.size)
+        valid = sum(len(piece) for piece in pieces)
+        head = MigData(MIG_DATA_HEADER + valid, valid, b"").pack()
         # libvfio-user pads the reply to the requested size; ``size`` says what is valid.
-        reply = MigData(MIG_DATA_HEADER + len(data), len(data), data)
-        return Outcome(reply.pack(pad_to=request.size))
+        padding = [bytes(request.size - valid)] if valid < request.size else []
+        return Outcome(gathered=[head, *pieces, *padding])
 
-    def mig_data_write(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+    def _migration_data(self, size: int) -> list[memoryview]:
+        """Up to ``size`` bytes of the saving stream as views of its pieces (the device's
+        own buffers: its RAM in STOP_COPY), for a reply sent gathered, never joined."""
+        engine = self.device.migration
+        # A read of nothing does what a read does first: refuse the wrong state (EINVAL),
+        # and in PRE_COPY ask the device for changes when nothing is pending.
+        engine.read_data(0)
+        saving = engine.saving
+        assert saving is not None
+        pieces: list[memoryview] = []
+        while size and (piece := saving.take(size)):
+            pieces.append(piece)
+            size -= len(piece)
+        return pieces
+
+    def mig_data_write(
+        self, header: Header, payload: bytes | memoryview, fds: list[int]
+    ) -> Outcome:
         self._check_v2()
-        request = MigData.unpack(payload)
+        argsz, size, data = unpack_mig_data_view(payload)
         self._check_no_data_fd()
-        end = MIG_DATA_HEADER + request.size
+        end = MIG_DATA_HEADER + size
         require(len(payload) == end, "MIG_DATA_WRITE: size and payload differ")
-        require(request.argsz >= end, "MIG_DATA_WRITE: argsz < 8 + size")
-        self._check_count(request.size)
-        self.device.migration.write_data(request.data)
+        require(argsz >= end, "MIG_DATA_WRITE: argsz < 8 + size")
+        self._check_count(size)
+        # A view, possibly of the connection's reused receive buffer: write_data consumes
+        # it (copies or applies it) before returning. (It is annotated ``bytes`` but takes
+        # any buffer; ResumingSession.write is typed so.)
+        self.device.migration.write_data(cast(bytes, data))
         return EMPTY
 
     # -- protocol 0.1 dirty-page tracking --------------------------------------------------------

@@ -173,8 +173,9 @@ class FaultySocket:
     """A trio socket stand-in for :class:`emulator.client.Client` that sees each outgoing
     message whole and can act at a chosen one (:class:`Cut`).
 
-    The client sends every message with one ``sendmsg`` carrying all of it (then more only
-    if the kernel took part), so a message starts whenever the previous one is complete.
+    The client sends every message with one ``sendmsg`` carrying all of it (gathered from
+    its parts, which this joins; then more only if the kernel took part), so a message
+    starts whenever the previous one is complete.
     ``log`` records the commands sent since arming (for enumerating message boundaries).
     """
 
@@ -203,7 +204,8 @@ class FaultySocket:
     async def sendmsg(self, buffers: Sequence[Any], *args: Any) -> int:
         if self.was_cut:
             raise OSError(errno.EPIPE, "connection cut by fault injection")
-        view = memoryview(buffers[0]).cast("B")
+        # The client gathers a message from several buffers (header, then data): whole.
+        view = memoryview(buffers[0] if len(buffers) == 1 else b"".join(buffers)).cast("B")
         if self._rest:  # the rest of a partly sent message
             sent = int(await self._sock.sendmsg([view], *args))
             self._rest -= sent
@@ -272,6 +274,9 @@ class FaultySocket:
 
     async def recvmsg(self, *args: Any) -> Any:
         return await self._sock.recvmsg(*args)
+
+    async def recvmsg_into(self, *args: Any) -> Any:
+        return await self._sock.recvmsg_into(*args)
 
     def close(self) -> None:
         self._sock.close()

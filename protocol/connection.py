@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import enum
 import errno
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from .constants import (
@@ -42,8 +43,8 @@ from .constants import (
     MsgType,
 )
 from .errors import ProtocolError
-from .framer import Message, MessageFramer, Oversized
-from .header import Header, pack_error_reply, pack_message, pack_reply
+from .framer import InPlaceMessage, Message, MessageFramer, Oversized
+from .header import Header, pack_error_reply, pack_message, pack_reply, pack_reply_header
 from .messages import VersionPayload
 from .version import ClientCapabilities, ServerCapabilities, negotiate
 
@@ -68,7 +69,9 @@ class Negotiated:
 @dataclass(slots=True)
 class CommandReceived:
     header: Header
-    payload: bytes
+    #: A view for a command received in place (see ServerConnection): valid until the next
+    #: event is taken.
+    payload: bytes | memoryview
     fds: list[int] = field(default_factory=list)
 
 
@@ -116,11 +119,24 @@ _COMMAND = int(MsgType.COMMAND)
 
 
 class ServerConnection:
-    def __init__(self, capabilities: ServerCapabilities, max_message_size: int) -> None:
+    """``in_place``: commands whose large payloads are received into one buffer the
+    connection reuses (see protocol.framer) rather than into a new bytes object each: their
+    CommandReceived carries a view of it, valid only until the next event is taken, so the
+    runtime must be done with it (or copy it) before it asks for the next one."""
+
+    def __init__(
+        self,
+        capabilities: ServerCapabilities,
+        max_message_size: int,
+        *,
+        in_place: Collection[int] = (),
+    ) -> None:
         self.capabilities = capabilities
         self.state = ConnState.AWAITING_VERSION
         self.client: ClientCapabilities | None = None
-        self._framer = MessageFramer(max_message_size)
+        self._in_place = frozenset(int(command) for command in in_place)
+        self._payload_buffer = bytearray()
+        self._framer = MessageFramer(max_message_size, self._place if self._in_place else None)
         self._next_request_id = 1
         self._pending: dict[int, int] = {}  # our msg_id -> command, for server->client requests
         self._eof = False
@@ -130,6 +146,30 @@ class ServerConnection:
         self, data: bytes | bytearray | memoryview, fds: list[int] | None = None
     ) -> None:
         self._framer.feed(data, fds)
+
+    def receive_buffer(self) -> memoryview | None:
+        """Where the next received bytes must go (a payload received in place), or None
+        when they are simply given to :meth:`receive_data`."""
+        return self._framer.receive_buffer()
+
+    def received(self, count: int, fds: list[int] | None = None) -> None:
+        """``count`` bytes (and ``fds``) were received into :meth:`receive_buffer`."""
+        self._framer.received(count, fds)
+
+    def _place(self, header: Header) -> memoryview | None:
+        """The reused buffer for an in-place command's payload (MessageFramer's ``place``)."""
+        if (
+            self.state is not _READY
+            or header.flags & FLAGS_TYPE_MASK != _COMMAND
+            or header.command not in self._in_place
+        ):
+            return None
+        size = header.size - HEADER_SIZE
+        if len(self._payload_buffer) < size:
+            # Grown, never shrunk (up to the message size limit). A new buffer rather than
+            # a resize: a view of the old one may still be alive.
+            self._payload_buffer = bytearray(size)
+        return memoryview(self._payload_buffer)[:size]
 
     def receive_eof(self) -> None:
         # Whole messages that arrived before the end of stream are still handed out (in the
@@ -150,6 +190,8 @@ class ServerConnection:
             if self._eof:
                 self.state = ConnState.CLOSED
             return None
+        if isinstance(item, InPlaceMessage):  # only a READY connection's ordinary command
+            return CommandReceived(item.header, item.payload, item.fds)
         if isinstance(item, Oversized):
             return self._reject(
                 item.header,
@@ -234,6 +276,13 @@ class ServerConnection:
         if request.no_reply:
             return None
         return pack_reply(request.msg_id, request.command, payload)
+
+    def reply_header(self, request: Header, payload_size: int) -> bytes | None:
+        """The header of the reply to ``request`` whose payload follows it separately; None
+        when the request asked for no reply."""
+        if request.no_reply:
+            return None
+        return pack_reply_header(request.msg_id, request.command, payload_size)
 
     def error_reply(self, request: Header, err: int) -> bytes | None:
         if request.no_reply or not request.is_command:

@@ -10,12 +10,23 @@ segment. So the fds of a chunk belong to the *last* message that starts inside t
 A message whose declared size exceeds the limit is not buffered: its header is reported as
 :class:`Oversized` at once (so the server can answer E2BIG/EINVAL) and its payload bytes are
 discarded as they arrive. A declared size below the header size is fatal framing damage.
+
+Bulk payloads (migration data) can be received in place: the framer's owner passes a
+``place`` callback, which is asked, for every message of at least ``IN_PLACE_MIN`` payload
+bytes that is still incomplete when its header is parsed, for a buffer of exactly that
+payload's size (or None: buffered as usual). The payload bytes already buffered are copied
+there once; :meth:`MessageFramer.receive_buffer` then hands out the rest of that buffer for
+the runtime to ``recv_into`` (``recvmsg_into``), so the rest of the payload is never held in
+a Python object of its own, and :meth:`MessageFramer.received` records what arrived.
+Bytes given to :meth:`MessageFramer.feed` meanwhile land in the same place. The message
+comes out as an :class:`InPlaceMessage` whose payload is a view of that buffer.
 """
 
 from __future__ import annotations
 
 import errno
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .constants import HEADER_SIZE
@@ -25,6 +36,9 @@ from .header import HEADER, Header
 #: Payloads larger than this are copied out of the buffer through a memoryview (one copy;
 #: migration data moves in such messages); smaller ones by slicing, which costs less there.
 COPY_ONCE_ABOVE = 64 * 1024
+#: Smallest payload worth receiving in place: below it, a message usually arrives whole in
+#: one receive anyway.
+IN_PLACE_MIN = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -32,6 +46,30 @@ class Message:
     header: Header
     payload: bytes
     fds: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class InPlaceMessage:
+    """A message whose payload was received into the buffer its ``place`` callback gave:
+    ``payload`` is a view of that buffer. An owner that lends the same buffer again must be
+    done with it before it takes the next message (which may start in that buffer)."""
+
+    header: Header
+    payload: memoryview
+    fds: list[int] = field(default_factory=list)
+
+
+#: Given the header of a large incomplete message, a writable buffer of exactly its payload
+#: size to receive the payload into, or None to buffer it as usual.
+PlaceFor = Callable[[Header], memoryview | None]
+
+
+@dataclass(slots=True)
+class _InPlace:
+    header: Header
+    target: memoryview
+    filled: int
+    end: int  # absolute stream offset just past the message
 
 
 @dataclass(slots=True)
@@ -49,10 +87,12 @@ class _FdMark:
 
 
 class MessageFramer:
-    def __init__(self, max_message_size: int) -> None:
+    def __init__(self, max_message_size: int, place: PlaceFor | None = None) -> None:
         if max_message_size < HEADER_SIZE:
             raise ValueError("max_message_size below the header size")
         self.max_message_size = max_message_size
+        self._place = place
+        self._in_place: _InPlace | None = None  # the message being received in place
         self._buf = bytearray()
         self._buf_start = 0  # absolute stream offset of self._buf[0]
         self._fed = 0  # absolute stream offset just past everything fed
@@ -65,6 +105,8 @@ class MessageFramer:
         self._fed += len(data)
         if fds:
             self._marks.append(_FdMark(self._fed, list(fds)))
+        if self._in_place is not None:
+            data = self._fill_in_place(data)
         if self._discard_left:
             skipped = min(self._discard_left, len(data))
             self._discard_left -= skipped
@@ -74,10 +116,70 @@ class MessageFramer:
                 self._orphans.extend(self._claim(self._buf_start))
         self._buf += data
 
+    def receive_buffer(self) -> memoryview | None:
+        """Where the next bytes of the stream go when a payload is being received in place
+        (exactly the part still missing, so no byte of the next message lands there), else
+        None. Report what was written with :meth:`received`."""
+        placed = self._in_place
+        if placed is None or placed.filled == len(placed.target):
+            return None
+        return placed.target[placed.filled :]
+
+    def received(self, count: int, fds: list[int] | None = None) -> None:
+        """``count`` bytes were written at the start of :meth:`receive_buffer` (with the fds
+        that came along)."""
+        placed = self._in_place
+        if placed is None or count > len(placed.target) - placed.filled:
+            raise ValueError(f"{count} bytes received beyond the in-place payload")
+        self._fed += count
+        if fds:
+            self._marks.append(_FdMark(self._fed, list(fds)))
+        placed.filled += count
+        self._buf_start += count
+
+    def _fill_in_place(self, data: bytes | bytearray | memoryview) -> memoryview:
+        """Copy fed bytes into the payload received in place; returns the rest."""
+        placed = self._in_place
+        assert placed is not None
+        view = memoryview(data)
+        take = min(len(view), len(placed.target) - placed.filled)
+        placed.target[placed.filled : placed.filled + take] = view[:take]
+        placed.filled += take
+        self._buf_start += take
+        return view[take:]
+
+    def _start_in_place(self, header: Header, start: int) -> None:
+        """Move the incomplete message at the front of the buffer to the place its owner
+        gives for it, if it gives one."""
+        assert self._place is not None
+        target = self._place(header)
+        if target is None:
+            return
+        if len(target) != header.size - HEADER_SIZE:
+            raise ValueError(f"in-place buffer of {len(target)} bytes for {header.size - 16}")
+        buf = self._buf
+        already = len(buf) - HEADER_SIZE
+        with memoryview(buf) as view:
+            target[:already] = view[HEADER_SIZE:]
+        del buf[:]
+        self._buf_start = start + HEADER_SIZE + already
+        self._in_place = _InPlace(header, target, already, start + header.size)
+
+    def _finish_in_place(self) -> InPlaceMessage | None:
+        placed = self._in_place
+        assert placed is not None
+        if placed.filled < len(placed.target):
+            return None
+        self._in_place = None
+        fds = self._claim(placed.end) if self._marks else []
+        return InPlaceMessage(placed.header, placed.target, fds)
+
     # -- output --------------------------------------------------------------------------
-    def next_message(self) -> Message | Oversized | None:
+    def next_message(self) -> Message | InPlaceMessage | Oversized | None:
         """The next whole message, an :class:`Oversized` notice, or None for "need data"."""
         # Called for every message: locals, and no call that is not needed.
+        if self._in_place is not None:
+            return self._finish_in_place()
         buf = self._buf
         if self._discard_left or len(buf) < HEADER_SIZE:
             return None
@@ -89,6 +191,8 @@ class MessageFramer:
         if size > self.max_message_size:
             return self._start_discard(header, start)
         if len(buf) < size:
+            if self._place is not None and size - HEADER_SIZE >= IN_PLACE_MIN:
+                self._start_in_place(header, start)
             return None
         if size > COPY_ONCE_ABOVE:
             with memoryview(buf) as view:  # one copy (a bytearray slice would be two)
@@ -130,4 +234,5 @@ class MessageFramer:
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        placed = self._in_place
+        return len(self._buf) + (placed.filled + HEADER_SIZE if placed is not None else 0)

@@ -81,6 +81,12 @@ def pack_reply(msg_id: int, command: int, payload: bytes = b"") -> bytes:
     return pack_message(msg_id, command, payload, MsgType.REPLY)
 
 
+def pack_reply_header(msg_id: int, command: int, payload_size: int) -> bytes:
+    """The header of a reply whose ``payload_size`` payload bytes are sent after it
+    separately (gathered from several buffers)."""
+    return HEADER.pack(msg_id, command, HEADER_SIZE + payload_size, MsgType.REPLY, 0)
+
+
 def pack_error_reply(msg_id: int, command: int, err: int) -> bytes:
     """Error replies are header-only (spec; QEMU and libvfio-user both require it)."""
     return HEADER.pack(msg_id, command, HEADER_SIZE, MsgType.REPLY | FLAG_ERROR, err)

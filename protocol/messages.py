@@ -705,8 +705,14 @@ class MigData:
 
     @classmethod
     def unpack(cls, payload: bytes | memoryview) -> Self:
-        _need(payload, ARGSZ_FLAGS.size, "MIG_DATA")
-        argsz, size = ARGSZ_FLAGS.unpack_from(payload)
-        _need(payload, ARGSZ_FLAGS.size + size, "MIG_DATA data")
-        data = bytes(payload[ARGSZ_FLAGS.size : ARGSZ_FLAGS.size + size])
-        return cls(argsz, size, data)
+        argsz, size, data = unpack_mig_data_view(payload)
+        return cls(argsz, size, bytes(data))
+
+
+def unpack_mig_data_view(payload: bytes | memoryview) -> tuple[int, int, memoryview]:
+    """``argsz``, ``size`` and a view of the ``size`` data bytes of a MIG_DATA payload (not
+    copied: migration data moves in megabyte messages)."""
+    _need(payload, ARGSZ_FLAGS.size, "MIG_DATA")
+    argsz, size = ARGSZ_FLAGS.unpack_from(payload)
+    _need(payload, ARGSZ_FLAGS.size + size, "MIG_DATA data")
+    return argsz, size, memoryview(payload)[ARGSZ_FLAGS.size : ARGSZ_FLAGS.size + size]

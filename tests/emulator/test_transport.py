@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import errno
 import os
 import socket
@@ -10,10 +11,16 @@ import pytest
 import trio
 
 from emulator.transport import (
+    Part,
     TransportError,
+    after,
     ancillary_space,
     close_fds,
     receive_chunk,
+    receive_into,
+    receive_into_nowait,
+    send_gathered,
+    send_gathered_nowait,
     send_message,
 )
 
@@ -188,3 +195,116 @@ def test_ancillary_space():
     assert ancillary_space(0) == 0
     assert ancillary_space(1) == socket.CMSG_SPACE(4)
     assert ancillary_space(8) == socket.CMSG_SPACE(32)
+
+
+# -- gathered sends, receives into a buffer ---------------------------------------------------
+
+
+def test_after_drops_bytes_from_the_front_without_copying():
+    parts: list[Part] = [b"abc", bytearray(b"de"), memoryview(b"fghij")]
+    assert [bytes(p) for p in after(parts, 0)] == [b"abc", b"de", b"fghij"]
+    assert [bytes(p) for p in after(parts, 4)] == [b"e", b"fghij"]
+    assert [bytes(p) for p in after(parts, 5)] == [b"fghij"]
+    assert after(parts, 10) == []
+    tail = after(parts, 7)[0]
+    assert isinstance(tail, memoryview) and isinstance(parts[2], memoryview)
+    assert tail.obj is parts[2].obj  # a view of the caller's buffer
+
+
+async def test_gathered_send_of_more_parts_than_one_sendmsg_takes(pair):
+    """3000 parts (the kernel takes at most 1024 buffers per sendmsg) through a small send
+    buffer: every byte arrives in order, the fds with the first."""
+    a, b = pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    parts = [bytes([i & 0xFF]) * (1 + i % 700) for i in range(3000)]
+    message = b"".join(parts)
+    r, w = os.pipe()
+    counting = CountingSocket(a)
+    received = bytearray()
+    got_fds: list[int] = []
+
+    async def reader() -> None:
+        while len(received) < len(message):
+            data, fds = await receive_chunk(b, 65536, 2)
+            assert data
+            received.extend(data)
+            got_fds.extend(fds)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await send_gathered(counting, parts, [w])  # type: ignore[arg-type]
+        assert bytes(received) == message
+        assert len(counting.calls) > 3
+        assert counting.calls[0][1] == 1 and all(anc == 0 for _, anc in counting.calls[1:])
+        assert len(got_fds) == 1 and same_pipe(got_fds[0], r)
+    finally:
+        close_fds([r, w, *got_fds])
+
+
+async def test_gathered_send_with_fds_needs_data(pair):
+    a, _ = pair
+    with pytest.raises(ValueError):
+        await send_gathered(a, [b"", b""], [0])
+
+
+def test_gathered_send_nowait_takes_what_fits():
+    a, b = socket.socketpair()
+    with a, b:
+        a.setblocking(False)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        parts = [b"x" * 100_000, b"y" * 100_000]
+        sent = send_gathered_nowait(a, parts)
+        assert 0 < sent < 200_000
+        while send_gathered_nowait(a, after(parts, sent)):
+            pass  # the buffer fills up
+        assert send_gathered_nowait(a, [b"z"]) == 0  # full: nothing taken, no error
+
+
+async def test_receive_into_a_buffer_with_fds(pair):
+    a, b = pair
+    r, w = os.pipe()
+    target = bytearray(10)
+    try:
+        await send_message(a, b"0123456789abc", [w])
+        count, fds = await receive_into(b, memoryview(target)[2:6], 2)
+        assert count == 4 and target == b"\0\0" + b"0123" + bytes(4)
+        assert len(fds) == 1 and same_pipe(fds[0], r)
+        close_fds(fds)
+        count, fds = await receive_into(b, memoryview(target), 2)
+        assert (count, fds, bytes(target[:9])) == (9, [], b"456789abc")
+    finally:
+        close_fds([r, w])
+
+
+def test_receive_into_nowait_eof_and_would_block():
+    a, b = socket.socketpair()
+    with a, b:
+        b.setblocking(False)
+        target = memoryview(bytearray(8))
+        with pytest.raises(BlockingIOError):
+            receive_into_nowait(b, target, 1)
+        a.sendall(b"hi")
+        assert receive_into_nowait(b, target, 1) == (2, [])
+        a.close()
+        assert receive_into_nowait(b, target, 1) == (0, [])
+
+
+def test_receive_into_nowait_refuses_fds_beyond_the_limit():
+    a, b = socket.socketpair()
+    pipes = [os.pipe() for _ in range(3)]
+    before = open_fds()
+    try:
+        with a, b:
+            b.setblocking(False)
+            ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array_of([p[1] for p in pipes]))]
+            a.sendmsg([b"data"], ancdata)
+            with pytest.raises(TransportError):
+                receive_into_nowait(b, memoryview(bytearray(8)), 1)
+            assert open_fds() <= before  # every fd received was closed
+    finally:
+        close_fds([fd for pipe in pipes for fd in pipe])
+
+
+def array_of(fds: list[int]) -> bytes:
+    return array.array("i", fds).tobytes()

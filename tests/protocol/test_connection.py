@@ -481,3 +481,75 @@ def test_dirty_pages_refused_without_the_migration_capability(json_text: str) ->
     event = one(conn, pack_message(9, Command.DIRTY_PAGES, struct.pack("<II", 8, 1)))
     assert isinstance(event, Rejected) and not event.close
     assert_error_reply(event, errno.EINVAL)
+
+
+# -- commands received in place ------------------------------------------------------------
+
+
+def mig_data_write(msg_id: int, size: int) -> bytes:
+    data = bytes((msg_id + i) & 0xFF for i in range(size))
+    return pack_message(msg_id, Command.MIG_DATA_WRITE, struct.pack("<II", 8 + size, size) + data)
+
+
+def in_place_ready(limit: int = 1 << 21) -> ServerConnection:
+    conn = ServerConnection(ServerCapabilities(), limit, in_place=(Command.MIG_DATA_WRITE,))
+    conn.receive_data(VERSION_MSG)
+    assert isinstance(conn.next_event(), Negotiated)
+    return conn
+
+
+def receive_split(conn: ServerConnection, message: bytes) -> CommandReceived:
+    """Header and a little payload through receive_data, the rest into receive_buffer."""
+    conn.receive_data(message[:32])
+    assert conn.next_event() is None
+    at = 32
+    while (target := conn.receive_buffer()) is not None:
+        count = min(len(target), 100_000)
+        target[:count] = message[at : at + count]
+        conn.received(count)
+        at += count
+    assert at == len(message)
+    event = conn.next_event()
+    assert isinstance(event, CommandReceived)
+    return event
+
+
+def test_in_place_commands_arrive_as_views_of_one_reused_buffer() -> None:
+    conn = in_place_ready()
+    first_message, second_message = mig_data_write(1, 300_000), mig_data_write(2, 200_000)
+    first = receive_split(conn, first_message)
+    assert isinstance(first.payload, memoryview) and bytes(first.payload) == first_message[16:]
+    buffer = first.payload.obj
+    second = receive_split(conn, second_message)
+    assert isinstance(second.payload, memoryview) and second.payload.obj is buffer
+    assert bytes(second.payload) == second_message[16:]
+
+
+def test_a_payload_larger_than_the_reused_buffer_gets_a_larger_one() -> None:
+    conn = in_place_ready()
+    small = receive_split(conn, mig_data_write(1, 100_000))
+    assert isinstance(small.payload, memoryview)
+    held = small.payload  # still alive: the larger buffer must not be a resize of its own
+    large_message = mig_data_write(2, 1_500_000)
+    large = receive_split(conn, large_message)
+    assert isinstance(large.payload, memoryview) and large.payload.obj is not held.obj
+    assert bytes(large.payload) == large_message[16:]
+    assert bytes(held) == mig_data_write(1, 100_000)[16:]
+
+
+def test_only_the_named_commands_of_a_ready_connection_are_received_in_place() -> None:
+    region_write = pack_message(5, Command.REGION_WRITE, bytes(200_000))
+    conn = in_place_ready()
+    conn.receive_data(region_write[:100])
+    assert conn.next_event() is None and conn.receive_buffer() is None
+    conn.receive_data(region_write[100:])
+    (event,) = events(conn)
+    assert isinstance(event, CommandReceived) and isinstance(event.payload, bytes)
+    # Before VERSION nothing is received in place (the message is refused as usual).
+    fresh = ServerConnection(ServerCapabilities(), 1 << 21, in_place=(Command.MIG_DATA_WRITE,))
+    fresh.receive_data(mig_data_write(1, 100_000)[:100])
+    assert fresh.receive_buffer() is None
+    # Nor without ``in_place``.
+    plain = ready(1 << 21)
+    plain.receive_data(mig_data_write(1, 100_000)[:100])
+    assert plain.next_event() is None and plain.receive_buffer() is None

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import ProtocolError
-from protocol.framer import Message, MessageFramer, Oversized
+from protocol.framer import IN_PLACE_MIN, InPlaceMessage, Message, MessageFramer, Oversized
 from protocol.header import Header, pack_message
 
 FAST = settings(max_examples=200, deadline=None)
@@ -19,16 +19,16 @@ def msg(msg_id: int, payload_size: int, command: int = 9) -> bytes:
     return pack_message(msg_id, command, bytes((msg_id + i) & 0xFF for i in range(payload_size)))
 
 
-def drain(framer: MessageFramer) -> list[Message | Oversized]:
-    out: list[Message | Oversized] = []
+def drain(framer: MessageFramer) -> list[Message | InPlaceMessage | Oversized]:
+    out: list[Message | InPlaceMessage | Oversized] = []
     while (item := framer.next_message()) is not None:
         out.append(item)
     return out
 
 
-def as_wire(item: Message | Oversized) -> bytes:
-    assert isinstance(item, Message)
-    return item.header.pack() + item.payload
+def as_wire(item: Message | InPlaceMessage | Oversized) -> bytes:
+    assert isinstance(item, Message | InPlaceMessage)
+    return item.header.pack() + bytes(item.payload)
 
 
 STREAM = [msg(1, 16), msg(2, 0), msg(3, 5), msg(4, 40)]
@@ -342,3 +342,193 @@ def test_take_all_fds_includes_untaken_orphans() -> None:
     framer.feed(big[16:], [5])
     framer.feed(msg(2, 40)[:10], [6])
     assert sorted(framer.take_all_fds()) == [5, 6]
+
+
+# -- payloads received in place ------------------------------------------------------------
+
+BIG = IN_PLACE_MIN + 1000
+MIG_DATA_WRITE = 18
+
+
+class Places:
+    """A ``place`` callback lending one reused buffer for MIG_DATA_WRITE payloads."""
+
+    def __init__(self, size: int = 1 << 20, command: int = MIG_DATA_WRITE) -> None:
+        self.buffer = bytearray(size)
+        self.command = command
+        self.asked: list[int] = []
+
+    def __call__(self, header: Header) -> memoryview | None:
+        self.asked.append(header.msg_id)
+        if header.command != self.command:
+            return None
+        return memoryview(self.buffer)[: header.size - 16]
+
+
+_PATTERN = bytes(range(256)) * (BIG // 256 + 2)
+
+
+def fast_msg(msg_id: int, payload_size: int, command: int = 9) -> bytes:
+    """:func:`msg` for large payloads (same bytes, built without a loop per byte)."""
+    start = msg_id & 0xFF
+    return pack_message(msg_id, command, _PATTERN[start : start + payload_size])
+
+
+def big(msg_id: int, size: int = BIG) -> bytes:
+    return fast_msg(msg_id, size, MIG_DATA_WRITE)
+
+
+def receive_in_place(framer: MessageFramer, data: bytes, piece: int) -> int:
+    """Write ``data`` into the framer's receive buffer ``piece`` bytes at a time, as
+    ``recvmsg_into`` would; returns how many bytes it took."""
+    at = 0
+    while at < len(data) and (target := framer.receive_buffer()) is not None:
+        count = min(piece, len(target), len(data) - at)
+        target[:count] = data[at : at + count]
+        framer.received(count)
+        at += count
+    return at
+
+
+def test_large_payload_is_received_in_place_in_many_pieces() -> None:
+    places = Places()
+    framer = MessageFramer(1 << 20, places)
+    first, second = big(1), msg(2, 8)
+    framer.feed(first[:1000])  # the header and the payload's first bytes
+    assert framer.next_message() is None
+    assert framer.buffered == 1000
+    taken = receive_in_place(framer, first[1000:], 777)
+    assert taken == len(first) - 1000  # exactly the payload: no byte of the next message
+    assert framer.receive_buffer() is None
+    framer.feed(second)
+    first_out, second_out = drain(framer)
+    assert isinstance(first_out, InPlaceMessage) and isinstance(second_out, Message)
+    assert first_out.payload.obj is places.buffer  # a view of the lent buffer, not a copy
+    assert as_wire(first_out) == first and as_wire(second_out) == second
+    assert framer.buffered == 0
+
+
+def test_fed_bytes_fill_the_in_place_payload_and_the_rest_is_buffered() -> None:
+    places = Places()
+    framer = MessageFramer(1 << 20, places)
+    stream = big(1) + msg(2, 8) + big(3)
+    framer.feed(stream[:100])
+    assert drain(framer) == []
+    framer.feed(stream[100:])  # the rest of 1, all of 2, all of 3 in one chunk
+    items = drain(framer)
+    assert [type(i) for i in items] == [InPlaceMessage, Message, Message]  # 3 came whole
+    assert b"".join(as_wire(i) for i in items) == stream
+
+
+def test_an_in_place_payload_is_valid_until_the_next_message_is_taken() -> None:
+    """The next large message may start in the same buffer as soon as it is asked for."""
+    framer = MessageFramer(1 << 20, Places())
+    stream = big(1) + big(3)
+    framer.feed(stream[:100])
+    assert framer.next_message() is None
+    receive_in_place(framer, stream[100 : len(big(1))], 1 << 20)
+    framer.feed(stream[len(big(1)) : len(big(1)) + 100])
+    first = framer.next_message()
+    assert isinstance(first, InPlaceMessage) and as_wire(first) == big(1)
+    assert framer.next_message() is None  # 3 starts in place: the buffer now holds its bytes
+    assert as_wire(first) != big(1)
+
+
+def test_small_payloads_and_declined_places_are_buffered_as_usual() -> None:
+    places = Places()
+    framer = MessageFramer(1 << 20, places)
+    small, other = fast_msg(1, IN_PLACE_MIN - 1, MIG_DATA_WRITE), fast_msg(2, BIG, 9)
+    for message in (small, other):
+        framer.feed(message[:50])
+        assert framer.next_message() is None and framer.receive_buffer() is None
+        framer.feed(message[50:])
+        (item,) = drain(framer)
+        assert isinstance(item, Message) and as_wire(item) == message
+    assert places.asked == [2]  # asked only about the large one; it declined
+
+
+def test_fds_of_in_place_pieces_belong_to_that_message() -> None:
+    framer = MessageFramer(1 << 20, Places())
+    first, second = big(1), msg(2, 8)
+    framer.feed(first[:64], [10])
+    assert framer.next_message() is None
+    target = framer.receive_buffer()
+    assert target is not None
+    target[:100] = first[64:164]
+    framer.received(100, [11])
+    rest = framer.receive_buffer()
+    assert rest is not None
+    rest[:] = first[164:]
+    framer.received(len(rest), [12])
+    framer.feed(second, [13])
+    first_out, second_out = drain(framer)
+    assert first_out.fds == [10, 11, 12] and second_out.fds == [13]
+    assert framer.take_all_fds() == []
+
+
+def test_receiving_beyond_the_in_place_payload_is_refused() -> None:
+    framer = MessageFramer(1 << 20, Places())
+    with pytest.raises(ValueError):
+        framer.received(1)  # nothing is being received in place
+    framer.feed(big(1)[:16])
+    assert framer.next_message() is None
+    target = framer.receive_buffer()
+    assert target is not None and len(target) == BIG
+    with pytest.raises(ValueError):
+        framer.received(BIG + 1)
+
+
+def test_a_place_of_the_wrong_size_is_refused() -> None:
+    framer = MessageFramer(1 << 20, lambda header: memoryview(bytearray(10)))
+    framer.feed(big(1)[:16])
+    with pytest.raises(ValueError):
+        framer.next_message()
+
+
+def test_oversized_messages_are_skipped_not_received_in_place() -> None:
+    places = Places()
+    framer = MessageFramer(BIG, places)  # big(1) is BIG + 16 bytes: over the limit
+    framer.feed(big(1)[:100])
+    (item,) = drain(framer)
+    assert isinstance(item, Oversized) and places.asked == []
+    assert framer.receive_buffer() is None
+
+
+def test_eof_inside_an_in_place_payload_leaves_it_buffered() -> None:
+    framer = MessageFramer(1 << 20, Places())
+    framer.feed(big(1)[:100])
+    assert framer.next_message() is None
+    assert framer.buffered == 100
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.sampled_from([0, 8, IN_PLACE_MIN - 1, IN_PLACE_MIN, BIG]), max_size=5),
+    st.data(),
+)
+def test_in_place_reassembles_like_buffering(sizes: list[int], data: st.DataObject) -> None:
+    """Any mix of fed chunks and in-place receives gives the same messages, each large
+    MIG_DATA_WRITE payload still incomplete when its header was parsed in place."""
+    messages = [fast_msg(i, n, MIG_DATA_WRITE if i % 2 else 9) for i, n in enumerate(sizes)]
+    stream = b"".join(messages)
+    framer = MessageFramer(1 << 20, Places())
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, max(1, len(stream))), max_size=12))))
+    out = []
+    at = 0
+    for end in [*cuts, len(stream)]:
+        if end <= at:
+            continue
+        if framer.receive_buffer() is not None and data.draw(st.booleans()):
+            at += receive_in_place(framer, stream[at:end], end - at)
+        else:
+            framer.feed(stream[at:end])
+            at = end
+        # Each copied before the next is taken: the next in-place message reuses the buffer.
+        while (item := framer.next_message()) is not None:
+            out.append(as_wire(item))
+    while at < len(stream):  # what an in-place receive did not take (past its payload)
+        framer.feed(stream[at:])
+        at = len(stream)
+        while (item := framer.next_message()) is not None:
+            out.append(as_wire(item))
+    assert out == messages

@@ -627,20 +627,33 @@ class MigrationEngine:
 
     # -- data --------------------------------------------------------------------------------
     def read_data(self, size: int) -> bytes:
+        return self._saving_to_read().read(size)
+
+    def read_views(self, size: int) -> list[memoryview]:
+        """What :meth:`read_data` returns, as views of the stream's pieces (the device's own
+        buffers, e.g. its RAM in STOP_COPY), for a reply sent gathered instead of joined."""
+        saving = self._saving_to_read()
+        pieces: list[memoryview] = []
+        while size and (piece := saving.take(size)):
+            pieces.append(piece)
+            size -= len(piece)
+        return pieces
+
+    def _saving_to_read(self) -> SavingSession:
+        """The saving session, refilled from the device in PRE_COPY when nothing is
+        pending; EINVAL outside the saving states."""
         if self.state not in SAVING_STATES or self.saving is None:
             raise ProtocolError(errno.EINVAL, f"no migration data to read in {self.state.name}")
         if not self.saving.pending and not self.saving.complete:
             self.saving.add(self.device.precopy_changes())
-        return self.saving.read(size)
+        return self.saving
 
     def pending_data(self) -> int:
         """Bytes the saving stream holds now (the v1 region's ``pending_bytes``); in
         PRE_COPY it first asks the device for changes, as :meth:`read_data` does."""
         if self.state not in SAVING_STATES or self.saving is None:
             return 0
-        if not self.saving.pending and not self.saving.complete:
-            self.saving.add(self.device.precopy_changes())
-        return self.saving.pending
+        return self._saving_to_read().pending
 
     def discard_resumed(self) -> None:
         """The runtime refused part of the resumed stream (e.g. past the size limit): what
@@ -649,7 +662,8 @@ class MigrationEngine:
         if self.state == RESUMING and self.resuming is not None:
             self._new_resuming()
 
-    def write_data(self, data: bytes) -> None:
+    def write_data(self, data: Buffer) -> None:
+        """Resumed bytes, used before this returns (the caller may reuse ``data``)."""
         if self.state != RESUMING or self.resuming is None:
             raise ProtocolError(errno.EINVAL, f"migration data written in {self.state.name}")
         self.resuming.write(data)

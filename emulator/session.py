@@ -13,7 +13,6 @@ import errno
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
 
 from devices.api import Device, DeviceError, Region
 from protocol.constants import (
@@ -558,27 +557,12 @@ class Session:
             request.size <= min(self.client.max_data_xfer_size, self.server.max_data_xfer_size),
             f"MIG_DATA_READ of {request.size} bytes exceeds max_data_xfer_size",
         )
-        pieces = self._migration_data(request.size)
+        pieces = self.device.migration.read_views(request.size)
         valid = sum(len(piece) for piece in pieces)
         head = MigData(MIG_DATA_HEADER + valid, valid, b"").pack()
         # libvfio-user pads the reply to the requested size; ``size`` says what is valid.
         padding = [bytes(request.size - valid)] if valid < request.size else []
         return Outcome(gathered=[head, *pieces, *padding])
-
-    def _migration_data(self, size: int) -> list[memoryview]:
-        """Up to ``size`` bytes of the saving stream as views of its pieces (the device's
-        own buffers: its RAM in STOP_COPY), for a reply sent gathered, never joined."""
-        engine = self.device.migration
-        # A read of nothing does what a read does first: refuse the wrong state (EINVAL),
-        # and in PRE_COPY ask the device for changes when nothing is pending.
-        engine.read_data(0)
-        saving = engine.saving
-        assert saving is not None
-        pieces: list[memoryview] = []
-        while size and (piece := saving.take(size)):
-            pieces.append(piece)
-            size -= len(piece)
-        return pieces
 
     def mig_data_write(
         self, header: Header, payload: bytes | memoryview, fds: list[int]
@@ -591,9 +575,8 @@ class Session:
         require(argsz >= end, "MIG_DATA_WRITE: argsz < 8 + size")
         self._check_count(size)
         # A view, possibly of the connection's reused receive buffer: write_data consumes
-        # it (copies or applies it) before returning. (It is annotated ``bytes`` but takes
-        # any buffer; ResumingSession.write is typed so.)
-        self.device.migration.write_data(cast(bytes, data))
+        # it (copies or applies it) before returning.
+        self.device.migration.write_data(data)
         return EMPTY
 
     # -- protocol 0.1 dirty-page tracking --------------------------------------------------------

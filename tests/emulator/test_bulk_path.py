@@ -7,6 +7,7 @@ client.py, transport.py)."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 import struct
 from pathlib import Path
@@ -41,7 +42,7 @@ def mig_data_write(msg_id: int, data: bytes) -> bytes:
 
 
 def stream_bytes(size: int, seed: int) -> bytes:
-    """Distinct bytes per message (not a migration stream: RESUMING only stages them)."""
+    """Distinct bytes per page or message."""
     block = bytes((seed * 7 + i) & 0xFF for i in range(256))
     return (block * (size // 256 + 1))[:size]
 
@@ -52,10 +53,23 @@ def active(served: object) -> ClientSession:
     return session
 
 
-def staged(device: TestDev) -> bytes:
+async def saved_stream(ram_size: int, seed: int) -> tuple[bytes, bytes]:
+    """A testdev's stop-copy stream (RAM of random bytes), and that RAM."""
+    source = TestDev(TestDevOptions(ram_size=ram_size))
+    ram = random.Random(seed).randbytes(ram_size)
+    source.ram.buffer[:] = ram
+    await source.migration.set_state(MigState.STOP_COPY)
+    return source.migration.read_data(2 * ram_size), ram
+
+
+async def loads(conn: RawConnection, device: TestDev, ram: bytes, sent: int) -> None:
+    """Every byte written arrived intact and in order: the device took all of them, and
+    RESUMING -> STOP loads exactly the source's RAM."""
     resuming = device.migration.resuming
-    assert resuming is not None
-    return bytes(resuming.staging.view()[: resuming.size])
+    assert resuming is not None and resuming.size == sent
+    header, _ = await conn.call(Command.DEVICE_FEATURE, set_mig_state_payload(MigState.STOP))
+    assert not header.is_error
+    assert bytes(device.ram.buffer) == ram
 
 
 async def send_in_pieces(conn: RawConnection, data: bytes, piece: int) -> None:
@@ -71,8 +85,9 @@ async def resuming(conn: RawConnection) -> None:
 
 
 async def test_mig_data_write_payload_split_across_many_receives(tmp_path: Path) -> None:
-    device = TestDev()
-    first, second = stream_bytes(300_000, 1), stream_bytes(200_000, 2)
+    stream, ram = await saved_stream(512 << 10, 1)
+    device = TestDev(TestDevOptions(ram_size=len(ram)))
+    first, second = stream[:300_000], stream[300_000:]
     async with served_device(device, tmp_path) as served:
         conn = await RawConnection.connect(served.socket_path)
         try:
@@ -84,18 +99,19 @@ async def test_mig_data_write_payload_split_across_many_receives(tmp_path: Path)
                 (10, False, b""),
                 (11, False, b""),
             ]
-            assert staged(device) == first + second
             # Received in place: the connection's reused buffer holds the last payload.
             buffer = active(served).proto._payload_buffer
             assert len(buffer) >= 8 + len(first)
             assert bytes(buffer[8 : 8 + len(second)]) == second
+            await loads(conn, device, ram, len(stream))
         finally:
             conn.close()
 
 
 async def test_mig_data_write_larger_than_the_reused_buffer(tmp_path: Path) -> None:
-    device = TestDev()
-    small, large = stream_bytes(100_000, 3), stream_bytes(1_000_000, 4)
+    stream, ram = await saved_stream(1 << 20, 3)
+    device = TestDev(TestDevOptions(ram_size=len(ram)))
+    small, large = stream[:100_000], stream[100_000:]
     async with served_device(device, tmp_path) as served:
         conn = await RawConnection.connect(served.socket_path)
         try:
@@ -107,7 +123,7 @@ async def test_mig_data_write_larger_than_the_reused_buffer(tmp_path: Path) -> N
             ((header, _),) = await conn.receive_many(1)
             assert header.msg_id == 2 and not header.is_error
             assert before < 8 + len(large) <= len(active(served).proto._payload_buffer)
-            assert staged(device) == small + large
+            await loads(conn, device, ram, len(stream))
         finally:
             conn.close()
 
@@ -115,8 +131,9 @@ async def test_mig_data_write_larger_than_the_reused_buffer(tmp_path: Path) -> N
 async def test_mig_data_writes_held_behind_a_deferred_set_are_kept(tmp_path: Path) -> None:
     """Writes that arrive while a SET waits for the device's DMA are held, and the next
     one is received into the same reused buffer: the held ones must have been copied."""
-    device = TestDev()
-    first, second = stream_bytes(150_000, 5), stream_bytes(120_000, 6)
+    stream, ram = await saved_stream(256 << 10, 5)
+    device = TestDev(TestDevOptions(ram_size=len(ram)))
+    first, second = stream[:150_000], stream[150_000:]
     async with served_device(device, tmp_path) as served:
         conn = await RawConnection.connect(served.socket_path)
         try:
@@ -142,7 +159,7 @@ async def test_mig_data_writes_held_behind_a_deferred_set_are_kept(tmp_path: Pat
                     else:
                         answered.append((header.msg_id, header.is_error))
             assert answered == [(set_id, False), (200, False), (201, False)]
-            assert staged(device) == first + second
+            await loads(conn, device, ram, len(stream))
         finally:
             conn.close()
 

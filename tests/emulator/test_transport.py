@@ -6,6 +6,7 @@ import array
 import errno
 import os
 import socket
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -98,10 +99,15 @@ class CountingSocket:
         return await self.sock.sendmsg(buffers, ancdata)
 
 
-async def test_large_message_partial_sends(pair):
+async def send_through_a_small_buffer(
+    pair: tuple[trio.socket.SocketType, trio.socket.SocketType],
+    message: bytes,
+    send: Callable[[CountingSocket, int], Awaitable[None]],
+) -> list[tuple[int, int]]:
+    """``send(socket, fd)`` through a 4 KiB send buffer while a reader collects: every
+    byte arrives in order, the fd once; returns the sendmsg calls (bytes, ancillary)."""
     a, b = pair
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    message = bytes(range(256)) * (4 * 4096)  # 4 MiB
     r, w = os.pipe()
     counting = CountingSocket(a)
     received = bytearray()
@@ -117,14 +123,24 @@ async def test_large_message_partial_sends(pair):
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader)
-            await send_message(counting, message, [w])  # type: ignore[arg-type]
+            await send(counting, w)
         assert bytes(received) == message
-        assert len(counting.calls) > 1, "expected the kernel to take the message in parts"
-        assert counting.calls[0][1] == 1
-        assert all(anc == 0 for _, anc in counting.calls[1:])
         assert len(got_fds) == 1 and same_pipe(got_fds[0], r)
+        return counting.calls
     finally:
         close_fds([r, w, *got_fds])
+
+
+async def test_large_message_partial_sends(pair):
+    message = bytes(range(256)) * (4 * 4096)  # 4 MiB
+
+    async def send(sock: CountingSocket, fd: int) -> None:
+        await send_message(sock, message, [fd])  # type: ignore[arg-type]
+
+    calls = await send_through_a_small_buffer(pair, message, send)
+    assert len(calls) > 1, "expected the kernel to take the message in parts"
+    assert calls[0][1] == 1
+    assert all(anc == 0 for _, anc in calls[1:])
 
 
 async def test_ctrunc_closes_received_fds(pair):
@@ -214,32 +230,14 @@ def test_after_drops_bytes_from_the_front_without_copying():
 async def test_gathered_send_of_more_parts_than_one_sendmsg_takes(pair):
     """3000 parts (the kernel takes at most 1024 buffers per sendmsg) through a small send
     buffer: every byte arrives in order, the fds with the first."""
-    a, b = pair
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     parts = [bytes([i & 0xFF]) * (1 + i % 700) for i in range(3000)]
-    message = b"".join(parts)
-    r, w = os.pipe()
-    counting = CountingSocket(a)
-    received = bytearray()
-    got_fds: list[int] = []
 
-    async def reader() -> None:
-        while len(received) < len(message):
-            data, fds = await receive_chunk(b, 65536, 2)
-            assert data
-            received.extend(data)
-            got_fds.extend(fds)
+    async def send(sock: CountingSocket, fd: int) -> None:
+        await send_gathered(sock, parts, [fd])  # type: ignore[arg-type]
 
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
-            await send_gathered(counting, parts, [w])  # type: ignore[arg-type]
-        assert bytes(received) == message
-        assert len(counting.calls) > 3
-        assert counting.calls[0][1] == 1 and all(anc == 0 for _, anc in counting.calls[1:])
-        assert len(got_fds) == 1 and same_pipe(got_fds[0], r)
-    finally:
-        close_fds([r, w, *got_fds])
+    calls = await send_through_a_small_buffer(pair, b"".join(parts), send)
+    assert len(calls) > 3
+    assert calls[0][1] == 1 and all(anc == 0 for _, anc in calls[1:])
 
 
 async def test_gathered_send_with_fds_needs_data(pair):

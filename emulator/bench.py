@@ -879,7 +879,8 @@ def _print_table(results: Results) -> None:
             else "since the server started (clear_refs refused: includes start-up)"
         )
         + f";\nanon: peak RssAnon in MiB, sampled every {SAMPLE_INTERVAL * 1e3:g} ms. The RAM "
-        "BAR and the destination's staging are memfds (RssShmem): in HWM, not in anon.\n"
+        "BAR is a memfd (RssShmem): in HWM, not in anon. The destination stages no stream:\n"
+        "it writes RAM in place, and each run starts from a reset destination (zero RAM).\n"
         f"largest VmHWM before a migration (server start-up + RAM fill): {_mib(startup)} MiB"
     )
     _print_targets(results)

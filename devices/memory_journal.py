@@ -4,9 +4,10 @@ must leave the device as it was.
 
 Before a write replaces bytes, the journal keeps them, unless they are all zero (a freshly
 reset or never-used destination, the usual case of a migration): then it only notes the
-range, and undoing it clears the range again. The kept bytes are copies of at most a write's
-size (the runtime writes up to 1 MiB at a time), freed by :meth:`commit` or :meth:`undo`.
-A destination that is not zero thus costs a copy of what is overwritten, in fresh memory.
+range, and undoing it clears the range again. Writes that continue the previous one extend
+its entry (a stream arriving in tiny pieces costs no entry per piece); kept bytes are
+copied at most ZERO_PROBE at a time, and freed by :meth:`commit` or :meth:`undo`. A
+destination that is not zero thus costs a copy of what is overwritten, in fresh memory.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from . import stream_primitives
 ZERO_PROBE = stream_primitives.MAX_PAGE_SIZE
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Entry:
     offset: int
     length: int
-    kept: bytes | None  # the bytes replaced; None: they were all zero
+    kept: bytearray | None  # the bytes replaced; None: they were all zero
 
 
 class MemoryJournal:
@@ -40,14 +41,13 @@ class MemoryJournal:
         return self.memory[offset : offset + count]
 
     def clear(self, offset: int, count: int) -> None:
-        current = self.memory[offset : offset + count]
-        if _all_zero(current):
-            return  # nothing changes, nothing to take back
-        self._entries.append(_Entry(offset, count, bytes(current)))
         zeros = bytes(min(count, ZERO_PROBE))
-        for at in range(offset, offset + count, len(zeros)):
-            size = min(len(zeros), offset + count - at)
-            self.memory[at : at + size] = zeros[:size]
+        for at in range(offset, offset + count, ZERO_PROBE):
+            size = min(ZERO_PROBE, offset + count - at)
+            current = self.memory[at : at + size]
+            if not _all_zero(current):  # else nothing changes, nothing to take back
+                self._note(at, current, zero=False)
+                current[:] = zeros[:size]
 
     def undo(self) -> None:
         """Every write taken back, newest first (a later write may cover an earlier)."""
@@ -63,13 +63,28 @@ class MemoryJournal:
         self._entries = []
 
     @property
+    def entries(self) -> int:
+        """Ranges noted (writes that continue the previous one share its entry)."""
+        return len(self._entries)
+
+    @property
     def kept_bytes(self) -> int:
         return sum(len(entry.kept) for entry in self._entries if entry.kept is not None)
 
     def _keep(self, offset: int, count: int) -> None:
-        current = self.memory[offset : offset + count]
-        kept = None if _all_zero(current) else bytes(current)
-        self._entries.append(_Entry(offset, count, kept))
+        for at in range(offset, offset + count, ZERO_PROBE):
+            current = self.memory[at : min(at + ZERO_PROBE, offset + count)]
+            self._note(at, current, zero=_all_zero(current))
+
+    def _note(self, offset: int, current: memoryview, *, zero: bool) -> None:
+        """Record what ``current`` (at ``offset``) holds before it is overwritten."""
+        last = self._entries[-1] if self._entries else None
+        if last is not None and last.offset + last.length == offset and (last.kept is None) == zero:
+            last.length += len(current)  # continues the newest entry: one entry for both
+            if last.kept is not None:
+                last.kept += current
+            return
+        self._entries.append(_Entry(offset, len(current), None if zero else bytearray(current)))
 
 
 def _all_zero(view: memoryview) -> bool:

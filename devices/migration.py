@@ -655,6 +655,11 @@ class MigrationEngine:
             return 0
         return self._saving_to_read().pending
 
+    def abandon_resumed(self) -> None:
+        """End a resume session, taking back what it applied in place, before a device
+        reset: undoing it after the reset would bring the old RAM back over the reset's."""
+        self._drop_resuming()
+
     def discard_resumed(self) -> None:
         """The runtime refused part of the resumed stream (e.g. past the size limit): what
         was applied in place is taken back now, as a failed load does, and a fresh

@@ -395,8 +395,9 @@ class TestDev(Device):
 
     def resume_sink(self, name: str, length: int) -> SectionSink | None:
         """RAM sections are written into RAM while they arrive (no staged copy of RAM)."""
-        if name in ("ram.z", "ram.zpage"):
-            return _RamSink(self.ram.buffer, length, whole=name == "ram.z")
+        if name in RAM_SECTIONS:
+            whole, elided = RAM_SECTIONS[name]
+            return _RamSink(self.ram.buffer, length, whole=whole, elided=elided)
         return None
 
     def _checked_ram(
@@ -440,19 +441,29 @@ class TestDev(Device):
         self._copy_queued = False
 
 
-class _RamSink:
-    """A "ram.z" (whole RAM) or "ram.zpage" (offset u64, then part of RAM) section written
-    into RAM as it arrives, with the checks :meth:`TestDevice.load_state` makes on one;
-    journaled, so the engine can take it back."""
+#: RAM sections, applied in place as they arrive: name -> (the whole RAM, zero pages elided).
+RAM_SECTIONS = {
+    "ram.z": (True, True),
+    "ram.zpage": (False, True),
+    "ram": (True, False),
+    "ram.page": (False, False),
+}
 
-    def __init__(self, ram: memoryview, length: int, *, whole: bool) -> None:
+
+class _RamSink:
+    """A RAM section (see RAM_SECTIONS; a partial one starts with its offset, u64) written
+    into RAM as it arrives, in stream order like every RAM section, with the checks
+    :meth:`TestDevice.load_state` makes on one; journaled, so the engine can take it back."""
+
+    def __init__(self, ram: memoryview, length: int, *, whole: bool, elided: bool) -> None:
         self._ram = ram
         self._length = length
         self._whole = whole
+        self._elided = elided
         self._offset_bytes = bytearray()
         self._offset = 0
         self._journal: MemoryJournal | None = None
-        self._pages: stream_primitives.PagesReceiver | None = None
+        self._pages: stream_primitives.PagesReceiver | _RawReceiver | None = None
         if whole:
             self._start(0, length)
 
@@ -482,7 +493,7 @@ class _RamSink:
 
     def finish(self) -> None:
         if self._pages is None:
-            raise DeviceError(errno.EINVAL, "ram.zpage section too short")
+            raise DeviceError(errno.EINVAL, "RAM page section too short")
         try:
             length = self._pages.finish()
         except ValueError as exc:
@@ -493,9 +504,13 @@ class _RamSink:
     def _start(self, offset: int, payload: int) -> None:
         self._offset = offset
         self._journal = MemoryJournal(self._ram[offset:])
-        self._pages = stream_primitives.PagesReceiver(
-            payload, len(self._ram) - offset, self._journal
-        )
+        room = len(self._ram) - offset
+        if self._elided:
+            self._pages = stream_primitives.PagesReceiver(payload, room, self._journal)
+        elif payload > room:  # checked before a byte is written
+            raise DeviceError(errno.EINVAL, f"RAM update [{offset:#x}, +{payload:#x}) is bad")
+        else:
+            self._pages = _RawReceiver(payload, self._journal)
 
     def undo(self) -> None:
         if self._journal is not None:
@@ -504,3 +519,39 @@ class _RamSink:
     def commit(self) -> None:
         if self._journal is not None:
             self._journal.commit()
+
+
+class _RawReceiver:
+    """Raw RAM bytes (a "ram" / "ram.page" payload after its offset) written as they
+    arrive; the PagesReceiver interface, for a payload that is the memory itself."""
+
+    def __init__(self, length: int, journal: MemoryJournal) -> None:
+        self._length = length
+        self._journal = journal
+        self._at = 0
+        self._window = memoryview(b"")  # prepared once, filled in steps (see target)
+        self._window_start = 0
+
+    def feed(self, data: memoryview) -> None:
+        if self._at + len(data) > self._length:
+            raise ValueError(f"RAM payload longer than the {self._length} bytes announced")
+        self._journal.write(self._at, data)
+        self._at += len(data)
+
+    def target(self, limit: int) -> memoryview | None:
+        if self._at >= self._length:
+            return None
+        at = self._at - self._window_start
+        if not 0 <= at < len(self._window):
+            size = min(limit, self._length - self._at)
+            self._window = self._journal.prepare(self._at, size)
+            self._window_start, at = self._at, 0
+        return self._window[at : at + limit]
+
+    def landed(self, count: int) -> None:
+        self._at += count
+
+    def finish(self) -> int:
+        if self._at != self._length:
+            raise ValueError(f"RAM payload of {self._at} bytes is truncated")
+        return self._length

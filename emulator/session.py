@@ -401,6 +401,7 @@ class Session:
         self.cancel_device_work()
         if self.data_fds is not None:
             self.data_fds.close()  # a reset ends any migration data session
+        self.device.migration.abandon_resumed()  # undone first: the reset has the last word
         self.device.reset()
         self.device.migration.reset()  # -> RUNNING, also out of ERROR (kernel, spec)
         if self.v1 is not None:

@@ -71,3 +71,28 @@ def test_a_zero_destination_keeps_no_copy() -> None:
     assert journal.kept_bytes == 4096
     journal.undo()
     assert memory == bytes(1 << 20)
+
+
+def test_a_stream_in_tiny_pieces_costs_one_entry_per_run() -> None:
+    """Byte-by-byte writes (1-byte MIG_DATA_WRITEs) continue one another: one entry for
+    the zero part and one for the written part, not one per byte."""
+    memory = bytearray(8192)
+    memory[4096:] = b"\x05" * 4096
+    journal = MemoryJournal(memoryview(memory))
+    for at in range(8192):
+        journal.write(at, memoryview(b"\x09"))
+    assert journal.entries == 2 and journal.kept_bytes == 4096
+    journal.clear(0, 8192)
+    assert journal.entries == 3
+    journal.undo()
+    assert memory == bytes(4096) + b"\x05" * 4096
+
+
+def test_a_large_clear_keeps_its_copy_in_bounded_pieces() -> None:
+    memory = bytearray(b"\x07" * (3 << 20))
+    journal = MemoryJournal(memoryview(memory))
+    journal.clear(100, (3 << 20) - 200)
+    assert memory[:100] == b"\x07" * 100 and not any(memory[100:-100])
+    assert journal.kept_bytes == (3 << 20) - 200
+    journal.undo()
+    assert memory == b"\x07" * (3 << 20)

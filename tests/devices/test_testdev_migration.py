@@ -24,8 +24,8 @@ from devices import pci, stream_primitives
 from devices.api import ClientGone, DeviceContext
 from devices.errors import DeviceError
 from devices.irq import MSIX
-from devices.migration import CONFIG_SECTION, IRQ_SECTION, MigrationEngine
-from devices.state_stream import decode, encode
+from devices.migration import CONFIG_SECTION, IRQ_SECTION, MemoryStaging, MigrationEngine
+from devices.state_stream import StreamDecoder, decode, encode
 from devices.stream_primitives import crc32c
 from devices.testdev import (
     BAR_MSIX,
@@ -921,3 +921,83 @@ async def test_copy_whose_client_hangs_up_mid_dma_neither_fails_nor_interrupts(
     assert dev.regs.get(REG_IRQ_COUNT) == irqs_before + 1
     assert dev.regs.get(REG_IRQ_STATUS) == 1 << 2
     assert second.memory[0x2000:0x2100] == bytes(range(256))
+
+
+# --------------------------------------------------------------------------- RAM applied in place
+
+RAM_SIZE = 64 * 1024
+
+
+@st.composite
+def ram_sections(draw: st.DrawFn) -> list[tuple[str, bytes]]:
+    """A mix of every RAM section form, overlapping, some defective (bad offsets, sizes)."""
+    out: list[tuple[str, bytes]] = []
+    for _ in range(draw(st.integers(1, 5))):
+        kind = draw(st.sampled_from(["ram", "ram.page", "ram.z", "ram.zpage"]))
+        whole = kind in ("ram", "ram.z")
+        offset = 0 if whole else draw(st.sampled_from([0, PAGE, 5 * PAGE, RAM_SIZE - PAGE, 7]))
+        default = RAM_SIZE if whole else draw(st.sampled_from([PAGE, 3 * PAGE, 2 * PAGE + 5]))
+        size = draw(st.sampled_from([default, default, PAGE]))
+        fill = draw(st.integers(0, 255))
+        data = bytes([fill]) * (size // 2) + bytes(size - size // 2)
+        body = b"".join(stream_primitives.pack_pages(data, PAGE)) if kind.endswith("z") else data
+        head = b"" if whole else struct.pack("<Q", offset)
+        out.append((kind, head + body))
+    return out
+
+
+def stream_with(sections: list[tuple[str, bytes]]) -> bytes:
+    """A testdev stream: a device's own state but its RAM, then these RAM sections."""
+    source = TestDev(TestDevOptions(ram_size=RAM_SIZE))
+    own = [
+        (name, b"".join(bytes(part) for part in stream_primitives_parts(payload)))
+        for name, payload in source.save_state()
+        if not name.startswith("ram")
+    ]
+    return encode("testdev", TestDev.model_version, bytes(16), own + sections)
+
+
+def stream_primitives_parts(payload: object) -> list[bytes]:
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return [bytes(payload)]
+    return [bytes(part) for part in cast(list[bytes], payload)]
+
+
+@given(sections=ram_sections(), prior=st.integers(0, 255))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_ram_in_place_loads_as_a_staged_stream_does(
+    sections: list[tuple[str, bytes]], prior: int
+) -> None:
+    """Every RAM section form applied as it arrives (the engine's sinks) gives the RAM a
+    whole decode + load_state gives, in stream order; what one rejects the other does, and
+    a rejected stream leaves the RAM as it was."""
+    stream = stream_with(sections)
+    before = bytes([prior]) * (RAM_SIZE // 2) + bytes(RAM_SIZE // 2)
+    staged = TestDev(TestDevOptions(ram_size=RAM_SIZE))
+    staged.ram.buffer[:] = before
+    try:
+        _, decoded = decode(stream, device_type="testdev", max_model_version=1)
+        staged.load_state(decoded)
+        staged_ok = True
+    except DeviceError:
+        staged_ok = False
+    arriving = TestDev(TestDevOptions(ram_size=RAM_SIZE))
+    arriving.ram.buffer[:] = before
+    store = MemoryStaging()
+    decoder = StreamDecoder(
+        device_type="testdev", max_model_version=1, sink_for=arriving.resume_sink, store=store
+    )
+    try:
+        for at in range(0, len(stream), 3000):
+            decoder.feed(stream[at : at + 3000])
+        arriving.load_state(decoder.sections())
+        decoder.commit()
+        arriving_ok = True
+    except DeviceError:
+        decoder.undo()
+        arriving_ok = False
+    event(f"accepted: {staged_ok}")
+    assert arriving_ok == staged_ok
+    assert bytes(arriving.ram.buffer) == bytes(staged.ram.buffer)
+    if not staged_ok:
+        assert bytes(arriving.ram.buffer) == before

@@ -231,15 +231,20 @@ class DataFdSessions:
         return self._session_open
 
     async def before_transition(self, engine: MigrationEngine, target: int) -> None:
-        """A resume session's data must all be staged before RESUMING -> anything.
+        """A resume session's data must all be taken in before RESUMING -> anything.
         The session itself stays until the transition succeeded (a refused SET keeps it)."""
-        if self._resume_engine is not None and target != MigState.RESUMING:
-            self._drain(self._resume_engine)
-            if self.failure is not None:
-                # e.g. EFBIG: bytes were refused, the stream is incomplete: nothing of it
-                # may stay applied.
-                self._resume_engine.discard_resumed()
-                raise self.failure
+        resuming = self._resume_engine
+        if resuming is None or target == MigState.RESUMING:
+            return
+        try:
+            self._drain(resuming)  # what the pump has not read yet
+        except DeviceError as exc:
+            self.failure = exc
+        if self.failure is not None:
+            # e.g. EFBIG: bytes were refused, the stream is incomplete: nothing of it may
+            # stay applied.
+            resuming.discard_resumed()
+            raise self.failure
 
     def after_transition(self, engine: MigrationEngine, arcs: list[Arc]) -> int | None:
         """Open a pipe if the arcs started a data session; returns the client's end."""
@@ -311,6 +316,9 @@ class DataFdSessions:
                 try:
                     if not self._move(engine, fd):
                         return  # EOF: the client closed its end
+                    # A writer that keeps the pipe full must not keep the other tasks
+                    # (this client's control socket, other devices) from running.
+                    await trio.lowlevel.checkpoint()
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(fd)
                     if scope.cancel_called:

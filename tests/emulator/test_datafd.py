@@ -1154,6 +1154,76 @@ async def test_a_resume_cut_by_a_disconnect_leaves_ram_as_it_was(tmp_path: Path,
             assert bytes(dev.ram.buffer) == bytes(dev_of(served).ram.buffer)
 
 
+@pytest.mark.parametrize("transport", ["fd", "inband"])
+async def test_a_reset_in_resuming_leaves_zeros_not_the_old_ram(tmp_path: Path, transport: str):
+    """Most of a stream applied in place over a non-zero RAM, then DEVICE_RESET: the
+    reset's zeros win (the resume is undone before the reset, not after it)."""
+    async with serve(tmp_path, "src", ram=BIG_RAM) as (served, src):
+        fill_random(served, 73)
+        stream = await save_via_fd(src)
+    caps = DATA_FD_CAPABILITIES if transport == "fd" else PLAIN_CAPS
+    async with serve(tmp_path, "dst", ram=BIG_RAM, capabilities=caps) as (s, dst):
+        fill_random(s, 74)
+        part = stream[: len(stream) * 3 // 4]
+        if transport == "fd":
+            fd = await dst.set_mig_state(RESUMING)
+            assert fd is not None
+            await write_fd(fd, part)
+            os.close(fd)
+            await trio.sleep(0.1)
+        else:
+            await go(dst, RESUMING)
+            await write_migration_data(dst, part)
+        await dst.reset()
+        assert await get_state(dst) == RUNNING
+        assert not any(dev_of(s).ram.buffer)
+
+
+async def test_a_disconnect_when_no_fresh_resume_session_can_be_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """The client goes mid-resume and the fresh session its teardown makes fails (no
+    memfd: EMFILE): the teardown still completes (device detached, fds closed), the RAM
+    is as it was, and the next client recovers the device with a reset."""
+    async with serve(tmp_path, "src", ram=BIG_RAM) as (served, src):
+        fill_random(served, 75)
+        stream = await save_via_fd(src)
+    dev = TestDev(TestDevOptions(ram_size=BIG_RAM))
+    async with served_device(dev, tmp_path, name="dst.sock") as s:
+        fill_random(s, 76)
+        before = snapshot(s)
+        fds_before = set(os.listdir("/proc/self/fd"))
+        async with Client.connect(s.socket_path, capabilities=PLAIN_CAPS) as c:
+            await go(c, RESUMING)
+            await write_migration_data(c, stream[: len(stream) // 2])
+
+            def memfd_create(name: str, flags: int = 0) -> int:
+                raise OSError(errno.EMFILE, "Too many open files")
+
+            os_for_datafd(monkeypatch, memfd_create=memfd_create)
+        with trio.fail_after(TIMEOUT):
+            while not isinstance(dev.context, DetachedContext):
+                await trio.sleep(0.01)
+        monkeypatch.undo()
+        assert snapshot(s) == before
+        assert set(os.listdir("/proc/self/fd")) <= fds_before
+        assert any("no fresh resume session" in r.getMessage() for r in caplog.records)
+        no_tracebacks(caplog)
+        async with Client.connect(s.socket_path, capabilities=PLAIN_CAPS) as c:
+            assert await get_state(c) == RESUMING
+            await c.reset()
+            await load_via_fd_or_inband(c, stream)
+            assert bytes(dev.ram.buffer) == bytes(dev_of(served).ram.buffer)
+
+
+async def load_via_fd_or_inband(client: Client, stream: bytes) -> None:
+    """-> RESUMING, the stream in-band, -> STOP -> RUNNING (a client without data fds)."""
+    await go(client, RESUMING)
+    await write_migration_data(client, stream)
+    await go(client, STOP)
+    await go(client, RUNNING)
+
+
 def test_only_large_pieces_of_mappings_go_by_reference() -> None:
     """vmsplice (the pipe refers to the pages) only for large pieces of a memory mapping,
     i.e. device RAM; Python objects the allocator may reuse are always copied."""

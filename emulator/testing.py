@@ -199,13 +199,44 @@ class RawMessage(Protocol):
     def raw(self) -> bytes: ...
 
 
+class _Inbox:
+    """Bytes and fds as they arrive on a raw socket, cut into whole messages (by the
+    header's size field); the fds go with the message they completed."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._fds: list[int] = []
+
+    def next(self) -> RawReply | None:
+        if len(self._buffer) < HEADER_SIZE:
+            return None
+        header = Header.unpack(self._buffer)
+        if len(self._buffer) < header.size:
+            return None
+        payload = bytes(self._buffer[HEADER_SIZE : header.size])
+        del self._buffer[: header.size]
+        fds, self._fds = self._fds, []
+        return RawReply(header, payload, fds)
+
+    async def receive(self, sock: trio.socket.SocketType, chunk: int) -> RawReply | None:
+        """The next whole message, or None once the peer closed the connection."""
+        while (message := self.next()) is None:
+            data, fds = await receive_chunk(sock, chunk, 16)
+            self._fds += fds
+            if not data:
+                close_fds(self._fds)
+                self._fds = []
+                return None
+            self._buffer += data
+        return message
+
+
 class RawWire:
     """Raw messages out, replies framed by hand with the fds that came with them."""
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self.sock = sock
-        self._buffer = bytearray()
-        self._fds: list[int] = []
+        self._inbox = _Inbox()
         self._owned: list[int] = []
 
     @classmethod
@@ -223,19 +254,10 @@ class RawWire:
 
     async def receive(self) -> RawReply:
         with trio.fail_after(RAW_REPLY_TIMEOUT):
-            while True:
-                if len(self._buffer) >= HEADER_SIZE:
-                    header = Header.unpack(self._buffer)
-                    if len(self._buffer) >= header.size:
-                        payload = bytes(self._buffer[HEADER_SIZE : header.size])
-                        del self._buffer[: header.size]
-                        fds, self._fds = self._fds, []
-                        return RawReply(header, payload, fds)
-                data, fds = await receive_chunk(self.sock, 256 * 1024, 16)
-                assert data, "server closed the connection"
-                self._owned += fds
-                self._fds += fds
-                self._buffer += data
+            reply = await self._inbox.receive(self.sock, 256 * 1024)
+        assert reply is not None, "server closed the connection"
+        self._owned += reply.fds
+        return reply
 
     async def request(self, msg: RawMessage, fds: Iterable[int] = ()) -> RawReply:
         await self.send(msg.raw, fds)
@@ -253,7 +275,7 @@ class RawConnection:
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self.sock = sock
         self.next_id = 1
-        self._buffer = b""
+        self._inbox = _Inbox()
 
     @classmethod
     async def connect(cls, path: Path, *, negotiate: bool = True) -> RawConnection:
@@ -292,20 +314,14 @@ class RawConnection:
         await send_message(self.sock, pack_reply(msg_id, command, payload))
 
     async def receive(self, timeout: float = 5.0) -> tuple[Header, bytes] | None:
-        """The next whole message, or None when the server closed the connection."""
+        """The next whole message, or None when the server closed the connection (fds that
+        came with it are closed: these tests look at bytes only)."""
         with trio.fail_after(timeout):
-            while True:
-                if len(self._buffer) >= HEADER_SIZE:
-                    header = Header.unpack(self._buffer)
-                    if len(self._buffer) >= header.size:
-                        payload = self._buffer[HEADER_SIZE : header.size]
-                        self._buffer = self._buffer[header.size :]
-                        return header, payload
-                data, fds = await receive_chunk(self.sock, 1 << 20, 16)
-                close_fds(fds)
-                if not data:
-                    return None
-                self._buffer += data
+            message = await self._inbox.receive(self.sock, 1 << 20)
+        if message is None:
+            return None
+        close_fds(message.fds)
+        return message.header, message.payload
 
     async def call(
         self, command: int, payload: bytes = b"", fds: Sequence[int] = ()

@@ -29,7 +29,6 @@ import os
 import platform
 import random
 import re
-import signal
 import socket
 import struct
 import subprocess
@@ -60,6 +59,7 @@ from .migration import (
     Transport,
     migrate,
 )
+from .processes import stop_process
 
 __all__ = [
     "add_bench_parser",
@@ -208,13 +208,7 @@ class ServerProcess:
 
     def stop(self) -> None:
         """SIGTERM by PID, then SIGKILL if it does not exit within 10 s."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 @contextmanager

@@ -52,6 +52,8 @@ from protocol.messages import (
     WriteMultiEntry,
 )
 
+from .processes import stop_process
+
 REGION_CONFIG = 7
 TESTDEV_SCRATCH0 = 0x10
 E1000_ICR = 0x00C0
@@ -358,12 +360,7 @@ def started_server(kind: str, path: str, cpu: int | None) -> Iterator[subprocess
             time.sleep(0.02)
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=5)
         if proc.stderr:
             proc.stderr.close()
 

@@ -36,6 +36,7 @@ from protocol.constants import HEADER_SIZE
 
 from .bench import proc_status
 from .bench_rtt import REGION_CONFIG, SIZE_FIELD, read_message, version_message
+from .processes import stop_process
 
 START_TIMEOUT = 60.0
 REPLY_SIZE = HEADER_SIZE + 16 + 4  # REGION_READ reply: header, offset/region/count, 4 bytes
@@ -149,11 +150,7 @@ def started_servers(directory: Path, count: int, mode: str) -> Iterator[list[int
         for proc in procs:
             proc.terminate()
         for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
             if proc.stderr:
                 proc.stderr.close()
 

@@ -79,6 +79,7 @@ from protocol.header import HEADER, Header, pack_message, pack_reply
 
 from .cli import build_parser
 from .limits import limits_from_args
+from .processes import stop_process
 from .server import DeviceServer
 
 log = logging.getLogger("vfio_user_emu.fuzz")
@@ -222,13 +223,7 @@ class ProcessTarget:
         return "\n".join(text.splitlines()[-lines:])
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         if self.process.stdout is not None:
             self.process.stdout.close()
         self._log.close()

@@ -30,6 +30,7 @@ import emulator.migration as driver
 from devices import testdev as td
 from emulator.client import Client
 from emulator.migration import DATA_FD_CAPABILITIES, get_state, migrate
+from emulator.processes import stop_process
 from protocol.constants import MigState
 
 PYTHON = sys.executable
@@ -124,12 +125,7 @@ def server_process(path: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=15)
     assert proc.returncode == 0, log.read_text()
 
 

@@ -41,6 +41,7 @@ every timer; :meth:`load_state` validates all sections before applying any.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import math
 import struct
@@ -802,20 +803,17 @@ class E1000(Device):
                 writeback[i * r.DESC_SIZE + 12] |= r.TXD_STAT_DD
                 stage.report = True
                 stage.delay = stage.delay or bool(cmd & r.TXD_CMD_IDE)
-        if writeback is not None:
-            try:
-                await dma.write(base + head * r.DESC_SIZE, writeback)
-            except DeviceError:
-                raise  # refused before a byte moved: nothing to commit
-            except BaseException:
-                if generation == self._generation:  # cancelled: see above
-                    self._tx_commit(stage, progress)
-                    self._tx_causes(progress)
-                raise
-            if generation != self._generation:
-                return False
-        self._tx_commit(stage, progress)
-        return True
+        commit = functools.partial(self._tx_commit, stage, progress)
+        if writeback is None:
+            commit()
+            return True
+        return await self._write_back_and_commit(
+            generation,
+            base + head * r.DESC_SIZE,
+            writeback,
+            commit=commit,
+            causes=functools.partial(self._tx_causes, progress),
+        )
 
     def _tx_commit(self, stage: _TxStage, progress: _Progress) -> None:
         """A batch's effects, all at once (no await may split them)."""
@@ -1146,19 +1144,46 @@ class E1000(Device):
             if generation != self._generation:
                 return None
         run_start, run = runs[-1]
+        commit = functools.partial(self._rx_commit, frames, head, used, count_total, progress)
+        address = base + run_start * r.DESC_SIZE
+        if await self._write_back_and_commit(
+            generation,
+            address,
+            run,
+            commit=commit,
+            causes=functools.partial(self._rx_causes, progress),
+        ):
+            return used
+        return None
+
+    async def _write_back_and_commit(
+        self,
+        generation: int,
+        address: int,
+        descriptors: Buffer,
+        *,
+        commit: Callable[[], None],
+        causes: Callable[[], None],
+    ) -> bool:
+        """A batch's last await, the descriptor write-back, then its commit with no await
+        in between; False when the device was reset meanwhile (nothing to commit).
+        Cancelled during the write, the descriptors have landed (the runtime moves a
+        write's bytes before its await can be cancelled): the batch commits, and raises
+        its interrupt causes (the job that would have raised them is ending), before the
+        cancellation goes on. A write refused before a byte moved commits nothing."""
         try:
-            await dma.write(base + run_start * r.DESC_SIZE, run)
+            await self.context.dma.write(address, descriptors)
         except DeviceError:
-            raise  # refused before a byte moved: nothing to commit
+            raise
         except BaseException:
-            if generation == self._generation:  # cancelled: see above
-                self._rx_commit(frames, head, used, count_total, progress)
-                self._rx_causes(progress)
+            if generation == self._generation:
+                commit()
+                causes()
             raise
         if generation != self._generation:
-            return None
-        self._rx_commit(frames, head, used, count_total, progress)
-        return used
+            return False
+        commit()
+        return True
 
     def _rx_commit(
         self, frames: list[bytes], head: int, used: int, count_total: int, progress: _Progress

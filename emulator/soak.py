@@ -97,7 +97,7 @@ from .migration import (
     set_state,
 )
 from .server import DeviceServer
-from .testing import EventFd, GuestRam
+from .testing import EventFd, GuestRam, enable_bus_master, find_capability
 
 __all__ = [
     "Cut",
@@ -735,25 +735,16 @@ class TestdevGuest:
     async def start(self, vm: Vm, nursery: trio.Nursery) -> None:
         self.vm = vm
         client = vm.client
-        command = int.from_bytes(await client.region_read(CONFIG, 0x04, 2), "little")
-        await client.region_write(CONFIG, 0x04, (command | 0x6).to_bytes(2, "little"))
-        cap = await self._find_msix(client)
+        await enable_bus_master(client)
+        cap = await find_capability(client, CAP_ID_MSIX)
+        if cap is None:
+            raise SoakFailure("testdev has no MSI-X capability")
         for vector in range(MSIX_VECTORS):
             entry = struct.pack("<IIII", 0xFEE00000 + 0x10 * vector, 0, 0x4000 + vector, 0)
             await client.region_write(td.BAR_MSIX, 16 * vector, entry)
         control = int.from_bytes(await client.region_read(CONFIG, cap + 2, 2), "little")
         await client.region_write(CONFIG, cap + 2, (control | 0x8000).to_bytes(2, "little"))
         nursery.start_soon(self._run)
-
-    @staticmethod
-    async def _find_msix(client: Client) -> int:
-        pointer = (await client.region_read(CONFIG, 0x34, 1))[0]
-        while pointer:
-            ident, following = await client.region_read(CONFIG, pointer, 2)
-            if ident == CAP_ID_MSIX:
-                return pointer
-            pointer = following
-        raise SoakFailure("testdev has no MSI-X capability")
 
     async def realize(self, client: Client) -> None:
         """What the VMM does on every server the VM may run on: guest RAM, MSI-X eventfds."""

@@ -149,6 +149,7 @@ class EventFd:
 PCI_COMMAND = 0x04
 PCI_COMMAND_MEMORY = 0x2
 PCI_COMMAND_MASTER = 0x4
+PCI_CAPABILITY_LIST = 0x34
 CONFIG_REGION = 7
 
 
@@ -158,6 +159,20 @@ async def enable_bus_master(client: Client) -> None:
     raw = await client.region_read(CONFIG_REGION, PCI_COMMAND, 2)
     command = int.from_bytes(raw, "little") | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER
     await client.region_write(CONFIG_REGION, PCI_COMMAND, command.to_bytes(2, "little"))
+
+
+async def find_capability(client: Client, cap_id: int) -> int | None:
+    """Walk the capability list through REGION_READ, as a guest driver does: the offset of
+    capability ``cap_id``, or None (also for a list that loops or points below 0x40)."""
+    seen: set[int] = set()
+    pointer = (await client.region_read(CONFIG_REGION, PCI_CAPABILITY_LIST, 1))[0] & 0xFC
+    while pointer >= 0x40 and pointer not in seen:
+        seen.add(pointer)
+        ident, following = await client.region_read(CONFIG_REGION, pointer, 2)
+        if ident == cap_id:
+            return pointer
+        pointer = following & 0xFC
+    return None
 
 
 async def read_migration_data(client: Client, chunk: int = 1 << 16) -> bytes:

@@ -39,7 +39,7 @@ from emulator.migration import (
     set_state,
     stop_copy_size,
 )
-from emulator.testing import EventFd, GuestRam, ServedDevice, served_device
+from emulator.testing import EventFd, GuestRam, ServedDevice, find_capability, served_device
 from protocol.constants import IrqIndex, MigrationCaps, MigState
 from protocol.version import ServerCapabilities
 
@@ -100,17 +100,6 @@ async def wait_copy(client: Client) -> int:
         while (status := await read32(client, td.REG_DMA_STATUS)) == td.DMA_BUSY:
             await trio.sleep(0.001)
     return status
-
-
-async def find_capability(client: Client, cap_id: int) -> int:
-    """Walk the capability list through REGION_READ, as a guest driver does."""
-    pointer = (await client.region_read(CONFIG, 0x34, 1))[0]
-    while pointer:
-        ident, following = await client.region_read(CONFIG, pointer, 2)
-        if ident == cap_id:
-            return pointer
-        pointer = following
-    raise AssertionError(f"capability {cap_id:#x} not found")
 
 
 async def msix_entry(client: Client, vector: int, *, masked: bool) -> None:
@@ -229,6 +218,7 @@ async def guest_activity(vm: Vm) -> None:
         await write32(client, td.REG_SCRATCH + 4 * i, 0xC0DE0000 | i << 8 | i)
     # MSI-X on: table entries programmed, vector 3 left masked.
     cap = await find_capability(client, CAP_ID_MSIX)
+    assert cap is not None, "no MSI-X capability"
     for vector in range(MSIX_VECTORS):
         await msix_entry(client, vector, masked=vector == 3)
     control = struct.unpack("<H", await client.region_read(CONFIG, cap + 2, 2))[0]

@@ -192,7 +192,7 @@ async def write_migration_data(client: Client, data: bytes, chunk: int = 1 << 16
 # --------------------------------------------------------------------------------------------
 # Raw wire access (replaying recorded traces byte for byte)
 
-#: Seconds a :class:`RawWire` waits for one reply.
+#: Seconds a :class:`RawWire` waits for one reply (QEMU's x-msg-timeout default).
 RAW_REPLY_TIMEOUT = 5.0
 
 
@@ -206,6 +206,13 @@ class RawReply:
     def raw(self) -> bytes:
         return self.header.pack() + self.payload
 
+    def describe(self) -> str:
+        h = self.header
+        return (
+            f"reply id={h.msg_id} cmd={h.command_name()} size={h.size} flags={h.flags:#x} "
+            f"error={h.error} fds={len(self.fds)}"
+        )
+
 
 class RawMessage(Protocol):
     """Anything that knows its bytes on the wire (e.g. a recorded trace message)."""
@@ -218,14 +225,16 @@ class _Inbox:
     """Bytes and fds as they arrive on a raw socket, cut into whole messages (by the
     header's size field); the fds go with the message they completed."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_message: int | None = None) -> None:
         self._buffer = bytearray()
         self._fds: list[int] = []
+        self._max = max_message
 
     def next(self) -> RawReply | None:
         if len(self._buffer) < HEADER_SIZE:
             return None
         header = Header.unpack(self._buffer)
+        assert HEADER_SIZE <= header.size <= (self._max or header.size), f"bad size in {header}"
         if len(self._buffer) < header.size:
             return None
         payload = bytes(self._buffer[HEADER_SIZE : header.size])
@@ -247,11 +256,12 @@ class _Inbox:
 
 
 class RawWire:
-    """Raw messages out, replies framed by hand with the fds that came with them."""
+    """Raw messages out, replies framed by hand with the fds that came with them (kept open
+    until :meth:`close`). ``max_message`` bounds what a reply may claim to be."""
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
+    def __init__(self, sock: trio.socket.SocketType, max_message: int | None = None) -> None:
         self.sock = sock
-        self._inbox = _Inbox()
+        self._inbox = _Inbox(max_message)
         self._owned: list[int] = []
 
     @classmethod
@@ -267,8 +277,8 @@ class RawWire:
     async def send(self, data: bytes, fds: Iterable[int] = ()) -> None:
         await send_message(self.sock, data, list(fds))
 
-    async def receive(self) -> RawReply:
-        with trio.fail_after(RAW_REPLY_TIMEOUT):
+    async def receive(self, timeout: float = RAW_REPLY_TIMEOUT) -> RawReply:
+        with trio.fail_after(timeout):
             reply = await self._inbox.receive(self.sock, 256 * 1024)
         assert reply is not None, "server closed the connection"
         self._owned += reply.fds

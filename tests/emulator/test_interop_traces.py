@@ -31,8 +31,7 @@ import pytest
 import trio
 
 from devices.testdev import DEVICE_ID, VENDOR_ID, TestDev
-from emulator.testing import EventFd, GuestRam, served_device
-from emulator.transport import close_fds, receive_chunk, send_message
+from emulator.testing import EventFd, GuestRam, RawReply, RawWire, served_device
 from protocol.constants import (
     FLAG_ERROR,
     HEADER_SIZE,
@@ -58,7 +57,6 @@ from tests import traces
 from tests.traces import LVU_CLIENT, QEMU_E1000, QEMU_GPIO, QEMU_GPIO_NOFD, TraceMessage
 
 GUEST_RAM_SIZE = 512 * 1024 * 1024  # the traces' QEMU guests: -m 512M, memfd RAM
-REPLY_TIMEOUT = 5.0  # QEMU's x-msg-timeout default
 MAX_REPLY = 2 * 1024 * 1024
 # Requests the test makes up itself (QEMU's region-info re-query, the final sync probe)
 # use ids from here, far from the traces' ids.
@@ -74,73 +72,13 @@ PCI_INTERRUPT_PIN = 0x3D
 # The client end of one connection
 
 
-@dataclass
-class Reply:
-    header: Header
-    payload: bytes
-    fds: list[int] = field(default_factory=list)
-
-    def describe(self) -> str:
-        h = self.header
-        return (
-            f"reply id={h.msg_id} cmd={h.command_name()} size={h.size} flags={h.flags:#x} "
-            f"error={h.error} fds={len(self.fds)}"
-        )
-
-
-class Wire:
-    """Raw messages out; replies framed by hand, each with the fds that came with it."""
-
-    def __init__(self, sock: trio.socket.SocketType) -> None:
-        self.sock = sock
-        self._buffer = bytearray()
-        self._start = 0  # stream offset of _buffer[0]
-        self._fds: list[tuple[int, list[int]]] = []  # (stream offset of arrival, fds)
-        self._owned: list[int] = []  # every fd received, closed by close()
-
-    async def send(self, data: bytes, fds: Iterable[int] = ()) -> None:
-        await send_message(self.sock, data, list(fds))
-
-    async def receive(self, timeout: float = REPLY_TIMEOUT) -> Reply:
-        with trio.fail_after(timeout):
-            while (reply := self._take()) is None:
-                data, fds = await receive_chunk(self.sock, 256 * 1024, 16)
-                self._owned.extend(fds)
-                if not data:
-                    raise AssertionError("server closed the connection")
-                if fds:
-                    self._fds.append((self._start + len(self._buffer), fds))
-                self._buffer += data
-            return reply
-
-    def _take(self) -> Reply | None:
-        if len(self._buffer) < HEADER_SIZE:
-            return None
-        header = Header.unpack(self._buffer)
-        assert HEADER_SIZE <= header.size <= MAX_REPLY, f"bad message size in {header}"
-        if len(self._buffer) < header.size:
-            return None
-        payload = bytes(self._buffer[HEADER_SIZE : header.size])
-        end = self._start + header.size
-        fds = [fd for offset, group in self._fds if offset < end for fd in group]
-        self._fds = [(offset, group) for offset, group in self._fds if offset >= end]
-        del self._buffer[: header.size]
-        self._start = end
-        return Reply(header, payload, fds)
-
-    def close(self) -> None:
-        close_fds(self._owned)
-        self._owned.clear()
-        self.sock.close()
-
-
 @asynccontextmanager
-async def connect_testdev(directory: Path) -> AsyncIterator[Wire]:
+async def connect_testdev(directory: Path) -> AsyncIterator[RawWire]:
     """A fresh testdev served on a UNIX socket, and our raw connection to it."""
     async with served_device(TestDev(), directory) as served:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         await sock.connect(str(served.socket_path))
-        wire = Wire(sock)
+        wire = RawWire(sock, max_message=MAX_REPLY)
         try:
             yield wire
         finally:
@@ -204,7 +142,7 @@ def errno_name(number: int) -> str:
     return errno.errorcode.get(number, str(number))
 
 
-def check_reply_header(request: TraceMessage, reply: Reply) -> None:
+def check_reply_header(request: TraceMessage, reply: RawReply) -> None:
     """msg_id echo, REPLY type, consistent size; errors are header-only with an errno."""
     h = reply.header
     where = f"{request} -> {reply.describe()}"
@@ -237,7 +175,7 @@ def must_succeed(request: TraceMessage) -> bool:
     return region is None or region == PciRegion.CONFIG
 
 
-def check_qemu_reply(request: TraceMessage, reply: Reply, *, required: bool) -> None:
+def check_qemu_reply(request: TraceMessage, reply: RawReply, *, required: bool) -> None:
     """The size rules of QEMU's client (qemu-wire 8, facts 1.5): a reply never exceeds the
     buffer QEMU reserved, and has the exact shape its command needs."""
     check_reply_header(request, reply)
@@ -310,7 +248,7 @@ def is_json_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_qemu_version(request: TraceMessage, reply: Reply) -> None:
+def check_qemu_version(request: TraceMessage, reply: RawReply) -> None:
     """QEMU's caps_check: major 0, minor 0, whole reply within its 214-byte buffer."""
     where = f"{request} -> {reply.describe()}"
     assert reply.header.size <= request.header.size, f"{where}: larger than QEMU's request"
@@ -340,7 +278,7 @@ def check_qemu_version(request: TraceMessage, reply: Reply) -> None:
     assert "twin_socket" not in caps, f"{where}: QEMU never asks for a twin socket"
 
 
-def u32(reply: Reply) -> int:
+def u32(reply: RawReply) -> int:
     return int.from_bytes(RegionData.unpack(reply.payload).data, "little")
 
 
@@ -353,14 +291,14 @@ class Replay:
     """Replies by the seq of the trace request they answer."""
 
     requests: dict[int, TraceMessage] = field(default_factory=dict)
-    replies: dict[int, Reply] = field(default_factory=dict)
+    replies: dict[int, RawReply] = field(default_factory=dict)
     region_fds: dict[int, list[int]] = field(default_factory=dict)  # from the caps re-query
     max_in_flight: int = 0
     posted: int = 0
 
 
 async def replay(
-    wire: Wire,
+    wire: RawWire,
     trace: Iterable[TraceMessage],
     stand_ins: FdStandIns | None,
     *,
@@ -420,7 +358,7 @@ async def replay(
     return result
 
 
-async def assert_nothing_extra(wire: Wire) -> None:
+async def assert_nothing_extra(wire: RawWire) -> None:
     """A synchronous probe: its reply must be the very next message (no stray replies)."""
     probe = own_request(OWN_IDS - 1, Command.DEVICE_GET_INFO, DeviceInfo(16, 0, 0, 0).pack())
     await wire.send(probe.raw)
@@ -428,7 +366,7 @@ async def assert_nothing_extra(wire: Wire) -> None:
     check_qemu_reply(probe, reply, required=True)
 
 
-def config_reads(result: Replay, offset: int, count: int) -> list[tuple[int, Reply]]:
+def config_reads(result: Replay, offset: int, count: int) -> list[tuple[int, RawReply]]:
     """(seq, reply) of the replayed config-space reads of offset/count, in order."""
     found = []
     for seq, request in sorted(result.requests.items()):
@@ -463,7 +401,7 @@ def rom_sizing_readback(result: Replay) -> list[int]:
 # 1. libvfio-user's sample client
 
 
-def check_lvu_reply(request: TraceMessage, reply: Reply, payload_size: int) -> None:
+def check_lvu_reply(request: TraceMessage, reply: RawReply, payload_size: int) -> None:
     """libvfio-user's client reads exactly the payload it expects; no fds anywhere but the
     caps GET_REGION_INFO reply (lvu-sample-device.md, facts 1.5/10.3)."""
     check_reply_header(request, reply)
@@ -472,7 +410,7 @@ def check_lvu_reply(request: TraceMessage, reply: Reply, payload_size: int) -> N
     assert len(reply.payload) == payload_size, f"{where}: payload must be {payload_size} bytes"
 
 
-def check_lvu_version(request: TraceMessage, reply: Reply) -> None:
+def check_lvu_version(request: TraceMessage, reply: RawReply) -> None:
     """libvfio-user's strict tran_parse_version_json, as its client applies it to our reply."""
     check_reply_header(request, reply)
     where = f"{request} -> {reply.describe()}"
@@ -501,7 +439,7 @@ def lvu_request(seq: int) -> TraceMessage:
     raise LookupError(f"{LVU_CLIENT}: no request #{seq}")
 
 
-async def lvu_handshake(wire: Wire) -> DeviceInfo:
+async def lvu_handshake(wire: RawWire) -> DeviceInfo:
     """VERSION, the bad REGION_READ and GET_INFO exactly as libvfio-user's client sends them."""
     version = lvu_request(1)
     assert version.command == Command.VERSION and version.payload[:4] == b"\0\0\2\0"

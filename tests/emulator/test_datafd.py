@@ -1118,62 +1118,79 @@ async def test_a_client_that_disconnects_mid_transfer_leaves_the_server_healthy(
             assert stream.startswith(b"VFUSTATE") and stream[-16:].startswith(b"END!")
 
 
+async def big_stream(tmp_path: Path, seed: int) -> tuple[bytes, bytes]:
+    """The stop-copy stream of a BIG_RAM testdev with random RAM, and that RAM."""
+    async with serve(tmp_path, f"src{seed}", ram=BIG_RAM) as (served, src):
+        fill_random(served, seed)
+        return await save_via_fd(src), bytes(dev_of(served).ram.buffer)
+
+
+async def resume_part(client: Client, device: TestDev, transport: str, part: bytes) -> None:
+    """-> RESUMING and ``part`` of a stream written over the data fd or in-band; returns
+    once the device took it all in (applied in place as it arrives)."""
+    if transport == "fd":
+        fd = await client.set_mig_state(RESUMING)
+        assert fd is not None
+        await write_fd(fd, part)
+        os.close(fd)
+    else:
+        await go(client, RESUMING)
+        await write_migration_data(client, part)
+    with trio.fail_after(TIMEOUT):
+        while (session := device.migration.resuming) is None or session.size < len(part):
+            await trio.sleep(0.01)
+
+
+async def detached(device: TestDev) -> None:
+    """Wait until the server has torn the client's connection down."""
+    with trio.fail_after(TIMEOUT):
+        while not isinstance(device.context, DetachedContext):
+            await trio.sleep(0.01)
+
+
+async def load_in_band(client: Client, stream: bytes) -> None:
+    """-> RESUMING, the stream in-band, -> STOP -> RUNNING (a client without data fds)."""
+    await go(client, RESUMING)
+    await write_migration_data(client, stream)
+    await go(client, STOP)
+    await go(client, RUNNING)
+
+
+def caps_for(transport: str) -> dict[str, Any]:
+    return DATA_FD_CAPABILITIES if transport == "fd" else PLAIN_CAPS
+
+
 @pytest.mark.parametrize("transport", ["fd", "inband"])
 async def test_a_resume_cut_by_a_disconnect_leaves_ram_as_it_was(tmp_path: Path, transport: str):
     """Most of a valid stream is written (its RAM sections are applied in place as they
     arrive), then the client goes: the destination keeps RESUMING with its old RAM."""
-    async with serve(tmp_path, "src", ram=BIG_RAM) as (served, src):
-        fill_random(served, 71)
-        stream = await save_via_fd(src)
+    stream, source_ram = await big_stream(tmp_path, 71)
     dev = TestDev(TestDevOptions(ram_size=BIG_RAM))
     async with served_device(dev, tmp_path, name="dst.sock") as s:
         fill_random(s, 72)
         before = snapshot(s)
-        caps = DATA_FD_CAPABILITIES if transport == "fd" else PLAIN_CAPS
-        async with Client.connect(s.socket_path, capabilities=caps) as c:
+        async with Client.connect(s.socket_path, capabilities=caps_for(transport)) as c:
             await go(c, STOP)
-            part = stream[: len(stream) * 3 // 4]
-            if transport == "fd":
-                fd = await c.set_mig_state(RESUMING)
-                assert fd is not None
-                await write_fd(fd, part)
-                os.close(fd)
-                await trio.sleep(0.1)  # the server applies what it was given
-            else:
-                await go(c, RESUMING)
-                await write_migration_data(c, part)
+            await resume_part(c, dev, transport, stream[: len(stream) * 3 // 4])
             assert snapshot(s)[1] != before[1]  # applied in place while it arrives
-        with trio.fail_after(TIMEOUT):
-            while not isinstance(dev.context, DetachedContext):
-                await trio.sleep(0.01)
+        await detached(dev)
         assert snapshot(s) == before
         async with Client.connect(s.socket_path, capabilities=DATA_FD_CAPABILITIES) as c:
             assert await get_state(c) == RESUMING
             await c.reset()
             await load_via_fd(c, stream)
-            assert bytes(dev.ram.buffer) == bytes(dev_of(served).ram.buffer)
+            assert bytes(dev.ram.buffer) == source_ram
 
 
 @pytest.mark.parametrize("transport", ["fd", "inband"])
 async def test_a_reset_in_resuming_leaves_zeros_not_the_old_ram(tmp_path: Path, transport: str):
     """Most of a stream applied in place over a non-zero RAM, then DEVICE_RESET: the
     reset's zeros win (the resume is undone before the reset, not after it)."""
-    async with serve(tmp_path, "src", ram=BIG_RAM) as (served, src):
-        fill_random(served, 73)
-        stream = await save_via_fd(src)
-    caps = DATA_FD_CAPABILITIES if transport == "fd" else PLAIN_CAPS
-    async with serve(tmp_path, "dst", ram=BIG_RAM, capabilities=caps) as (s, dst):
+    stream, _ = await big_stream(tmp_path, 73)
+    async with serve(tmp_path, "dst", ram=BIG_RAM, capabilities=caps_for(transport)) as (s, dst):
         fill_random(s, 74)
-        part = stream[: len(stream) * 3 // 4]
-        if transport == "fd":
-            fd = await dst.set_mig_state(RESUMING)
-            assert fd is not None
-            await write_fd(fd, part)
-            os.close(fd)
-            await trio.sleep(0.1)
-        else:
-            await go(dst, RESUMING)
-            await write_migration_data(dst, part)
+        await resume_part(dst, dev_of(s), transport, stream[: len(stream) * 3 // 4])
+        assert any(dev_of(s).ram.buffer)
         await dst.reset()
         assert await get_state(dst) == RUNNING
         assert not any(dev_of(s).ram.buffer)
@@ -1185,25 +1202,20 @@ async def test_a_disconnect_when_no_fresh_resume_session_can_be_made(
     """The client goes mid-resume and the fresh session its teardown makes fails (no
     memfd: EMFILE): the teardown still completes (device detached, fds closed), the RAM
     is as it was, and the next client recovers the device with a reset."""
-    async with serve(tmp_path, "src", ram=BIG_RAM) as (served, src):
-        fill_random(served, 75)
-        stream = await save_via_fd(src)
+    stream, source_ram = await big_stream(tmp_path, 75)
     dev = TestDev(TestDevOptions(ram_size=BIG_RAM))
     async with served_device(dev, tmp_path, name="dst.sock") as s:
         fill_random(s, 76)
         before = snapshot(s)
         fds_before = set(os.listdir("/proc/self/fd"))
         async with Client.connect(s.socket_path, capabilities=PLAIN_CAPS) as c:
-            await go(c, RESUMING)
-            await write_migration_data(c, stream[: len(stream) // 2])
+            await resume_part(c, dev, "inband", stream[: len(stream) // 2])
 
             def memfd_create(name: str, flags: int = 0) -> int:
                 raise OSError(errno.EMFILE, "Too many open files")
 
             os_for_datafd(monkeypatch, memfd_create=memfd_create)
-        with trio.fail_after(TIMEOUT):
-            while not isinstance(dev.context, DetachedContext):
-                await trio.sleep(0.01)
+        await detached(dev)
         monkeypatch.undo()
         assert snapshot(s) == before
         assert set(os.listdir("/proc/self/fd")) <= fds_before
@@ -1212,16 +1224,8 @@ async def test_a_disconnect_when_no_fresh_resume_session_can_be_made(
         async with Client.connect(s.socket_path, capabilities=PLAIN_CAPS) as c:
             assert await get_state(c) == RESUMING
             await c.reset()
-            await load_via_fd_or_inband(c, stream)
-            assert bytes(dev.ram.buffer) == bytes(dev_of(served).ram.buffer)
-
-
-async def load_via_fd_or_inband(client: Client, stream: bytes) -> None:
-    """-> RESUMING, the stream in-band, -> STOP -> RUNNING (a client without data fds)."""
-    await go(client, RESUMING)
-    await write_migration_data(client, stream)
-    await go(client, STOP)
-    await go(client, RUNNING)
+            await load_in_band(c, stream)
+            assert bytes(dev.ram.buffer) == source_ram
 
 
 def test_only_large_pieces_of_mappings_go_by_reference() -> None:

@@ -10,6 +10,9 @@ import os
 import random
 import socket
 import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from emulator.client import Client
 from emulator.connection import ClientSession
 from emulator.testing import (
     RawConnection,
+    ServedDevice,
     read_migration_data,
     served_device,
     set_mig_state_payload,
@@ -62,14 +66,39 @@ async def saved_stream(ram_size: int, seed: int) -> tuple[bytes, bytes]:
     return source.migration.read_data(2 * ram_size), ram
 
 
-async def loads(conn: RawConnection, device: TestDev, ram: bytes, sent: int) -> None:
-    """Every byte written arrived intact and in order: the device took all of them, and
-    RESUMING -> STOP loads exactly the source's RAM."""
-    resuming = device.migration.resuming
-    assert resuming is not None and resuming.size == sent
-    header, _ = await conn.call(Command.DEVICE_FEATURE, set_mig_state_payload(MigState.STOP))
-    assert not header.is_error
-    assert bytes(device.ram.buffer) == ram
+@dataclass
+class Destination:
+    """A served testdev, a raw connection to it, and the stream of a source whose RAM
+    (``ram``, random bytes) it is to resume."""
+
+    served: ServedDevice
+    device: TestDev
+    conn: RawConnection
+    stream: bytes
+    ram: bytes
+
+    async def loads(self) -> None:
+        """Every byte written arrived intact and in order: the device took all of them,
+        and RESUMING -> STOP loads exactly the source's RAM."""
+        resuming = self.device.migration.resuming
+        assert resuming is not None and resuming.size == len(self.stream)
+        header, _ = await self.conn.call(
+            Command.DEVICE_FEATURE, set_mig_state_payload(MigState.STOP)
+        )
+        assert not header.is_error
+        assert bytes(self.device.ram.buffer) == self.ram
+
+
+@asynccontextmanager
+async def destination(tmp_path: Path, ram_size: int, seed: int) -> AsyncIterator[Destination]:
+    stream, ram = await saved_stream(ram_size, seed)
+    device = TestDev(TestDevOptions(ram_size=ram_size))
+    async with served_device(device, tmp_path) as served:
+        conn = await RawConnection.connect(served.socket_path)
+        try:
+            yield Destination(served, device, conn, stream, ram)
+        finally:
+            conn.close()
 
 
 async def send_in_pieces(conn: RawConnection, data: bytes, piece: int) -> None:
@@ -85,83 +114,64 @@ async def resuming(conn: RawConnection) -> None:
 
 
 async def test_mig_data_write_payload_split_across_many_receives(tmp_path: Path) -> None:
-    stream, ram = await saved_stream(512 << 10, 1)
-    device = TestDev(TestDevOptions(ram_size=len(ram)))
-    first, second = stream[:300_000], stream[300_000:]
-    async with served_device(device, tmp_path) as served:
-        conn = await RawConnection.connect(served.socket_path)
-        try:
-            await resuming(conn)
-            await send_in_pieces(conn, mig_data_write(10, first), 4000)
-            await send_in_pieces(conn, mig_data_write(11, second), 33_333)
-            replies = await conn.receive_many(2)
-            assert [(h.msg_id, h.is_error, p) for h, p in replies] == [
-                (10, False, b""),
-                (11, False, b""),
-            ]
-            # Received in place: the connection's reused buffer holds the last payload.
-            buffer = active(served).proto._payload_buffer
-            assert len(buffer) >= 8 + len(first)
-            assert bytes(buffer[8 : 8 + len(second)]) == second
-            await loads(conn, device, ram, len(stream))
-        finally:
-            conn.close()
+    async with destination(tmp_path, 512 << 10, 1) as dst:
+        first, second = dst.stream[:300_000], dst.stream[300_000:]
+        await resuming(dst.conn)
+        await send_in_pieces(dst.conn, mig_data_write(10, first), 4000)
+        await send_in_pieces(dst.conn, mig_data_write(11, second), 33_333)
+        replies = await dst.conn.receive_many(2)
+        assert [(h.msg_id, h.is_error, p) for h, p in replies] == [
+            (10, False, b""),
+            (11, False, b""),
+        ]
+        # Received in place: the connection's reused buffer holds the last payload.
+        buffer = active(dst.served).proto._payload_buffer
+        assert len(buffer) >= 8 + len(first)
+        assert bytes(buffer[8 : 8 + len(second)]) == second
+        await dst.loads()
 
 
 async def test_mig_data_write_larger_than_the_reused_buffer(tmp_path: Path) -> None:
-    stream, ram = await saved_stream(1 << 20, 3)
-    device = TestDev(TestDevOptions(ram_size=len(ram)))
-    small, large = stream[:100_000], stream[100_000:]
-    async with served_device(device, tmp_path) as served:
-        conn = await RawConnection.connect(served.socket_path)
-        try:
-            await resuming(conn)
-            await send_in_pieces(conn, mig_data_write(1, small), 50_000)
-            assert (await conn.receive_many(1))[0][0].msg_id == 1
-            before = len(active(served).proto._payload_buffer)
-            await send_in_pieces(conn, mig_data_write(2, large), 200_000)
-            ((header, _),) = await conn.receive_many(1)
-            assert header.msg_id == 2 and not header.is_error
-            assert before < 8 + len(large) <= len(active(served).proto._payload_buffer)
-            await loads(conn, device, ram, len(stream))
-        finally:
-            conn.close()
+    async with destination(tmp_path, 1 << 20, 3) as dst:
+        small, large = dst.stream[:100_000], dst.stream[100_000:]
+        await resuming(dst.conn)
+        await send_in_pieces(dst.conn, mig_data_write(1, small), 50_000)
+        assert (await dst.conn.receive_many(1))[0][0].msg_id == 1
+        before = len(active(dst.served).proto._payload_buffer)
+        await send_in_pieces(dst.conn, mig_data_write(2, large), 200_000)
+        ((header, _),) = await dst.conn.receive_many(1)
+        assert header.msg_id == 2 and not header.is_error
+        assert before < 8 + len(large) <= len(active(dst.served).proto._payload_buffer)
+        await dst.loads()
 
 
 async def test_mig_data_writes_held_behind_a_deferred_set_are_kept(tmp_path: Path) -> None:
     """Writes that arrive while a SET waits for the device's DMA are held, and the next
     one is received into the same reused buffer: the held ones must have been copied."""
-    stream, ram = await saved_stream(256 << 10, 5)
-    device = TestDev(TestDevOptions(ram_size=len(ram)))
-    first, second = stream[:150_000], stream[150_000:]
-    async with served_device(device, tmp_path) as served:
-        conn = await RawConnection.connect(served.socket_path)
-        try:
-            dma, dma_payload = await start_dma_left_unanswered(conn)
-            set_id = await conn.send(
-                Command.DEVICE_FEATURE, set_mig_state_payload(MigState.RESUMING)
-            )
-            await send_in_pieces(conn, mig_data_write(200, first), 20_000)
-            await send_in_pieces(conn, mig_data_write(201, second), 20_000)
-            session = active(served)
-            with trio.fail_after(5):
-                while len(session._backlog) < 2:
-                    await trio.sleep(0.01)
-            await conn.send_reply(dma.msg_id, Command.DMA_READ, dma_payload + bytes(64))
-            answered: list[tuple[int, bool]] = []
-            with trio.fail_after(5):
-                while len(answered) < 3:
-                    message = await conn.receive()
-                    assert message is not None
-                    header = message[0]
-                    if header.command == Command.DMA_WRITE and header.is_command:
-                        await conn.send_reply(header.msg_id, Command.DMA_WRITE)
-                    else:
-                        answered.append((header.msg_id, header.is_error))
-            assert answered == [(set_id, False), (200, False), (201, False)]
-            await loads(conn, device, ram, len(stream))
-        finally:
-            conn.close()
+    async with destination(tmp_path, 256 << 10, 5) as dst:
+        conn = dst.conn
+        first, second = dst.stream[:150_000], dst.stream[150_000:]
+        dma, dma_payload = await start_dma_left_unanswered(conn)
+        set_id = await conn.send(Command.DEVICE_FEATURE, set_mig_state_payload(MigState.RESUMING))
+        await send_in_pieces(conn, mig_data_write(200, first), 20_000)
+        await send_in_pieces(conn, mig_data_write(201, second), 20_000)
+        session = active(dst.served)
+        with trio.fail_after(5):
+            while len(session._backlog) < 2:
+                await trio.sleep(0.01)
+        await conn.send_reply(dma.msg_id, Command.DMA_READ, dma_payload + bytes(64))
+        answered: list[tuple[int, bool]] = []
+        with trio.fail_after(5):
+            while len(answered) < 3:
+                message = await conn.receive()
+                assert message is not None
+                header = message[0]
+                if header.command == Command.DMA_WRITE and header.is_command:
+                    await conn.send_reply(header.msg_id, Command.DMA_WRITE)
+                else:
+                    answered.append((header.msg_id, header.is_error))
+        assert answered == [(set_id, False), (200, False), (201, False)]
+        await dst.loads()
 
 
 def half_zero_ram(size: int) -> bytes:

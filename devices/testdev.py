@@ -356,40 +356,37 @@ class TestDev(Device):
         return len(self._regs_blob()) + self.ram.size
 
     def load_state(self, sections: Sequence[LoadedSection]) -> None:
-        """Validate everything first, then write straight into RAM (no copy of RAM)."""
+        """Apply a whole saved state, all or nothing. RAM sections go through the same
+        sinks as a stream arriving (:meth:`resume_sink`; the engine gives this method only
+        the other sections), and are undone if anything after them is refused."""
         regs: dict[int, int] | None = None
         geometry = None
-        ram_updates: list[tuple[int, Buffer, bool]] = []  # offset, payload, elided
-        for name, payload in sections:
-            data = memoryview(payload).cast("B")
-            if name == "geometry":
-                geometry = bytes(data)
-                if geometry != self._geometry():
-                    raise DeviceError(errno.EINVAL, "testdev geometry (RAM size, vectors) differs")
-            elif name == "regs":
-                regs = self._parse_regs(data)
-            elif name in ("ram", "ram.z"):
-                elided = name == "ram.z"
-                ram_updates.append(self._checked_ram(0, data, elided=elided, whole=True))
-            elif name in ("ram.page", "ram.zpage"):
-                if len(data) < PAGE_HEADER.size:
-                    raise DeviceError(errno.EINVAL, f"{name} section too short")
-                (offset,) = PAGE_HEADER.unpack_from(data)
-                body = data[PAGE_HEADER.size :]
-                elided = name == "ram.zpage"
-                ram_updates.append(self._checked_ram(offset, body, elided=elided, whole=False))
-            else:
-                raise DeviceError(errno.EINVAL, f"unknown testdev section {name!r}")
-        if regs is None or geometry is None:
-            raise DeviceError(errno.EINVAL, "testdev state without geometry or registers")
-        # Everything validated: apply, in stream order (later pages replace earlier ones).
-        memory = self.ram.buffer
-        for offset, update, elided in ram_updates:
-            if elided:
-                total = stream_primitives.check_pages(update, self.ram.size - offset)
-                stream_primitives.unpack_pages_into(update, memory[offset : offset + total])
-            else:
-                memory[offset : offset + len(update)] = update
+        applied: list[SectionSink] = []
+        try:
+            for name, payload in sections:
+                data = memoryview(payload).cast("B")
+                if name == "geometry":
+                    geometry = bytes(data)
+                    if geometry != self._geometry():
+                        raise DeviceError(
+                            errno.EINVAL, "testdev geometry (RAM size, vectors) differs"
+                        )
+                elif name == "regs":
+                    regs = self._parse_regs(data)
+                elif (sink := self.resume_sink(name, len(data))) is not None:
+                    applied.append(sink)
+                    sink.write(data)
+                    sink.finish()
+                else:
+                    raise DeviceError(errno.EINVAL, f"unknown testdev section {name!r}")
+            if regs is None or geometry is None:
+                raise DeviceError(errno.EINVAL, "testdev state without geometry or registers")
+        except BaseException:
+            for sink in reversed(applied):
+                sink.undo()
+            raise
+        for sink in applied:
+            sink.commit()
         self.regs.values.update(regs)
         self._copy_queued = False
 
@@ -399,22 +396,6 @@ class TestDev(Device):
             whole, elided = RAM_SECTIONS[name]
             return _RamSink(self.ram.buffer, length, whole=whole, elided=elided)
         return None
-
-    def _checked_ram(
-        self, offset: int, body: memoryview, *, elided: bool, whole: bool
-    ) -> tuple[int, Buffer, bool]:
-        """Check one RAM update without applying it; whole-RAM forms must cover it all."""
-        if offset % PAGE or offset >= self.ram.size:
-            raise DeviceError(errno.EINVAL, f"RAM update at {offset:#x} is not a page in RAM")
-        try:
-            length = (
-                stream_primitives.check_pages(body, self.ram.size - offset) if elided else len(body)
-            )
-        except ValueError as exc:
-            raise DeviceError(errno.EINVAL, f"RAM update at {offset:#x}: {exc}") from None
-        if not length or offset + length > self.ram.size or (whole and length != self.ram.size):
-            raise DeviceError(errno.EINVAL, f"RAM update [{offset:#x}, +{length:#x}) is bad")
-        return offset, body, elided
 
     def _parse_regs(self, payload: Buffer) -> dict[int, int]:
         known = {reg.offset for reg in self.regs.registers()}

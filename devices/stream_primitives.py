@@ -307,29 +307,6 @@ def pack_pages(data: Buffer, page_size: int) -> list[bytes | memoryview]:
     return pieces
 
 
-@dataclass(frozen=True, slots=True)
-class _Layout:
-    page_size: int
-    total_len: int
-    pages: int
-    bitmap: memoryview
-    body: memoryview
-
-
-def _parse(payload: Buffer, max_total: int) -> _Layout:
-    view = byte_view(payload)
-    if len(view) < PAGES_HEADER.size:
-        raise ValueError(f"page payload of {len(view)} bytes is shorter than its header")
-    page_size, total, pages = _parse_header(view, max_total)
-    bitmap_end = PAGES_HEADER.size + (pages + 7) // 8
-    if len(view) < bitmap_end:
-        raise ValueError("page payload is truncated inside its bitmap")
-    bitmap = view[PAGES_HEADER.size : bitmap_end]
-    body = view[bitmap_end:]
-    _check_body_length(bitmap, page_size, total, len(body))
-    return _Layout(page_size, total, pages, bitmap, body)
-
-
 def _parse_header(view: memoryview, max_total: int) -> tuple[int, int, int]:
     """``(page_size, total_len, pages)`` of a payload's header, checked."""
     page_size, total = PAGES_HEADER.unpack_from(view)
@@ -353,27 +330,19 @@ def _check_body_length(bitmap: memoryview, page_size: int, total: int, body_len:
         raise ValueError(f"page payload carries {body_len} bytes of pages, expected {expected}")
 
 
-def _write(layout: _Layout, dest: memoryview, clear: bool) -> None:
-    page_size, total, body = layout.page_size, layout.total_len, layout.body
-    offset = 0
-    zero: bytes | None = None
-    for first, end, is_zero in _runs(layout.bitmap, layout.pages):
-        start, stop = first * page_size, min(end * page_size, total)
-        if not is_zero:
-            size = stop - start
-            dest[start:stop] = body[offset : offset + size]
-            offset += size
-        elif clear:
-            if zero is None:
-                zero = bytes(min(_ZERO_CHUNK, total))
-            for chunk in range(start, stop, len(zero)):
-                size = min(len(zero), stop - chunk)
-                dest[chunk : chunk + size] = zero[:size]
-
-
 def check_pages(payload: Buffer, max_total: int) -> int:
     """Validate an elided-pages payload without writing anything; returns its length."""
-    return int(_parse(payload, max_total).total_len)
+    view = byte_view(payload)
+    if len(view) < PAGES_HEADER.size:
+        raise ValueError(f"page payload of {len(view)} bytes is shorter than its header")
+    page_size, total, pages = _parse_header(view, max_total)
+    bitmap_end = PAGES_HEADER.size + (pages + 7) // 8
+    if len(view) < bitmap_end:
+        raise ValueError("page payload is truncated inside its bitmap")
+    _check_body_length(
+        view[PAGES_HEADER.size : bitmap_end], page_size, total, len(view) - bitmap_end
+    )
+    return int(total)
 
 
 def unpack_pages(payload: Buffer, max_total: int) -> bytearray:
@@ -383,9 +352,8 @@ def unpack_pages(payload: Buffer, max_total: int) -> bytearray:
     anything is allocated (at most ``max_total`` bytes), and any defect raises
     :class:`ValueError` (and nothing else).
     """
-    layout = _parse(payload, max_total)
-    out = bytearray(layout.total_len)
-    _write(layout, memoryview(out), clear=False)
+    out = bytearray(check_pages(payload, max_total))
+    _unpack(byte_view(payload), memoryview(out))
     return out
 
 
@@ -400,12 +368,36 @@ def unpack_pages_into(payload: Buffer, dest: memoryview) -> None:
     if not dest.c_contiguous:
         raise ValueError("destination buffer must be C-contiguous")
     target = byte_view(dest)
-    layout = _parse(payload, len(target))
-    if layout.total_len != len(target):
-        raise ValueError(
-            f"page payload holds {layout.total_len} bytes, destination is {len(target)}"
-        )
-    _write(layout, target, clear=True)
+    total = check_pages(payload, len(target))
+    if total != len(target):
+        raise ValueError(f"page payload holds {total} bytes, destination is {len(target)}")
+    _unpack(byte_view(payload), target)
+
+
+def _unpack(payload: memoryview, dest: memoryview) -> None:
+    """A whole payload (validated already) through the receiver, into a plain buffer."""
+    receiver = PagesReceiver(len(payload), len(dest), _BufferPages(dest))
+    receiver.feed(payload)
+    receiver.finish()
+
+
+class _BufferPages:
+    """A :class:`PageSink` writing straight into a buffer (nothing to take back)."""
+
+    def __init__(self, dest: memoryview) -> None:
+        self.dest = dest
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self.dest[offset : offset + len(data)] = data
+
+    def clear(self, offset: int, count: int) -> None:
+        zero = bytes(min(_ZERO_CHUNK, count))
+        for at in range(offset, offset + count, len(zero)):
+            size = min(len(zero), offset + count - at)
+            self.dest[at : at + size] = zero[:size]
+
+    def prepare(self, offset: int, count: int) -> memoryview:
+        return self.dest[offset : offset + count]
 
 
 class PageSink(Protocol):

@@ -432,6 +432,16 @@ class PagesReceiver:
         self._window = memoryview(b"")  # prepared by the sink for reads in place
         self._window_start = 0
 
+    @classmethod
+    def raw(cls, length: int, sink: PageSink) -> PagesReceiver:
+        """A receiver for ``length`` bytes of plain data (no header, no elided page): one
+        run that covers it all."""
+        receiver = cls(length, length, sink)
+        receiver._need = 0
+        receiver.total_len = length
+        receiver._runs = [(0, length)] if length else []
+        return receiver
+
     def feed(self, data: Buffer) -> None:
         view = byte_view(data)
         if self._received + len(view) > self._length:

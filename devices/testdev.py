@@ -444,7 +444,7 @@ class _RamSink:
         self._offset_bytes = bytearray()
         self._offset = 0
         self._journal: MemoryJournal | None = None
-        self._pages: stream_primitives.PagesReceiver | _RawReceiver | None = None
+        self._pages: stream_primitives.PagesReceiver | None = None
         if whole:
             self._start(0, length)
 
@@ -491,7 +491,7 @@ class _RamSink:
         elif payload > room:  # checked before a byte is written
             raise DeviceError(errno.EINVAL, f"RAM update [{offset:#x}, +{payload:#x}) is bad")
         else:
-            self._pages = _RawReceiver(payload, self._journal)
+            self._pages = stream_primitives.PagesReceiver.raw(payload, self._journal)
 
     def undo(self) -> None:
         if self._journal is not None:
@@ -500,39 +500,3 @@ class _RamSink:
     def commit(self) -> None:
         if self._journal is not None:
             self._journal.commit()
-
-
-class _RawReceiver:
-    """Raw RAM bytes (a "ram" / "ram.page" payload after its offset) written as they
-    arrive; the PagesReceiver interface, for a payload that is the memory itself."""
-
-    def __init__(self, length: int, journal: MemoryJournal) -> None:
-        self._length = length
-        self._journal = journal
-        self._at = 0
-        self._window = memoryview(b"")  # prepared once, filled in steps (see target)
-        self._window_start = 0
-
-    def feed(self, data: memoryview) -> None:
-        if self._at + len(data) > self._length:
-            raise ValueError(f"RAM payload longer than the {self._length} bytes announced")
-        self._journal.write(self._at, data)
-        self._at += len(data)
-
-    def target(self, limit: int) -> memoryview | None:
-        if self._at >= self._length:
-            return None
-        at = self._at - self._window_start
-        if not 0 <= at < len(self._window):
-            size = min(limit, self._length - self._at)
-            self._window = self._journal.prepare(self._at, size)
-            self._window_start, at = self._at, 0
-        return self._window[at : at + limit]
-
-    def landed(self, count: int) -> None:
-        self._at += count
-
-    def finish(self) -> int:
-        if self._at != self._length:
-            raise ValueError(f"RAM payload of {self._at} bytes is truncated")
-        return self._length

@@ -426,3 +426,32 @@ def test_receiver_refuses_bytes_past_its_length() -> None:
     receiver = sp.PagesReceiver(len(payload) - 1, 1 << 20, JournalLike(bytearray(1 << 13)))
     with pytest.raises(ValueError):
         receiver.feed(payload)
+
+
+@given(st.binary(min_size=1, max_size=20_000), st.lists(st.integers(0, 20_000)))
+def test_a_raw_receiver_writes_plain_data_fed_or_read_in_place(
+    data: bytes, cuts: list[int]
+) -> None:
+    dest = bytearray(b"\xee" * len(data))
+    sink = JournalLike(dest)
+    receiver = sp.PagesReceiver.raw(len(data), sink)
+    at = 0
+    for number, cut in enumerate([*sorted(set(cuts)), len(data)]):
+        piece = memoryview(data)[at:cut]
+        at = max(at, cut)
+        while number % 2 and piece and (target := receiver.target(len(piece))) is not None:
+            target[:] = piece[: len(target)]
+            receiver.landed(len(target))
+            piece = piece[len(target) :]
+        receiver.feed(piece)
+    assert receiver.finish() == len(data) and dest == data
+    assert not [call for call in sink.calls if call[0] == "clear"]
+
+
+def test_a_raw_receiver_refuses_more_or_less_than_announced() -> None:
+    receiver = sp.PagesReceiver.raw(10, JournalLike(bytearray(10)))
+    with pytest.raises(ValueError):
+        receiver.feed(b"x" * 11)
+    receiver.feed(b"x" * 9)
+    with pytest.raises(ValueError, match="truncated"):
+        receiver.finish()

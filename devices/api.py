@@ -18,6 +18,7 @@ from typing import ClassVar, Protocol
 
 from protocol.constants import MigState
 
+from . import stream_primitives
 from .errors import ClientGone, DeviceError, DmaFault
 from .irq import InterruptController
 from .migration import DEFAULT_CAPS, EnvelopeCodec, MigrationCodec, MigrationEngine
@@ -316,10 +317,7 @@ class RamRegion(Region):
         self.buffer[offset : offset + len(data)] = data
 
     def reset(self) -> None:
-        view = self.buffer
-        zeros = bytes(min(self.size, 1 << 20))
-        for at in range(0, self.size, len(zeros)):  # no RAM-sized temporary
-            view[at : at + len(zeros)] = zeros[: self.size - at]
+        stream_primitives.fill_zero(self.buffer)
 
 
 class SplitRegion(Region):

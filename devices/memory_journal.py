@@ -41,13 +41,11 @@ class MemoryJournal:
         return self.memory[offset : offset + count]
 
     def clear(self, offset: int, count: int) -> None:
-        zeros = bytes(min(count, ZERO_PROBE))
         for at in range(offset, offset + count, ZERO_PROBE):
-            size = min(ZERO_PROBE, offset + count - at)
-            current = self.memory[at : at + size]
+            current = self.memory[at : min(at + ZERO_PROBE, offset + count)]
             if not _all_zero(current):  # else nothing changes, nothing to take back
                 self._note(at, current, zero=False)
-                current[:] = zeros[:size]
+                stream_primitives.fill_zero(current)
 
     def undo(self) -> None:
         """Every write taken back, newest first (a later write may cover an earlier)."""
@@ -55,7 +53,7 @@ class MemoryJournal:
         for entry in reversed(entries):
             target = self.memory[entry.offset : entry.offset + entry.length]
             if entry.kept is None:
-                _zero(target)
+                stream_primitives.fill_zero(target)
             else:
                 target[:] = entry.kept
 
@@ -95,10 +93,3 @@ def _all_zero(view: memoryview) -> bool:
         if not bitmap(piece, len(piece))[0] & 1:
             return False
     return True
-
-
-def _zero(view: memoryview) -> None:
-    zeros = bytes(min(len(view), ZERO_PROBE))
-    for at in range(0, len(view), len(zeros)):
-        size = min(len(zeros), len(view) - at)
-        view[at : at + size] = zeros[:size]

@@ -374,6 +374,14 @@ def unpack_pages_into(payload: Buffer, dest: memoryview) -> None:
     _unpack(byte_view(payload), target)
 
 
+def fill_zero(view: memoryview) -> None:
+    """Zero ``view`` without a temporary as large as it (RAM may be gigabytes)."""
+    zero = bytes(min(_ZERO_CHUNK, len(view)))
+    for at in range(0, len(view), _ZERO_CHUNK):
+        size = min(_ZERO_CHUNK, len(view) - at)
+        view[at : at + size] = zero[:size]
+
+
 def _unpack(payload: memoryview, dest: memoryview) -> None:
     """A whole payload (validated already) through the receiver, into a plain buffer."""
     receiver = PagesReceiver(len(payload), len(dest), _BufferPages(dest))
@@ -391,10 +399,7 @@ class _BufferPages:
         self.dest[offset : offset + len(data)] = data
 
     def clear(self, offset: int, count: int) -> None:
-        zero = bytes(min(_ZERO_CHUNK, count))
-        for at in range(offset, offset + count, len(zero)):
-            size = min(len(zero), offset + count - at)
-            self.dest[at : at + size] = zero[:size]
+        fill_zero(self.dest[offset : offset + count])
 
     def prepare(self, offset: int, count: int) -> memoryview:
         return self.dest[offset : offset + count]

@@ -455,3 +455,10 @@ def test_a_raw_receiver_refuses_more_or_less_than_announced() -> None:
     receiver.feed(b"x" * 9)
     with pytest.raises(ValueError, match="truncated"):
         receiver.finish()
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, (2 << 20) + 3])
+def test_fill_zero_clears_exactly_the_view(size: int) -> None:
+    buf = bytearray(b"\xff" * (size + 2))
+    sp.fill_zero(memoryview(buf)[1 : 1 + size])
+    assert buf == b"\xff" + bytes(size) + b"\xff"

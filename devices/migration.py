@@ -318,11 +318,11 @@ class ResumingSession:
         with contextlib.suppress(StreamError):  # kept in decoder.error
             self.decoder.landed(count)
 
-    def staged(self, data: Buffer) -> None:
-        """Bytes the runtime put into the staging itself (spliced from a data fd; only
-        without a decoder)."""
+    def staged(self, count: int) -> None:
+        """``count`` bytes the runtime put into the staging itself (spliced from a data fd;
+        only without a decoder)."""
         assert self.decoder is None, "a decoded stream is written, not staged"
-        self._received += len(data)
+        self._received += count
 
     def sections(self) -> list[LoadedSection] | None:
         """The decoded sections the sinks did not take (None: decode the staging)."""

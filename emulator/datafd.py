@@ -60,8 +60,8 @@ class MemfdStaging:
     """Resumed bytes kept in a memfd, outside the Python heap.
 
     The memfd is mapped once, read-only, over ``reserve`` bytes of address space (the
-    engine's resume limit; memory is used only where bytes arrive): bytes spliced in from a
-    data fd are checksummed where they landed, and validation later reads them without
+    engine's resume limit; memory is used only where bytes arrive), so the payloads of kept
+    sections (or a whole stream another codec decodes at the end) are read back without
     mapping anything again. A process without room for that reservation (RLIMIT_AS,
     RLIMIT_FSIZE) maps the staged bytes on demand instead; running out of room then is a
     clean ENOMEM/EFBIG for the client, never a traceback.
@@ -74,7 +74,6 @@ class MemfdStaging:
         except OSError as exc:
             raise DeviceError(exc.errno or errno.ENOMEM, f"resume staging: {exc}") from None
         self._size = 0
-        self._mapped = 0  # bytes before this offset were read through the mapping already
         self._map: mmap.mmap | None = None
         try:
             os.ftruncate(self.fd, reserve)  # sparse: no memory until written
@@ -102,18 +101,16 @@ class MemfdStaging:
             self._size += written
             view = view[written:]
 
-    def fill_from(self, source: int, count: int) -> memoryview:
+    def fill_from(self, source: int, count: int) -> int:
         """Move up to ``count`` bytes from a pipe into the staging file (``splice``: no copy
-        through Python); returns a view of where they landed, empty at EOF. Raises
-        BlockingIOError when the pipe is empty."""
+        through Python); returns how many, 0 at EOF. Raises BlockingIOError when the pipe
+        is empty."""
         count = min(count, self.reserve - self._size)
         if count <= 0:
             raise DeviceError(errno.EFBIG, f"resumed stream exceeds {self.reserve} bytes")
         moved = _staging_io(partial(os.splice, source, self.fd, count, offset_dst=self._size))
-        start, self._size = self._size, self._size + moved
-        if self._mapped == start:
-            self._mapped = self._size  # the caller reads the bytes where they landed
-        return self.window(start, self._size)
+        self._size += moved
+        return moved
 
     def window(self, start: int, end: int) -> memoryview:
         """A view of staged bytes (faulted in as they are read)."""
@@ -135,11 +132,9 @@ class MemfdStaging:
             return memoryview(b"")
         if self._map is None:
             return self.window(0, self._size)
-        # Map in what was not read yet in one go (validation reads every byte anyway).
-        start = self._mapped & ~(mmap.PAGESIZE - 1)
-        if start < self._size:
-            with contextlib.suppress(OSError, ValueError):
-                self._map.madvise(MADV_POPULATE_READ, start, self._size - start)
+        # Map it all in one go (validation reads every byte anyway).
+        with contextlib.suppress(OSError, ValueError):
+            self._map.madvise(MADV_POPULATE_READ, 0, self._size)
         return self.window(0, self._size)
 
     def close(self) -> None:
@@ -339,9 +334,9 @@ class DataFdSessions:
             raise DeviceError(errno.EFBIG, f"resumed stream exceeds {session.limit} bytes")
         staging = session.staging
         if session.decoder is None and isinstance(staging, MemfdStaging):
-            landed = staging.fill_from(fd, min(CHUNK, room))  # staged whole: no copy here
-            session.staged(landed)
-            return len(landed) > 0
+            moved = staging.fill_from(fd, min(CHUNK, room))  # staged whole: no copy here
+            session.staged(moved)
+            return moved > 0
         # Decoded while it arrives: RAM sections are read straight into device RAM, the
         # rest passes through a small buffer that stays in cache.
         target = session.target(CHUNK)

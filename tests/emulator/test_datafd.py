@@ -27,8 +27,10 @@ import pytest
 import trio
 
 import devices.migration as engine_module
+from devices import lvu_sample as lvu
 from devices import testdev as td
 from devices.api import DetachedContext
+from devices.lvu_sample import LvuSample
 from devices.testdev import TestDev, TestDevOptions
 from emulator.client import Client, ClientError
 from emulator.migration import DATA_FD_CAPABILITIES, migrate
@@ -1228,6 +1230,37 @@ async def test_a_disconnect_when_no_fresh_resume_session_can_be_made(
             assert bytes(dev.ram.buffer) == source_ram
 
 
+async def test_a_stream_another_codec_decodes_whole_is_staged_from_the_fd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """lvu-sample's raw codec is not our envelope: its stream is spliced into the staging
+    memfd as it arrives and decoded at RESUMING -> STOP (the data-fd path that stages)."""
+    from emulator.datafd import MemfdStaging
+
+    spliced: list[int] = []
+    fill_from = MemfdStaging.fill_from
+
+    def counted(staging: MemfdStaging, source: int, count: int) -> int:
+        spliced.append(fill_from(staging, source, count))
+        return spliced[-1]
+
+    monkeypatch.setattr(MemfdStaging, "fill_from", counted)
+    source, destination = LvuSample(), LvuSample()
+    pattern = random.Random(77).randbytes(len(source.bar1.buffer))
+    source.bar1.buffer[:] = pattern
+    async with (
+        served_device(source, tmp_path, name="src.sock") as src,
+        served_device(destination, tmp_path, name="dst.sock") as dst,
+        Client.connect(src.socket_path, capabilities=DATA_FD_CAPABILITIES) as src_client,
+        Client.connect(dst.socket_path, capabilities=DATA_FD_CAPABILITIES) as dst_client,
+    ):
+        await src_client.region_write(lvu.BAR_TIME, 0, struct.pack("<Q", 1234))
+        report = await migrate(src_client, dst_client, transport="fd")
+    assert report.stop_copy_bytes == sum(spliced) == len(pattern) + 8
+    assert bytes(destination.bar1.buffer) == pattern
+    assert destination.time_value == 1234
+
+
 def test_only_large_pieces_of_mappings_go_by_reference() -> None:
     """vmsplice (the pipe refers to the pages) only for large pieces of a memory mapping,
     i.e. device RAM; Python objects the allocator may reuse are always copied."""
@@ -1248,7 +1281,7 @@ def test_only_large_pieces_of_mappings_go_by_reference() -> None:
         memory.close()
 
 
-def test_staging_checksums_spliced_bytes_where_they_landed() -> None:
+def test_staging_takes_spliced_bytes_after_written_ones() -> None:
     from emulator.datafd import MemfdStaging
 
     staging = MemfdStaging()
@@ -1256,9 +1289,7 @@ def test_staging_checksums_spliced_bytes_where_they_landed() -> None:
     try:
         os.write(write_end, b"first ")
         staging.append(b"0123")
-        landed = staging.fill_from(read_end, 100)
-        assert bytes(landed) == b"first " and staging.size == 10
-        landed.release()
+        assert staging.fill_from(read_end, 100) == 6 and staging.size == 10
         os.set_blocking(read_end, False)
         with pytest.raises(BlockingIOError):
             staging.fill_from(read_end, 100)

@@ -59,12 +59,16 @@ async def write_guest_state(path: Path) -> None:
         await client.region_write(td.BAR_RAM, 0x1000, b"migrated by the CLI")
 
 
+@pytest.mark.parametrize("transport", ["inband", "fd"])
 @pytest.mark.parametrize("mode", ["stop-copy", "pre-copy"])
-async def test_migrate_between_two_servers(tmp_path: Path, mode: str) -> None:
+async def test_migrate_between_two_servers(tmp_path: Path, mode: str, transport: str) -> None:
     src, dst = tmp_path / "src.sock", tmp_path / "dst.sock"
     async with server(src), server(dst):
         await write_guest_state(src)
-        result = await cli("migrate", "--from", str(src), "--to", str(dst), "--mode", mode)
+        result = await cli(
+            "migrate", "--from", str(src), "--to", str(dst), "--mode", mode,
+            "--transport", transport,
+        )  # fmt: skip
         out, err = result.stdout.decode(), result.stderr.decode()
         assert result.returncode == 0, err
         assert err == ""

@@ -249,6 +249,10 @@ class Staging(Protocol):
 
     def view(self) -> memoryview: ...
 
+    def clear(self) -> None:
+        """Drop what is staged (a stream starts over); the staging stays usable."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -266,8 +270,11 @@ class MemoryStaging:
     def view(self) -> memoryview:
         return memoryview(self._data)
 
-    def close(self) -> None:
+    def clear(self) -> None:
         self._data = bytearray()
+
+    def close(self) -> None:
+        self.clear()
 
 
 class ResumingSession:
@@ -333,6 +340,15 @@ class ResumingSession:
         if self.decoder is not None:
             self.decoder.commit()
         self._committed = True
+
+    def restart(self, decoder: StreamDecoder | None) -> None:
+        """Take back what sinks applied and start over, empty, with ``decoder``: the
+        stream so far is abandoned, the same staging takes the next one."""
+        if self.decoder is not None:
+            self.decoder.undo()
+        self.staging.clear()
+        self.decoder = decoder
+        self._received = 0
 
     def close(self) -> None:
         """End the session; unless committed, what sinks applied is taken back."""
@@ -498,11 +514,17 @@ class MigrationEngine:
     def _new_resuming(self) -> None:
         self._drop_resuming()
         staging = self.staging_factory(self.max_resume)
+        self.resuming = ResumingSession(self.max_resume, staging, self._decoder_for(staging))
+
+    def _restart_resuming(self, session: ResumingSession) -> None:
+        """The stream so far is abandoned (taken back) and a fresh one may be written, into
+        the same staging: nothing is allocated, so this cannot fail for want of memory."""
+        session.restart(self._decoder_for(session.staging))
+
+    def _decoder_for(self, staging: Staging) -> StreamDecoder | None:
+        """Our envelope is decoded as it arrives; another codec decodes the staged whole."""
         codec = self.device.migration_codec(self.stream_limits)
-        decoder = None
-        if isinstance(codec, EnvelopeCodec):
-            decoder = codec.decoder(self._sink_for, staging)
-        self.resuming = ResumingSession(self.max_resume, staging, decoder)
+        return codec.decoder(self._sink_for, staging) if isinstance(codec, EnvelopeCodec) else None
 
     def _sink_for(self, name: str, length: int) -> SectionSink | None:
         if name.startswith("pci."):
@@ -532,7 +554,7 @@ class MigrationEngine:
 
     def _apply_resumed(self) -> None:
         """RESUMING -> STOP: validate everything, then apply atomically or not at all."""
-        received, self.resuming = self.resuming, None
+        received = self.resuming
         if received is None:
             raise StreamError("nothing was resumed (no staging for the stream)")
         try:
@@ -543,11 +565,9 @@ class MigrationEngine:
                 )
             self._apply_sections(sections)
         except BaseException:
-            # The partial data is discarded and a fresh stream may be written. Only now is
-            # a second staging made: a process with room for one stream stays usable.
-            received.close()
-            self._new_resuming()
+            self._restart_resuming(received)  # nothing stays; a fresh stream may be written
             raise
+        self.resuming = None
         received.commit()
         received.close()
 
@@ -665,7 +685,7 @@ class MigrationEngine:
         was applied in place is taken back now, as a failed load does, and a fresh
         stream may be written."""
         if self.state == RESUMING and self.resuming is not None:
-            self._new_resuming()
+            self._restart_resuming(self.resuming)
 
     def write_data(self, data: Buffer) -> None:
         """Resumed bytes, used before this returns (the caller may reuse ``data``)."""

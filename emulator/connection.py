@@ -185,22 +185,14 @@ class ClientSession:
             self._teardown()
             self.finished.set()
 
-    def _discard_resumed(self) -> None:
-        """A stream cut off with its writer is never loaded: what of it was applied in
-        place is taken back (the device stays RESUMING, as it was left, with a fresh
-        session). Making that session can fail (EMFILE, ENOMEM): the device then has none
-        until a reset, and the rest of the teardown goes on regardless."""
-        try:
-            self.device.migration.discard_resumed()
-        except DeviceError as exc:
-            log.warning("client gone: no fresh resume session (%s); a reset recovers", exc)
-
     def _teardown(self) -> None:
         """Client gone: drop DMA maps and irq fds, keep the device's state (spec)."""
         self.closed = True
         if self.data_fds is not None:
             self.data_fds.close()
-        self._discard_resumed()
+        # A stream cut off with its writer is never loaded: what of it was applied in place
+        # is taken back (the device stays RESUMING, as it was left, ready for a new one).
+        self.device.migration.discard_resumed()
         self._jobs.clear()
         for held in self._backlog:
             close_fds(held.fds)  # commands never processed: their fds are ours to close

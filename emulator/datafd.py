@@ -137,6 +137,18 @@ class MemfdStaging:
             self._map.madvise(MADV_POPULATE_READ, 0, self._size)
         return self.window(0, self._size)
 
+    def clear(self) -> None:
+        """Drop the staged bytes (their pages are freed); the file and its mapping stay.
+        Reads only ever cover what was staged since, so the mapping stays safe even if
+        the file could not be extended to the reservation again."""
+        self._size = 0
+        try:
+            os.ftruncate(self.fd, 0)
+            if self._map is not None:
+                os.ftruncate(self.fd, self.reserve)
+        except OSError as exc:
+            log.warning("resume staging: could not reset the file: %s", exc)
+
     def close(self) -> None:
         """Release the staged stream. Unmapping and freeing a large memfd takes a while, so
         it happens in a thread, off the migration's critical path (the SET's reply)."""

@@ -23,6 +23,9 @@ Layout:
   take what waits, as on the real part, whose DMA keeps up with the wire; when the ring has
   room and only our job is behind (a backend delivering a burst), the device keeps the frame
   and calls ``set_accepting(False)`` until the FIFO has drained to half.
+* Loopback (what Linux's ``ethtool -t`` loopback test uses): MAC loopback (RCTL.LBM) or PHY
+  loopback (BMCR bit 14) hands every transmitted frame to the receiver instead of the
+  wire, and frames from the wire are not heard meanwhile.
 
 A disconnect cancels the running job at any await: each transmit or receive batch commits
 (frames on the wire or off the FIFO, TDH/RDH) at once after its last write-back, so a cut
@@ -275,25 +278,26 @@ class E1000(Device):
         add(r.IMS, "IMS", on_write=self._write_ims)
         add(r.IMC, "IMC", on_read=lambda: 0, on_write=self._write_imc)
         add(r.ITR, "ITR", writable=0xFFFF)
-        add(r.RCTL, "RCTL", on_write=self._write_rctl)
-        add(r.TCTL, "TCTL", on_write=self._write_tctl)
+        add(r.RCTL, "RCTL", writable=r.RCTL_WRITABLE, on_write=self._write_rctl)
+        add(r.TCTL, "TCTL", writable=r.TCTL_WRITABLE, on_write=self._write_tctl)
         add(r.VET, "VET", reset=r.VET_RESET, writable=0xFFFF)
+        # Implemented widths as e1000_reg_test checks them (its REG_PATTERN_TEST masks).
+        add(r.FCAL, "FCAL")
+        add(r.FCAH, "FCAH", writable=0xFFFF)
+        add(r.FCT, "FCT", writable=0xFFFF)
+        add(r.FCTTV, "FCTTV", writable=0xFFFF)
+        add(r.FCRTH, "FCRTH", writable=0xFFF8)
+        add(r.FCRTL, "FCRTL", writable=0x8000FFF8)  # XONE and the low threshold
+        add(r.TIPG, "TIPG", writable=0x3FFFFFFF)
+        add(r.TXCW, "TXCW", writable=0xC000FFFF)
+        add(r.AIT, "AIT", writable=0xFFFF)
         add(r.LEDCTL, "LEDCTL", reset=r.LEDCTL_RESET)
         add(r.PBA, "PBA", reset=r.PBA_RESET)
         add(r.MANC, "MANC", reset=r.MANC_RESET)
         for off, name in (
             (r.CTRL_EXT, "CTRL_EXT"),
             (r.FLA, "FLA"),
-            (r.FCAL, "FCAL"),
-            (r.FCAH, "FCAH"),
-            (r.FCT, "FCT"),
-            (r.FCTTV, "FCTTV"),
-            (r.TXCW, "TXCW"),
             (r.RXCW, "RXCW"),
-            (r.TIPG, "TIPG"),
-            (r.AIT, "AIT"),
-            (r.FCRTL, "FCRTL"),
-            (r.FCRTH, "FCRTH"),
             (r.RDFH, "RDFH"),
             (r.RDFT, "RDFT"),
             (r.RDFHS, "RDFHS"),
@@ -446,11 +450,14 @@ class E1000(Device):
             else:
                 result = (result & ~r.MDIC_DATA) | data
         elif op == r.MDIC_OP_WRITE:
+            looping = self.phy.loopback
             accepted, restart = self.phy.write(reg, value & r.MDIC_DATA)
             if not accepted:
                 result |= r.MDIC_ERROR
             elif restart:
                 self._restart_autoneg()
+            if self.phy.loopback and not looping:
+                self._enter_phy_loopback()
         else:
             result |= r.MDIC_ERROR
         self.values[r.MDIC] = result | r.MDIC_READY
@@ -467,6 +474,20 @@ class E1000(Device):
         self._arm("autoneg", self.options.autoneg_delay)
         if was_up:
             self._cause(r.ICR_LSC)
+
+    def _enter_phy_loopback(self) -> None:
+        """PHY loopback: no autonegotiation to wait for, the link is up at once (the
+        driver's loopback test sends right after setting the bit)."""
+        self._disarm("autoneg")
+        if not self.phy.link_up:
+            self.phy.loopback_link()
+            self._update_link_status()
+            self._cause(r.ICR_LSC)
+
+    def _loopback(self) -> bool:
+        """Whether transmitted frames come back to the receiver instead of the wire: MAC
+        loopback (RCTL.LBM 01, or 11 through the transceiver) or the PHY's."""
+        return bool(self.values[r.RCTL] & r.RCTL_LBM_MASK) or self.phy.loopback
 
     def _autoneg_done(self) -> None:
         self.phy.autoneg_done()
@@ -883,7 +904,8 @@ class E1000(Device):
             frame = packet.insert_vlan(frame, values[r.VET] & 0xFFFF, tx_frame.vlan)
         if values[r.TCTL] & r.TCTL_PSP and len(frame) < packet.MIN_FRAME:
             frame += bytes(packet.MIN_FRAME - len(frame))
-        if not self.link_up:
+        looped = self._loopback()
+        if not looped and not self.link_up:
             return  # no carrier: the frame goes nowhere
         wire = len(frame) + 4  # statistics count the FCS
         self._count(r.TPT)
@@ -893,7 +915,10 @@ class E1000(Device):
         self._count(r.TX_SIZE_BUCKETS[packet.size_bucket(wire)])
         if frame[0] & 1:
             self._count(r.BPTC if frame[:6] == b"\xff" * 6 else r.MPTC)
-        self.port.transmit(bytes(frame))
+        if looped:
+            self._receive(bytes(frame))  # back to our own receiver, nothing on the wire
+        else:
+            self.port.transmit(bytes(frame))
 
     # =========================================================================================
     # Receive
@@ -904,10 +929,15 @@ class E1000(Device):
             port.set_accepting(False)
 
     def net_receive(self, frame: bytes) -> None:
+        """A frame from the wire: heard only with the link up and not in loopback."""
+        if self.link_up and not self._loopback():
+            self._receive(frame)
+
+    def _receive(self, frame: bytes) -> None:
         values = self.values
         rctl = values[r.RCTL]
         length = len(frame)
-        if not rctl & r.RCTL_EN or not self.link_up or length < packet.ETH_HEADER:
+        if not rctl & r.RCTL_EN or length < packet.ETH_HEADER:
             return
         self._count(r.TPR)
         self._count64(r.TORL, max(length, packet.MIN_FRAME) + 4)
@@ -1436,6 +1466,8 @@ class E1000(Device):
             (r.RDTR, 0xFFFF),
             (r.TIDV, 0xFFFF),
             (r.ICS, 0),
+            (r.RCTL, r.RCTL_WRITABLE),
+            (r.TCTL, r.TCTL_WRITABLE),
             (r.ICR, r.ICR_VALID),
             (r.IMS, r.ICR_VALID),
         ):

@@ -33,8 +33,9 @@ job is redone from the same head for the next client, never losing or repeating 
 (see ``_tx_batch``, ``_rx_batch``). A DMA fault keeps the work and retries it.
 
 Timers (autonegotiation, interrupt mitigation) are deadlines on ``clock`` checked on every
-register access and by a timer job that sleeps with ``context.sleep`` only while no other
-device work is queued, so it never holds up DMA. Timers freeze while the device is paused.
+register access and by a timer job that sleeps with ``context.sleep_until_work``: only while
+no other device work is queued, and no longer than until some is, so it never holds up
+transmit or receive. Timers freeze while the device is paused.
 
 Migration: every register, the EEPROM, PHY registers, EECD state, the TX context and the
 partly assembled (or partly segmented) packet, the receive FIFO and the remaining time of
@@ -67,8 +68,6 @@ log = logging.getLogger("vfio_user_emu")
 
 DEFAULT_MAC = bytes.fromhex("525400123456")
 DEFAULT_AUTONEG_DELAY = 0.5
-#: Longest sleep of the timer job: bounds how long it can delay work queued meanwhile.
-TIMER_SLICE = 0.002
 TX_BATCH = 64  # descriptors fetched per DMA read
 RX_BATCH = 64
 MAX_FRAME = 1514  # without FCS and VLAN tag, RCTL.LPE off
@@ -727,11 +726,12 @@ class E1000(Device):
         if self._paused or not self._timers:
             return
         if not self._waiting:
-            # Nothing else to do: sleep towards the next deadline, a slice at a time so
-            # work submitted meanwhile waits at most TIMER_SLICE.
+            # Nothing else to do: sleep towards the next deadline. Jobs run one at a time,
+            # so the sleep ends as soon as other work (a doorbell, a frame) is submitted:
+            # that work runs first, this job queues again behind it.
             wait = self._next_due - self._clock()
             if wait > 0:
-                await self.context.sleep(min(wait, TIMER_SLICE))
+                await self.context.sleep_until_work(wait)
             if generation != self._generation:
                 return
             self._poll_timers()

@@ -87,6 +87,7 @@ class FakeContext:
         self.jobs: deque[Callable[[], Awaitable[None]]] = deque()
         self.until: float | None = None
         self.accepting = True
+        self.idle_sleeps: list[float] = []  # what sleep_until_work was asked for
 
     @property
     def dma(self) -> FakeDma:
@@ -105,6 +106,13 @@ class FakeContext:
             raise OutOfTime
         self.clock.now = target
         await trio.lowlevel.checkpoint()
+
+    async def sleep_until_work(self, seconds: float) -> None:
+        self.idle_sleeps.append(seconds)
+        if self.jobs:  # nothing is submitted while a fake sleep runs: only queued work
+            await trio.lowlevel.checkpoint()
+            return
+        await self.sleep(seconds)
 
     async def run(self, *, advance: float = 0.0, limit: int = 100_000) -> None:
         """Run queued jobs; timers may take at most ``advance`` seconds of fake time."""
@@ -693,6 +701,20 @@ def test_receive_and_transmit_interrupt_delays() -> None:
     rig.wr(r.TIDV, 50 | r.FPD)  # flush: fire now
     assert line(rig)
     assert rig.rd(r.TIDV) == 50
+
+
+async def test_the_timer_job_sleeps_to_the_deadline_in_one_wait() -> None:
+    """No slices: the context ends the wait when work is submitted (a doorbell never
+    queues behind a sleeping timer), so the job asks for the whole time to the deadline."""
+    rig = Rig()
+    rig.wr(r.IMS, r.ICR_RXT0)
+    rig.wr(r.RDTR, 0xFFFF)  # 67 ms
+    rig.dev._cause(r.ICR_RXT0, rx_delay=True)
+    await rig.run(advance=0.001)
+    assert rig.ctx.idle_sleeps == [pytest.approx(0xFFFF * r.DELAY_UNIT)]
+    assert not line(rig)
+    await rig.run(advance=0.07)
+    assert line(rig)
 
 
 # =============================================================================================

@@ -246,6 +246,32 @@ async def test_interrupt_causes_and_itr_mitigation(tmp_path: Path) -> None:
         assert trio.current_time() - started < 2
 
 
+async def test_a_sleeping_timer_job_wakes_for_submitted_work(tmp_path: Path) -> None:
+    """The e1000's timer job waits in the device's only worker with the connection's
+    sleep_until_work: submitted work (a doorbell's transmit job) ends the wait at once."""
+    async with nic_pair(tmp_path) as pair:
+        context = pair.dev_a.context
+        woke, ran = trio.Event(), trio.Event()
+
+        async def timer_like() -> None:
+            await context.sleep_until_work(30)
+            woke.set()
+
+        async def job() -> None:
+            ran.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(timer_like)
+            await trio.sleep(0.05)
+            assert not woke.is_set()
+            started = trio.current_time()
+            assert context.submit(job)
+            with trio.fail_after(5):
+                await woke.wait()
+                await ran.wait()
+        assert trio.current_time() - started < 5
+
+
 async def test_statistics_read_to_clear(tmp_path: Path) -> None:
     async with nic_pair(tmp_path) as pair:
         a, b = pair.a, pair.b

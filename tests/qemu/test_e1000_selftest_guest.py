@@ -38,6 +38,8 @@ ip link set $ifc up
 n=0
 while [ "$(cat $net/carrier 2>/dev/null)" != 1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 echo "T-INFO: carrier $(cat $net/carrier) after $((n * 100)) ms"
+# The driver says which interrupt test it runs (shared or unshared line) at msglvl "hw".
+ethtool -s $ifc msglvl hw on
 echo "T-SELFTEST-BEGIN"
 ethtool -t $ifc offline
 echo "T-SELFTEST-EXIT: $?"

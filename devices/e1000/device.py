@@ -117,6 +117,33 @@ class E1000Options:
             raise ValueError("autoneg_delay must be 0..10 seconds")
 
 
+#: Plain storage registers narrower than 32 bits, at the widths the part implements:
+#: e1000_reg_test's REG_PATTERN_TEST masks (Linux e1000_ethtool.c) for flow control and TIPG,
+#: TXCW, AIT; the packet buffer FIFO diagnostics at the widths of QEMU's model
+#: (hw/net/e1000.c): 13-bit pointers, 11 for the transmit FIFO's head and tail.
+_PLAIN_REGISTER_WIDTHS = (
+    (r.FCAL, "FCAL", 0xFFFFFFFF),
+    (r.FCAH, "FCAH", 0xFFFF),
+    (r.FCT, "FCT", 0xFFFF),
+    (r.FCTTV, "FCTTV", 0xFFFF),
+    (r.FCRTH, "FCRTH", 0xFFF8),
+    (r.FCRTL, "FCRTL", 0x8000FFF8),  # XONE and the low threshold
+    (r.TIPG, "TIPG", 0x3FFFFFFF),
+    (r.TXCW, "TXCW", 0xC000FFFF),
+    (r.AIT, "AIT", 0xFFFF),
+    (r.RDFH, "RDFH", 0x1FFF),
+    (r.RDFT, "RDFT", 0x1FFF),
+    (r.RDFHS, "RDFHS", 0x1FFF),
+    (r.RDFTS, "RDFTS", 0x1FFF),
+    (r.RDFPC, "RDFPC", 0x1FFF),
+    (r.TDFH, "TDFH", 0x7FF),
+    (r.TDFT, "TDFT", 0x7FF),
+    (r.TDFHS, "TDFHS", 0x1FFF),
+    (r.TDFTS, "TDFTS", 0x1FFF),
+    (r.TDFPC, "TDFPC", 0x1FFF),
+)
+
+
 class _Registers(RegisterBank):
     """BAR0: a register bank that lets due timers fire before every access."""
 
@@ -280,16 +307,8 @@ class E1000(Device):
         add(r.RCTL, "RCTL", writable=r.RCTL_WRITABLE, on_write=self._write_rctl)
         add(r.TCTL, "TCTL", writable=r.TCTL_WRITABLE, on_write=self._write_tctl)
         add(r.VET, "VET", reset=r.VET_RESET, writable=0xFFFF)
-        # Implemented widths as e1000_reg_test checks them (its REG_PATTERN_TEST masks).
-        add(r.FCAL, "FCAL")
-        add(r.FCAH, "FCAH", writable=0xFFFF)
-        add(r.FCT, "FCT", writable=0xFFFF)
-        add(r.FCTTV, "FCTTV", writable=0xFFFF)
-        add(r.FCRTH, "FCRTH", writable=0xFFF8)
-        add(r.FCRTL, "FCRTL", writable=0x8000FFF8)  # XONE and the low threshold
-        add(r.TIPG, "TIPG", writable=0x3FFFFFFF)
-        add(r.TXCW, "TXCW", writable=0xC000FFFF)
-        add(r.AIT, "AIT", writable=0xFFFF)
+        for off, name, bits in _PLAIN_REGISTER_WIDTHS:
+            add(off, name, writable=bits)
         add(r.LEDCTL, "LEDCTL", reset=r.LEDCTL_RESET)
         add(r.PBA, "PBA", reset=r.PBA_RESET)
         add(r.MANC, "MANC", reset=r.MANC_RESET)
@@ -297,20 +316,10 @@ class E1000(Device):
             (r.CTRL_EXT, "CTRL_EXT"),
             (r.FLA, "FLA"),
             (r.RXCW, "RXCW"),
-            (r.RDFH, "RDFH"),
-            (r.RDFT, "RDFT"),
-            (r.RDFHS, "RDFHS"),
-            (r.RDFTS, "RDFTS"),
-            (r.RDFPC, "RDFPC"),
             (r.RDBAH, "RDBAH"),
             (r.RXDCTL, "RXDCTL"),
             (r.RSRPD, "RSRPD"),
             (r.TXDMAC, "TXDMAC"),
-            (r.TDFH, "TDFH"),
-            (r.TDFT, "TDFT"),
-            (r.TDFHS, "TDFHS"),
-            (r.TDFTS, "TDFTS"),
-            (r.TDFPC, "TDFPC"),
             (r.TDBAH, "TDBAH"),
             (r.TXDCTL, "TXDCTL"),
             (r.TSPMT, "TSPMT"),
@@ -337,7 +346,7 @@ class E1000(Device):
         for i in range(4):
             add(r.IP4AT + 8 * i, f"IP4AT{i}")
             add(r.IP6AT + 4 * i, f"IP6AT{i}")
-            add(r.FFLT + 8 * i, f"FFLT{i}")
+            add(r.FFLT + 8 * i, f"FFLT{i}", writable=0x7FF)
         for i in range(32):
             add(r.WUPM + 4 * i, f"WUPM{i}")
         for i in range(r.MTA_COUNT):

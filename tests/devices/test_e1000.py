@@ -342,7 +342,8 @@ def test_reset_values_match_the_82540() -> None:
 
 
 #: (register, bits the 82540 implements): what Linux's e1000_reg_test checks (its
-#: REG_PATTERN_TEST / REG_SET_AND_CHECK masks), plus the flow-control low threshold.
+#: REG_PATTERN_TEST / REG_SET_AND_CHECK masks), plus the flow-control low threshold and the
+#: narrower registers of QEMU's model.
 IMPLEMENTED_BITS = [
     (r.FCAL, 0xFFFFFFFF),
     (r.FCAH, 0x0000FFFF),
@@ -367,6 +368,14 @@ IMPLEMENTED_BITS = [
     (r.TIDV, 0x0000FFFF),
     (r.RA + 4, 0x8003FFFF),
     (r.MTA, 0xFFFFFFFF),
+    # the packet buffer FIFO pointers (widths as QEMU's model has them)
+    (r.RDFH, 0x1FFF),
+    (r.RDFPC, 0x1FFF),
+    (r.TDFH, 0x7FF),
+    (r.TDFT, 0x7FF),
+    (r.TDFTS, 0x1FFF),
+    (r.FFLT, 0x7FF),
+    (r.AIT, 0xFFFF),
 ]
 
 

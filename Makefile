@@ -6,7 +6,7 @@ SOCKET ?= ./vfio-user.sock
 DEVICE ?= testdev
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit venv clean fastpath qemu-guest fuzz
+.PHONY: run vm test lint typecheck unit venv clean fastpath qemu-guest fuzz
 
 # The venv (and the C fast path, built in place by the editable install) is rebuilt when
 # the project's metadata or the C sources change.
@@ -28,6 +28,12 @@ fastpath: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/vfio-user-emu serve --device $(DEVICE) --socket-path $(SOCKET) --print-qemu
+
+# The quick start's second terminal: boot the test guest with a shell, attached to the
+# device `make run` serves on $(SOCKET). scripts/qemu/run-vm builds QEMU and the guest into
+# ~/.cache/vfio-user-emu the first time (scripts/qemu/build-qemu, build-guest), then reuses them.
+vm: $(STAMP)
+	scripts/qemu/run-vm --interactive --socket $(SOCKET)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -274,6 +274,7 @@ def _add_migrate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 def _add_benchmarks(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     benchmarks = add_bench_parser(sub)
+    add_verbose(benchmarks.choices["migration"])
     # bench rtt / bench scale (emulator/bench_rtt.py, emulator/bench_scale.py)
     rtt = benchmarks.add_parser(
         "rtt",

@@ -13,7 +13,6 @@ import os
 import signal
 import stat
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from devices.registry import DeviceSpecError, parse_size
@@ -155,6 +154,3 @@ def interrupted(command: str, signum: int, detail: str = "") -> int:
     """One line for a command stopped by a signal; the shell's exit status for it."""
     error(command, f"interrupted by {signal_name(signum)}" + (f"; {detail}" if detail else ""))
     return SIGNAL_EXIT.get(signal.Signals(signum), 128 + signum)
-
-
-Runner = Callable[[argparse.Namespace], int]

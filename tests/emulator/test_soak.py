@@ -459,3 +459,21 @@ def test_fault_points_avoid_the_destinations_completed_migration() -> None:
             assert fault.at < 5
         seen.add((fault.side, fault.cut.value, fault.at))
     assert ("destination", "before", 5) in seen and ("source", "after", 9) in seen
+
+
+def test_quiet_soak_prints_only_its_table() -> None:
+    """--quiet: no progress line and none of the warnings the injected faults provoke in
+    the in-process servers (an e1000 whose client died mid-DMA logs one)."""
+    argv = ["soak", "--device", "e1000", "--faults", "0.3", "--iterations", "30", "--quiet"]
+    quiet = subprocess.run(
+        [sys.executable, "-m", "emulator", *argv],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == ""
+    assert re.search(r"^faults injected +[1-9]", quiet.stdout, re.M), quiet.stdout
+    verbose = subprocess.run(
+        [sys.executable, "-m", "emulator", *argv, "-v"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert "vfio_user_emu" in verbose.stderr  # the same run, its log shown

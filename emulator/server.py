@@ -88,11 +88,9 @@ def _in_use(path: Path) -> str:
     """Why an existing ``path`` is left alone, and what to do instead."""
     mode = path.lstat().st_mode
     if stat.S_ISSOCK(mode):
-        return (
-            "a server is listening on it (stop that server first, or choose another --socket-path)"
-        )
+        return "a server is listening on it (stop that server first, or choose another path)"
     kind = "a directory" if stat.S_ISDIR(mode) else "not a socket"
-    return f"it exists and is {kind} (remove it, or choose another --socket-path)"
+    return f"it exists and is {kind} (remove it, or choose another path)"
 
 
 def create_listener(path: Path) -> socket.socket:
@@ -100,7 +98,7 @@ def create_listener(path: Path) -> socket.socket:
     if not path.parent.is_dir():
         raise ServerError(
             f"cannot create the socket {path}: the directory {path.parent} does not exist "
-            "(create it first, or choose another --socket-path)"
+            "(create it first, or choose another path)"
         )
     if path.exists() or path.is_symlink():
         if not stale_socket(path):

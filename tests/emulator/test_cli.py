@@ -164,7 +164,7 @@ def test_refuses_to_replace_a_live_socket(tmp_path: Path) -> None:
         assert second.returncode == 1
         assert second.stderr == (
             f"vfio-user-emu: refusing to replace {path}: a server is listening on it (stop "
-            "that server first, or choose another --socket-path)\n"
+            "that server first, or choose another path)\n"
         )
         assert run_cli("info", "--socket-path", str(path)).returncode == 0
     finally:
@@ -216,7 +216,7 @@ def test_serve_socket_in_a_missing_directory(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr == (
         f"vfio-user-emu: cannot create the socket {path}: the directory {path.parent} does "
-        "not exist (create it first, or choose another --socket-path)\n"
+        "not exist (create it first, or choose another path)\n"
     )
 
 
@@ -227,7 +227,7 @@ def test_serve_leaves_a_regular_file_alone(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr == (
         f"vfio-user-emu: refusing to replace {path}: it exists and is not a socket (remove "
-        "it, or choose another --socket-path)\n"
+        "it, or choose another path)\n"
     )
     assert path.read_text() == "mine"
 

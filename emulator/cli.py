@@ -401,8 +401,14 @@ def _same_socket(first: str, second: str) -> bool:
 _LOAD_STAGES = ("loading the state into the destination", "destination RESUMING -> RUNNING")
 
 
-def _migration_failure(exc: MigrationError) -> str:
+def _migration_failure(exc: MigrationError, protocol: str) -> str:
+    """The error's text, with the next step where one is known."""
     text = str(exc)
+    if protocol == "v2" and "supports no migration" in text:
+        text += (
+            " (a device served with migration=v1 migrates with --protocol v1; "
+            f"`{PROG} serve --device TYPE,help` lists the migration options)"
+        )
     if exc.stage.startswith(_LOAD_STAGES):
         text += (
             "; the destination refused the state: its server logs why "
@@ -461,7 +467,7 @@ async def _migrate_connected(
             with interruptible:
                 report, lines = await _run_migration(args, clients, check, notes)
         except MigrationError as exc:
-            return fail(_migration_failure(exc))
+            return fail(_migration_failure(exc, args.protocol))
         except ValueError as exc:
             return fail(str(exc))
     if interruptible.cancelled_caught:

@@ -426,3 +426,9 @@ def test_guest_hint_names_what_the_cache_holds(tmp_path: Path) -> None:
     assert words[words.index("-kernel") + 1] == str(tmp_path / "guest" / "vmlinuz")
     assert words[words.index("-initrd") + 1] == str(tmp_path / "guest" / "initramfs.cpio.gz")
     assert "run-vm --interactive --socket /run/a.sock" in built[-1]
+
+
+def test_bench_rtt_finds_its_baseline_from_any_directory() -> None:
+    baseline = build_parser().parse_args(["bench", "rtt"]).baseline
+    assert baseline.is_absolute() and baseline.is_file()
+    assert baseline == Path(__file__).resolve().parents[2] / "docs" / "bench" / "rtt-baseline.json"

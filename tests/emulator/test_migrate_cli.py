@@ -157,6 +157,7 @@ async def test_migrate_through_the_v1_region(tmp_path: Path) -> None:
         args = ("--from", str(src), "--to", str(dst), "--mode", "pre-copy")
         refused = await cli("migrate", *args)  # v2 is not served by these devices
         assert refused.returncode == 1 and b"supports no migration" in refused.stderr
+        assert b"(a device served with migration=v1 migrates with --protocol v1;" in refused.stderr
         result = await cli("migrate", *args, "--protocol", "v1")
         out, err = result.stdout.decode(), result.stderr.decode()
         assert result.returncode == 0, err

@@ -352,3 +352,10 @@ def test_systemd_units_start_the_server_on_the_socket_systemd_passes() -> None:
     assert args.command == "serve" and args.fd == 3  # SD_LISTEN_FDS_START
     assert re.search(r"^ListenStream=/run/vfio-user/%i\.sock$", text, re.M)
     assert "vfio-user-emu@.socket" in text and "vfio-user-emu@.service" in text
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p != TUTORIAL], ids=lambda p: p.name)
+def test_python_examples_compile(page: Path) -> None:
+    """Each block on its own (the tutorial's blocks form one module: run above)."""
+    for first, source in python_blocks(page.read_text()):
+        compile("\n" * (first - 1) + source, str(page), "exec")

@@ -372,7 +372,8 @@ async def _serve(args: argparse.Namespace) -> int:
 async def run_until_signal(work: Callable[[trio.CancelScope], Awaitable[int]]) -> int:
     """Run ``work``, which puts what a signal may interrupt in the scope it is given:
     SIGINT/SIGTERM cancel that scope (only: connections opened outside it keep working,
-    e.g. for a migration's recovery). Returns ``work``'s status, or -signal."""
+    e.g. for a migration's recovery). Returns ``work``'s status, or -signal when the
+    signal interrupted it (one that came after the scope's work was done changes nothing)."""
     received: list[int] = []
     scope = trio.CancelScope()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -387,7 +388,7 @@ async def run_until_signal(work: Callable[[trio.CancelScope], Awaitable[int]]) -
             nursery.start_soon(watch)
             status = await work(scope)
             nursery.cancel_scope.cancel()
-    return -received[0] if received else status
+    return -received[0] if scope.cancelled_caught else status
 
 
 def _same_socket(first: str, second: str) -> bool:

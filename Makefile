@@ -33,6 +33,7 @@ run: $(STAMP)
 # device `make run` serves on $(SOCKET). scripts/qemu/run-vm builds QEMU and the guest into
 # ~/.cache/vfio-user-emu the first time (scripts/qemu/build-qemu, build-guest), then reuses them.
 vm: $(STAMP)
+	@[ -S $(SOCKET) ] || { echo "error: no server socket at $(SOCKET): run \`make run\` in another terminal first" >&2; exit 1; }
 	scripts/qemu/run-vm --interactive --socket $(SOCKET)
 
 lint: $(STAMP)

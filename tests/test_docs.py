@@ -327,7 +327,7 @@ def test_quick_start_is_three_commands_and_set_up_two() -> None:
     assert quick[1:] == ["make run", "make vm"]
     assert _block_after(text, "## Set up") == ["make run", "make test"]
     makefile = (ROOT / "Makefile").read_text()
-    recipe = re.search(r"^vm:.*\n\t(.*)$", makefile, re.M)
+    recipe = re.search(r"^vm:.*\n((?:\t.*\n)+)", makefile, re.M)
     assert (
         recipe is not None and "scripts/qemu/run-vm --interactive --socket $(SOCKET)" in recipe[1]
     )

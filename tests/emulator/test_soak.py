@@ -477,3 +477,12 @@ def test_quiet_soak_prints_only_its_table() -> None:
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert "vfio_user_emu" in verbose.stderr  # the same run, its log shown
+
+
+def test_soak_json_prints_the_report(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["soak", "--iterations", "3", "--json"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["migrations"] == 3 and summary["ok"] is True
+    assert summary["interrupted_by"] is None
+    assert captured.err == ""  # --json: no progress line either

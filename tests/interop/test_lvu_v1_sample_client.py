@@ -138,7 +138,10 @@ def client_directory(workdir: Path, samples: Path, destination_server: str | Non
 
 def run_client(directory: Path, socket: Path, log: Path, source_log: Path) -> ClientRun:
     command = [sys.executable, str(REAPER), "--timeout", str(CLIENT_TIMEOUT_S)]
-    command += ["--output", str(log), "--", str(directory / "client"), str(socket)]
+    # stdbuf -oL: its printf lines keep their place among its err()/warn() lines in the log
+    # (stdbuf execs the client: same process, same argv[0]).
+    command += ["--output", str(log), "--", "stdbuf", "-oL", str(directory / "client")]
+    command.append(str(socket))
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S + 30, check=False
     )

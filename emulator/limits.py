@@ -66,9 +66,9 @@ class Limits:
     #: (it is created 0600, so: its owner and root).
     allowed_uids: frozenset[int] = field(default_factory=frozenset)
     #: mmap DMA_MAP fds the client could still shrink (files on disk, unsealed memfds).
-    #: Off: those ranges are reached with DMA_READ/DMA_WRITE messages, since a file shrunk
-    #: under our mapping makes the next access a SIGBUS that kills the server. Only for a
-    #: trusted client backing guest RAM with such files (memory-backend-file).
+    #: Off: those ranges are reached with pread/pwrite on the fd (hugetlbfs: with messages),
+    #: since a file shrunk under our mapping makes the next access a SIGBUS that kills the
+    #: server. Only for a trusted client backing guest RAM with such files.
     mmap_unsealed_dma: bool = False
     dma_reply_timeout: float = 10.0
     max_queued_jobs: int = 4096

@@ -37,6 +37,7 @@ from protocol.version import ServerCapabilities
 
 from . import fastpath
 from .connection import ClientSession
+from .eventfd_signal import signaller
 from .limits import MIGRATION_SESSIONS, Limits, apply_to_device, peer_allowed, peer_uid
 from .session import RegionFds
 from .trace import Tracer
@@ -159,8 +160,11 @@ class RamBacking:
 
 @functools.cache
 def _install_fast_path() -> None:
-    """Pick the C fast path for migration streams once per process (or the fallback)."""
+    """Pick the C fast path for migration streams once per process (or the fallback), and
+    make the process's eventfd signaller now: it holds an fd of its own (/dev/zero), which
+    belongs to the server from its start, not to the first client that gets an interrupt."""
     fastpath.install_best()
+    signaller()
 
 
 class DeviceServer:

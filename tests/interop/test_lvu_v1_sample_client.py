@@ -9,7 +9,7 @@ the client, connecting to that socket as soon as the path exists. So each run ge
 with a link to the client and a ``server`` there (the sample server, or a two-line script that
 execs ours), and runs under tests/interop/reaper.py, which reaps the child and reports its
 exit status (the process the test starts ends as the destination server). The built client
-carries one documented fix, scripts/lvu/patches/fake-guest-crc-of-last-write.patch.
+carries two documented one-line fixes of timing-dependent failures (scripts/lvu/patches/).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.lvu
 REAPER = Path(__file__).with_name("reaper.py")
 DEVICE = "lvu-sample,migration=v1"
 #: The session schedules the post-migration interrupt 10 s ahead (time(NULL) + 10) and takes
-#: ~11 s against the C server; this bounds a hang, not a slow run.
+#: ~12 s; this bounds a hang, not a slow run.
 CLIENT_TIMEOUT_S = 120
 
 
@@ -181,12 +181,6 @@ def test_old_sample_client_against_its_own_server(
     assert source.wait(timeout=10) == 0, source_log.read_text()
 
 
-# Until main stops setting O_NONBLOCK on client eventfds (issue #16) the client fails at its
-# first interrupt ("failed to read from irqfd: Resource temporarily unavailable"). Strict: the
-# day it passes this mark fails the run and must go.
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="issue #16: server defaults not fixed on main yet"
-)
 def test_old_sample_client_against_our_v1_profile(
     tmp_path: Path, lvu_samples: Path, source_servers: list[subprocess.Popen[bytes]]
 ) -> None:

@@ -205,7 +205,7 @@ def _add_qemu_args(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 def _add_migrate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     mig = sub.add_parser(
         "migrate",
-        help="migrate a device's state from one server to another (VFIO migration v2)",
+        help="migrate a device's state from one server to another (migration v2 or v1)",
         description="Move the state of the device behind --from to the device behind --to: "
         "on success the source is stopped (STOP) and the destination runs (RUNNING). "
         "Device state only: the command has no guest memory (from Python, "

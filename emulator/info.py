@@ -92,6 +92,10 @@ def _flag_names(value: int, names: list[tuple[int, str]]) -> str:
     return "/".join(parts) if parts else "-"
 
 
+def _device_flags(flags: int) -> str:
+    return _flag_names(flags, [(DeviceFlags.RESET, "RESET"), (DeviceFlags.PCI, "PCI")])
+
+
 def _region_flags(flags: int) -> str:
     return _flag_names(
         flags,
@@ -321,7 +325,7 @@ async def _irq_lines(client: Client, count: int) -> list[str]:
 async def describe(client: Client) -> str:
     """A multi-line report of the device behind ``client``."""
     info = await client.get_info()
-    flags = _flag_names(info.flags, [(DeviceFlags.RESET, "RESET"), (DeviceFlags.PCI, "PCI")])
+    flags = _device_flags(info.flags)
     lines = [
         f"vfio-user device: protocol {client.major}.{client.minor}",
         f"Flags: {flags}  regions: {info.num_regions}  irqs: {info.num_irqs}",
@@ -411,12 +415,17 @@ async def describe_json(client: Client) -> dict[str, Any]:
     irqs = [
         {"index": index, "name": name, "error": str(irq)}
         if isinstance(irq, ClientError)
-        else {"index": index, "name": name, "count": irq.count, "flags": _irq_flags(irq.flags)}
+        else {
+            "index": index,
+            "name": name,
+            "count": irq.count,
+            "flags": _flag_list(_irq_flags(irq.flags)),
+        }
         for index, (name, irq) in enumerate(await _irqs(client, min(info.num_irqs, MAX_IRQS)))
     ]
     return {
         "protocol": f"{client.major}.{client.minor}",
-        "flags": info.flags,
+        "flags": _flag_list(_device_flags(info.flags)),
         "regions": [_region_json(index, region) for index, region in enumerate(regions)],
         "irqs": irqs,
         "config": None if config is None else pci_ids(config.data),
@@ -430,6 +439,11 @@ async def describe_json(client: Client) -> dict[str, Any]:
     }
 
 
+def _flag_list(names: str) -> list[str]:
+    """``R/W/MMAP`` as a list (``-``: none)."""
+    return [] if names == "-" else names.split("/")
+
+
 def _region_json(index: int, region: RegionDescription | ClientError) -> dict[str, Any]:
     if isinstance(region, ClientError):
         return {"index": index, "name": region_name(index), "error": str(region)}
@@ -438,7 +452,7 @@ def _region_json(index: int, region: RegionDescription | ClientError) -> dict[st
         "index": index,
         "name": region_name(index),
         "size": info.size,
-        "flags": _region_flags(info.flags),
+        "flags": _flag_list(_region_flags(info.flags)),
         "offset": info.offset,
         "v1_migration_region": MIGRATION_REGION_TYPE in region.caps,
     }

@@ -298,6 +298,9 @@ def test_info_json_and_migration(tmp_path: Path) -> None:
     }
     assert report["config"]["vendor:device"] == "1b36:0f00"
     assert report["regions"][2]["name"] == "BAR2" and report["regions"][2]["size"] == 64 * 1024
+    assert report["regions"][2]["flags"] == ["R", "W", "MMAP", "CAPS"]
+    assert report["regions"][1]["flags"] == []  # BAR1: unused
+    assert report["flags"] == ["RESET", "PCI"]
     assert report["regions"][9]["v1_migration_region"] is True
     assert [irq["name"] for irq in report["irqs"]][:3] == ["INTx", "MSI", "MSI-X"]
     assert any("MSI-X" in line for line in report["capabilities"])

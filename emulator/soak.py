@@ -1552,6 +1552,10 @@ class Soak:
                 precopy_rounds=PRECOPY_ROUNDS,
                 precopy_threshold=0,
                 on_precopy_round=self._precopy_round if self.config.mode == "pre-copy" else None,
+                # Both servers run the same device by construction; comparing them would
+                # only put a few dozen queries in front of every migration, where faults
+                # aimed at "a random message" would then mostly land.
+                check_devices=False,
             )
         except (MigrationError, ClientError) as exc:
             attempt.error = exc

@@ -506,16 +506,28 @@ async def _run_migration(
 
 
 async def _info(args: argparse.Namespace) -> int:
-    try:
-        async with Client.connect(args.socket_path) as client:
-            if args.json:
-                print(json.dumps(await describe_json(client), indent=2))
-            else:
-                print(await describe(client), end="")
-    except (OSError, ClientError) as exc:
-        error("info", connect_failure(args.socket_path, exc))
-        return 1
-    return 0
+    """The report, or a one-line error; a signal (a server that never answers) ends it
+    with one line too."""
+    report: list[str] = []
+
+    async def work(interruptible: trio.CancelScope) -> int:
+        with interruptible:
+            try:
+                async with Client.connect(args.socket_path) as client:
+                    if args.json:
+                        report.append(json.dumps(await describe_json(client), indent=2) + "\n")
+                    else:
+                        report.append(await describe(client))
+            except (OSError, ClientError) as exc:
+                error("info", connect_failure(args.socket_path, exc))
+                return 1
+        return 0
+
+    status = await run_until_signal(work)
+    if status < 0:
+        return interrupted("info", -status)
+    print("".join(report), end="")
+    return status
 
 
 def _qemu_args(args: argparse.Namespace) -> int:

@@ -435,3 +435,37 @@ def test_bench_rtt_finds_its_baseline_from_any_directory() -> None:
     baseline = build_parser().parse_args(["bench", "rtt"]).baseline
     assert baseline.is_absolute() and baseline.is_file()
     assert baseline == Path(__file__).resolve().parents[2] / "docs" / "bench" / "rtt-baseline.json"
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_info_waiting_on_a_silent_server_stops_on_a_signal(
+    tmp_path: Path, signum: int, status: int
+) -> None:
+    """A socket whose owner accepts and never answers VERSION: `info` waits; Ctrl-C or
+    SIGTERM ends it with one line and the shell's 128+N."""
+    import socket
+
+    path = tmp_path / "silent.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "emulator", "info", "--socket-path", str(path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            listener.settimeout(30)
+            conn, _ = listener.accept()
+            with conn:
+                assert conn.recv(4096)  # its VERSION: the CLI now waits for the reply
+                proc.send_signal(signum)
+                out, err = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == status
+    assert out == ""
+    assert err == f"vfio-user-emu: info: interrupted by {signal.Signals(signum).name}\n"

@@ -1987,12 +1987,17 @@ def run_soak_cli(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"vfio-user-emu: soak: {exc}", file=sys.stderr)
         return 2
+    logger = logging.getLogger("vfio_user_emu")
+    level = logger.level
     if args.quiet and not getattr(args, "verbose", False):
         # The servers and devices run in this process and log to the same logger; under
         # --faults their warnings (a DMA to a region the killed client no longer maps,
         # a closed connection) are the faults at work, not news.
-        logging.getLogger("vfio_user_emu").setLevel(logging.ERROR)
-    result, signum = trio.run(run_soak_until_signal, config)
+        logger.setLevel(logging.ERROR)
+    try:
+        result, signum = trio.run(run_soak_until_signal, config)
+    finally:
+        logger.setLevel(level)  # main() may be called again in this process (tests)
     if result is None:
         assert signum is not None
         print(f"vfio-user-emu: soak: {signal.Signals(signum).name}: run abandoned", file=sys.stderr)

@@ -467,13 +467,9 @@ class VirtioNet(VirtioPciFunction):
                 if await self._arm_avail_event(queue):
                     continue
                 return
-            frames: list[bytes] = []
-            for chain in chains:
-                frame = await self._tx_frame(chain)
-                if generation != self._generation:
-                    return
-                if frame is not None:
-                    frames.append(frame)
+            frames = await self._tx_frames(chains)
+            if generation != self._generation:
+                return
             entries = [(chain.head, 0) for chain in chains]
             commit = functools.partial(self._tx_commit, frames, len(chains) - len(frames))
             if not await self._publish(generation, queue, entries, commit):
@@ -482,19 +478,35 @@ class VirtioNet(VirtioPciFunction):
                 self._kick(TX)  # let queued work (receive) run: to the back of the queue
                 return
 
-    async def _tx_frame(self, chain: vq.Chain) -> bytes | None:
-        """The frame a transmit chain carries, its checksum completed; None: dropped."""
-        total = chain.readable_bytes
-        if total < HDR_SIZE or total > HDR_SIZE + MAX_TX_FRAME:
-            return None
-        data = await self.context.dma.read_sg(chain.readable)
+    async def _tx_frames(self, chains: list[vq.Chain]) -> list[bytes]:
+        """The frames a batch of transmit chains carries (one gather for all of them),
+        checksums completed; malformed ones are left out (their buffers complete all the
+        same)."""
+        sizes = [chain.readable_bytes for chain in chains]
+        wanted = [HDR_SIZE + ETH_HEADER <= size <= HDR_SIZE + MAX_TX_FRAME for size in sizes]
+        segments = [
+            seg for chain, ok in zip(chains, wanted, strict=True) if ok for seg in chain.readable
+        ]
+        data = memoryview(await self.context.dma.read_sg(segments))
+        frames: list[bytes] = []
+        pos = 0
+        for size, ok in zip(sizes, wanted, strict=True):
+            if ok:
+                frame = self._tx_frame(data[pos : pos + size])
+                pos += size
+                if frame is not None:
+                    frames.append(frame)
+        return frames
+
+    def _tx_frame(self, data: memoryview) -> bytes | None:
+        """One chain's bytes (header and frame) as the frame to send; None: dropped."""
         flags, gso_type, _, _, csum_start, csum_offset, _ = HDR.unpack_from(data)
-        frame = bytearray(data[HDR_SIZE:])
-        if gso_type != GSO_NONE or len(frame) < ETH_HEADER:
+        if gso_type != GSO_NONE:
             return None  # no segmentation offered: a GSO frame is the driver's error
-        if flags & HDR_F_NEEDS_CSUM and not (
-            self.has(F_CSUM) and complete_checksum(frame, csum_start, csum_offset)
-        ):
+        if not flags & HDR_F_NEEDS_CSUM:
+            return bytes(data[HDR_SIZE:])
+        frame = bytearray(data[HDR_SIZE:])
+        if not (self.has(F_CSUM) and complete_checksum(frame, csum_start, csum_offset)):
             return None
         return bytes(frame)
 
@@ -570,6 +582,8 @@ class VirtioNet(VirtioPciFunction):
         mergeable = self.has(F_MRG_RXBUF)
         frames: list[bytes] = []
         entries: list[tuple[int, int]] = []
+        segments: list[tuple[int, int]] = []
+        pieces: list[memoryview] = []
         used = 0
         while len(frames) < len(self.rx_frames) and used < len(chains):
             frame = self.rx_frames[len(frames)]
@@ -593,17 +607,19 @@ class VirtioNet(VirtioPciFunction):
                     continue
             data = HDR.pack(0, GSO_NONE, 0, 0, 0, 0, taken) + frame
             pos = 0
+            view = memoryview(data)
             for chain in chains[used : used + taken]:
                 piece = min(chain.writable_bytes, len(data) - pos)
-                await self.context.dma.write_sg(
-                    scatter(chain.writable, piece), memoryview(data)[pos : pos + piece]
-                )
-                if generation != self._generation:
-                    return None
+                segments += scatter(chain.writable, piece)
+                pieces.append(view[pos : pos + piece])
                 entries.append((chain.head, piece))
                 pos += piece
             used += taken
             frames.append(frame)
+        if segments:  # one scatter for the whole batch
+            await self.context.dma.write_sg(segments, b"".join(pieces))
+            if generation != self._generation:
+                return None
         return frames, entries
 
     def _drop_head(self) -> None:

@@ -174,8 +174,9 @@ class VirtioNetGuest:
     # =========================================================================================
     # Probe and open
 
-    async def init(self) -> None:
-        await self.client.dma_map(self.ram.base, self.ram.size, fd=self.ram.fd)
+    async def init(self, *, map_memory: bool = True) -> None:
+        if map_memory:
+            await self.client.dma_map(self.ram.base, self.ram.size, fd=self.ram.fd)
         await enable_bus_master(self.client)
         await self.find_capabilities()
         await self.negotiate()
@@ -310,6 +311,14 @@ class VirtioNetGuest:
         queue.notifications += 1
         await self.write(t.CAP_NOTIFY, queue.index * self.notify_multiplier, queue.index, 2)
 
+    async def kick_all(self) -> None:
+        """Ring every queue's doorbell, needed or not (after a lost connection)."""
+        for queue in self.queues:
+            queue.notifications += 1
+            bar, base, _ = self.caps[t.CAP_NOTIFY]
+            offset = base + queue.index * self.notify_multiplier
+            await self.client.region_write(bar, offset, struct.pack("<H", queue.index))
+
     def used(self, queue: GuestQueue) -> list[tuple[int, int]]:
         """New used entries ``(head, length)``; publishes ``used_event`` for EVENT_IDX."""
         idx = struct.unpack("<H", self.ram.read(queue.used + 2, 2))[0]
@@ -354,7 +363,7 @@ class VirtioNetGuest:
             self._free_chain(queue, head, self.tx_heads.pop(head))
         return len(done)
 
-    def queue_frame(
+    def queue(
         self, frame: bytes, *, csum: tuple[int, int] | None = None, layout: str | None = None
     ) -> bool:
         """Put a frame on the transmit ring (no notification); False when it is full.
@@ -389,7 +398,7 @@ class VirtioNetGuest:
 
     async def send(self, frame: bytes, *, timeout: float = 5.0, **options: object) -> None:
         with trio.fail_after(timeout):
-            while not self.queue_frame(frame, **options):  # type: ignore[arg-type]
+            while not self.queue(frame, **options):  # type: ignore[arg-type]
                 self.reclaim_tx()
                 await self.flush_tx()
                 await trio.sleep(0.0005)

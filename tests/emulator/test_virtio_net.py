@@ -294,7 +294,7 @@ async def test_event_index_suppresses_notifications(tmp_path: Path) -> None:
         tx = a.queues[vn.TX]
         for round_ in range(20):
             for i in range(8):
-                assert a.queue_frame(numbered(MAC_B, MAC_A, round_ * 8 + i))
+                assert a.queue(numbered(MAC_B, MAC_A, round_ * 8 + i))
                 await a.flush_tx()  # a kick per frame: most are not needed
             await b.receive_many(8)
             a.reclaim_tx()
@@ -516,7 +516,7 @@ async def test_migrating_one_nic_mid_flow_delivers_every_frame_once_in_order(
                     b.reclaim_tx()
                     queued = 0
                     while sent < total and sent - len(got_a) < window and queued < 16:
-                        if not b.queue_frame(numbered(MAC_A, MAC_B, sent)):
+                        if not b.queue(numbered(MAC_A, MAC_B, sent)):
                             break
                         sent += 1
                         queued += 1
@@ -601,7 +601,7 @@ async def virtio_rate(pair: Pair, size: int, count: int) -> float:
         while sent < count:
             a.reclaim_tx()
             batch = 0
-            while sent < count and batch < 64 and a.queue_frame(frame):
+            while sent < count and batch < 64 and a.queue(frame):
                 sent += 1
                 batch += 1
             await a.flush_tx()

@@ -450,9 +450,33 @@ class VirtioNet(VirtioPciFunction):
         )
 
     async def _pop(self, queue: vq.VirtQueue, limit: int) -> list[vq.Chain]:
-        return await vq.pop_chains(
-            self.context.dma, queue, limit, indirect_ok=self.has(F_RING_INDIRECT_DESC)
+        """Available chains, every ring and buffer address checked against the client's
+        memory map: outside it is the driver's error (NEEDS_RESET), not a DMA fault to
+        retry (those are left for memory not mapped yet or bus mastering off)."""
+        self._check_mapped(queue.ring_ranges())
+        chains = await vq.pop_chains(
+            self.context.dma,
+            queue,
+            limit,
+            indirect_ok=self.has(F_RING_INDIRECT_DESC),
+            check=self._check_mapped,
         )
+        for chain in chains:
+            self._check_mapped(chain.readable)
+            self._check_mapped(chain.writable)
+        return chains
+
+    def _check_mapped(self, ranges: list[tuple[int, int]]) -> None:
+        mapped = _merged(self.context.dma.regions())
+        if not mapped:
+            return  # nothing mapped (yet): the DMA faults and is retried
+        for address, length in ranges:
+            if length and not any(
+                start <= address and address + length <= end for start, end in mapped
+            ):
+                raise vq.VirtqueueError(
+                    f"[{address:#x}, +{length:#x}) is outside the guest's memory"
+                )
 
     # =========================================================================================
     # Transmit
@@ -795,6 +819,18 @@ class VirtioNet(VirtioPciFunction):
         if not self._paused:  # loaded into a running device (not the engine's way)
             self._paused = True
             self.resume()
+
+
+def _merged(regions: list[tuple[int, int] | None]) -> list[tuple[int, int]]:
+    """Mapped ``(start, end)`` intervals, adjacent mappings joined."""
+    spans = sorted((iova, iova + size) for region in regions if region for iova, size in [region])
+    merged: list[tuple[int, int]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
 
 
 def _set_attr(name: str, value: object, target: RxFilter) -> None:

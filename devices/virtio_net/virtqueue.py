@@ -12,6 +12,7 @@ Driver errors raise :class:`VirtqueueError`: the device then sets DEVICE_NEEDS_R
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..api import Dma
@@ -100,6 +101,15 @@ class VirtQueue:
     def avail_event_address(self) -> int:
         return self.device + 4 + USED_ELEM.size * self.size
 
+    def ring_ranges(self) -> list[tuple[int, int]]:
+        """``(address, length)`` of the descriptor table and both rings (event fields
+        included)."""
+        return [
+            (self.desc, DESC_SIZE * self.size),
+            (self.driver, 6 + 2 * self.size),
+            (self.device, 6 + USED_ELEM.size * self.size),
+        ]
+
     def check_layout(self) -> None:
         """The ring geometry the driver programmed (before enabling)."""
         if self.size == 0 or self.size & (self.size - 1) or self.size > self.max_size:
@@ -137,13 +147,23 @@ async def avail_heads(dma: Dma, queue: VirtQueue, count: int) -> list[int]:
     return heads
 
 
+RangeCheck = Callable[[list[tuple[int, int]]], None]
+
+
 async def read_chain(
-    dma: Dma, queue: VirtQueue, head: int, *, indirect_ok: bool, ring: bytes | None = None
+    dma: Dma,
+    queue: VirtQueue,
+    head: int,
+    *,
+    indirect_ok: bool,
+    ring: bytes | None = None,
+    check: RangeCheck | None = None,
 ) -> Chain:
     """Follow a descriptor chain from ``head`` (through an indirect table if there is one),
     checking every rule a driver can break: indices in range, no loops, no nested or
     chained indirect tables, readable buffers before writable ones, bounded lengths.
-    ``ring``: the descriptor table, already read (a batch reads it once)."""
+    ``ring``: the descriptor table, already read (a batch reads it once); ``check``
+    raises for an indirect table the driver placed outside its memory."""
     chain = Chain(head)
     table, table_size = queue.desc, queue.size
     index = head
@@ -165,6 +185,8 @@ async def read_chain(
                 raise VirtqueueError(f"queue {queue.index}: indirect descriptor not allowed")
             if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_CHAIN:
                 raise VirtqueueError(f"queue {queue.index}: indirect table of {length} bytes")
+            if check is not None:
+                check([(address, length)])
             table, table_size = address, length // DESC_SIZE
             index, seen, in_indirect = 0, 0, True
             continue
@@ -191,7 +213,9 @@ def _add_buffer(queue: VirtQueue, chain: Chain, address: int, length: int, flags
             raise VirtqueueError(f"queue {queue.index}: chain of more than 1 MiB")
 
 
-async def pop_chains(dma: Dma, queue: VirtQueue, limit: int, *, indirect_ok: bool) -> list[Chain]:
+async def pop_chains(
+    dma: Dma, queue: VirtQueue, limit: int, *, indirect_ok: bool, check: RangeCheck | None = None
+) -> list[Chain]:
     """Up to ``limit`` available chains from ``last_avail``; the queue does not move."""
     count = min(await available(dma, queue), limit)
     if not count:
@@ -200,7 +224,8 @@ async def pop_chains(dma: Dma, queue: VirtQueue, limit: int, *, indirect_ok: boo
     # One read of the whole table beats one per descriptor once a batch has a few chains.
     ring = await dma.read(queue.desc, DESC_SIZE * queue.size) if count >= 4 else None
     return [
-        await read_chain(dma, queue, head, indirect_ok=indirect_ok, ring=ring) for head in heads
+        await read_chain(dma, queue, head, indirect_ok=indirect_ok, ring=ring, check=check)
+        for head in heads
     ]
 
 

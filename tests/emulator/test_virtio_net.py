@@ -6,6 +6,7 @@ migration mid-traffic, the frame rate next to e1000's, and the dgram backend."""
 
 from __future__ import annotations
 
+import random
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -461,6 +462,79 @@ async def test_buffer_outside_guest_memory_needs_reset_and_nothing_is_written(
             while not await b.status() & t.NEEDS_RESET:
                 await trio.sleep(0.01)
         assert pair.dev_b.stats.rx_frames == 0
+
+
+async def _bring_up_again(guest: VirtioNetGuest) -> None:
+    assert await guest.negotiate()
+    for queue in guest.queues:
+        await guest.setup_queue(queue)
+    await guest.common_write("device_status", await guest.status() | t.DRIVER_OK)
+    await guest.refill_rx()
+
+
+def _random_descriptor(
+    rng: random.Random, guest: VirtioNetGuest, size: int, *, benign_flags: int | None = None
+) -> bytes:
+    ram = guest.ram
+    if benign_flags is not None:  # a well-formed one-descriptor buffer
+        address = ram.base + 0x10000 + 2048 * rng.randrange(0, 64)
+        return DESC.pack(address, rng.randrange(14 + 12, 2048), benign_flags, 0)
+    address = rng.choice(
+        [
+            ram.base + rng.randrange(0, ram.size - 4096),  # inside guest memory
+            ram.base + ram.size - rng.randrange(1, 64),  # straddling its end
+            rng.randrange(0, 1 << 64),  # anywhere
+            ram.base + 0x3000,  # a plausible table
+        ]
+    )
+    length = rng.choice([0, 1, 12, 60, 1514, 16 * rng.randrange(1, 8), rng.randrange(1 << 32)])
+    flags = rng.choice([0, F_NEXT, F_WRITE, F_INDIRECT, F_NEXT | F_WRITE, F_INDIRECT | F_NEXT])
+    nxt = rng.randrange(0, 2 * size)
+    return DESC.pack(address % (1 << 64), length, flags, nxt)
+
+
+async def test_random_rings_over_a_socket(tmp_path: Path) -> None:
+    """200 random transmit, receive and control rings (hostile descriptors, indices, avail
+    positions) against a served device: each ends in NEEDS_RESET or completed buffers,
+    never a hang or a dead connection; a reset always brings the device back."""
+    rng = random.Random(19)
+    config = GuestConfig(queue_size=8)
+    outcomes = {"needs_reset": 0, "completed": 0}
+    async with nic_pair(tmp_path, config, config, irq=False) as pair:
+        a, b, dev = pair.a, pair.b, pair.dev_a
+        for _ in range(200):
+            index = rng.choice([vn.RX, vn.TX, vn.CTRL])
+            queue = a.queues[index]
+            benign = (F_WRITE if index == vn.RX else 0) if rng.random() < 0.3 else None
+            for i in range(queue.size):
+                desc = _random_descriptor(rng, a, queue.size, benign_flags=benign)
+                a.ram.write(queue.desc + 16 * i, desc)
+            table = [_random_descriptor(rng, a, 8) for _ in range(8)]
+            a.ram.write(a.ram.base + 0x3000, b"".join(table))
+            room = queue.size - (queue.avail_idx - dev.queues[index].last_avail) % 0x10000
+            count = rng.choice([1, 1, 2, room, rng.randrange(0, 0x10000)])
+            for k in range(min(count, queue.size)):
+                slot = queue.avail + 4 + 2 * ((queue.avail_idx + k) % queue.size)
+                head = rng.randrange(0, queue.size if benign is not None else 2 * queue.size)
+                a.ram.write(slot, struct.pack("<H", head))
+            a.ram.write(queue.avail + 2, struct.pack("<H", (queue.avail_idx + count) & 0xFFFF))
+            if index == vn.RX:
+                await b.send(numbered(MAC_A, MAC_B, 1))
+            await a.kick_all()
+            with trio.fail_after(10):
+                while not dev.idle:
+                    await trio.sleep(0.001)
+            status = await a.status()
+            outcomes["needs_reset" if status & t.NEEDS_RESET else "completed"] += 1
+            if not status & t.NEEDS_RESET:
+                used = dev.queues[index].used_idx
+                assert (dev.queues[index].last_avail - used) & 0xFFFF == 0
+            await _bring_up_again(a)
+        # after all that, the device still works
+        frame = tcp(a, b, b"still alive")
+        await a.send(frame)
+        assert (await b.receive()).data == frame
+    assert outcomes["needs_reset"] > 50 and outcomes["completed"] > 5, outcomes
 
 
 # =============================================================================================

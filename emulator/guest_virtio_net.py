@@ -322,11 +322,17 @@ class VirtioNetGuest:
     def used(self, queue: GuestQueue) -> list[tuple[int, int]]:
         """New used entries ``(head, length)``; publishes ``used_event`` for EVENT_IDX."""
         idx = struct.unpack("<H", self.ram.read(queue.used + 2, 2))[0]
-        out = []
-        while queue.last_used != idx:
-            at = queue.used + 4 + 8 * (queue.last_used % queue.size)
-            out.append(struct.unpack("<II", self.ram.read(at, 8)))
-            queue.last_used = (queue.last_used + 1) & 0xFFFF
+        count = (idx - queue.last_used) & 0xFFFF
+        if count > queue.size:
+            raise GuestError(f"used idx {idx} is {count} entries ahead")
+        out: list[tuple[int, int]] = []
+        while count:  # one read per contiguous run of the ring
+            start = queue.last_used % queue.size
+            run = min(count, queue.size - start)
+            raw = self.ram.read(queue.used + 4 + 8 * start, 8 * run)
+            out += struct.iter_unpack("<II", raw)
+            queue.last_used = (queue.last_used + run) & 0xFFFF
+            count -= run
         if self.has(t.F_RING_EVENT_IDX):
             self.ram.write(queue.avail + 4 + 2 * queue.size, struct.pack("<H", queue.last_used))
         return out

@@ -684,9 +684,11 @@ async def virtio_rate(pair: Pair, size: int, count: int) -> float:
 
 
 async def test_frame_rate_next_to_e1000(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Best of three runs each: the machine is shared, and a burst of other work during
+    # one run says nothing about either NIC.
     async with nic_pair(tmp_path, irq=False) as pair:
-        v_small = await virtio_rate(pair, 60, 6000)
-        v_large = await virtio_rate(pair, 1514, 3000)
+        v_small = max([await virtio_rate(pair, 60, 6000) for _ in range(3)])
+        v_large = max([await virtio_rate(pair, 1514, 3000) for _ in range(3)])
         assert pair.dev_b.stats.rx_dropped == 0
     e_dev_a, e_dev_b = E1000(E1000Options(mac=MAC_A)), E1000(E1000Options(mac=MAC_B))
     cable = Crossover()
@@ -704,10 +706,11 @@ async def test_frame_rate_next_to_e1000(tmp_path: Path, capsys: pytest.CaptureFi
         await ea.init()
         await eb.init()
         e_pair = E1000Pair(ea, eb, e_dev_a, e_dev_b, cable)
-        e_small = await e1000_rate(e_pair, 60, 6000)
-        e_large = await e1000_rate(e_pair, 1514, 3000)
+        e_small = max([await e1000_rate(e_pair, 60, 6000) for _ in range(3)])
+        e_large = max([await e1000_rate(e_pair, 1514, 3000) for _ in range(3)])
     with capsys.disabled():
         print(
+            "\nframe rate, best of 3 runs:"
             f"\nvirtio-net -> virtio-net: {v_small:,.0f} frames/s (60 B), {v_large:,.0f} (1514 B)"
             f"\ne1000 -> e1000 (same run): {e_small:,.0f} frames/s (60 B), {e_large:,.0f} (1514 B)"
             f"\nratio: {v_small / e_small:.2f}x (60 B), {v_large / e_large:.2f}x (1514 B)"

@@ -34,7 +34,7 @@ from .testing import CONFIG_REGION, EventFd, GuestRam, enable_bus_master
 TRIGGER_EVENTFD = IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER
 NONE_UNMASK = IrqSetFlags.DATA_NONE | IrqSetFlags.ACTION_UNMASK
 MSIX_CONTROL_ENABLE = 0x8000
-#: What Linux's virtio_net asks for when the device offers it (less GSO, not offered).
+#: What Linux's virtio_net asks for when the device offers it.
 LINUX_FEATURES = (
     vn.F_CSUM
     | vn.F_GUEST_CSUM
@@ -45,6 +45,8 @@ LINUX_FEATURES = (
     | vn.F_CTRL_VQ
     | vn.F_CTRL_RX
     | vn.F_CTRL_MAC_ADDR
+    | vn.F_HOST_TSO4
+    | vn.F_HOST_TSO6
     | t.F_RING_INDIRECT_DESC
     | t.F_RING_EVENT_IDX
     | t.F_VERSION_1
@@ -370,17 +372,24 @@ class VirtioNetGuest:
         return len(done)
 
     def queue(
-        self, frame: bytes, *, csum: tuple[int, int] | None = None, layout: str | None = None
+        self,
+        frame: bytes,
+        *,
+        csum: tuple[int, int] | None = None,
+        gso: tuple[int, int] | None = None,
+        layout: str | None = None,
     ) -> bool:
         """Put a frame on the transmit ring (no notification); False when it is full.
-        ``csum``: (csum_start, csum_offset) for NEEDS_CSUM."""
+        ``csum``: (csum_start, csum_offset) for NEEDS_CSUM; ``gso``: (gso_type, MSS) of a
+        TSO packet."""
         queue = self.queues[vn.TX]
         layout = layout or self.config.layout
         need = {"single": 1, "split": 2, "indirect": 1}[layout]
         if len(queue.free) < need:
             return False
         flags, start, offset = (vn.HDR_F_NEEDS_CSUM, *csum) if csum else (0, 0, 0)
-        header = vn.HDR.pack(flags, vn.GSO_NONE, 0, 0, start, offset, 0)
+        gso_type, gso_size = gso or (vn.GSO_NONE, 0)
+        header = vn.HDR.pack(flags, gso_type, 0, gso_size, start, offset, 0)
         slot = queue.free[0]
         buffer = self.tx_area + slot * self.config.tx_buffer_size
         if len(header) + len(frame) > self.config.tx_buffer_size:

@@ -4,8 +4,10 @@
 Queues: 0 receive, 1 transmit, 2 control. Features offered: VERSION_1, RING_INDIRECT_DESC,
 RING_EVENT_IDX, MAC, STATUS (link up/down), MTU, MRG_RXBUF, CSUM (the device completes a
 NEEDS_CSUM frame's checksum at ``csum_start + csum_offset`` before it goes on the wire),
-GUEST_CSUM (accepted; the device passes frames with flags 0, i.e. no claim), CTRL_VQ with
-CTRL_RX (promiscuous, all-multicast, the MAC filter table) and CTRL_MAC_ADDR. Every frame
+GUEST_CSUM (accepted; the device passes frames with flags 0, i.e. no claim), HOST_TSO4 and
+HOST_TSO6 (the device cuts a TSO packet into MSS-sized segments with their checksums,
+:mod:`devices.virtio_net.gso`: the peer behind a backend takes frames of its MTU only), CTRL_VQ
+with CTRL_RX (promiscuous, all-multicast, the MAC filter table) and CTRL_MAC_ADDR. Every frame
 carries the 12-byte ``virtio_net_hdr_v1``.
 
 Work runs in device jobs (never in a doorbell handler). Cancel-safety, as in the e1000: a
@@ -38,6 +40,7 @@ from ..api import DeviceError
 from ..e1000.packet import ones_sum
 from ..net import DetachedPort, NetPort
 from ..state_stream import Buffer, LoadedSection, Section
+from . import gso
 from . import virtqueue as vq
 from .transport import (
     F_RING_EVENT_IDX,
@@ -81,6 +84,8 @@ OFFERED = (
     | F_CTRL_VQ
     | F_CTRL_RX
     | F_CTRL_MAC_ADDR
+    | F_HOST_TSO4
+    | F_HOST_TSO6
     | F_RING_INDIRECT_DESC
     | F_RING_EVENT_IDX
     | F_VERSION_1
@@ -105,7 +110,8 @@ MAC_TABLE_ENTRIES = 64
 
 ETH_HEADER = 14
 MIN_MTU, MAX_MTU = 68, 65535 - ETH_HEADER - 4
-MAX_TX_FRAME = 65535 + ETH_HEADER + 4
+#: Largest frame a chain may carry: a TSO packet of 64 KiB with IPv6 and VLAN headers.
+MAX_TX_FRAME = 65536 + 64
 BATCH = 64  # chains per batch
 RX_QUEUE_LIMIT = 256  # frames waiting for buffers before the backend is held
 CTRL_MAX_COMMAND = 2 + 8 + 2 * MAC_TABLE_ENTRIES * 6 * 1024  # generous: tables may overflow
@@ -265,8 +271,12 @@ class VirtioNet(VirtioPciFunction):
         )
 
     def features_acceptable(self, features: int) -> bool:
+        """The dependencies of section 5.1.3.1."""
         needs_ctrl = F_CTRL_RX | F_CTRL_MAC_ADDR | F_CTRL_VLAN | F_GUEST_ANNOUNCE | F_MQ
-        return not (features & needs_ctrl and not features & F_CTRL_VQ)
+        if features & needs_ctrl and not features & F_CTRL_VQ:
+            return False
+        needs_csum = F_HOST_TSO4 | F_HOST_TSO6
+        return not (features & needs_csum and not features & F_CSUM)
 
     def virtio_reset(self) -> None:
         self._new_generation()
@@ -491,21 +501,21 @@ class VirtioNet(VirtioPciFunction):
                 if await self._arm_avail_event(queue):
                     continue
                 return
-            frames = await self._tx_frames(chains)
+            frames, dropped = await self._tx_frames(chains)
             if generation != self._generation:
                 return
             entries = [(chain.head, 0) for chain in chains]
-            commit = functools.partial(self._tx_commit, frames, len(chains) - len(frames))
+            commit = functools.partial(self._tx_commit, frames, dropped)
             if not await self._publish(generation, queue, entries, commit):
                 return
             if self._queued:
                 self._kick(TX)  # let queued work (receive) run: to the back of the queue
                 return
 
-    async def _tx_frames(self, chains: list[vq.Chain]) -> list[bytes]:
+    async def _tx_frames(self, chains: list[vq.Chain]) -> tuple[list[bytes], int]:
         """The frames a batch of transmit chains carries (one gather for all of them),
-        checksums completed; malformed ones are left out (their buffers complete all the
-        same)."""
+        checksums completed, TSO packets segmented; and how many chains were dropped as
+        malformed (their buffers complete all the same)."""
         sizes = [chain.readable_bytes for chain in chains]
         wanted = [HDR_SIZE + ETH_HEADER <= size <= HDR_SIZE + MAX_TX_FRAME for size in sizes]
         segments = [
@@ -513,26 +523,41 @@ class VirtioNet(VirtioPciFunction):
         ]
         data = memoryview(await self.context.dma.read_sg(segments))
         frames: list[bytes] = []
+        dropped = len(chains) - sum(wanted)
         pos = 0
         for size, ok in zip(sizes, wanted, strict=True):
             if ok:
-                frame = self._tx_frame(data[pos : pos + size])
+                out = self._tx_frame(data[pos : pos + size])
                 pos += size
-                if frame is not None:
-                    frames.append(frame)
-        return frames
+                if out is None:
+                    dropped += 1
+                elif isinstance(out, list):
+                    frames += out
+                else:
+                    frames.append(out)
+        return frames, dropped
 
-    def _tx_frame(self, data: memoryview) -> bytes | None:
-        """One chain's bytes (header and frame) as the frame to send; None: dropped."""
-        flags, gso_type, _, _, csum_start, csum_offset, _ = HDR.unpack_from(data)
+    def _tx_frame(self, data: memoryview) -> bytes | list[bytes] | None:
+        """One chain's bytes (header and frame) as the frame to send, or the segments of
+        a TSO packet; None: dropped."""
+        flags, gso_type, _, gso_size, csum_start, csum_offset, _ = HDR.unpack_from(data)
         if gso_type != GSO_NONE:
-            return None  # no segmentation offered: a GSO frame is the driver's error
+            return self._tso(bytes(data[HDR_SIZE:]), gso_type, gso_size)
         if not flags & HDR_F_NEEDS_CSUM:
             return bytes(data[HDR_SIZE:])
         frame = bytearray(data[HDR_SIZE:])
         if not (self.has(F_CSUM) and complete_checksum(frame, csum_start, csum_offset)):
             return None
         return bytes(frame)
+
+    def _tso(self, frame: bytes, gso_type: int, mss: int) -> list[bytes] | None:
+        kind = gso_type & ~gso.GSO_ECN
+        allowed = (kind == gso.GSO_TCPV4 and self.has(F_HOST_TSO4)) or (
+            kind == gso.GSO_TCPV6 and self.has(F_HOST_TSO6)
+        )
+        if not allowed:
+            return None  # a GSO type the driver did not negotiate: its error, dropped
+        return gso.segment_tcp(frame, gso_type, mss)
 
     def _tx_commit(self, frames: list[bytes], dropped: int) -> None:
         self.stats.tx_dropped += dropped

@@ -217,7 +217,7 @@ def test_hostile_states_are_refused_without_change(data: st.DataObject) -> None:
 
 def test_state_with_unknown_features_or_a_bad_queue_is_refused() -> None:
     dev = busy_device()
-    dev.driver_features |= vn.F_HOST_TSO4
+    dev.driver_features |= vn.F_GUEST_TSO4  # not offered
     target = VirtioNet(VirtioNetOptions(queue_size=512))
     with pytest.raises(DeviceError):
         target.load_state(flat_sections(dev.save_state()))

@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from devices.e1000 import E1000, E1000Options
-from devices.e1000.packet import pseudo_header_sum
+from devices.e1000.packet import checksum, pseudo_header_sum
 from devices.registry import create_device
 from devices.virtio_net import VirtioNet, VirtioNetOptions
 from devices.virtio_net import device as vn
@@ -153,6 +153,64 @@ async def test_checksum_offload_is_completed_by_the_device(tmp_path: Path) -> No
         assert pair.dev_a.stats.tx_dropped == 1
 
 
+def tcp6_frame(dst: bytes, src: bytes, payload: bytes, *, seq: int, flags: int) -> bytes:
+    src_ip, dst_ip = bytes(15) + b"\x01", bytes(15) + b"\x02"
+    segment = bytearray(struct.pack(">HHIIBBHHH", 40000, 5001, seq, 0, 5 << 4, flags, 65535, 0, 0))
+    segment += payload
+    pseudo = pseudo_header_sum(src_ip, dst_ip, 6, len(segment))
+    struct.pack_into(">H", segment, 16, checksum(segment, extra=pseudo))
+    ip = struct.pack(">IHBB16s16s", 6 << 28, len(segment), 6, 64, src_ip, dst_ip)
+    return dst + src + b"\x86\xdd" + ip + bytes(segment)
+
+
+def check_tcp6(frame: bytes) -> tuple[int, int, bytes, bool]:
+    """(seq, flags, payload, checksum ok) of an IPv6 TCP frame."""
+    length = struct.unpack_from(">H", frame, 18)[0]
+    segment = frame[54 : 54 + length]
+    pseudo = pseudo_header_sum(frame[22:38], frame[38:54], 6, length)
+    ok = checksum(segment, extra=pseudo) == 0
+    seq, _, offset_flags = struct.unpack_from(">IIH", segment, 4)
+    return seq, offset_flags & 0xFF, bytes(segment[(segment[12] >> 4) * 4 :]), ok
+
+
+@pytest.mark.parametrize("version", [4, 6])
+async def test_tso_is_segmented_by_the_device(tmp_path: Path, version: int) -> None:
+    config = GuestConfig(tx_buffer_size=65536 + 128, queue_size=16)
+    async with nic_pair(tmp_path, config, GuestConfig()) as pair:
+        a, b = pair.a, pair.b
+        payload = bytes((i * 7) & 0xFF for i in range(20000))
+        mss = 1448
+        fin_psh = 0x19  # FIN | PSH | ACK
+        if version == 4:
+            frame = tcp(a, b, payload, seq=1000, flags=fin_psh)
+            gso_type = 1
+        else:
+            frame = tcp6_frame(b.mac, a.mac, payload, seq=1000, flags=fin_psh)
+            gso_type = 4
+        await a.send(frame, gso=(gso_type, mss), csum=(14 + (20 if version == 4 else 40), 16))
+        count = -(-len(payload) // mss)
+        got = [f.data for f in await b.receive_many(count)]
+        assert all(len(f) <= 14 + (40 if version == 6 else 20) + 20 + mss for f in got)
+        if version == 4:
+            parsed = [parse_ip(f) for f in got]
+            assert b"".join(p.payload for p in parsed) == payload
+            assert all(p.ip_checksum_ok and p.l4_checksum_ok for p in parsed)
+            assert [p.seq for p in parsed] == [1000 + i * mss for i in range(count)]
+            assert [p.ident for p in parsed] == [1 + i for i in range(count)]
+            flags = [p.tcp_flags for p in parsed]
+        else:
+            fields = [check_tcp6(f) for f in got]
+            assert b"".join(f[2] for f in fields) == payload and all(f[3] for f in fields)
+            assert [f[0] for f in fields] == [1000 + i * mss for i in range(count)]
+            flags = [f[1] for f in fields]
+        assert flags[:-1] == [0x10] * (count - 1) and flags[-1] == fin_psh  # FIN/PSH last
+        # a GSO type that was not negotiated, or garbage in a TSO packet: dropped
+        await a.send(frame, gso=(3, mss))  # UDP fragmentation offload
+        await a.send(b.mac + a.mac + b"\x08\x00" + bytes(40), gso=(1, mss))
+        await a.wait_tx_done()
+        assert pair.dev_a.stats.tx_dropped == 2
+
+
 async def test_intx_mode_with_isr(tmp_path: Path) -> None:
     async with nic_pair(tmp_path, GuestConfig(msix=False), GuestConfig(msix=False)) as pair:
         a, b = pair.a, pair.b
@@ -178,7 +236,8 @@ async def test_feature_negotiation_refuses_what_it_must(tmp_path: Path) -> None:
         await a.find_capabilities()
         everything = GuestConfig().features
         assert not await a.negotiate(everything & ~t.F_VERSION_1)  # modern only
-        assert not await a.negotiate(everything | vn.F_HOST_TSO4)  # not offered
+        assert not await a.negotiate(everything | vn.F_GUEST_TSO4)  # not offered
+        assert not await a.negotiate(t.F_VERSION_1 | vn.F_HOST_TSO4)  # needs CSUM
         assert not await a.negotiate(t.F_VERSION_1 | vn.F_CTRL_RX)  # needs CTRL_VQ
         assert await a.negotiate(t.F_VERSION_1)  # the bare minimum works
         # features are fixed once accepted

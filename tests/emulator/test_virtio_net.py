@@ -26,6 +26,7 @@ from devices.virtio_net import transport as t
 from devices.virtio_net.virtqueue import DESC, F_INDIRECT, F_NEXT, F_WRITE
 from emulator.client import Client
 from emulator.guest_e1000 import Crossover, DriverConfig, E1000Guest, parse_ip, tcp_frame
+from emulator.guest_memory_migration import GuestMemoryMigration
 from emulator.guest_virtio_net import GuestConfig, VirtioNetGuest
 from emulator.migration import Mode, get_state, migrate
 from emulator.netdev import DGRAM_RETRY_INTERVAL, setup_netdevs
@@ -34,6 +35,7 @@ from emulator.testing import EventFd, GuestRam, served_device
 from protocol.constants import MigState
 from tests.emulator.test_e1000 import Pair as E1000Pair
 from tests.emulator.test_e1000 import measure_rate as e1000_rate
+from tests.emulator.test_guest_memory_migration import IgnoringTheLog, differing_pages
 
 MAC_A = bytes.fromhex("525400000001")
 MAC_B = bytes.fromhex("525400000002")
@@ -706,6 +708,69 @@ async def test_migrating_one_nic_mid_flow_delivers_every_frame_once_in_order(
             assert got_a == list(range(total))
             assert dev_b2.filter.mac == MAC_B  # the MAC came with the state
             assert dev_b2.queues[vn.RX].used_idx == b.queues[vn.RX].last_used
+
+
+def frames_landed(guest: VirtioNetGuest) -> int:
+    """Used receive entries the device published that the guest has not read yet."""
+    queue = guest.queues[vn.RX]
+    idx = struct.unpack("<H", guest.ram.read(queue.used + 2, 2))[0]
+    return int((idx - queue.last_used) & 0xFFFF)
+
+
+@pytest.mark.parametrize("ignore_log", [False, True], ids=["log-used", "log-ignored"])
+async def test_frames_received_during_precopy_reach_the_destinations_memory(
+    tmp_path: Path, ignore_log: bool
+) -> None:
+    """B migrates to a server with its own guest RAM while A sends to it; B's guest is idle,
+    so every change to B's RAM is the device writing buffers and used entries, which only
+    the device's dirty log tells the migration about. Afterwards B's guest, on the
+    destination's RAM, finds every frame -- unless the driver ignored the log."""
+    per_round, rounds = 8, 3
+    async with nic_pair(tmp_path, irq=False) as pair:
+        a, b = pair.a, pair.b
+        dev_b2 = VirtioNet(VirtioNetOptions(mac=bytes.fromhex("020000000bbb")))
+        async with (
+            served_device(dev_b2, tmp_path, name="b2.sock") as served_b2,
+            Client.connect(served_b2.socket_path) as client_b2,
+        ):
+            with GuestRam(b.ram.size, base=b.ram.base) as dst_ram:
+                await client_b2.dma_map(dst_ram.base, dst_ram.size, fd=dst_ram.fd)
+                pair.cable.b.successor(dev_b2)
+                for seq in range(4):
+                    await a.send(numbered(MAC_B, MAC_A, seq))
+                assert [seq_of(f.data) for f in await b.receive_many(4)] == list(range(4))
+                sent = 4
+
+                async def a_sends(round_number: int, moved: int) -> None:
+                    nonlocal sent
+                    waiting = frames_landed(b)
+                    for _ in range(per_round):
+                        await a.send(numbered(MAC_B, MAC_A, sent))
+                        sent += 1
+                    with trio.fail_after(5):
+                        while frames_landed(b) < waiting + per_round:
+                            await trio.sleep(0.0005)
+
+                kind = IgnoringTheLog if ignore_log else GuestMemoryMigration
+                report = await migrate(
+                    b.client, client_b2, mode="pre-copy", precopy_rounds=rounds,
+                    precopy_threshold=0, on_precopy_round=a_sends,
+                    guest_memory=kind.between(b.ram, dst_ram),
+                )  # fmt: skip
+                stale = differing_pages(b.ram.read(b.ram.base, b.ram.size), dst_ram.map[:])
+                b.migrated_to(client_b2)
+                b.ram = dst_ram
+                if ignore_log:
+                    assert stale != []
+                    return
+                assert stale == []
+                received = [seq_of(f.data) for f in b.poll_rx()]
+                assert received == list(range(4, sent))
+                memory = report.memory
+                assert memory is not None and memory.round_pages[1:] != (0,) * (rounds - 1)
+                await b.refill_rx()
+                await a.send(numbered(MAC_B, MAC_A, sent))
+                assert seq_of((await b.receive()).data) == sent
 
 
 # =============================================================================================

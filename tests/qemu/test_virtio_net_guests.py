@@ -2,7 +2,8 @@
 other: the stock ``virtio_pci`` + ``virtio_net`` drivers bind to 1af4:1041, the link comes
 up, the guests ping each other over 169.254.0.0/16, move 16 MiB over TCP (md5 checked),
 switch to MTU 9000 and ping with 8000-byte payloads, and guest A reboots (DEVICE_RESET) and
-talks again.
+talks again. Then the same guests and scripts run over QEMU's own in-process
+``virtio-net-pci``, and the bulk time and ping of both are reported side by side.
 
 The guests run the e1000 pair's scripts (:mod:`tests.qemu.test_e1000_guests`) with the
 virtio probe in place of the e1000 one; the emulators are wired with ``--netdev dgram`` and
@@ -199,6 +200,87 @@ def test_reboot_resets_device_and_traffic_resumes(pair: Pair) -> None:
     pair.expect(pair.a, "b2.driver_bound", "b2.mac", "b2.carrier", "b2.ping", "b2.message_sent")
     assert pair.b.line("MESSAGE") == "hello from A after reboot", pair.report()
     assert pair.a.server.trace().count(" DEVICE_RESET cmd") >= 2, pair.report()
+
+
+_PING_AVG = re.compile(r"round-trip min/avg/max = [\d.]+/([\d.]+)/")
+
+
+def _ping_ms(guest: Guest) -> float | None:
+    """Average round trip of the guest's first 5-ping run (before any jumbo ping)."""
+    match = _PING_AVG.search(guest.run.console)
+    return float(match[1]) if match else None
+
+
+def _bulk_seconds(guest: Guest) -> float | None:
+    line = guest.line("BULK-TIME")
+    if not line:
+        return None
+    start, end = map(float, line.split())
+    return end - start if end > start else None
+
+
+def test_same_run_against_qemus_own_virtio_net(
+    pair: Pair,
+    qemu_binary: str,
+    guest_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """The same two guests and scripts over QEMU's in-process ``virtio-net-pci`` (modern,
+    no vhost, ``-netdev dgram`` between the two QEMUs), right after ours: bulk time and
+    ping, as ratios to ours (reported, not asserted: TCG on a shared machine)."""
+    workdir = tmp_path_factory.mktemp("qemu-virtio-pair")
+    wire_a, wire_b = workdir / "wire-a.sock", workdir / "wire-b.sock"
+
+    def qemu_nic(mac: str, local: Path, remote: Path) -> tuple[str, ...]:
+        return (
+            "-netdev",
+            f"dgram,id=n0,local.type=unix,local.path={local},remote.type=unix,remote.path={remote}",
+            "-device",
+            f"virtio-net-pci,netdev=n0,mac={mac},disable-legacy=on,host_mtu={JUMBO_MTU}",
+        )
+
+    boots = {
+        "a": (virtio_script(GUEST_A), True, qemu_nic(MAC_A, wire_a, wire_b)),
+        "b": (virtio_script(GUEST_B), False, qemu_nic(MAC_B, wire_b, wire_a)),
+    }
+    with ThreadPoolExecutor(max_workers=2) as threads:
+        futures = {
+            name: threads.submit(
+                run_vm,
+                qemu_binary,
+                guest_dir,
+                workdir,
+                [],
+                script,
+                append=KERNEL_APPEND,
+                name=f"qemu-guest-{name}",
+                reboot=reboot,
+                timeout=300,
+                qemu_args=qemu_args,
+            )
+            for name, (script, reboot, qemu_args) in boots.items()
+        }
+        runs = {name: future.result() for name, future in futures.items()}
+    theirs_a = Guest("A", runs["a"], pair.a.server)
+    theirs_b = Guest("B", runs["b"], pair.b.server)
+    for guest in (theirs_a, theirs_b):
+        failed = [name for name, (ok, _) in guest.checks.items() if not ok]
+        assert "b1.ping" in guest.checks and not failed, (failed, guest.run.console[-3000:])
+    ours_bulk, qemu_bulk = _bulk_seconds(pair.a), _bulk_seconds(theirs_a)
+    ours_ping = [_ping_ms(g) for g in (pair.a, pair.b)]
+    qemu_ping = [_ping_ms(g) for g in (theirs_a, theirs_b)]
+    assert ours_bulk and qemu_bulk and None not in ours_ping and None not in qemu_ping
+    ours_rtt = sum(p for p in ours_ping if p is not None) / 2
+    qemu_rtt = sum(p for p in qemu_ping if p is not None) / 2
+    size = BULK_BLOCKS * 65536
+    figure = (
+        f"{size >> 20} MiB guest B -> guest A: ours {ours_bulk:.2f} s, QEMU's virtio-net-pci "
+        f"{qemu_bulk:.2f} s (throughput ratio {qemu_bulk / ours_bulk:.2f}x); ping avg ours "
+        f"{ours_rtt:.2f} ms, QEMU's {qemu_rtt:.2f} ms (ratio {ours_rtt / qemu_rtt:.2f}x)"
+    )
+    record_property("virtio_net_vs_qemu", figure)
+    report(f"\nvirtio-net vs QEMU's own, same run: {figure}")
 
 
 def test_no_driver_complaints(pair: Pair) -> None:

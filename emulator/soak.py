@@ -102,7 +102,7 @@ from .migration import (
     set_state,
 )
 from .server import DeviceServer
-from .testing import EventFd, GuestRam, enable_bus_master, find_capability
+from .testing import EventFd, GuestRam, NicGuest, enable_bus_master, find_capability
 
 __all__ = [
     "Cut",
@@ -1085,27 +1085,6 @@ class FlowCheck:
             self.problems.append(f"{self.name}: got frame {seq}, expected {self.expected} ({what})")
         self.expected = max(self.expected, seq + 1)
         self.received += 1
-
-
-class NicGuest(Protocol):
-    """What the flow needs of a NIC's guest driver (E1000Guest, VirtioNetGuest)."""
-
-    client: Client
-
-    def reclaim_tx(self) -> int: ...
-
-    def queue(self, frame: bytes) -> bool: ...
-
-    async def flush_tx(self) -> None: ...
-
-    def poll_rx(self) -> Sequence[ReceivedFrame]: ...
-
-    async def refill_rx(self) -> None: ...
-
-
-class ReceivedFrame(Protocol):
-    @property
-    def data(self) -> bytes: ...
 
 
 class E1000Flow:

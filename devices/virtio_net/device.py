@@ -444,15 +444,16 @@ class VirtioNet(VirtioPciFunction):
             self.notify_queue(queue)
         self._irq_due.discard(queue.index)
 
-    async def _arm_avail_event(self, queue: vq.VirtQueue) -> bool:
-        """The queue looks empty: with EVENT_IDX ask for a kick at the next entry, then
-        look again (the driver may have added one before it saw the request)."""
+    async def _arm_avail_event(self, queue: vq.VirtQueue, seen: int = 0) -> bool:
+        """The ``seen`` available chains are all the device can use now (none, or too few
+        buffers for the frame that waits): with EVENT_IDX ask for a kick when the driver
+        adds the next one, then look again (it may have added one before it saw the
+        request). True: there is more than ``seen`` already."""
         if not self.has(F_RING_EVENT_IDX):
             return False
-        await self.context.dma.write(
-            queue.avail_event_address, queue.last_avail.to_bytes(2, "little")
-        )
-        return await vq.available(self.context.dma, queue) > 0
+        event = (queue.last_avail + seen) & 0xFFFF
+        await self.context.dma.write(queue.avail_event_address, event.to_bytes(2, "little"))
+        return await vq.available(self.context.dma, queue) > seen
 
     def _can_work(self, queue: vq.VirtQueue, generation: int) -> bool:
         return (
@@ -491,16 +492,24 @@ class VirtioNet(VirtioPciFunction):
     # =========================================================================================
     # Transmit
 
+    async def _next_batch(
+        self, queue: vq.VirtQueue, generation: int, limit: int = BATCH
+    ) -> list[vq.Chain] | None:
+        """The next chains to work on; None when the queue is empty (and a notification
+        asked for) or the device stopped, was reset or reloaded meanwhile."""
+        while self._can_work(queue, generation):
+            chains = await self._pop(queue, limit)
+            if generation != self._generation:
+                return None
+            if chains:
+                return chains
+            if not await self._arm_avail_event(queue):
+                return None
+        return None
+
     async def _tx_work(self, generation: int) -> None:
         queue = self.queues[TX]
-        while self._can_work(queue, generation):
-            chains = await self._pop(queue, BATCH)
-            if generation != self._generation:
-                return
-            if not chains:
-                if await self._arm_avail_event(queue):
-                    continue
-                return
+        while (chains := await self._next_batch(queue, generation)) is not None:
             frames, dropped = await self._tx_frames(chains)
             if generation != self._generation:
                 return
@@ -600,22 +609,20 @@ class VirtioNet(VirtioPciFunction):
 
     async def _rx_work(self, generation: int) -> None:
         queue = self.queues[RX]
-        while self.rx_frames and self._can_work(queue, generation):
-            chains = await self._pop(queue, BATCH)
-            if generation != self._generation:
-                return
-            if not chains:
-                if await self._arm_avail_event(queue):
-                    continue
-                return
+        limit = BATCH
+        while self.rx_frames and (chains := await self._next_batch(queue, generation, limit)):
             staged = await self._rx_fill(generation, queue, chains)
             if staged is None:
                 return
             frames, entries = staged
             if not frames:
-                if await self._arm_avail_event(queue):
+                if len(chains) == limit < queue.size:
+                    limit = queue.size  # the frame needs more buffers than a batch has
+                    continue
+                if await self._arm_avail_event(queue, seen=len(chains)):
                     continue
                 return  # the frame at the head waits for more buffers
+            limit = BATCH
             commit = functools.partial(self._rx_commit, frames)
             if not await self._publish(generation, queue, entries, commit):
                 return
@@ -691,14 +698,7 @@ class VirtioNet(VirtioPciFunction):
 
     async def _ctrl_work(self, generation: int) -> None:
         queue = self.queues[CTRL]
-        while self._can_work(queue, generation):
-            chains = await self._pop(queue, BATCH)
-            if generation != self._generation:
-                return
-            if not chains:
-                if await self._arm_avail_event(queue):
-                    continue
-                return
+        while (chains := await self._next_batch(queue, generation)) is not None:
             changes: list[Callable[[RxFilter], None]] = []
             entries: list[tuple[int, int]] = []
             preview = self._filter_copy()

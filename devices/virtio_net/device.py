@@ -260,6 +260,7 @@ class VirtioNet(VirtioPciFunction):
         self._dma_faults = 0
         self._dma_retry_delay = DMA_RETRY_FIRST
         self._retry_queued = False
+        self.config.add_write_listener(self._config_written)
 
     # =========================================================================================
     # Transport hooks
@@ -359,18 +360,26 @@ class VirtioNet(VirtioPciFunction):
         return self.context.submit(job)
 
     def _dma_failed(self, what: str, exc: DeviceError) -> None:
-        """A fault on the rings or buffers. Transient while guest memory is not (yet)
-        mapped or bus mastering is off (a reconnecting client): retried with backoff.
-        Persisting with memory mapped, the driver pointed us outside it: NEEDS_RESET."""
-        mapped = any(self.context.dma.regions()) and self.config.bus_master
-        if mapped:
+        """A DMA fault on the rings or buffers (addresses outside the client's map were
+        refused before, as driver errors). With bus mastering off the work waits until the
+        guest turns it on (:meth:`_config_written`). With no memory mapped yet (a client
+        reconnecting) it is retried with backoff. Persisting with memory mapped (the map
+        changed under the driver's feet), it becomes a driver error: NEEDS_RESET."""
+        if not self.config.bus_master:
+            return
+        if any(self.context.dma.regions()):
             self._dma_faults += 1
             if self._dma_faults >= DMA_FAULTS_FATAL:
-                self.driver_error(f"{what}: DMA outside guest memory: {exc}")
+                self.driver_error(f"{what}: DMA keeps failing: {exc}")
                 return
-        if self._dma_faults == 1:
+        if self._dma_faults <= 1:
             log.warning("virtio-net: %s DMA failed: %s (retrying)", what, exc)
         self._schedule_retry()
+
+    def _config_written(self, offset: int, length: int) -> None:
+        # Bus mastering (back) on: work that waited for it goes on.
+        if self.config.bus_master and self.running:
+            self._kick_all()
 
     def _dma_worked(self) -> None:
         self._dma_faults = 0

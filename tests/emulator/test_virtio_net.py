@@ -393,6 +393,19 @@ async def test_without_event_index_every_kick_is_needed(tmp_path: Path) -> None:
         assert a.queues[vn.TX].suppressed == 0
 
 
+async def test_work_waits_while_bus_mastering_is_off(tmp_path: Path) -> None:
+    async with nic_pair(tmp_path) as pair:
+        a, b = pair.a, pair.b
+        command = await a.config_read(0x04, 2)
+        await a.config_write(0x04, command & ~0x4, 2)  # bus master off
+        frame = tcp(a, b, b"held")
+        await a.send(frame)
+        await trio.sleep(0.05)
+        assert pair.dev_a.stats.tx_frames == 0 and not await a.status() & t.NEEDS_RESET
+        await a.config_write(0x04, command, 2)  # on again: the frame goes
+        assert (await b.receive()).data == frame
+
+
 # =============================================================================================
 # Control queue
 

@@ -74,14 +74,37 @@ _E1000_PROBE_START = "# --- the stock e1000 driver probed our device"
 _E1000_PROBE_END = "ip addr add $MY_IP/16 dev $ifc\n"
 
 
+# Guest A's second boot, before its message to B: the driver let go of the device and bound
+# again (unbind/bind through sysfs), the interface set up anew, B reachable again.
+REBIND = r"""
+echo "${dev##*/}" > /sys/bus/pci/drivers/virtio-pci/unbind
+echo "${dev##*/}" > /sys/bus/pci/drivers/virtio-pci/bind
+vdev=$(ls -d $dev/virtio* 2>/dev/null | head -n 1)
+ifc=$(ls $vdev/net 2>/dev/null)
+if [ -n "$ifc" ]; then ok "rebind $ifc"; else bad "rebind: no interface after bind"; fi
+net=/sys/class/net/$ifc
+ip link set $ifc up
+ip addr add $MY_IP/16 dev $ifc
+n=0
+until ping -c 1 -W 1 $PEER_IP >/dev/null 2>&1; do n=$((n + 1)); [ $n -ge 30 ] && break; done
+ping -c 3 -i 0.2 -W 2 $PEER_IP > /tmp/ping 2>&1
+if grep -q "3 packets transmitted, 3 packets received" /tmp/ping; then ok "rebind_ping 3/3"
+else bad "rebind_ping: $(grep transmitted /tmp/ping)"; fi
+devmem $MARK 32 0
+"""
+
+
 def virtio_common() -> str:
     start = COMMON.index(_E1000_PROBE_START)
     end = COMMON.index(_E1000_PROBE_END) + len(_E1000_PROBE_END)
     return COMMON[:start] + VIRTIO_PROBE + COMMON[end:]
 
 
-def virtio_script(template: str) -> str:
-    return guest_script(template.replace(COMMON, virtio_common()))
+def virtio_script(template: str, *, rebind: bool = False) -> str:
+    script = template.replace(COMMON, virtio_common())
+    if rebind:
+        script = script.replace("devmem $MARK 32 0\n", REBIND, 1)
+    return guest_script(script)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +133,7 @@ def pair(
             trace=False,
         )
         boots = {
-            "a": (server_a, virtio_script(GUEST_A), True),
+            "a": (server_a, virtio_script(GUEST_A, rebind=True), True),
             "b": (server_b, virtio_script(GUEST_B), False),
         }
         with ThreadPoolExecutor(max_workers=2) as threads:
@@ -281,6 +304,10 @@ def test_same_run_against_qemus_own_virtio_net(
     )
     record_property("virtio_net_vs_qemu", figure)
     report(f"\nvirtio-net vs QEMU's own, same run: {figure}")
+
+
+def test_driver_unbind_and_rebind(pair: Pair) -> None:
+    pair.expect(pair.a, "b2.rebind", "b2.rebind_ping")
 
 
 def test_no_driver_complaints(pair: Pair) -> None:

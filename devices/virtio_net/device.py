@@ -258,6 +258,7 @@ class VirtioNet(VirtioPciFunction):
         self._running = 0
         self._irq_due: set[int] = set()  # queues whose committed batch still owes a check
         self._dma_faults = 0
+        self._dma_failing = False
         self._dma_retry_delay = DMA_RETRY_FIRST
         self._retry_queued = False
         self.config.add_write_listener(self._config_written)
@@ -372,7 +373,8 @@ class VirtioNet(VirtioPciFunction):
             if self._dma_faults >= DMA_FAULTS_FATAL:
                 self.driver_error(f"{what}: DMA keeps failing: {exc}")
                 return
-        if self._dma_faults <= 1:
+        if not self._dma_failing:  # once per streak of faults
+            self._dma_failing = True
             log.warning("virtio-net: %s DMA failed: %s (retrying)", what, exc)
         self._schedule_retry()
 
@@ -382,6 +384,7 @@ class VirtioNet(VirtioPciFunction):
             self._kick_all()
 
     def _dma_worked(self) -> None:
+        self._dma_failing = False
         self._dma_faults = 0
         self._dma_retry_delay = DMA_RETRY_FIRST
 
@@ -772,6 +775,7 @@ class VirtioNet(VirtioPciFunction):
 
     def on_attach(self) -> None:
         self._new_generation()
+        self._dma_failing = False  # a new client: its first fault is worth a line
         for index in sorted(self._irq_due):
             self.notify_queue(self.queues[index])  # owed by a batch a disconnect cut short
         self._irq_due.clear()

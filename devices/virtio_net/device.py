@@ -43,6 +43,7 @@ from ..state_stream import Buffer, LoadedSection, Section
 from . import gso
 from . import virtqueue as vq
 from .transport import (
+    DRIVER_OK,
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,
     F_VERSION_1,
@@ -308,7 +309,7 @@ class VirtioNet(VirtioPciFunction):
         if up == self.link_up:
             return
         self.link_up = up
-        if self.status & 4:  # DRIVER_OK
+        if self.status & DRIVER_OK:
             self.config_changed()
 
     # =========================================================================================

@@ -143,6 +143,7 @@ class VirtioNetGuest:
         self.ctrl_area = self.indirect_area + cfg.queue_size * 16 * 4
         self.tx_heads: dict[int, int] = {}  # head -> descriptors it holds
         self.rx_posted: dict[int, int] = {}  # head -> buffer address
+        self.backlog: deque[RxFrame] = deque()  # polled, not yet handed to receive()
 
     # =========================================================================================
     # Register access
@@ -470,11 +471,10 @@ class VirtioNetGuest:
 
     async def receive_many(self, count: int, timeout: float = 10.0) -> list[RxFrame]:
         got: list[RxFrame] = []
-        self.backlog: list[RxFrame] = getattr(self, "backlog", [])
         with trio.fail_after(timeout):
             while len(got) < count:
                 if self.backlog:
-                    got.append(self.backlog.pop(0))
+                    got.append(self.backlog.popleft())
                     continue
                 frames = self.poll_rx()
                 if frames:

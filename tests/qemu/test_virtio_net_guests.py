@@ -21,7 +21,7 @@ import pytest
 
 from emulator.pcap import read_pcap
 
-from .conftest import ServerPool, VmRun, report, run_vm
+from .conftest import ServerPool, VmRun, report, run_vm, unavailable
 from .test_e1000_guests import (
     BULK_PORT,
     COMMON,
@@ -143,7 +143,7 @@ def pair(
 ) -> Iterator[Pair]:
     """Two virtio-net emulators wired with dgram sockets, two guests booted concurrently."""
     if "virtio_net" not in (guest_dir / "KERNEL").read_text():
-        pytest.skip("the test guest has no virtio_net module (rebuild: scripts/qemu/build-guest)")
+        unavailable("the test guest has no virtio_net module (rebuild: scripts/qemu/build-guest)")
     workdir = tmp_path_factory.mktemp("virtio-pair")
     wire_a, wire_b = workdir / "wire-a.sock", workdir / "wire-b.sock"
     pcap = workdir / "a.pcap"

@@ -9,12 +9,10 @@ The cache is ``$VFIO_USER_EMU_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/vfio-u
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,10 +22,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts" / "qemu"
 MIN_QEMU = (10, 1, 1)
+QEMU_NAME = "qemu-system-x86_64"
 
 
 def cache_dir() -> Path:
@@ -77,10 +77,12 @@ def unavailable(reason: str) -> NoReturn:
 
 @pytest.fixture(scope="session")
 def qemu_binary() -> str:
+    """The QEMU the tests run: ``$QEMU``, else the one ``scripts/qemu/build-qemu`` built with
+    the project's vfio-user migration patches."""
     if QEMU_TESTS_MODE == "skip":
         pytest.skip("QEMU_TESTS=skip")
     explicit = os.environ.get("QEMU")
-    binary = explicit or str(cache_dir() / "qemu" / "install" / "bin" / "qemu-system-x86_64")
+    binary = explicit or str(cache_dir() / "qemu-patched" / "install" / "bin" / QEMU_NAME)
     if not explicit and not os.access(binary, os.X_OK):
         unavailable(
             f"no QEMU with vfio-user-pci: none in $QEMU nor at {binary} "
@@ -89,6 +91,25 @@ def qemu_binary() -> str:
     problem = _qemu_problem(binary)
     if problem:
         unavailable(f"no suitable QEMU: {problem} (run scripts/qemu/build-qemu or fix $QEMU)")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def stock_qemu_binary() -> str:
+    """A QEMU without the project's patches: ``$QEMU_STOCK``, else the one
+    ``scripts/qemu/build-qemu --stock`` built. Optional even in CI (which builds only the
+    patched QEMU): the tests that need it are skipped, with the reason, when there is none."""
+    if QEMU_TESTS_MODE == "skip":
+        pytest.skip("QEMU_TESTS=skip")
+    explicit = os.environ.get("QEMU_STOCK")
+    binary = explicit or str(cache_dir() / "qemu" / "install" / "bin" / QEMU_NAME)
+    if not os.access(binary, os.X_OK):
+        pytest.skip(
+            f"no stock QEMU at {binary} (scripts/qemu/build-qemu --stock, or set QEMU_STOCK)"
+        )
+    problem = _qemu_problem(binary)
+    if problem:
+        pytest.skip(f"no suitable stock QEMU: {problem}")
     return binary
 
 
@@ -326,45 +347,31 @@ def vm(qemu_binary: str, guest_dir: Path, tmp_path: Path) -> Callable[..., VmRun
     return run
 
 
-class Qmp:
-    """A minimal synchronous QMP client (QEMU's JSON monitor on a UNIX socket)."""
+def connect_qmp(path: Path, timeout: float = 60) -> QEMUMonitorProtocol:
+    """QEMU's QMP monitor at ``path`` (``-qmp unix:PATH,server=on,wait=off``), through the
+    QEMU project's own library (``qemu.qmp``, its synchronous ``legacy`` interface); waits
+    for QEMU to create the socket."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"QEMU made no QMP socket at {path}")
+        time.sleep(0.05)
+    qmp = QEMUMonitorProtocol(str(path))
+    qmp.connect()
+    qmp.settimeout(timeout)
+    return qmp
 
-    def __init__(self, path: Path, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not path.exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"QEMU made no QMP socket at {path}")
-            time.sleep(0.05)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
-        self.reader = self.sock.makefile("r", encoding="utf-8")
-        self.events: list[dict[str, Any]] = []
-        greeting = json.loads(self.reader.readline())
-        assert "QMP" in greeting, greeting
-        self.execute("qmp_capabilities")
 
-    def execute(self, command: str, **arguments: Any) -> Any:
-        """Run ``command``; its ``return`` value (events seen meanwhile go to ``events``)."""
-        request: dict[str, Any] = {"execute": command}
-        if arguments:
-            request["arguments"] = arguments
-        self.sock.sendall(json.dumps(request).encode() + b"\n")
-        while True:
-            line = self.reader.readline()
-            if not line:
-                raise ConnectionError(f"QMP closed while waiting for {command}")
-            message = json.loads(line)
-            if "event" in message:
-                self.events.append(message)
-            elif "error" in message:
-                raise RuntimeError(f"QMP {command}: {message['error']}")
-            else:
-                return message.get("return")
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
+def wait_migration(qmp: QEMUMonitorProtocol, timeout: float = 180) -> dict[str, Any]:
+    """``query-migrate`` once the migration completed, failed or was cancelled."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = qmp.cmd("query-migrate")
+        assert isinstance(info, dict)
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            return info
+        assert time.monotonic() < deadline, f"migration still {info.get('status')}"
+        time.sleep(0.1)
 
 
 #: Figures the QEMU tests measured (boot times, throughput, where QEMU was killed), shown

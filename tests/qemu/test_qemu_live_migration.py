@@ -1,0 +1,204 @@
+"""QEMU live-migrates a running guest whose testdev our emulator serves.
+
+Two QEMU + emulator pairs on this machine: the source VM boots, its guest writes testdev's
+SCRATCH0 register and the first word of its RAM BAR (as a driver would, through the BARs),
+then keeps printing what it reads back, with a counter, every 0.1 s. QMP ``migrate`` over
+``tcp:127.0.0.1`` moves the VM to a destination QEMU (``-incoming``) attached to a second,
+fresh emulator. The guest never stops printing: on the destination console it goes on
+counting and reads the values it wrote, now served by the destination emulator, and QEMU's
+own view of the device (BAR address, memory decoding) came along.
+
+Stop-copy (``mig-caps=stop_copy``) and pre-copy (the default caps), each with the data over
+a passed fd (the emulator's ``data_fd`` extension, which QEMU's client asks for) and in band
+(``--no-data-fd``: MIG_DATA_READ / MIG_DATA_WRITE).
+
+QEMU is driven with ``qemu.qmp`` (the QEMU project's QMP library, its synchronous ``legacy``
+interface). The QEMU must carry the project's vfio-user migration patches
+(``scripts/qemu/patches``); a stock QEMU is the subject of test_qemu_migration.py.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from qemu.qmp import ExecuteError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from .conftest import (
+    RunningVm,
+    Server,
+    ServerPool,
+    connect_qmp,
+    report,
+    vm_command,
+    wait_migration,
+)
+
+pytestmark = pytest.mark.qemu
+
+SCRATCH_VALUE = 0x5EEDF00D
+RAM_VALUE = 0xC0FFEE42
+
+# Prints "T-TICK n scratch=.. ram=.. bar0_register=.. command=.." every 0.1 s, for as long
+# as the test lets it (the test quits QEMU).
+GUEST_SCRIPT = r"""
+hex() { printf 0x%x $(($1)); }
+rdm() { echo $(( $(devmem $(hex $1) 32) )); }
+wrm() { devmem $(hex $1) 32 $(hex $2); }
+rdc() { dd if=$dev/config bs=$2 skip=$(($1 / $2)) count=1 2>/dev/null | od -An -tu$2 | tr -d ' '; }
+dev=
+for d in /sys/bus/pci/devices/*; do
+    [ "$(cat $d/vendor)" = 0x1b36 ] && [ "$(cat $d/device)" = 0x0f00 ] && dev=$d
+done
+[ -n "$dev" ] || { echo "T-FAIL: no testdev"; exit 1; }
+bar0=$(sed -n 1p $dev/resource | cut -d' ' -f1)
+bar2=$(sed -n 3p $dev/resource | cut -d' ' -f1)
+wrm $((bar0 + 0x10)) @SCRATCH@
+wrm $bar2 @RAM@
+echo "T-READY"
+i=0
+while [ $i -lt 100000 ]; do
+    echo "T-TICK $i scratch=$(hex $(rdm $((bar0 + 0x10)))) ram=$(hex $(rdm $bar2))" \
+        "bar0_register=$(hex $(rdc 0x10 4)) command=$(hex $(rdc 4 2))"
+    usleep 100000
+    i=$((i + 1))
+done
+""".replace("@SCRATCH@", hex(SCRATCH_VALUE)).replace("@RAM@", hex(RAM_VALUE))
+
+TICK = re.compile(r"^T-TICK (\d+) (.*)$", re.M)
+
+
+def ticks(console: str) -> list[tuple[int, dict[str, int]]]:
+    return [
+        (int(number), {k: int(v, 16) for k, v in re.findall(r"(\w+)=(0x[0-9a-f]+)", rest)})
+        for number, rest in TICK.findall(console)
+    ]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Vm:
+    """A QEMU (through scripts/qemu/run-vm) with its emulator and its QMP connection."""
+
+    server: Server
+    process: RunningVm
+    qmp: QEMUMonitorProtocol
+
+
+class Pair:
+    """Starts emulator + QEMU pairs in ``workdir`` and stops them all."""
+
+    def __init__(self, qemu_binary: str, workdir: Path) -> None:
+        self.qemu_binary = qemu_binary
+        self.workdir = workdir
+        self.pool = ServerPool(workdir)
+        self.vms: list[Vm] = []
+
+    def start(self, name: str, device: str, *server_args: str, incoming: str | None = None) -> Vm:
+        server = self.pool.start(device, *server_args, name=name)
+        qmp_path = self.workdir / f"{name}-qmp.sock"
+        qemu_args = ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
+        if incoming:
+            qemu_args += ["-incoming", incoming]
+        command = vm_command(
+            self.workdir,
+            self.qemu_binary,
+            [server.socket],
+            GUEST_SCRIPT,
+            name=name,
+            timeout=600,
+            qemu_args=tuple(qemu_args),
+        )
+        vm = Vm(server, RunningVm(command), connect_qmp(qmp_path))
+        self.vms.append(vm)
+        return vm
+
+    def stop_all(self) -> None:
+        for vm in self.vms:
+            vm.qmp.close()
+            vm.process.kill()
+        self.pool.stop_all()
+
+
+@pytest.fixture
+def pair(qemu_binary: str, guest_dir: Path, tmp_path: Path) -> Iterator[Pair]:
+    pairs = Pair(qemu_binary, tmp_path)
+    yield pairs
+    pairs.stop_all()
+
+
+def wait_ticks(vm: Vm, after: int, timeout: float = 60) -> list[tuple[int, dict[str, int]]]:
+    """The guest's ticks once it printed more than ``after`` of them on this console."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = ticks(vm.process.console())
+        if len(seen) > after:
+            return seen
+        assert vm.process.process.poll() is None, f"QEMU exited:\n{vm.process.console()}"
+        assert time.monotonic() < deadline, f"no guest output:\n{vm.process.console()}"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("transport", ["fd", "inband"])
+@pytest.mark.parametrize("mode", ["stop-copy", "pre-copy"])
+def test_qemu_live_migrates_running_guest_with_testdev(
+    pair: Pair, mode: str, transport: str
+) -> None:
+    device = "testdev,mig-caps=stop_copy" if mode == "stop-copy" else "testdev"
+    server_args = ("--no-data-fd",) if transport == "inband" else ()
+    source = pair.start("source", device, *server_args)
+    assert source.process.wait_for(r"^T-READY", timeout=240), source.process.console()
+    before = wait_ticks(source, after=3)[-1][1]
+    assert before["scratch"] == SCRATCH_VALUE and before["ram"] == RAM_VALUE, before
+
+    port = free_port()
+    destination = pair.start("destination", device, *server_args, incoming=f"tcp:127.0.0.1:{port}")
+    source.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    info = wait_migration(source.qmp)
+    assert info["status"] == "completed", info
+    last_on_source = ticks(source.process.console())[-1][0]
+
+    after = wait_ticks(destination, after=5)
+    numbers = [number for number, _ in after]
+    # the same guest, resumed: it goes on counting where it was
+    assert numbers[0] > last_on_source - 2 and numbers == sorted(numbers), numbers
+    for _, values in after:
+        assert values == before, (values, before)
+
+    src_trace, dst_trace = source.server.trace(), destination.server.trace()
+    assert " DEVICE_FEATURE cmd" in src_trace and " DEVICE_FEATURE cmd" in dst_trace
+    if transport == "inband":
+        assert " MIG_DATA_READ cmd" in src_trace and " MIG_DATA_WRITE cmd" in dst_trace
+    else:
+        assert " MIG_DATA_READ cmd" not in src_trace and " MIG_DATA_WRITE cmd" not in dst_trace
+    assert (" MIG_GET_PRECOPY_INFO cmd" in src_trace) == (mode == "pre-copy")
+    report(
+        f"QEMU live migration, {mode}, {transport}: total {info.get('total-time')} ms, "
+        f"downtime {info.get('downtime')} ms; guest tick {last_on_source} was the source's "
+        f"last, {numbers[0]} the destination's first"
+    )
+
+
+def test_qemu_refuses_to_migrate_a_device_that_cannot(pair: Pair) -> None:
+    """A server whose device does not migrate: QEMU's migration blocker refuses ``migrate``
+    with its reason, instead of leaving the device state behind."""
+    source = pair.start("source", "testdev,mig-caps=none")
+    assert source.process.wait_for(r"^T-READY", timeout=240), source.process.console()
+    with pytest.raises(ExecuteError) as refused:
+        source.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{free_port()}")
+    message = str(refused.value)
+    report(f"QEMU refused migrate: {message}")
+    assert "VFIO migration is not supported by the vfio-user server" in message, message
+    # the VM goes on running
+    assert source.qmp.cmd("query-status")["status"] == "running"  # type: ignore[index]

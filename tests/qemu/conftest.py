@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -159,14 +160,20 @@ class ServerPool:
         self.started: list[Server] = []
 
     def start(
-        self, device: str, *extra: str, name: str | None = None, trace: bool = True
+        self,
+        device: str,
+        *extra: str,
+        name: str | None = None,
+        trace: bool = True,
+        program: list[str] | None = None,
     ) -> Server:
         """Start a server for ``device`` (TYPE[,key=value...]); returns once it listens.
-        ``trace=False`` leaves out ``--trace`` (a line per message slows a busy NIC down)."""
+        ``trace=False`` leaves out ``--trace`` (a line per message slows a busy NIC down);
+        ``program`` replaces our CLI (a variant taking the same arguments)."""
         name = name or device.split(",", maxsplit=1)[0]
         socket = self.workdir / f"{name}.sock"
         log = self.workdir / f"{name}-server.log"
-        command = [*emulator_command(), "serve", "--device", device]
+        command = [*(program or emulator_command()), "serve", "--device", device]
         command += ["--socket-path", str(socket), *(["--trace"] if trace else []), *extra]
         with log.open("wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
@@ -362,6 +369,20 @@ def connect_qmp(path: Path, timeout: float = 60) -> QEMUMonitorProtocol:
     return qmp
 
 
+def close_qmp(qmp: QEMUMonitorProtocol) -> None:
+    """Close the monitor connection (QEMU may have closed it already, e.g. after ``quit``)."""
+    with contextlib.suppress(EOFError, OSError):
+        qmp.close()
+
+
+def quit_qemu(qmp: QEMUMonitorProtocol) -> None:
+    """QMP ``quit``, and close the connection; QEMU may close the monitor before its reply
+    arrives."""
+    with contextlib.suppress(EOFError, OSError):
+        qmp.cmd("quit")
+    close_qmp(qmp)
+
+
 def wait_migration(qmp: QEMUMonitorProtocol, timeout: float = 180) -> dict[str, Any]:
     """``query-migrate`` once the migration completed, failed or was cancelled."""
     deadline = time.monotonic() + timeout
@@ -372,6 +393,75 @@ def wait_migration(qmp: QEMUMonitorProtocol, timeout: float = 180) -> dict[str, 
             return info
         assert time.monotonic() < deadline, f"migration still {info.get('status')}"
         time.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Vm:
+    """A QEMU (through scripts/qemu/run-vm) with its emulator and its QMP connection."""
+
+    server: Server
+    process: RunningVm
+    qmp: QEMUMonitorProtocol
+
+
+class Pair:
+    """Starts emulator + QEMU pairs in ``workdir`` and stops them all."""
+
+    def __init__(self, qemu_binary: str, workdir: Path) -> None:
+        self.qemu_binary = qemu_binary
+        self.workdir = workdir
+        self.pool = ServerPool(workdir)
+        self.vms: list[Vm] = []
+
+    def start(
+        self,
+        name: str,
+        device: str,
+        script: str,
+        *server_args: str,
+        incoming: str | None = None,
+        append: str = "",
+        program: list[str] | None = None,
+    ) -> Vm:
+        """Our server for ``device`` and a QEMU booting the guest with ``script`` attached to
+        it, with a QMP monitor; ``incoming``: a destination, waiting for the migration."""
+        server = self.pool.start(device, *server_args, name=name, program=program)
+        qmp_path = self.workdir / f"{name}-qmp.sock"
+        qemu_args = ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
+        if incoming:
+            qemu_args += ["-incoming", incoming]
+        command = vm_command(
+            self.workdir,
+            self.qemu_binary,
+            [server.socket],
+            script,
+            name=name,
+            append=append,
+            timeout=600,
+            qemu_args=tuple(qemu_args),
+        )
+        vm = Vm(server, RunningVm(command), connect_qmp(qmp_path))
+        self.vms.append(vm)
+        return vm
+
+    def stop_all(self) -> None:
+        for vm in self.vms:
+            close_qmp(vm.qmp)
+            vm.process.kill()
+        self.pool.stop_all()
+
+
+@pytest.fixture
+def pair(qemu_binary: str, guest_dir: Path, tmp_path: Path) -> Iterator[Pair]:
+    pairs = Pair(qemu_binary, tmp_path)
+    yield pairs
+    pairs.stop_all()
 
 
 #: Figures the QEMU tests measured (boot times, throughput, where QEMU was killed), shown

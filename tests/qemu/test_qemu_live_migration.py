@@ -20,23 +20,16 @@ interface). The QEMU must carry the project's vfio-user migration patches
 from __future__ import annotations
 
 import re
-import socket
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from qemu.qmp import ExecuteError
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from .conftest import (
-    RunningVm,
-    Server,
-    ServerPool,
-    connect_qmp,
+    Pair,
+    Vm,
+    free_port,
     report,
-    vm_command,
     wait_migration,
 )
 
@@ -81,63 +74,6 @@ def ticks(console: str) -> list[tuple[int, dict[str, int]]]:
     ]
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@dataclass
-class Vm:
-    """A QEMU (through scripts/qemu/run-vm) with its emulator and its QMP connection."""
-
-    server: Server
-    process: RunningVm
-    qmp: QEMUMonitorProtocol
-
-
-class Pair:
-    """Starts emulator + QEMU pairs in ``workdir`` and stops them all."""
-
-    def __init__(self, qemu_binary: str, workdir: Path) -> None:
-        self.qemu_binary = qemu_binary
-        self.workdir = workdir
-        self.pool = ServerPool(workdir)
-        self.vms: list[Vm] = []
-
-    def start(self, name: str, device: str, *server_args: str, incoming: str | None = None) -> Vm:
-        server = self.pool.start(device, *server_args, name=name)
-        qmp_path = self.workdir / f"{name}-qmp.sock"
-        qemu_args = ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
-        if incoming:
-            qemu_args += ["-incoming", incoming]
-        command = vm_command(
-            self.workdir,
-            self.qemu_binary,
-            [server.socket],
-            GUEST_SCRIPT,
-            name=name,
-            timeout=600,
-            qemu_args=tuple(qemu_args),
-        )
-        vm = Vm(server, RunningVm(command), connect_qmp(qmp_path))
-        self.vms.append(vm)
-        return vm
-
-    def stop_all(self) -> None:
-        for vm in self.vms:
-            vm.qmp.close()
-            vm.process.kill()
-        self.pool.stop_all()
-
-
-@pytest.fixture
-def pair(qemu_binary: str, guest_dir: Path, tmp_path: Path) -> Iterator[Pair]:
-    pairs = Pair(qemu_binary, tmp_path)
-    yield pairs
-    pairs.stop_all()
-
-
 def wait_ticks(vm: Vm, after: int, timeout: float = 60) -> list[tuple[int, dict[str, int]]]:
     """The guest's ticks once it printed more than ``after`` of them on this console."""
     deadline = time.monotonic() + timeout
@@ -157,7 +93,7 @@ def test_qemu_live_migrates_running_guest_with_testdev(
 ) -> None:
     device = "testdev,mig-caps=stop_copy" if mode == "stop-copy" else "testdev"
     server_args = ("--no-data-fd",) if transport == "inband" else ()
-    source = pair.start("source", device, *server_args)
+    source = pair.start("source", device, GUEST_SCRIPT, *server_args)
     assert source.process.wait_for(r"^T-READY", timeout=240), source.process.console()
     before = wait_ticks(source, after=3)[-1][1]
     assert before["scratch"] == SCRATCH_VALUE and before["ram"] == RAM_VALUE, before
@@ -193,7 +129,7 @@ def test_qemu_live_migrates_running_guest_with_testdev(
 def test_qemu_refuses_to_migrate_a_device_that_cannot(pair: Pair) -> None:
     """A server whose device does not migrate: QEMU's migration blocker refuses ``migrate``
     with its reason, instead of leaving the device state behind."""
-    source = pair.start("source", "testdev,mig-caps=none")
+    source = pair.start("source", "testdev,mig-caps=none", GUEST_SCRIPT)
     assert source.process.wait_for(r"^T-READY", timeout=240), source.process.console()
     with pytest.raises(ExecuteError) as refused:
         source.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{free_port()}")
@@ -202,3 +138,66 @@ def test_qemu_refuses_to_migrate_a_device_that_cannot(pair: Pair) -> None:
     assert "VFIO migration is not supported by the vfio-user server" in message, message
     # the VM goes on running
     assert source.qmp.cmd("query-status")["status"] == "running"  # type: ignore[index]
+
+
+def migrate_to_new_pair(pair: Pair, source: Vm, device: str, name: str) -> dict[str, object]:
+    """Migrate ``source`` to a fresh destination pair; the guest must go on there with its
+    values."""
+    port = free_port()
+    destination = pair.start(name, device, GUEST_SCRIPT, incoming=f"tcp:127.0.0.1:{port}")
+    source.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 30})
+    source.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    info = wait_migration(source.qmp)
+    assert info["status"] == "completed", info
+    for _, values in wait_ticks(destination, after=3):
+        assert values["scratch"] == SCRATCH_VALUE and values["ram"] == RAM_VALUE, values
+    return info
+
+
+def assert_source_runs_on(source: Vm) -> None:
+    """The source guest goes on counting with its values, and QEMU says it runs."""
+    assert source.qmp.cmd("query-status")["status"] == "running"  # type: ignore[index]
+    seen = len(ticks(source.process.console()))
+    for _, values in wait_ticks(source, after=seen + 3)[seen:]:
+        assert values["scratch"] == SCRATCH_VALUE and values["ram"] == RAM_VALUE, values
+
+
+@pytest.mark.parametrize("mode", ["stop-copy", "pre-copy"])
+def test_cancelled_migration_leaves_the_source_running(pair: Pair, mode: str) -> None:
+    """``migrate_cancel`` while guest RAM is in flight: the source VM and its device run on
+    (QEMU moves the device back to RUNNING), and a later migration succeeds."""
+    device = "testdev,mig-caps=stop_copy" if mode == "stop-copy" else "testdev"
+    source = pair.start("source", device, GUEST_SCRIPT)
+    assert source.process.wait_for(r"^T-READY", timeout=240), source.process.console()
+    wait_ticks(source, after=2)
+    port = free_port()
+    pair.start("doomed", device, GUEST_SCRIPT, incoming=f"tcp:127.0.0.1:{port}")
+    source.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 20})
+    source.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    time.sleep(1.5)
+    assert source.qmp.cmd("query-migrate")["status"] == "active"  # type: ignore[index]
+    source.qmp.cmd("migrate_cancel")
+    info = wait_migration(source.qmp)
+    assert info["status"] == "cancelled", info
+    assert_source_runs_on(source)
+    info = migrate_to_new_pair(pair, source, device, "destination")
+    report(f"after migrate_cancel ({mode}) a new migration took {info.get('total-time')} ms")
+
+
+def test_destination_emulator_killed_mid_migration(pair: Pair) -> None:
+    """The destination's emulator dies while QEMU migrates: the migration fails, the source
+    VM and its device run on, and a migration to a new pair then succeeds."""
+    source = pair.start("source", "testdev", GUEST_SCRIPT)
+    assert source.process.wait_for(r"^T-READY", timeout=240), source.process.console()
+    wait_ticks(source, after=2)
+    port = free_port()
+    doomed = pair.start("doomed", "testdev", GUEST_SCRIPT, incoming=f"tcp:127.0.0.1:{port}")
+    source.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 4 << 20})
+    source.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    time.sleep(1.5)
+    doomed.server.process.kill()
+    info = wait_migration(source.qmp)
+    assert info["status"] == "failed", info
+    report(f"destination emulator killed: migration failed ({info.get('error-desc')})")
+    assert_source_runs_on(source)
+    migrate_to_new_pair(pair, source, "testdev", "destination")

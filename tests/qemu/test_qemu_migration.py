@@ -46,6 +46,7 @@ from .conftest import (
     ServerPool,
     connect_qmp,
     emulator_command,
+    quit_qemu,
     report,
     vm_command,
     wait_migration,
@@ -146,9 +147,8 @@ def test_stock_qemu_migration_leaves_device_state_behind_ours_moves_it(
                 f"{image.stat().st_size >> 20} MiB image, no device state in it"
             )
             assert qmp.cmd("query-status")["status"] == "postmigrate"  # type: ignore[index]
-            qmp.cmd("quit")
         finally:
-            qmp.close()
+            quit_qemu(qmp)
         source_vm.wait(timeout=30)
         for command in MIGRATION_COMMANDS:
             assert f" {command} cmd" not in source.trace(), f"QEMU sent {command}"

@@ -125,6 +125,29 @@ def guest_dir() -> Path:
     return guest
 
 
+#: Shell for guest scripts that drive testdev: ``hex``, ``rdm``/``wrm`` (32-bit MMIO through
+#: devmem), ``rdc``/``wrc`` (config space through sysfs), ``$dev`` (the testdev's sysfs
+#: directory; the script exits with T-FAIL without one), ``$bar0`` and ``$bar2``.
+TESTDEV_SHELL = r"""
+hex() { printf 0x%x $(($1)); }
+rdm() { echo $(( $(devmem $(hex $1) 32) )); }
+wrm() { devmem $(hex $1) 32 $(hex $2); }
+rdc() { dd if=$dev/config bs=$2 skip=$(($1 / $2)) count=1 2>/dev/null | od -An -tu$2 | tr -d ' '; }
+wrc() {
+    s= i=0
+    while [ $i -lt $2 ]; do s="$s\\$(printf %o $(( ($3 >> (8 * i)) & 0xff )))"; i=$((i + 1)); done
+    printf "$s" | dd of=$dev/config bs=$2 seek=$(($1 / $2)) count=1 conv=notrunc 2>/dev/null
+}
+dev=
+for d in /sys/bus/pci/devices/*; do
+    [ "$(cat $d/vendor)" = 0x1b36 ] && [ "$(cat $d/device)" = 0x0f00 ] && dev=$d
+done
+[ -n "$dev" ] || { echo "T-FAIL: no testdev"; exit 1; }
+bar0=$(sed -n 1p $dev/resource | cut -d' ' -f1)
+bar2=$(sed -n 3p $dev/resource | cut -d' ' -f1)
+"""
+
+
 def emulator_command() -> list[str]:
     """Our CLI, from the interpreter running the tests (the project's venv)."""
     return [sys.executable, "-m", "emulator"]
@@ -428,10 +451,16 @@ class Pair:
         incoming: str | None = None,
         append: str = "",
         program: list[str] | None = None,
+        more_devices: tuple[str, ...] = (),
     ) -> Vm:
         """Our server for ``device`` and a QEMU booting the guest with ``script`` attached to
-        it, with a QMP monitor; ``incoming``: a destination, waiting for the migration."""
+        it, with a QMP monitor; ``incoming``: a destination, waiting for the migration.
+        ``more_devices`` get a server each and are attached after the first."""
         server = self.pool.start(device, *server_args, name=name, program=program)
+        sockets = [server.socket]
+        for number, more in enumerate(more_devices, 2):
+            extra = self.pool.start(more, *server_args, name=f"{name}{number}", program=program)
+            sockets.append(extra.socket)
         qmp_path = self.workdir / f"{name}-qmp.sock"
         qemu_args = ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
         if incoming:
@@ -439,7 +468,7 @@ class Pair:
         command = vm_command(
             self.workdir,
             self.qemu_binary,
-            [server.socket],
+            sockets,
             script,
             name=name,
             append=append,

@@ -26,6 +26,7 @@ import pytest
 from qemu.qmp import ExecuteError
 
 from .conftest import (
+    TESTDEV_SHELL,
     Pair,
     Vm,
     free_port,
@@ -40,18 +41,9 @@ RAM_VALUE = 0xC0FFEE42
 
 # Prints "T-TICK n scratch=.. ram=.. bar0_register=.. command=.." every 0.1 s, for as long
 # as the test lets it (the test quits QEMU).
-GUEST_SCRIPT = r"""
-hex() { printf 0x%x $(($1)); }
-rdm() { echo $(( $(devmem $(hex $1) 32) )); }
-wrm() { devmem $(hex $1) 32 $(hex $2); }
-rdc() { dd if=$dev/config bs=$2 skip=$(($1 / $2)) count=1 2>/dev/null | od -An -tu$2 | tr -d ' '; }
-dev=
-for d in /sys/bus/pci/devices/*; do
-    [ "$(cat $d/vendor)" = 0x1b36 ] && [ "$(cat $d/device)" = 0x0f00 ] && dev=$d
-done
-[ -n "$dev" ] || { echo "T-FAIL: no testdev"; exit 1; }
-bar0=$(sed -n 1p $dev/resource | cut -d' ' -f1)
-bar2=$(sed -n 3p $dev/resource | cut -d' ' -f1)
+GUEST_SCRIPT = (
+    TESTDEV_SHELL
+    + r"""
 wrm $((bar0 + 0x10)) @SCRATCH@
 wrm $bar2 @RAM@
 echo "T-READY"
@@ -63,6 +55,7 @@ while [ $i -lt 100000 ]; do
     i=$((i + 1))
 done
 """.replace("@SCRATCH@", hex(SCRATCH_VALUE)).replace("@RAM@", hex(RAM_VALUE))
+)
 
 TICK = re.compile(r"^T-TICK (\d+) (.*)$", re.M)
 
@@ -99,7 +92,9 @@ def test_qemu_live_migrates_running_guest_with_testdev(
     assert before["scratch"] == SCRATCH_VALUE and before["ram"] == RAM_VALUE, before
 
     port = free_port()
-    destination = pair.start("destination", device, *server_args, incoming=f"tcp:127.0.0.1:{port}")
+    destination = pair.start(
+        "destination", device, GUEST_SCRIPT, *server_args, incoming=f"tcp:127.0.0.1:{port}"
+    )
     source.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
     info = wait_migration(source.qmp)
     assert info["status"] == "completed", info
@@ -201,3 +196,63 @@ def test_destination_emulator_killed_mid_migration(pair: Pair) -> None:
     report(f"destination emulator killed: migration failed ({info.get('error-desc')})")
     assert_source_runs_on(source)
     migrate_to_new_pair(pair, source, "testdev", "destination")
+
+
+# Every testdev gets SCRATCH0 = BASE + its index; ticks print them all, in sysfs order.
+TWO_DEVICE_SCRIPT = r"""
+hex() { printf 0x%x $(($1)); }
+rdm() { echo $(( $(devmem $(hex $1) 32) )); }
+wrm() { devmem $(hex $1) 32 $(hex $2); }
+bars=
+for d in /sys/bus/pci/devices/*; do
+    [ "$(cat $d/vendor)" = 0x1b36 ] && [ "$(cat $d/device)" = 0x0f00 ] &&
+        bars="$bars $(sed -n 1p $d/resource | cut -d' ' -f1)"
+done
+n=0
+for b in $bars; do wrm $((b + 0x10)) $((0x5eed0000 + n)); n=$((n + 1)); done
+echo "T-READY $n"
+i=0
+while [ $i -lt 100000 ]; do
+    line="T-TICK $i"; n=0
+    for b in $bars; do line="$line dev$n=$(hex $(rdm $((b + 0x10))))"; n=$((n + 1)); done
+    echo "$line"
+    usleep 100000
+    i=$((i + 1))
+done
+"""
+P2P_DEVICE = "testdev,mig-caps=stop_copy+p2p+pre_copy"
+
+
+def test_two_devices_with_p2p_migrate_together(pair: Pair) -> None:
+    """QEMU migrates a VM with more than one VFIO device only if all of them advertise P2P,
+    and then stops them through RUNNING_P2P / PRE_COPY_P2P first: both devices' state
+    arrives."""
+    source = pair.start("source", P2P_DEVICE, TWO_DEVICE_SCRIPT, more_devices=(P2P_DEVICE,))
+    assert source.process.wait_for(r"^T-READY 2", timeout=240), source.process.console()
+    before = wait_ticks(source, after=2)[-1][1]
+    assert before == {"dev0": 0x5EED0000, "dev1": 0x5EED0001}, before
+    port = free_port()
+    destination = pair.start(
+        "destination",
+        P2P_DEVICE,
+        TWO_DEVICE_SCRIPT,
+        incoming=f"tcp:127.0.0.1:{port}",
+        more_devices=(P2P_DEVICE,),
+    )
+    source.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    info = wait_migration(source.qmp)
+    assert info["status"] == "completed", info
+    for _, values in wait_ticks(destination, after=3):
+        assert values == before, values
+    for server in (source.server, destination.server):
+        # the P2P states were used for real (MIG_DEVICE_STATE SET to 5 or 7)
+        assert re.search(r"DEVICE_FEATURE cmd .*flags=0x20002 data=0[57]000000", server.trace())
+    report(f"two P2P devices migrated: downtime {info.get('downtime')} ms")
+
+
+def test_two_devices_without_p2p_are_blocked(pair: Pair) -> None:
+    source = pair.start("source", "testdev", TWO_DEVICE_SCRIPT, more_devices=("testdev",))
+    assert source.process.wait_for(r"^T-READY 2", timeout=240), source.process.console()
+    with pytest.raises(ExecuteError) as refused:
+        source.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{free_port()}")
+    assert "all of them support P2P migration" in str(refused.value), str(refused.value)

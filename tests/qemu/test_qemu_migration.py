@@ -42,6 +42,7 @@ from devices import testdev as td
 from emulator.client import Client
 
 from .conftest import (
+    TESTDEV_SHELL,
     RunningVm,
     ServerPool,
     connect_qmp,
@@ -57,18 +58,9 @@ pytestmark = pytest.mark.qemu
 SCRATCH_VALUE = 0xDEADBEEF
 RAM_VALUE = 0xCAFEF00D
 
-GUEST_SCRIPT = r"""
-hex() { printf 0x%x $(($1)); }
-rdm() { echo $(( $(devmem $(hex $1) 32) )); }
-wrm() { devmem $(hex $1) 32 $(hex $2); }
-rdc() { dd if=$dev/config bs=$2 skip=$(($1 / $2)) count=1 2>/dev/null | od -An -tu$2 | tr -d ' '; }
-dev=
-for d in /sys/bus/pci/devices/*; do
-    [ "$(cat $d/vendor)" = 0x1b36 ] && [ "$(cat $d/device)" = 0x0f00 ] && dev=$d
-done
-[ -n "$dev" ] || { echo "T-FAIL: no testdev"; exit 1; }
-bar0=$(sed -n 1p $dev/resource | cut -d' ' -f1)
-bar2=$(sed -n 3p $dev/resource | cut -d' ' -f1)
+GUEST_SCRIPT = (
+    TESTDEV_SHELL
+    + r"""
 # what the device shows: two registers it keeps, and QEMU's view of config space
 state() {
     echo "scratch=$(hex $(rdm $((bar0 + 0x10)))) ram=$(hex $(rdm $bar2))" \
@@ -92,6 +84,7 @@ done
 echo "T-UNCHANGED: $before"
 exit 0
 """.replace("@SCRATCH@", hex(SCRATCH_VALUE)).replace("@RAM@", hex(RAM_VALUE))
+)
 
 MIGRATION_COMMANDS = ("DEVICE_FEATURE", "MIG_DATA_READ", "MIG_DATA_WRITE")
 

@@ -22,31 +22,17 @@ import time
 
 import pytest
 
-from .conftest import Pair, Vm, free_port, report, wait_migration
+from .conftest import TESTDEV_SHELL, Pair, Vm, free_port, report, wait_migration
 
 pytestmark = pytest.mark.qemu
 
 APPEND = "memmap=1M$0x10000000"
 BROKEN_SERVER = [sys.executable, "-m", "tests.qemu.serve_ignoring_dirty_log"]
 
-GUEST_SCRIPT = r"""
-hex() { printf 0x%x $(($1)); }
-rdm() { echo $(( $(devmem $(hex $1) 32) )); }
-wrm() { devmem $(hex $1) 32 $(hex $2); }
-rdc() { dd if=$cfg bs=$2 skip=$(($1 / $2)) count=1 2>/dev/null | od -An -tu$2 | tr -d ' '; }
-wrc() {
-    s= i=0
-    while [ $i -lt $2 ]; do s="$s\\$(printf %o $(( ($3 >> (8 * i)) & 0xff )))"; i=$((i + 1)); done
-    printf "$s" | dd of=$cfg bs=$2 seek=$(($1 / $2)) count=1 conv=notrunc 2>/dev/null
-}
-dev=
-for d in /sys/bus/pci/devices/*; do
-    [ "$(cat $d/vendor)" = 0x1b36 ] && [ "$(cat $d/device)" = 0x0f00 ] && dev=$d
-done
-[ -n "$dev" ] || { echo "T-FAIL: no testdev"; exit 1; }
-cfg=$dev/config
+GUEST_SCRIPT = (
+    TESTDEV_SHELL
+    + r"""
 grep -q '^10000000-100fffff : Reserved' /proc/iomem || { echo "T-FAIL: no DMA buffer"; exit 1; }
-bar0=$(sed -n 1p $dev/resource | cut -d' ' -f1)
 wrc 4 2 $(( $(rdc 4 2) | 0x6 ))   # memory decoding and bus mastering on
 SRC=0x10000000; DST=0x10080000; SLOTS=4
 dd if=/dev/zero of=/dev/mem bs=4096 seek=$((SRC / 4096)) count=$((2 * 128)) conv=notrunc 2>/dev/null
@@ -75,6 +61,7 @@ while [ $g -lt 100000 ]; do
     g=$((g + 1))
 done
 """
+)
 
 GEN = re.compile(r"^T-GEN (\d+)$", re.M)
 

@@ -6,7 +6,7 @@ SOCKET ?= ./vfio-user.sock
 DEVICE ?= testdev
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit venv clean fastpath qemu-guest fuzz
+.PHONY: run vm test lint typecheck unit venv clean fastpath qemu-guest lvu-samples fuzz
 
 # The venv (and the C fast path, built in place by the editable install) is rebuilt when
 # the project's metadata or the C sources change.
@@ -28,6 +28,13 @@ fastpath: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/vfio-user-emu serve --device $(DEVICE) --socket-path $(SOCKET) --print-qemu
+
+# The quick start's second terminal: boot the test guest with a shell, attached to the
+# device `make run` serves on $(SOCKET). scripts/qemu/run-vm builds QEMU and the guest into
+# ~/.cache/vfio-user-emu the first time (scripts/qemu/build-qemu, build-guest), then reuses them.
+vm: $(STAMP)
+	@[ -S $(SOCKET) ] || { echo "error: no server socket at $(SOCKET): run \`make run\` in another terminal first" >&2; exit 1; }
+	scripts/qemu/run-vm --interactive --socket $(SOCKET)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -54,7 +61,20 @@ qemu-guest:
 	  echo "error: could not build QEMU or the guest (QEMU_TESTS=require)" >&2; exit 1; \
 	else echo "warning: no QEMU/guest built; tests/qemu will be skipped" >&2; fi
 
-unit: $(STAMP) qemu-guest
+# libvfio-user's protocol-0.1 sample client and server (tests/interop), built once from the
+# libvfio-user bundled in QEMU's source package (scripts/lvu/build-lvu-samples: ~10 s, plus a
+# 38 MB download when build-qemu left no source behind). The same QEMU_TESTS decides whether
+# a failed build skips those tests (auto, and no retry for an hour), fails (require) or is
+# not tried (skip).
+lvu-samples:
+	@case "$(QEMU_TESTS)" in skip) exit 0 ;; auto) retry=3600 ;; require) retry=0 ;; \
+	  *) echo "error: QEMU_TESTS=$(QEMU_TESTS): use auto, require or skip" >&2; exit 2 ;; esac; \
+	if LVU_RETRY_AFTER=$$retry scripts/lvu/build-lvu-samples >/dev/null; then :; \
+	elif [ "$(QEMU_TESTS)" = require ]; then \
+	  echo "error: could not build libvfio-user's samples (QEMU_TESTS=require)" >&2; exit 1; \
+	else echo "warning: no libvfio-user samples built; tests/interop will be skipped" >&2; fi
+
+unit: $(STAMP) qemu-guest lvu-samples
 	VFIO_USER_EMU_QEMU_TESTS=$(QEMU_TESTS) $(BIN)/python -m pytest -q
 
 test: lint typecheck unit

@@ -654,33 +654,48 @@ class MigrationEngine:
 
     # -- data --------------------------------------------------------------------------------
     def read_data(self, size: int) -> bytes:
-        return self._saving_to_read().read(size)
+        return b"".join(self.read_views(size))
 
     def read_views(self, size: int) -> list[memoryview]:
-        """What :meth:`read_data` returns, as views of the stream's pieces (the device's own
-        buffers, e.g. its RAM in STOP_COPY), for a reply sent gathered instead of joined."""
+        """Up to ``size`` bytes of the saving stream, as views of its pieces (the device's
+        own buffers, e.g. its RAM in STOP_COPY), for a reply sent gathered instead of joined.
+
+        The reply is as full as the data available now allows, across pieces and sections:
+        a shorter one tells the client "nothing more for now" (spec), so in PRE_COPY the
+        device is asked for its changes again whenever the stream runs dry mid-reply."""
         saving = self._saving_to_read()
         pieces: list[memoryview] = []
-        while size and (piece := saving.take(size)):
+        while size:
+            piece = saving.take(size)
+            if not piece:
+                if saving.complete or not self._add_precopy_changes(saving):
+                    break
+                continue
             pieces.append(piece)
             size -= len(piece)
         return pieces
 
     def _saving_to_read(self) -> SavingSession:
-        """The saving session, refilled from the device in PRE_COPY when nothing is
-        pending; EINVAL outside the saving states."""
+        """The saving session; EINVAL outside the saving states."""
         if self.state not in SAVING_STATES or self.saving is None:
             raise ProtocolError(errno.EINVAL, f"no migration data to read in {self.state.name}")
-        if not self.saving.pending and not self.saving.complete:
-            self.saving.add(self.device.precopy_changes())
         return self.saving
+
+    def _add_precopy_changes(self, saving: SavingSession) -> bool:
+        """Ask the device for what changed (PRE_COPY only: after STOP_COPY's sections the
+        stream is complete); True when that added bytes."""
+        before = saving.pending
+        saving.add(self.device.precopy_changes())
+        return saving.pending > before
 
     def pending_data(self) -> int:
         """Bytes the saving stream holds now (the v1 region's ``pending_bytes``); in
         PRE_COPY it first asks the device for changes, as :meth:`read_data` does."""
         if self.state not in SAVING_STATES or self.saving is None:
             return 0
-        return self._saving_to_read().pending
+        if not self.saving.pending and not self.saving.complete:
+            self._add_precopy_changes(self.saving)
+        return self.saving.pending
 
     def precopy_info(self, unread: int = 0) -> tuple[int, int]:
         """The kernel's VFIO_MIG_GET_PRECOPY_INFO in PRE_COPY: ``(initial_bytes,

@@ -1149,8 +1149,8 @@ def _run_script(name: str, argv: Sequence[str]) -> int:
     sys.modules[spec.name] = module  # dataclasses look their module up there
     try:
         spec.loader.exec_module(module)
-        main: Callable[[list[str]], int] = module.main
-        return main(list(argv))
+        main: Callable[..., int] = module.main
+        return main(list(argv), prog=f"vfio-user-emu bench {name.removeprefix('bench_')}")
     finally:
         del sys.modules[spec.name]
 
@@ -1176,7 +1176,9 @@ def add_bench_parser(
         prefix_chars="+",  # everything after "serialize" goes to the script, --help included
         add_help=False,
     )
-    serialize.add_argument("script_args", nargs=argparse.REMAINDER)
+    serialize.add_argument(
+        "script_args", nargs=argparse.REMAINDER, help="the script's arguments (--help lists them)"
+    )
     return which
 
 

@@ -60,7 +60,8 @@ E1000_ICR = 0x00C0
 SIZE_FIELD = struct.Struct("<I")  # the header's size field, at offset 4
 FLAGS_FIELD = struct.Struct("<I")  # the header's flags field, at offset 8
 START_TIMEOUT = 20.0
-DEFAULT_BASELINE = Path("docs/bench/rtt-baseline.json")
+#: In the source tree, wherever the command runs from.
+DEFAULT_BASELINE = Path(__file__).resolve().parent.parent / "docs" / "bench" / "rtt-baseline.json"
 #: A figure whose ratio to the floor grew by more than this is flagged as a regression.
 REGRESSION_LIMIT = 0.10
 CHECKED_PLACEMENTS = ("same",)
@@ -140,14 +141,24 @@ class _EchoBuffer:
         return b"".join(out)
 
 
+def _listening(path: str) -> socket.socket:
+    """A socket listening at ``path`` once the path exists: bound under a temporary name and
+    renamed (the parent waits for the path, and a bound socket not yet listening would
+    refuse its connection)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    listener.bind(temporary)
+    listener.listen(1)
+    os.rename(temporary, path)
+    return listener
+
+
 def echo_server(path: str) -> None:
     """Serve one client: echo each message that wants a reply, drop posted ones.
 
     Deliberately the least a Python server can do per message: one blocking ``recv_into``,
     a header look at each message, one ``sendall`` of the echoed bytes."""
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(1)
+    listener = _listening(path)
     conn, _ = listener.accept()
     listener.close()
     echo = _EchoBuffer()
@@ -163,9 +174,7 @@ def trio_echo_server(path: str) -> None:
     import trio  # noqa: PLC0415 -- only this child process needs it
 
     async def serve() -> None:
-        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await listener.bind(path)
-        listener.listen(1)
+        listener = trio.socket.from_stdlib_socket(_listening(path))
         conn, _ = await listener.accept()
         raw = socket.socket(fileno=os.dup(conn.fileno()))
         raw.setblocking(False)

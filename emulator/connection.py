@@ -63,6 +63,7 @@ from protocol.version import ClientCapabilities, ServerCapabilities
 from .datafd import DataFdSessions, MemfdStaging
 from .dirty import LoggingFeature, covered
 from .dma import DirtyLog, DmaEngine, IovaMap
+from .eventfd_signal import read_nowait
 from .irqs import IrqBindings
 from .limits import Limits
 from .session import Deferred, IoEventFds, Outcome, RegionFds, Session
@@ -685,9 +686,8 @@ class ClientSession:
                 if scope.cancel_called:
                     return  # unwatched (and closed) after we were woken: the number is stale
                 try:
-                    os.read(fd, 8)
-                except BlockingIOError:
-                    continue
+                    if not read_nowait(fd):
+                        continue  # woken with nothing to read (the count was taken first)
                 except OSError:
                     return
                 try:

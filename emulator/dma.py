@@ -1,8 +1,10 @@
 """Client memory: the DMA map (DMA_MAP/DMA_UNMAP) and the device-facing DMA engine.
 
-A range mapped with an fd is mmapped here and accessed directly. A range mapped without one
-is reached with DMA_READ/DMA_WRITE messages to the client, split at the client's
-``max_data_xfer_size``. Either way every access is checked against the map and its
+A range mapped with an fd is accessed directly: mmapped when the client can no longer shrink
+the file (a sealed memfd), else with pread/pwrite on the fd (a file on disk: a shrunk file
+then gives a short count instead of the SIGBUS a mapping would raise). A range mapped
+without an fd is reached with DMA_READ/DMA_WRITE messages to the client, split at the
+client's ``max_data_xfer_size``. Either way every access is checked against the map and its
 permissions before a byte moves, and every byte written is told to the dirty-page logging
 (which records pages while a client's logging session runs).
 """
@@ -10,12 +12,15 @@ permissions before a byte moves, and every byte written is told to the dirty-pag
 from __future__ import annotations
 
 import bisect
+import ctypes
+import enum
 import errno
 import fcntl
 import logging
 import mmap
 import os
 import stat
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,6 +35,14 @@ PAGE_SIZE = mmap.PAGESIZE
 log = logging.getLogger("vfio_user_emu")
 
 
+class Access(enum.Enum):
+    """How the device reaches one DMA range."""
+
+    MMAP = "mmap"  # an fd the client can no longer shrink
+    FILE = "file"  # pread/pwrite on an fd it could shrink (a file on disk)
+    MESSAGES = "messages"  # no fd: DMA_READ/DMA_WRITE to the client
+
+
 @dataclass(eq=False)
 class Mapping:
     address: int
@@ -39,9 +52,9 @@ class Mapping:
     fd: int | None = None
     file_offset: int = 0
     file_id: tuple[int, int] | None = None  # (st_dev, st_ino), to recognise identical re-maps
+    access: Access = field(default=Access.MESSAGES)
     _mmap: mmap.mmap | None = field(default=None, repr=False)
     _skew: int = 0  # bytes between the page-aligned mmap start and file_offset
-    _fd_backed: bool = False
     _closed: bool = False
 
     @property
@@ -50,7 +63,8 @@ class Mapping:
 
     @property
     def fd_backed(self) -> bool:
-        return self._fd_backed
+        """Reached directly (mmap or file I/O) rather than with messages to the client."""
+        return self.access is not Access.MESSAGES
 
     @property
     def alive(self) -> bool:
@@ -68,14 +82,32 @@ class Mapping:
         )
 
     def read(self, offset: int, length: int) -> bytes:
-        assert self._mmap is not None
-        start = self._skew + offset
-        return self._mmap[start : start + length]
+        if self._mmap is not None:
+            start = self._skew + offset
+            return self._mmap[start : start + length]
+        assert self.fd is not None
+        try:
+            data = os.pread(self.fd, length, self.file_offset + offset)
+        except OSError as exc:
+            raise DmaFault(f"DMA: reading the file of [{self.address:#x}, ...): {exc}") from None
+        if len(data) != length:
+            raise DmaFault(f"DMA: the file of [{self.address:#x}, {self.end:#x}) was shrunk")
+        return data
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        assert self._mmap is not None
-        start = self._skew + offset
-        self._mmap[start : start + len(data)] = data
+        if self._mmap is not None:
+            start = self._skew + offset
+            self._mmap[start : start + len(data)] = data
+            return
+        assert self.fd is not None
+        view = memoryview(data).cast("B")
+        at = self.file_offset + offset
+        try:
+            while view:
+                done = os.pwrite(self.fd, view, at)
+                view, at = view[done:], at + done
+        except OSError as exc:
+            raise DmaFault(f"DMA: writing the file of [{self.address:#x}, ...): {exc}") from None
 
     def close(self) -> None:
         self._closed = True
@@ -94,7 +126,7 @@ def mmap_is_safe(fd: int) -> bool:
     server: a client must not be able to do that. memfds sealed against shrinking (QEMU's
     ``memory-backend-memfd`` seals by default) are safe; a memfd that still accepts seals is
     sealed against shrinking here (no client needs to shrink guest RAM it mapped); anything
-    else (a file on disk, a memfd closed to sealing) is not, and is reached with messages.
+    else (a file on disk, a memfd closed to sealing) is not, and is reached with file I/O.
     """
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
@@ -131,8 +163,10 @@ def _open_mapping(request: DmaMap, fd: int | None, *, mmap_unsealed: bool = Fals
         )
     mapping.file_id = (st.st_dev, st.st_ino)
     if not sealed:
-        os.close(fd)  # reached through DMA_READ/DMA_WRITE messages instead
-        mapping.fd = None
+        mapping.access = _file_access(fd)
+        if mapping.access is Access.MESSAGES:
+            os.close(fd)
+            mapping.fd = None
         return mapping
     skew = request.offset % PAGE_SIZE
     prot = (mmap.PROT_READ if readable else 0) | (mmap.PROT_WRITE if writable else 0)
@@ -145,8 +179,51 @@ def _open_mapping(request: DmaMap, fd: int | None, *, mmap_unsealed: bool = Fals
     except (OverflowError, ValueError) as exc:
         raise ProtocolError(errno.EINVAL, f"DMA_MAP: cannot map: {exc}") from None
     mapping._skew = skew
-    mapping._fd_backed = True
+    mapping.access = Access.MMAP
     return mapping
+
+
+_FUSE_SUPER_MAGIC = 0x65735546
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+_HUGETLBFS_MAGIC = 0x958458F6
+
+
+def _file_access(fd: int) -> Access:
+    """How to reach a file the client could shrink: pread/pwrite, except where that cannot
+    work. FUSE: I/O waits for whoever serves that file system, which may be the client
+    itself, and the server must never wait on a client (refused). hugetlbfs has no write():
+    reached with messages, as without an fd."""
+    kind = _filesystem_type(fd)
+    if kind == _FUSE_SUPER_MAGIC:
+        raise ProtocolError(errno.EINVAL, "DMA_MAP: fd is on a FUSE file system")
+    if kind == _HUGETLBFS_MAGIC:
+        _warn_once(
+            "DMA_MAP: a hugetlbfs fd cannot be sealed nor written with pwrite, so the device "
+            "reaches it with DMA_READ/DMA_WRITE messages (slow); --dma-mmap-unsealed mmaps it "
+            "for a trusted client"
+        )
+        return Access.MESSAGES
+    return Access.FILE
+
+
+def _filesystem_type(fd: int) -> int | None:
+    # struct statfs begins with f_type (a long on the 64-bit Linux ABIs); the rest is not
+    # needed, 256 bytes cover the whole struct.
+    buffer = ctypes.create_string_buffer(256)
+    if _libc.fstatfs(fd, buffer) != 0:
+        return None
+    return int.from_bytes(buffer.raw[: ctypes.sizeof(ctypes.c_long)], sys.byteorder)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class IovaMap:
@@ -159,7 +236,6 @@ class IovaMap:
         self._starts: list[int] = []
         self._maps: list[Mapping] = []
         self._slots: list[Mapping | None] = []  # DMA_MAP order, freed slots reused
-        self._fallback_logged = False  # one warning per session, not one per DMA_MAP
 
     def __len__(self) -> int:
         return len(self._maps)
@@ -175,8 +251,6 @@ class IovaMap:
             if fd is not None:
                 os.close(fd)
             raise
-        if fd is not None and not mapping.fd_backed:
-            self._log_message_fallback(mapping)
         existing = self._overlapping(mapping.address, mapping.end)
         if existing:
             mapping.close()
@@ -195,19 +269,6 @@ class IovaMap:
             self._slots[self._slots.index(None)] = mapping
         else:
             self._slots.append(mapping)
-
-    def _log_message_fallback(self, mapping: Mapping) -> None:
-        if self._fallback_logged:
-            return
-        self._fallback_logged = True
-        log.warning(
-            "DMA_MAP [%#x, +%#x): its fd could not be sealed against shrinking (a file on "
-            "disk, hugetlbfs, or a memfd closed to sealing), so the device reaches it with "
-            "DMA_READ/DMA_WRITE messages, much slower than mmap; --dma-mmap-unsealed mmaps "
-            "such fds for a trusted client (further fallbacks of this session not logged)",
-            mapping.address,
-            mapping.size,
-        )
 
     def remove(self, address: int, size: int) -> Mapping:
         at = bisect.bisect_left(self._starts, address)

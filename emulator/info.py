@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from protocol.constants import (
     DeviceFlags,
     IrqIndex,
     IrqInfoFlags,
+    MigrationCaps,
     PciRegion,
     RegionFlags,
 )
-from protocol.messages import NdmaCap, SparseMmapCap, TypeCap
+from protocol.messages import IrqInfo, NdmaCap, SparseMmapCap, TypeCap
 
 from .client import Client, ClientError, ConnectionLost, RegionDescription
+from .compat import IRQ_NAMES, human_size, pci_ids, region_name
+from .migration import get_caps, get_state
+from .migration_v1 import get_device_state, state_name
 from .transport import close_fds
 
+#: The TYPE cap of a v1 migration region.
+MIGRATION_REGION_TYPE = TypeCap(3, 1)
 #: QEMU's anti-malicious-server limits (facts 5.2); the report stops there too.
 MAX_REGIONS = 100
 MAX_IRQS = 50
@@ -76,29 +83,6 @@ PCIE_PORT_TYPES = {
     0xA: "Root Complex Event Collector",
 }
 
-IRQ_NAMES = {
-    IrqIndex.INTX: "INTx",
-    IrqIndex.MSI: "MSI",
-    IrqIndex.MSIX: "MSI-X",
-    IrqIndex.ERR: "ERR",
-    IrqIndex.REQ: "REQ",
-}
-
-
-def region_name(index: int) -> str:
-    if index <= PciRegion.BAR5:
-        return f"BAR{index}"
-    if index < len(PciRegion):
-        return PciRegion(index).name
-    return f"REGION{index}"
-
-
-def human_size(size: int) -> str:
-    for shift, unit in ((30, "G"), (20, "M"), (10, "K")):
-        if size >= 1 << shift and size % (1 << shift) == 0:
-            return f"{size >> shift}{unit}"
-    return str(size)
-
 
 def _flag_names(value: int, names: list[tuple[int, str]]) -> str:
     parts = [name for bit, name in names if value & bit]
@@ -106,6 +90,10 @@ def _flag_names(value: int, names: list[tuple[int, str]]) -> str:
     if unknown:
         parts.append(f"{unknown:#x}")
     return "/".join(parts) if parts else "-"
+
+
+def _device_flags(flags: int) -> str:
+    return _flag_names(flags, [(DeviceFlags.RESET, "RESET"), (DeviceFlags.PCI, "PCI")])
 
 
 def _region_flags(flags: int) -> str:
@@ -310,25 +298,34 @@ def _config_header_lines(config: _Config) -> list[str]:
     ]
 
 
-async def _irq_lines(client: Client, count: int) -> list[str]:
-    lines = []
+async def _irqs(client: Client, count: int) -> list[tuple[str, IrqInfo | ClientError]]:
+    """(name, info or the error it got) of every interrupt index; a lost connection ends
+    the report."""
+    irqs: list[tuple[str, IrqInfo | ClientError]] = []
     for index in range(count):
         name = IRQ_NAMES.get(IrqIndex(index), str(index)) if index < len(IrqIndex) else str(index)
         try:
-            irq = await client.get_irq_info(index)
+            irqs.append((name, await client.get_irq_info(index)))
         except ConnectionLost:
             raise
         except ClientError as exc:
-            lines.append(f"  {name:<6} error: {exc}")
-            continue
-        lines.append(f"  {name:<6} count {irq.count}  [{_irq_flags(irq.flags)}]")
-    return lines
+            irqs.append((name, exc))
+    return irqs
+
+
+async def _irq_lines(client: Client, count: int) -> list[str]:
+    return [
+        f"  {name:<6} error: {irq}"
+        if isinstance(irq, ClientError)
+        else f"  {name:<6} count {irq.count}  [{_irq_flags(irq.flags)}]"
+        for name, irq in await _irqs(client, count)
+    ]
 
 
 async def describe(client: Client) -> str:
     """A multi-line report of the device behind ``client``."""
     info = await client.get_info()
-    flags = _flag_names(info.flags, [(DeviceFlags.RESET, "RESET"), (DeviceFlags.PCI, "PCI")])
+    flags = _device_flags(info.flags)
     lines = [
         f"vfio-user device: protocol {client.major}.{client.minor}",
         f"Flags: {flags}  regions: {info.num_regions}  irqs: {info.num_irqs}",
@@ -351,8 +348,111 @@ async def describe(client: Client) -> str:
     lines.append("IRQs:")
     lines += await _irq_lines(client, min(info.num_irqs, MAX_IRQS))
 
+    lines += _migration_lines(await migration_status(client, regions))
+
     if config is not None:
         lines.append("Capabilities:")
         lines += capability_lines(config)
         lines += extended_capability_lines(config)
     return "\n".join(lines) + "\n"
+
+
+async def migration_status(
+    client: Client, regions: list[RegionDescription | ClientError]
+) -> dict[str, Any]:
+    """What the device offers for migration and where it is: v2 (DEVICE_FEATURE: the
+    capabilities and the state) and v1 (the migration region's ``device_state``); a
+    protocol the device does not serve is None."""
+    status: dict[str, Any] = {"v2": None, "v1": None}
+    try:
+        caps = await get_caps(client)
+        state = await get_state(client)
+    except ConnectionLost:
+        raise
+    except ClientError:
+        pass
+    else:
+        names = [flag.name for flag in MigrationCaps if caps & flag and flag.name]
+        status["v2"] = {"capabilities": names, "state": state.name}
+    for region in regions:
+        if isinstance(region, RegionDescription) and MIGRATION_REGION_TYPE in region.caps:
+            try:
+                bits = await get_device_state(client, region.info.index)
+            except ConnectionLost:
+                raise
+            except ClientError as exc:
+                status["v1"] = {"region": region.info.index, "error": str(exc)}
+            else:
+                status["v1"] = {"region": region.info.index, "state": state_name(bits)}
+            break
+    return status
+
+
+def _migration_lines(status: dict[str, Any]) -> list[str]:
+    lines = ["Migration:"]
+    v2, v1 = status["v2"], status["v1"]
+    if v2 is not None:
+        caps = "|".join(v2["capabilities"]) or "nothing"
+        lines.append(f"  v2 (DEVICE_FEATURE)  {caps}  state {v2['state']}")
+    if v1 is not None:
+        where = f"region {v1['region']}"
+        lines.append(
+            f"  v1 ({where})  state {v1['state']}"
+            if "state" in v1
+            else f"  v1 ({where})  {v1['error']}"
+        )
+    if v2 is None and v1 is None:
+        lines.append("  not supported")
+    return lines
+
+
+async def describe_json(client: Client) -> dict[str, Any]:
+    """What :func:`describe` reports, as one JSON-ready object (for scripts)."""
+    info = await client.get_info()
+    regions = await _regions(client, min(info.num_regions, MAX_REGIONS))
+    problems: list[str] = []
+    config = await _read_config(client, regions, problems)
+    irqs = [
+        {"index": index, "name": name, "error": str(irq)}
+        if isinstance(irq, ClientError)
+        else {
+            "index": index,
+            "name": name,
+            "count": irq.count,
+            "flags": _flag_list(_irq_flags(irq.flags)),
+        }
+        for index, (name, irq) in enumerate(await _irqs(client, min(info.num_irqs, MAX_IRQS)))
+    ]
+    return {
+        "protocol": f"{client.major}.{client.minor}",
+        "flags": _flag_list(_device_flags(info.flags)),
+        "regions": [_region_json(index, region) for index, region in enumerate(regions)],
+        "irqs": irqs,
+        "config": None if config is None else pci_ids(config.data),
+        "config_error": problems[0] if problems else None,
+        "capabilities": []
+        if config is None
+        else [
+            line.strip() for line in capability_lines(config) + extended_capability_lines(config)
+        ],
+        "migration": await migration_status(client, regions),
+    }
+
+
+def _flag_list(names: str) -> list[str]:
+    """``R/W/MMAP`` as a list (``-``: none)."""
+    return [] if names == "-" else names.split("/")
+
+
+def _region_json(index: int, region: RegionDescription | ClientError) -> dict[str, Any]:
+    if isinstance(region, ClientError):
+        return {"index": index, "name": region_name(index), "error": str(region)}
+    info = region.info
+    return {
+        "index": index,
+        "name": region_name(index),
+        "size": info.size,
+        "flags": _flag_list(_region_flags(info.flags)),
+        "offset": info.offset,
+        "v1_migration_region": MIGRATION_REGION_TYPE in region.caps,
+    }

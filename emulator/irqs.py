@@ -17,15 +17,19 @@ from protocol.constants import IrqSetFlags
 from protocol.errors import ProtocolError, require
 from protocol.messages import IrqSet
 
-_ONE = (1).to_bytes(8, "little")
+from .eventfd_signal import signaller
 
 
 def signal_eventfd(fd: int) -> bool:
-    try:
-        os.write(fd, _ONE)
-    except OSError:
-        return False  # the client closed its end or passed a non-eventfd; nothing to deliver
-    return True
+    """Add 1 to a client's eventfd without blocking and without changing its file status
+    flags (they are the client's: see :mod:`emulator.eventfd_signal`). False when nothing
+    was delivered (not an eventfd)."""
+    return signaller().signal(fd)
+
+
+def close_eventfd(fd: int) -> None:
+    signaller().forget(fd)
+    os.close(fd)
 
 
 class FdWatcher(Protocol):
@@ -65,7 +69,7 @@ class IrqBindings:
     def close_all(self) -> None:
         for table in self.triggers:
             for fd in table.values():
-                os.close(fd)
+                close_eventfd(fd)
             table.clear()
         self._drop_unmask_fd()
 
@@ -115,20 +119,12 @@ class IrqBindings:
         index, start, count = request.index, request.start, request.count
         action = request.action
         require(len(fds) in (0, count), f"SET_IRQS: {len(fds)} fds for count {count}")
-        for fd in fds:
-            # Never block the server on a client's fd: an eventfd whose counter the client
-            # drove to its maximum (or a full pipe passed instead) would block a write.
-            # O_NONBLOCK belongs to the file description the client shares, so its copy
-            # turns non-blocking too (README, Limits; QEMU's and libvfio-user's eventfds
-            # are non-blocking anyway). Polling for POLLOUT before a blocking write instead
-            # would leave the client a window to saturate the counter and hang the server.
-            os.set_blocking(fd, False)
         if action == IrqSetFlags.ACTION_TRIGGER:
             table = self.triggers[index]
             for i in range(count):
                 old = table.pop(start + i, None)
                 if old is not None:
-                    os.close(old)
+                    close_eventfd(old)
                 if index == MSIX:
                     self.controller.program_msix_vector(start + i, live=bool(fds))
             if fds:
@@ -154,7 +150,7 @@ class IrqBindings:
     def _disable(self, index: int) -> None:
         table = self.triggers[index]
         for vector, fd in table.items():
-            os.close(fd)
+            close_eventfd(fd)
             if index == MSIX:
                 self.controller.program_msix_vector(vector, live=False)
         table.clear()

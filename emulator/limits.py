@@ -27,6 +27,8 @@ from protocol.constants import QEMU_MAX_MSG_FDS, MigState
 from protocol.messages import DmaLayout
 from protocol.version import ServerCapabilities
 
+from .cli_common import positive_int_arg, positive_size_arg
+
 #: MSI-X allows at most 2048 vectors per function (PCI spec); no real device needs more.
 MSIX_MAX_VECTORS = 2048
 #: Migration states in which the device holds a data session (a saving stream being read
@@ -66,9 +68,9 @@ class Limits:
     #: (it is created 0600, so: its owner and root).
     allowed_uids: frozenset[int] = field(default_factory=frozenset)
     #: mmap DMA_MAP fds the client could still shrink (files on disk, unsealed memfds).
-    #: Off: those ranges are reached with DMA_READ/DMA_WRITE messages, since a file shrunk
-    #: under our mapping makes the next access a SIGBUS that kills the server. Only for a
-    #: trusted client backing guest RAM with such files (memory-backend-file).
+    #: Off: those ranges are reached with pread/pwrite on the fd (hugetlbfs: with messages),
+    #: since a file shrunk under our mapping makes the next access a SIGBUS that kills the
+    #: server. Only for a trusted client backing guest RAM with such files.
     mmap_unsealed_dma: bool = False
     dma_reply_timeout: float = 10.0
     max_queued_jobs: int = 4096
@@ -212,8 +214,8 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("limits (what one client may make the server hold)")
     group.add_argument(
         "--max-msg-size",
-        type=int,
-        metavar="N",
+        type=positive_size_arg,
+        metavar="SIZE",
         help="largest message accepted, header included (default: the transfer size + 4 KiB;"
         " larger: E2BIG, payload skipped); also caps --max-data-xfer-size",
     )
@@ -221,16 +223,16 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
         default = getattr(defaults, field_name)
         group.add_argument(
             option,
-            type=int,
+            type=positive_int_arg,
             default=default,
             metavar="N",
             help=f"{what} (default {default}; {beyond})",
         )
     group.add_argument(
         "--max-migration-stream",
-        type=int,
+        type=positive_size_arg,
         default=defaults.max_migration_stream,
-        metavar="BYTES",
+        metavar="SIZE",
         help="resumed migration stream staged per device (default 4 GiB; more: EFBIG)",
     )
     group.add_argument(

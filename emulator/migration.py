@@ -80,6 +80,7 @@ from protocol.messages import DeviceFeatureMsg
 
 from . import allocator
 from .client import Client, ClientError, ConnectionLost, InFlight, InvalidReply
+from .compat import incompatibility
 from .guest_memory_migration import GuestMemoryMigration, MemoryCopyReport
 
 __all__ = [
@@ -306,7 +307,9 @@ class _Migration:
         on_precopy_round: PrecopyHook | None,
         transport: Transport = "inband",
         guest_memory: GuestMemoryMigration | None = None,
+        check_devices: bool = True,
     ) -> None:
+        self.check_devices = check_devices
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}")
         if mode not in MODES:
@@ -381,6 +384,11 @@ class _Migration:
             )
         self.source_initial = src_state
         self.destination_initial = dst_state
+        if self.check_devices:
+            self.stage = "comparing the devices"
+            problem = await incompatibility(self.source, self.destination)
+            if problem is not None:
+                raise MigrationError(problem, stage=self.stage)
         if self.memory is not None and self.mode == "pre-copy":
             await self._checked(
                 "source", self.memory.check_logging(self.source), "has no DMA dirty-page logging"
@@ -695,6 +703,7 @@ async def migrate(
     on_precopy_round: PrecopyHook | None = None,
     transport: Transport = "inband",
     guest_memory: GuestMemoryMigration | None = None,
+    check_devices: bool = True,
 ) -> MigrationReport:
     """Migrate the device behind ``source`` to the device behind ``destination``.
 
@@ -716,6 +725,11 @@ async def migrate(
     logging. Counts land in :attr:`MigrationReport.memory`; a round's dirty pages count
     towards ``precopy_threshold``.
 
+    Before anything changes, the devices are compared (:mod:`emulator.compat`: PCI
+    identity, region sizes, vector counts) and a destination that could not take the state
+    is refused with the differences; ``check_devices=False`` skips that (the destination
+    then refuses the state as it loads it, after the source was stopped).
+
     On success the source is in STOP and the destination in RUNNING. Raises
     :class:`MigrationError` (after recovery, see the module docstring) when a request fails,
     ValueError for bad arguments.
@@ -733,6 +747,7 @@ async def migrate(
         on_precopy_round=on_precopy_round,
         transport=transport,
         guest_memory=guest_memory,
+        check_devices=check_devices,
     )
     await run.preflight()
     try:

@@ -11,9 +11,13 @@ What an older client (kernel VFIO 5.8-5.17, libvfio-user protocol 0.1) does, ove
   ``pending_bytes`` again (acknowledging the segment);
 * resume: per segment, read ``data_offset``, write the bytes there, write ``data_size``.
 
-:func:`migrate` is :func:`emulator.migration.migrate` for this interface: destination
-RUNNING -> RESUMING; source SAVING|RUNNING (pre-copy, optional), then SAVING (stop-and-
-copy) until ``pending_bytes`` is 0; source -> 0 (STOP); destination -> RUNNING. Segments go
+:func:`migrate` is :func:`emulator.migration.migrate` for this interface: the devices
+checked (source RUNNING, destination RUNNING or STOP, both the same device as far as
+:mod:`emulator.compat` sees) before anything changes; a STOP destination (e.g. the source of
+the previous migration, when a device goes back where it came from) is reset to RUNNING,
+since v1 has no STOP -> RESUMING; destination RUNNING -> RESUMING; source SAVING|RUNNING
+(pre-copy, optional), then SAVING (stop-and-copy) until ``pending_bytes`` is 0; source -> 0
+(STOP); destination -> RUNNING. Segments go
 to the destination as they are read, in order and with the same sizes (v1 requires both).
 Any failure, discovery included, ends in :class:`MigrationError` after recovery (source
 back to RUNNING along the v1 transitions, destination reset).
@@ -29,13 +33,15 @@ from dataclasses import dataclass
 
 import trio
 
-from protocol.constants import Command, RegionFlags
+from protocol.constants import Command, MigState, RegionFlags
 from protocol.dirty_logging import bitmap_bytes
 from protocol.messages import TypeCap
 from protocol.migration_v1 import (
+    BITS_TO_STATE,
     DATA_OFFSET_OFFSET,
     DATA_SIZE_OFFSET,
     DEVICE_STATE_OFFSET,
+    ERROR_BITS,
     PENDING_BYTES_OFFSET,
     REGION_SUBTYPE_MIGRATION,
     REGION_TYPE_MIGRATION,
@@ -47,6 +53,7 @@ from protocol.migration_v1 import (
 )
 
 from .client import Client, ClientError, InvalidReply
+from .compat import incompatibility
 from .migration import RECOVERY_TIMEOUT, MigrationError, Mode, fail_after_recovery
 
 U32 = struct.Struct("<I")
@@ -58,6 +65,14 @@ DEFAULT_PRECOPY_SEGMENTS = 64
 RUNNING = StateBits.RUNNING
 SAVING = StateBits.SAVING
 RESUMING = StateBits.RESUMING
+STOP = 0
+BITS_STATES = {**BITS_TO_STATE, int(ERROR_BITS): MigState.ERROR}
+
+
+def state_name(bits: int) -> str:
+    """The v2 name of a ``device_state`` value's state bits (ERROR for SAVING|RESUMING)."""
+    state = BITS_STATES.get(bits & STATE_MASK)
+    return state.name if state is not None else f"invalid state {bits:#x}"
 
 
 # -- dirty pages (14) --------------------------------------------------------------------------
@@ -92,8 +107,9 @@ class MigrationRegionInfo:
     size: int
 
 
-async def find_region(client: Client) -> MigrationRegionInfo:
-    """The device's v1 migration region (TYPE cap 3/1 among the device-specific regions)."""
+async def find_region(client: Client, side: str = "the device") -> MigrationRegionInfo:
+    """The device's v1 migration region (TYPE cap 3/1 among the device-specific regions);
+    ``side`` names the device in the error."""
     info = await client.get_info()
     for index in range(PCI_FIXED_REGIONS, info.num_regions):
         region = await client.get_region_info(index)
@@ -102,7 +118,11 @@ async def find_region(client: Client) -> MigrationRegionInfo:
         wanted = TypeCap(REGION_TYPE_MIGRATION, REGION_SUBTYPE_MIGRATION)
         if wanted in region.caps and region.info.flags & RegionFlags.WRITE:
             return MigrationRegionInfo(index, region.info.size)
-    raise MigrationError("the device has no v1 migration region", stage="discovery")
+    raise MigrationError(
+        f"{side} has no v1 migration region (serve it with --device TYPE,migration=v1 or "
+        "migration=both)",
+        stage="discovery",
+    )
 
 
 async def _read_u64(client: Client, region: int, offset: int) -> int:
@@ -204,11 +224,14 @@ async def migrate(
     *,
     mode: Mode = "stop-copy",
     precopy_segments: int = DEFAULT_PRECOPY_SEGMENTS,
+    check_devices: bool = True,
 ) -> MigrationReportV1:
     """Migrate through the v1 regions only. On failure the source is put back to RUNNING
-    and the destination reset (best effort) and :class:`MigrationError` is raised."""
+    and the destination reset (best effort) and :class:`MigrationError` is raised.
+    ``check_devices=False`` skips the comparison of the two devices (:mod:`emulator.compat`)
+    and leaves an incompatible state for the destination to refuse."""
     started = time.perf_counter()
-    run = _Run(source, destination)
+    run = _Run(source, destination, check_devices=check_devices)
     try:
         return await run.transfer(mode, precopy_segments, started)
     except BaseException as exc:
@@ -218,7 +241,8 @@ async def migrate(
 class _Run:
     """One v1 migration: where it is (``stage``) and what it touched (for recovery)."""
 
-    def __init__(self, source: Client, destination: Client) -> None:
+    def __init__(self, source: Client, destination: Client, *, check_devices: bool) -> None:
+        self.check_devices = check_devices
         self.source = source
         self.destination = destination
         self.stage = "discovery"
@@ -229,12 +253,36 @@ class _Run:
         self, mode: Mode, precopy_segments: int, started: float
     ) -> MigrationReportV1:
         source, destination = self.source, self.destination
-        src = await find_region(source)
-        dst = await find_region(destination)
+        src = await find_region(source, "the source")
+        dst = await find_region(destination, "the destination")
+        self.stage = "checking the devices"
+        src_bits = await get_device_state(source, src.index) & STATE_MASK
+        dst_bits = await get_device_state(destination, dst.index) & STATE_MASK
+        if src_bits != RUNNING:
+            raise MigrationError(
+                f"source is in {state_name(src_bits)}; a v1 migration starts from RUNNING",
+                stage=self.stage,
+            )
+        if dst_bits not in (RUNNING, STOP):
+            raise MigrationError(
+                f"destination is in {state_name(dst_bits)}; it must be RUNNING or STOP",
+                stage=self.stage,
+            )
+        if self.check_devices:
+            self.stage = "comparing the devices"
+            problem = await incompatibility(source, destination)
+            if problem is not None:
+                raise MigrationError(problem, stage=self.stage)
         self.src = src
         moved = precopy = count = 0
-        self.stage = "destination RUNNING -> RESUMING"
         self.destination_touched = True
+        if dst_bits == STOP:
+            # A stopped device (e.g. the source of an earlier migration) holds a state
+            # that must not run again, and v1 has no STOP -> RESUMING: DEVICE_RESET it
+            # (back to RUNNING, as a freshly started destination).
+            self.stage = "resetting the stopped destination (DEVICE_RESET -> RUNNING)"
+            await destination.reset()
+        self.stage = "destination RUNNING -> RESUMING"
         await set_device_state(destination, dst.index, RESUMING)
         if mode == "pre-copy":
             self.stage = "source pre-copy"

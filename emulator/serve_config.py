@@ -39,6 +39,7 @@ from protocol.version import ServerCapabilities
 
 from .limits import Limits
 from .netdev import NetBackend, NetdevError, setup_netdevs
+from .qemu import guest_hint
 from .server import DeviceServer, ServerError
 
 TOP_KEYS = {
@@ -211,8 +212,9 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return found
 
 
-async def run_config(path: Path, defaults: ServeConfig) -> int:
-    """The ``serve --config`` command: 0 on a clean stop, 1/2 with a message on errors."""
+async def run_config(path: Path, defaults: ServeConfig, *, print_qemu: bool = False) -> int:
+    """The ``serve --config`` command: 0 on a clean stop, 1/2 with a message on errors.
+    ``print_qemu``: also print a QEMU command line attaching one guest to every device."""
     try:
         servers, netdevs = build_servers(load_config(path, defaults))
     except ConfigError as exc:
@@ -235,6 +237,10 @@ async def run_config(path: Path, defaults: ServeConfig) -> int:
                 print(f"serving {server.name} on {server.socket_path}", flush=True)
             for netdev in netdevs:
                 print(netdev.describe(), flush=True)
+            if print_qemu:
+                paths = [str(server.socket_path) for server in servers if server.socket_path]
+                for line in guest_hint(paths):
+                    print(line, flush=True)
             async for _ in signals:
                 nursery.cancel_scope.cancel()
                 break

@@ -37,6 +37,7 @@ from protocol.version import ServerCapabilities
 
 from . import fastpath
 from .connection import ClientSession
+from .eventfd_signal import signaller
 from .limits import MIGRATION_SESSIONS, Limits, apply_to_device, peer_allowed, peer_uid
 from .session import RegionFds
 from .trace import Tracer
@@ -83,11 +84,25 @@ def stale_socket(path: Path, kind: int = socket.SOCK_STREAM) -> bool:
     return False
 
 
+def _in_use(path: Path) -> str:
+    """Why an existing ``path`` is left alone, and what to do instead."""
+    mode = path.lstat().st_mode
+    if stat.S_ISSOCK(mode):
+        return "a server is listening on it (stop that server first, or choose another path)"
+    kind = "a directory" if stat.S_ISDIR(mode) else "not a socket"
+    return f"it exists and is {kind} (remove it, or choose another path)"
+
+
 def create_listener(path: Path) -> socket.socket:
     """Bind, restrict to the owner, listen, then rename into place (atomic for clients)."""
+    if not path.parent.is_dir():
+        raise ServerError(
+            f"cannot create the socket {path}: the directory {path.parent} does not exist "
+            "(create it first, or choose another path)"
+        )
     if path.exists() or path.is_symlink():
         if not stale_socket(path):
-            raise ServerError(f"{path} exists and is not a stale socket; refusing to replace it")
+            raise ServerError(f"refusing to replace {path}: {_in_use(path)}")
         path.unlink()
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.unlink(missing_ok=True)
@@ -159,8 +174,11 @@ class RamBacking:
 
 @functools.cache
 def _install_fast_path() -> None:
-    """Pick the C fast path for migration streams once per process (or the fallback)."""
+    """Pick the C fast path for migration streams once per process (or the fallback), and
+    make the process's eventfd signaller now: it holds an fd of its own (/dev/zero), which
+    belongs to the server from its start, not to the first client that gets an interrupt."""
     fastpath.install_best()
+    signaller()
 
 
 class DeviceServer:

@@ -325,7 +325,7 @@ class Session:
         self._check_count(count)
         self._region(index)
         if count == 0:
-            return EMPTY
+            return Outcome(payload)  # the header and no bytes, as every REGION_READ reply
         if self.v1 is not None and index == self.v1.index:
             return Outcome(payload + self.v1.read(offset, count))
         data = self.device.region_read(index, offset, count)

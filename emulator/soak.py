@@ -55,9 +55,11 @@ import errno
 import gc
 import hashlib
 import json
+import logging
 import math
 import os
 import random
+import signal
 import socket
 import struct
 import sys
@@ -82,6 +84,7 @@ from devices.testdev import TestDev
 from protocol.constants import Command, IrqIndex, IrqSetFlags, MigState
 from protocol.header import HEADER, Header, pack_message
 
+from .cli_common import SIGNAL_EXIT, HelpFormatter, positive_int_arg
 from .client import Client, ClientError
 from .guest_e1000 import DriverConfig, E1000Guest
 from .migration import (
@@ -1273,10 +1276,14 @@ class E1000Flow:
 # The soak
 
 
+#: Migrations of a soak given neither --iterations nor --duration.
+DEFAULT_ITERATIONS = 100
+
+
 @dataclass(slots=True)
 class SoakConfig:
     device: str = "testdev"
-    iterations: int | None = 100
+    iterations: int | None = DEFAULT_ITERATIONS
     duration: float | None = None
     mode: Mode = "stop-copy"
     transport: Transport = "inband"
@@ -1298,6 +1305,8 @@ class SoakConfig:
             raise ValueError("--faults is a probability per migration, 0..1")
         if self.iterations is None and self.duration is None:
             raise ValueError("give --iterations or --duration")
+        if self.iterations is not None and self.iterations < 1:
+            raise ValueError(f"--iterations must be at least 1, not {self.iterations}")
 
     def fault_kinds(self) -> list[FaultKind]:
         kinds = list(self.kinds if self.kinds is not None else FaultKind)
@@ -1325,6 +1334,8 @@ class SoakResult:
     samples: list[ResourceSample] = field(default_factory=list)
     guest: dict[str, Any] = field(default_factory=dict)
     failure_notes: Counter[str] = field(default_factory=Counter)
+    #: The signal that ended the run early (SIGINT, SIGTERM), if one did.
+    interrupted: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -1353,6 +1364,7 @@ class SoakResult:
         return {
             "config": self.config,
             "ok": self.ok,
+            "interrupted_by": self.interrupted,
             "migrations": self.migrations,
             "succeeded": self.succeeded,
             "failed_by_faults": self.failed,
@@ -1392,8 +1404,9 @@ class SoakResult:
 
 
 class Soak:
-    def __init__(self, config: SoakConfig, directory: Path) -> None:
+    def __init__(self, config: SoakConfig, directory: Path, stop: trio.Event | None = None) -> None:
         self.config = config
+        self.stop = stop
         self.directory = directory
         self.rng = random.Random(config.seed)
         self.planner = FaultPlanner(config.faults, self.rng, config.fault_kinds())
@@ -1456,6 +1469,8 @@ class Soak:
 
     def _more(self) -> bool:
         config = self.config
+        if self.stop is not None and self.stop.is_set():
+            return False
         if config.iterations is not None and self.result.migrations >= config.iterations:
             return False
         if config.duration is not None:
@@ -1537,6 +1552,10 @@ class Soak:
                 precopy_rounds=PRECOPY_ROUNDS,
                 precopy_threshold=0,
                 on_precopy_round=self._precopy_round if self.config.mode == "pre-copy" else None,
+                # Both servers run the same device by construction; comparing them would
+                # only put a few dozen queries in front of every migration, where faults
+                # aimed at "a random message" would then mostly land.
+                check_devices=False,
             )
         except (MigrationError, ClientError) as exc:
             attempt.error = exc
@@ -1810,18 +1829,21 @@ def summary_table(summary: dict[str, Any]) -> str:
     for kind, count in summary["faults_injected_by_kind"].items():
         recovered = summary["faults_recovered_by_kind"].get(kind, 0)
         rows.append((f"  {kind}", f"{count} injected, {recovered} recovered"))
+    if summary.get("interrupted_by"):
+        rows.insert(1, ("interrupted by", f"{summary['interrupted_by']} (the run ended early)"))
     width = max(len(name) for name, _ in rows)
     lines = [f"{name.ljust(width)}  {value}" for name, value in rows]
     lines += [f"LOSS: {detail}" for detail in summary["loss_details"][:10]]
     return "\n".join(lines)
 
 
-async def run_soak(config: SoakConfig) -> SoakResult:
-    """Run a soak in this trio run (servers, guest and driver are all tasks here)."""
+async def run_soak(config: SoakConfig, *, stop: trio.Event | None = None) -> SoakResult:
+    """Run a soak in this trio run (servers, guest and driver are all tasks here).
+    ``stop``, once set, ends it after the migration in progress, as if it were done."""
     if config.directory is not None:
-        return await Soak(config, config.directory).run()
+        return await Soak(config, config.directory, stop).run()
     with tempfile.TemporaryDirectory(prefix="vfio-soak-") as tmp:
-        return await Soak(config, Path(tmp)).run()
+        return await Soak(config, Path(tmp), stop).run()
 
 
 # =============================================================================================
@@ -1842,56 +1864,150 @@ def parse_duration(text: str) -> float:
     return value
 
 
-def add_soak_parser(sub: Any) -> None:
-    soak = sub.add_parser(
+def parse_fault_kinds(text: str) -> list[FaultKind]:
+    """An argparse type: comma-separated fault kinds; an unknown one lists the valid ones."""
+    kinds = []
+    for name in (part.strip() for part in text.split(",")):
+        try:
+            kinds.append(FaultKind(name))
+        except ValueError:
+            valid = ", ".join(kind.value for kind in FaultKind)
+            raise argparse.ArgumentTypeError(
+                f"unknown fault kind {name!r} (valid: {valid})"
+            ) from None
+    return kinds
+
+
+def add_soak_parser(sub: Any) -> argparse.ArgumentParser:
+    soak: argparse.ArgumentParser = sub.add_parser(
         "soak",
         help="migrate a busy device back and forth with fault injection, checking for losses",
         description="Start two servers, keep the device busy (e1000: a frame flow between two "
         "wired NICs; testdev: registers, DMA and interrupts), migrate it back and forth and "
         "verify device state and traffic after every migration. Exit status 0 only without "
-        "losses and with every injected fault recovered.",
+        "losses and with every injected fault recovered; Ctrl-C (SIGINT) or SIGTERM ends the "
+        "run after the migration in progress, prints the summary, writes the report and "
+        "exits with 130 or 143.",
+        formatter_class=HelpFormatter,
     )
-    soak.add_argument("--device", choices=DEVICES, default="testdev")
+    soak.add_argument("--device", choices=DEVICES, default="testdev", help="the migrating device")
     amount = soak.add_mutually_exclusive_group()
-    amount.add_argument("--iterations", type=int, help="migrations to run (default 100)")
-    amount.add_argument("--duration", type=parse_duration, help="run this long (90s, 10m, 1h)")
-    soak.add_argument("--mode", choices=MODES, default="stop-copy")
-    soak.add_argument("--transport", choices=TRANSPORTS, default="inband")
+    amount.add_argument(
+        "--iterations",
+        type=positive_int_arg,
+        metavar="N",
+        help=f"migrations to run (default {DEFAULT_ITERATIONS} unless --duration)",
+    )
+    amount.add_argument(
+        "--duration", type=parse_duration, help="run this long instead (90s, 10m, 1h)"
+    )
+    soak.add_argument(
+        "--mode", choices=MODES, default="stop-copy", help="each migration's mode (as migrate)"
+    )
+    soak.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="inband",
+        help="each migration's transport (as migrate)",
+    )
     soak.add_argument(
         "--faults", type=float, default=0.0, help="probability of a fault per migration (0..1)"
     )
     soak.add_argument(
         "--fault-kinds",
-        help="comma-separated subset of: " + ", ".join(kind.value for kind in FaultKind),
+        type=parse_fault_kinds,
+        metavar="KIND,...",
+        help="only these faults; kinds: " + ", ".join(kind.value for kind in FaultKind),
     )
-    soak.add_argument("--seed", type=int, default=1)
+    soak.add_argument("--seed", type=int, default=1, help="seeds faults and guest activity")
     soak.add_argument("--report", type=Path, metavar="FILE.json", help="write a JSON report")
-    soak.add_argument("--quiet", action="store_true", help="no progress line")
+    soak.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress line, and no warnings from the in-process servers (faults make "
+        "them expected; -v shows them)",
+    )
+    soak.add_argument(
+        "--json", action="store_true", help="print the report (JSON) instead of the table"
+    )
+    return soak
+
+
+async def run_soak_until_signal(config: SoakConfig) -> tuple[SoakResult | None, int | None]:
+    """Run a soak; the first SIGINT/SIGTERM ends it after the migration in progress (the
+    result is complete up to there), a second one abandons it (no result). Returns the
+    result and the signal that stopped it, if any."""
+    stop = trio.Event()
+    received: list[int] = []
+    result: list[SoakResult] = []
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    received.append(signum)
+                    if stop.is_set():
+                        nursery.cancel_scope.cancel()
+                        return
+                    stop.set()
+                    if config.progress is not None and config.progress.isatty():
+                        print(file=sys.stderr)  # off the progress line
+                    print(
+                        f"vfio-user-emu: soak: {signal.Signals(signum).name}: stopping after "
+                        "the migration in progress (again to abandon the run)",
+                        file=sys.stderr,
+                    )
+
+            nursery.start_soon(watch)
+            result.append(await run_soak(config, stop=stop))
+            nursery.cancel_scope.cancel()
+    return (result[0] if result else None), (received[0] if received else None)
+
+
+def _iterations(args: argparse.Namespace) -> int | None:
+    if args.duration is not None:
+        return None
+    return DEFAULT_ITERATIONS if args.iterations is None else int(args.iterations)
 
 
 def run_soak_cli(args: argparse.Namespace) -> int:
     try:
-        kinds = None
-        if args.fault_kinds:
-            kinds = [FaultKind(name.strip()) for name in args.fault_kinds.split(",")]
         config = SoakConfig(
             device=args.device,
-            iterations=None if args.duration is not None else (args.iterations or 100),
+            iterations=_iterations(args),
             duration=args.duration,
             mode=args.mode,
             transport=args.transport,
             faults=args.faults,
             seed=args.seed,
             report=args.report,
-            kinds=kinds,
-            progress=None if args.quiet else sys.stderr,
+            kinds=args.fault_kinds,
+            progress=None if args.quiet or args.json else sys.stderr,
         )
     except ValueError as exc:
         print(f"vfio-user-emu: soak: {exc}", file=sys.stderr)
         return 2
-    result = trio.run(run_soak, config)
+    logger = logging.getLogger("vfio_user_emu")
+    level = logger.level
+    if args.quiet and not getattr(args, "verbose", False):
+        # The servers and devices run in this process and log to the same logger; under
+        # --faults their warnings (a DMA to a region the killed client no longer maps,
+        # a closed connection) are the faults at work, not news.
+        logger.setLevel(logging.ERROR)
+    try:
+        result, signum = trio.run(run_soak_until_signal, config)
+    finally:
+        logger.setLevel(level)  # main() may be called again in this process (tests)
+    if result is None:
+        assert signum is not None
+        print(f"vfio-user-emu: soak: {signal.Signals(signum).name}: run abandoned", file=sys.stderr)
+        return SIGNAL_EXIT.get(signal.Signals(signum), 128 + signum)
+    if signum is not None:
+        result.interrupted = signal.Signals(signum).name
     summary = result.summary()
-    print(summary_table(summary))
     if config.report is not None:
         config.report.write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2) if args.json else summary_table(summary))
+    if signum is not None:
+        return SIGNAL_EXIT.get(signal.Signals(signum), 128 + signum)
     return 0 if result.ok else 1

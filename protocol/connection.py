@@ -19,7 +19,9 @@ Rules (spec 0.9.2 and what libvfio-user / QEMU do, facts sections 1-3):
   READY             reply matching nothing                  Rejected(silent)  (logged, dropped)
   any               message type not command/reply          Fatal -> CLOSED
   any               size < 16                               Fatal -> CLOSED
-  any               size > limit                            Rejected(E2BIG); payload skipped
+  any               limit < size <= skip limit              Rejected(E2BIG); payload skipped
+  any               size > skip limit (4 x limit, >= 1 MiB) Rejected(E2BIG, close=True)
+                                                            (never wait for gigabytes)
   any               end of stream                           -> CLOSED
   CLOSED            anything                                ignored
 
@@ -193,11 +195,11 @@ class ServerConnection:
         if isinstance(item, InPlaceMessage):  # only a READY connection's ordinary command
             return CommandReceived(item.header, item.payload, item.fds)
         if isinstance(item, Oversized):
-            return self._reject(
-                item.header,
-                ProtocolError(errno.E2BIG, f"message of {item.header.size} bytes over the limit"),
-                item.fds,
-            )
+            over = f"message of {item.header.size} bytes over the limit"
+            if not item.skipped:
+                over += " (past the skip limit: not skipped, the connection ends)"
+            error = ProtocolError(errno.E2BIG, over)
+            return self._reject(item.header, error, item.fds, close=not item.skipped)
         return self._classify(item)
 
     def take_orphan_fds(self) -> list[int]:

@@ -72,12 +72,28 @@ class _InPlace:
     end: int  # absolute stream offset just past the message
 
 
+#: An oversized message's payload is skipped, so the connection can go on, only up to this
+#: many times the size limit (and at least SKIP_LIMIT_MIN bytes). A larger claim (a header
+#: saying 0xfffffff0 bytes and no body, say) would have us wait for gigabytes that may never
+#: come: it is refused, and the connection ends.
+SKIP_LIMIT_FACTOR = 4
+SKIP_LIMIT_MIN = 1 << 20
+
+
+def skip_limit(max_message_size: int) -> int:
+    """The largest oversized message whose payload is skipped rather than ending the
+    connection."""
+    return max(SKIP_LIMIT_FACTOR * max_message_size, SKIP_LIMIT_MIN)
+
+
 @dataclass(slots=True)
 class Oversized:
-    """A message larger than the limit; its payload is being skipped."""
+    """A message larger than the limit; its payload is being skipped (``skipped``) or,
+    past the skip limit, the stream ends here."""
 
     header: Header
     fds: list[int] = field(default_factory=list)
+    skipped: bool = True
 
 
 @dataclass(slots=True)
@@ -204,6 +220,10 @@ class MessageFramer:
         return Message(header, payload, self._claim(start + size) if self._marks else [])
 
     def _start_discard(self, header: Header, start: int) -> Oversized:
+        if header.size > skip_limit(self.max_message_size):
+            # Nothing more is parsed (the connection closes); the fds stay for take_all_fds.
+            self._discard_left = header.size
+            return Oversized(header, skipped=False)
         end = start + header.size
         available = min(len(self._buf), header.size)
         del self._buf[:available]

@@ -254,9 +254,14 @@ def print_table(rows: list[Row]) -> None:
     print("whole-state rows: MB of RAM per second (the stream is a little larger).")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--size-mib", type=int, default=16, help="buffer size (default 16)")
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``prog``: the name in usage lines (``vfio-user-emu bench serialize`` runs this)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--size-mib", type=int, default=16, help="buffer size in MiB")
     parser.add_argument("--large", action="store_true", help="also run with 256 MiB buffers")
     parser.add_argument("--page-size", type=int, default=4096, help="bitmap page size")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (best kept)")

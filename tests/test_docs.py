@@ -1,4 +1,5 @@
-"""The documentation is executable: the tutorial runs, and the architecture notes name real code.
+"""The documentation is executable: the tutorial runs, the architecture notes name real code,
+and the README and the reference pages link, name paths and show commands that exist.
 
 ``docs/writing-a-device.md`` is a tutorial whose ```python blocks, concatenated in order,
 form one module. Its final ``check_counter`` coroutine serves the tutorial's device and
@@ -11,6 +12,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import shlex
+import tomllib
 import types
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -20,6 +23,7 @@ import pytest
 import trio
 
 from devices.irq import InterruptController
+from emulator.cli import build_parser
 from emulator.dma import DmaEngine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,3 +227,135 @@ def test_architecture_names_resolve() -> None:
         except (ImportError, AttributeError) as exc:
             broken.append(f"{name}: {exc}")
     assert not broken, broken
+
+
+# -- the README and the reference pages ----------------------------------------------------------
+
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+_SHELL = re.compile(r"^```sh[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to dashes."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    outside_code = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
+    return {anchor(h) for h in re.findall(r"^#+ (.*)$", outside_code, re.M)}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_links_resolve(page: Path) -> None:
+    broken = []
+    for target in _LINK.findall(page.read_text()):
+        if target.startswith(("http://", "https://")):
+            continue
+        path, _, fragment = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.exists() or (fragment and fragment not in anchors(linked)):
+            broken.append(target)
+    assert not broken, f"{page.name}: links to nothing: {broken}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_named_paths_exist(page: Path) -> None:
+    named = set(
+        re.findall(
+            r"(?<![\w/.])((?:protocol|devices|emulator|tests|docs|scripts)/[\w./-]*\w)",
+            page.read_text(),
+        )
+    )
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, f"{page.name} names paths that do not exist: {missing}"
+
+
+def shell_commands(text: str) -> Iterator[str]:
+    """Every command line of the ```sh blocks (continuations joined, comments cut), and the
+    ExecStart= lines of systemd units."""
+    for block in _SHELL.findall(text):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            yield line.split(" #", 1)[0].strip()
+    yield from re.findall(r"^ExecStart=(.*)$", text, re.M)
+
+
+def emulator_commands(text: str) -> Iterator[list[str]]:
+    """The arguments of every ``vfio-user-emu`` / ``python -m emulator`` command shown
+    (placeholders such as ``...`` left out)."""
+    for line in shell_commands(text):
+        words = shlex.split(line.rstrip("&").strip().replace("${DEVICE}", "testdev"))
+        while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value command
+            words = words[1:]
+        if "..." in words or not words:
+            continue
+        if words[0].endswith("vfio-user-emu"):
+            yield words[1:]
+        elif words[0].endswith("python") and words[1:3] == ["-m", "emulator"]:
+            yield words[3:]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_commands_shown_are_accepted(page: Path) -> None:
+    """A command line a page shows parses with today's options (argparse exits on errors)."""
+    parser = build_parser()
+    for argv in emulator_commands(page.read_text()):
+        try:
+            parser.parse_args(argv)
+        except SystemExit as exc:
+            pytest.fail(f"{page.name}: `vfio-user-emu {shlex.join(argv)}` is refused ({exc})")
+
+
+def test_commands_are_found() -> None:
+    shown = [argv[0] for argv in emulator_commands(README.read_text())]
+    assert {"serve", "info", "qemu-args", "migrate", "soak"} <= set(shown)
+
+
+def _block_after(text: str, heading: str) -> list[str]:
+    section = text[text.index(heading) :]
+    return [line for line in shell_commands(section[: section.index("\n```\n") + 5]) if line]
+
+
+def test_quick_start_is_three_commands_and_set_up_two() -> None:
+    text = README.read_text()
+    assert text.index("## Quick start") < text.index("## Set up") < text.index("## Devices")
+    quick = _block_after(text, "## Quick start")
+    assert len(quick) == 3 and quick[0].startswith("git clone")
+    assert quick[1:] == ["make run", "make vm"]
+    assert _block_after(text, "## Set up") == ["make run", "make test"]
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^vm:.*\n((?:\t.*\n)+)", makefile, re.M)
+    assert (
+        recipe is not None and "scripts/qemu/run-vm --interactive --socket $(SOCKET)" in recipe[1]
+    )
+    assert re.search(r"^SOCKET \?= \./vfio-user\.sock$", makefile, re.M)
+
+
+def test_python_requirement_and_license_match_the_package() -> None:
+    text = README.read_text()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    minimum = project["requires-python"].removeprefix(">=")
+    assert f"Python {minimum} or later" in text
+    assert project["license"] == "MIT"
+    license_text = (ROOT / "LICENSE").read_text()
+    assert license_text.startswith("MIT License\n") and "vfio-user-emu contributors" in license_text
+
+
+def test_systemd_units_start_the_server_on_the_socket_systemd_passes() -> None:
+    text = (ROOT / "docs" / "systemd.md").read_text()
+    (exec_start,) = re.findall(r"^ExecStart=(.*)$", text, re.M)
+    argv = next(emulator_commands(f"ExecStart={exec_start}\n"))
+    args = build_parser().parse_args(argv)
+    assert args.command == "serve" and args.fd == 3  # SD_LISTEN_FDS_START
+    assert re.search(r"^ListenStream=/run/vfio-user/%i\.sock$", text, re.M)
+    assert "vfio-user-emu@.socket" in text and "vfio-user-emu@.service" in text
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p != TUTORIAL], ids=lambda p: p.name)
+def test_python_examples_compile(page: Path) -> None:
+    """Each block on its own (the tutorial's blocks form one module: run above)."""
+    for first, source in python_blocks(page.read_text()):
+        compile("\n" * (first - 1) + source, str(page), "exec")

@@ -1,30 +1,30 @@
-"""Streaming loader for the captured wire traces in ``shared/interop/*.jsonl``.
+"""Streaming loader for the captured wire traces in ``tests/data/interop/*.jsonl.xz``.
 
-The traces sit beside the repository (``<repo>/../shared/interop``; CI clones the repo with
-``shared/`` next to it). Each message line of a trace becomes a :class:`TraceMessage`; proxy
-notes (lines with an ``event`` key) are skipped. Files are read line by line, so a caller
-that stops iterating early never reads the rest of a large trace (the e1000 one is 8.7 MB).
+The traces were captured between independent vfio-user implementations (see the README
+there) and ship with the repository, xz-compressed, so a bare clone runs every interop test.
+Each message line of a trace becomes a :class:`TraceMessage`; proxy notes (lines with an
+``event`` key) are skipped. Files are read line by line, so a caller that stops iterating
+early never decompresses the rest of a large trace (the e1000 one is 8.7 MB).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import lzma
 import os
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
+from typing import TextIO
 
 from protocol.constants import FLAG_NO_REPLY, HEADER_SIZE
 from protocol.header import Header
 
-#: The interop traces live in shared/ beside the repository (as CI checks it out);
-#: VFIO_USER_TRACES points elsewhere.
+#: Where the traces are: the repository's copy unless VFIO_USER_TRACES points elsewhere
+#: (there, a trace may be plain ``NAME`` or compressed ``NAME.xz``).
 TRACE_DIR = Path(
-    os.environ.get("VFIO_USER_TRACES")
-    or Path(__file__).resolve().parents[1].parent / "shared" / "interop"
+    os.environ.get("VFIO_USER_TRACES") or Path(__file__).resolve().parent / "data" / "interop"
 )
 
 LVU_CLIENT = "lvu-client-server.jsonl"
@@ -69,11 +69,19 @@ class TraceMessage:
 
 
 def trace_path(name: str) -> Path:
-    """Path of a trace; skips the calling test when the traces are not available."""
-    path = TRACE_DIR / name
-    if not path.is_file():
-        pytest.skip(f"interop trace {name} not found under {TRACE_DIR} (shared/ not checked out)")
-    return path
+    """Path of a trace, plain or xz-compressed. A missing trace is an error, not a skip: the
+    traces are part of the repository."""
+    for candidate in (TRACE_DIR / name, TRACE_DIR / f"{name}.xz"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"interop trace {name} not found under {TRACE_DIR}")
+
+
+def open_trace(path: Path) -> TextIO:
+    """A trace file's lines as text, decompressing an .xz on the fly."""
+    if path.suffix == ".xz":
+        return lzma.open(path, "rt", encoding="utf-8")
+    return path.open(encoding="utf-8")
 
 
 def _parse(line: str) -> TraceMessage | None:
@@ -102,7 +110,7 @@ def messages(
 
     ``conn`` keeps one connection's messages; iteration stops after ``max_seq``.
     """
-    with trace_path(name).open(encoding="utf-8") as lines:
+    with open_trace(trace_path(name)) as lines:
         for line in lines:
             msg = _parse(line)
             if msg is None:
@@ -165,7 +173,7 @@ def _load(name: str) -> tuple[TraceMessage, ...]:
 
 
 def load(name: str) -> tuple[TraceMessage, ...]:
-    """All messages of one trace file, in capture order; skips the test if it is missing."""
+    """All messages of one trace file, in capture order."""
     trace_path(name)
     return _load(name)
 

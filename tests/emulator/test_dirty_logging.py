@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import errno
+import os
 import struct
+import tempfile
 from collections.abc import Awaitable, Sequence
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -83,6 +86,27 @@ async def test_device_writes_are_reported_once(client: Client) -> None:
         await copy(client, 0x0, 0x12000, 16)
         # A range inside a mapping, at a coarser page size: 32 KiB pages.
         assert await report(client, 0x10000, 0x10000, 8 * PAGE) == 0b1
+
+
+async def test_writes_to_a_file_on_disk_are_direct_and_reported(
+    client: Client, tmp_path: Path
+) -> None:
+    """libvfio-user's sample client maps offsets of one mkstemp() file (unsealable): the
+    device reaches it with pread/pwrite, no messages, and its writes are logged."""
+    fd, name = tempfile.mkstemp(dir=tmp_path)
+    try:
+        os.ftruncate(fd, 0x20000)
+        os.pwrite(fd, bytes(range(256)) * 16, 0x1000)
+        await client.dma_map(0, 0x10000, fd=os.dup(fd))
+        await client.dma_map(0x10000, 0x10000, fd=os.dup(fd), offset=0x10000)
+        await start(client)
+        # The client serves no DMA messages: a message would fail the copy.
+        await copy(client, 0x1000, 0x12000 + 8, PAGE)  # pages 0x12 and 0x13 of the file
+        assert os.pread(fd, PAGE, 0x12000 + 8) == bytes(range(256)) * 16
+        assert await report(client, 0x10000, 0x10000) == 0b11 << 2
+    finally:
+        os.close(fd)
+        os.unlink(name)
 
 
 async def test_finer_report_pages_and_messages(served: ServedDevice, client: Client) -> None:

@@ -136,7 +136,7 @@ EXCEPTIONS: dict[tuple[int, int], Exception_] = {
 
 def _records(path: Path) -> Iterator[dict[str, object]]:
     """Message records, streamed (the file is 8.7 MB)."""
-    with path.open(encoding="utf-8") as lines:
+    with traces.open_trace(path) as lines:
         for line in lines:
             record = json.loads(line)
             if "event" not in record:

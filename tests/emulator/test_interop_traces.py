@@ -1,4 +1,4 @@
-"""Replaying real clients' requests (shared/interop traces) against our server.
+"""Replaying real clients' requests (the interop traces in tests/data/interop) against our server.
 
 The traces were captured between independent implementations: libvfio-user's sample client,
 and QEMU 10.2's ``vfio-user-pci``. Their client->server messages are sent here byte for byte

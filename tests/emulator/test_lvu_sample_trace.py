@@ -1,6 +1,6 @@
 """``lvu-sample`` served for real, checked against libvfio-user's traced sample session.
 
-The trace (``shared/interop/lvu-client-server.jsonl``) is libvfio-user's sample client
+The trace (``tests/data/interop/lvu-client-server.jsonl.xz``) is libvfio-user's sample client
 against its sample server, migrating from ``src`` to ``dst``. Its device-level requests are
 sent here byte for byte (fds replaced by ours) and our replies are compared with the real
 server's recorded replies, byte for byte where the device is the same:

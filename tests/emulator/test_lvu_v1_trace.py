@@ -1,6 +1,6 @@
 """``lvu-sample,migration=v1`` served for real, against the protocol-0.1 sample's trace.
 
-The trace (``shared/interop/lvu-v1-client-server.jsonl``) is the older libvfio-user sample
+The trace (``tests/data/interop/lvu-v1-client-server.jsonl.xz``) is the older libvfio-user sample
 client (protocol 0.1) against its sample server: a session with DIRTY_PAGES (14) and a v1
 migration through the migration region (index 9) from ``src`` to ``dst``. Its requests
 are sent here byte for byte (fds replaced by ours) and our replies compared with the real

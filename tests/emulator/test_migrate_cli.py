@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import errno
+import functools
+import json
+import os
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -20,7 +24,7 @@ from emulator import migration_v1
 from emulator.client import Client
 from emulator.migration import get_state
 from emulator.testing import RawWire
-from protocol.constants import FLAG_ERROR, HEADER_SIZE, MigState, MsgType
+from protocol.constants import FLAG_ERROR, HEADER_SIZE, Command, MigState, MsgType
 from protocol.header import Header
 
 PYTHON = sys.executable
@@ -101,8 +105,8 @@ async def test_missing_socket_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stdout == b""
     assert err == (
-        f"vfio-user-emu: migrate: cannot connect to the source {missing}: "
-        "[Errno 2] No such file or directory\n"
+        f"vfio-user-emu: migrate: cannot connect to the source: {missing} does not exist: no "
+        f"server there (start one with `vfio-user-emu serve --socket-path {missing}`)\n"
     )
     src = tmp_path / "src.sock"
     async with server(src):
@@ -110,7 +114,7 @@ async def test_missing_socket_is_a_clear_error(tmp_path: Path) -> None:
         err = result.stderr.decode()
         assert result.returncode == 1
         assert err.startswith(
-            f"vfio-user-emu: migrate: cannot connect to the destination {missing}"
+            f"vfio-user-emu: migrate: cannot connect to the destination: {missing} does not"
         )
         assert "Traceback" not in err
 
@@ -122,13 +126,23 @@ async def test_failures_exit_1_and_leave_the_source_running(tmp_path: Path) -> N
         err = result.stderr.decode()
         assert result.returncode == 1
         assert err.startswith("vfio-user-emu: migrate: pre-copy mode needs PRE_COPY")
-        # A destination configured differently refuses the state; both devices recover.
+        # A destination configured differently is refused before the source stops.
         result = await cli("migrate", "--from", str(src), "--to", str(dst))
+        assert result.returncode == 1 and result.stdout == b""
+        assert result.stderr.decode() == (
+            "vfio-user-emu: migrate: the destination cannot take this device's state: BAR2 "
+            "64K on the source, 128K on the destination (serve the destination with the "
+            "source's --device options)\n"
+        )
+        # Without that check the destination refuses the state as it loads it; both
+        # devices recover and the message says where the reason is.
+        result = await cli("migrate", "--from", str(src), "--to", str(dst), "--no-device-check")
         err = result.stderr.decode()
         assert result.returncode == 1, err
         assert result.stdout == b""
         assert "RESUMING -> STOP" in err and "EINVAL" in err
         assert "recovery: source STOP -> RUNNING" in err
+        assert "the destination refused the state: its server logs why" in err
         assert "Traceback" not in err
         async with Client.connect(src) as client:
             assert await get_state(client) == MigState.RUNNING
@@ -143,6 +157,7 @@ async def test_migrate_through_the_v1_region(tmp_path: Path) -> None:
         args = ("--from", str(src), "--to", str(dst), "--mode", "pre-copy")
         refused = await cli("migrate", *args)  # v2 is not served by these devices
         assert refused.returncode == 1 and b"supports no migration" in refused.stderr
+        assert b"(a device served with migration=v1 migrates with --protocol v1;" in refused.stderr
         result = await cli("migrate", *args, "--protocol", "v1")
         out, err = result.stdout.decode(), result.stderr.decode()
         assert result.returncode == 0, err
@@ -204,3 +219,180 @@ async def test_v1_discovery_failure_is_a_clean_error(tmp_path: Path) -> None:
     assert "Traceback" not in err
     assert "vfio-user-emu: migrate: v1 migration failed while discovery" in err
     assert "EIO" in err
+
+
+async def test_v1_migration_back_to_where_the_state_came_from(tmp_path: Path) -> None:
+    """The stopped source of a v1 migration takes the state back (it is reset first: v1
+    has no STOP -> RESUMING), and every run of it succeeds; a stopped source is named."""
+    a, b = tmp_path / "a.sock", tmp_path / "b.sock"
+    async with server(a, "testdev,migration=v1"), server(b, "testdev,migration=v1"):
+        await write_guest_state(a)
+        for source, destination in ((a, b), (b, a), (a, b), (b, a)):
+            result = await cli(
+                "migrate", "--from", str(source), "--to", str(destination), "--protocol", "v1"
+            )
+            assert result.returncode == 0, result.stderr.decode()
+            assert result.stderr == b""
+        async with Client.connect(a) as client:
+            assert await migration_v1.get_device_state(client, 9) == 1  # RUNNING
+            assert await client.region_read(td.BAR_RAM, 0x1000, 19) == b"migrated by the CLI"
+        async with Client.connect(b) as client:
+            assert await migration_v1.get_device_state(client, 9) == 0  # STOP
+        result = await cli("migrate", "--from", str(b), "--to", str(a), "--protocol", "v1")
+        assert result.returncode == 1
+        assert result.stderr.decode() == (
+            "vfio-user-emu: migrate: source is in STOP; a v1 migration starts from RUNNING\n"
+        )
+
+
+async def test_the_same_socket_twice_is_a_usage_error(tmp_path: Path) -> None:
+    path = tmp_path / "one.sock"
+    async with server(path):
+        result = await cli("migrate", "--from", str(path), "--to", f"{tmp_path}/./one.sock")
+        assert result.returncode == 2 and result.stdout == b""
+        err = result.stderr.decode()
+        assert err.startswith(f"vfio-user-emu: migrate: --from and --to are the same socket {path}")
+        assert "migrate between two servers" in err
+
+
+async def test_another_device_type_is_refused_before_the_source_stops(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src.sock", tmp_path / "dst.sock"
+    async with server(src), server(dst, "e1000"):
+        for protocol in ("v2",):
+            result = await cli(
+                "migrate", "--from", str(src), "--to", str(dst), "--protocol", protocol
+            )
+            assert result.returncode == 1
+            assert result.stderr.decode() == (
+                "vfio-user-emu: migrate: the destination cannot take this device's state: "
+                "vendor:device 1b36:0f00 on the source, 8086:100e on the destination (serve "
+                "the destination with the source's --device options)\n"
+            )
+        async with Client.connect(src) as client:
+            assert await get_state(client) == MigState.RUNNING
+
+
+async def test_a_busy_destination_is_named(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src.sock", tmp_path / "dst.sock"
+    async with server(src), server(dst), Client.connect(dst):
+        result = await cli("migrate", "--from", str(src), "--to", str(dst))
+        assert result.returncode == 1
+        assert result.stderr.decode() == (
+            f"vfio-user-emu: migrate: cannot connect to the destination: {dst} is busy: its "
+            "server already serves another client (QEMU or another vfio-user-emu command) and "
+            "takes one at a time; detach that client first\n"
+        )
+
+
+async def test_json_report(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src.sock", tmp_path / "dst.sock"
+    async with server(src), server(dst):
+        result = await cli("migrate", "--from", str(src), "--to", str(dst), "--json")
+        assert result.returncode == 0, result.stderr.decode()
+        report = json.loads(result.stdout)
+        assert report["source"] == str(src) and report["destination"] == str(dst)
+        assert report["protocol"] == "v2" and report["mode"] == "stop-copy"
+        assert report["bytes_moved"] == report["stop_copy_bytes"] > 0
+        assert report["downtime_s"] > 0
+
+
+async def test_a_closed_stdout_ends_quietly(tmp_path: Path) -> None:
+    """``migrate ... | head -1``: the reader is gone before we print; no traceback."""
+    src, dst = tmp_path / "src.sock", tmp_path / "dst.sock"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        async with server(src), server(dst):
+            with trio.fail_after(30):
+                result = await trio.run_process(
+                    [PYTHON, "-m", "emulator", "migrate", "--from", str(src), "--to", str(dst)],
+                    stdout=write_end,
+                    capture_stderr=True,
+                    check=False,
+                )
+            async with Client.connect(dst) as client:  # the migration itself completed
+                assert await get_state(client) == MigState.RUNNING
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141  # 128 + SIGPIPE, as `yes | head` ends
+    assert result.stderr == b""
+
+
+async def _hold_first(
+    listener: trio.socket.SocketType,
+    real: Path,
+    command: Command,
+    seen: trio.Event,
+    release: trio.Event,
+) -> None:
+    """A proxy to ``real`` that holds the first ``command`` from its client (and what
+    follows it) until ``release``."""
+    conn, _ = await listener.accept()
+    client = RawWire(conn)
+    upstream = await RawWire.connect(real)
+
+    async def replies() -> None:
+        while True:
+            reply = await upstream.receive(timeout=60)
+            await client.send(reply.raw, reply.fds)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(replies)
+            while True:
+                request = await client.receive(timeout=60)
+                if request.header.command == command and not seen.is_set():
+                    seen.set()
+                    await release.wait()
+                await upstream.send(request.raw, request.fds)
+    except* (AssertionError, OSError, trio.TooSlowError):
+        pass  # the CLI went away
+    finally:
+        client.close()
+        upstream.close()
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+async def test_a_signal_mid_migration_recovers_both_devices(
+    tmp_path: Path, signum: int, status: int
+) -> None:
+    """Ctrl-C or SIGTERM while data moves: recovery runs (source back to RUNNING,
+    destination reset), one line says so, and the exit status is the shell's 128+N."""
+    src, real, dst = tmp_path / "src.sock", tmp_path / "real.sock", tmp_path / "dst.sock"
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(str(dst))
+    listener.listen(1)
+    seen, release = trio.Event(), trio.Event()
+    with listener, (tmp_path / "stderr").open("wb") as stderr_file:
+        async with server(src), server(real):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    _hold_first, listener, real, Command.MIG_DATA_WRITE, seen, release
+                )
+                proc = await nursery.start(
+                    functools.partial(
+                        trio.run_process,
+                        [PYTHON, "-m", "emulator", "migrate", "--from", str(src), "--to", str(dst)],
+                        stdout=subprocess.DEVNULL,
+                        stderr=stderr_file.fileno(),
+                        check=False,
+                    )
+                )
+                with trio.fail_after(30):
+                    await seen.wait()  # the source is in STOP_COPY, the destination RESUMING
+                    proc.send_signal(signum)
+                    await trio.sleep(0.2)  # the CLI cancels the write it waits for
+                    release.set()
+                    await proc.wait()
+                nursery.cancel_scope.cancel()
+            async with Client.connect(src) as client:
+                assert await get_state(client) == MigState.RUNNING
+            async with Client.connect(real) as client:
+                assert await get_state(client) == MigState.RUNNING
+    assert proc.returncode == status
+    err = (tmp_path / "stderr").read_text()
+    name = signal.Signals(signum).name
+    assert err.startswith(f"vfio-user-emu: migrate: interrupted by {name}; migration failed while")
+    assert "recovery: source STOP_COPY -> RUNNING" in err
+    assert "destination RESUMING: DEVICE_RESET -> RUNNING" in err
+    assert err.count("\n") == 1 and "Traceback" not in err

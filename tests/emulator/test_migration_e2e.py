@@ -458,9 +458,10 @@ async def test_migration_to_a_different_device_config_is_refused(tmp_path: Path)
 async def test_failed_migration_leaves_source_running_and_destination_fresh(
     tmp_path: Path, mode: Mode, options: TestDevOptions
 ) -> None:
-    """A destination configured differently refuses the state at RESUMING -> STOP with
-    EINVAL; the source goes back to RUNNING unchanged and usable, the destination back to
-    RUNNING as it was."""
+    """A destination configured differently is refused before anything changes; without
+    that check (check_devices=False) it refuses the state at RESUMING -> STOP with EINVAL,
+    the source goes back to RUNNING unchanged and usable, the destination back to RUNNING
+    as it was."""
     async with (
         two_devices(tmp_path, destination=TestDev(options)) as (src_served, dst_served),
         Client.connect(src_served.socket_path) as src,
@@ -474,6 +475,10 @@ async def test_failed_migration_leaves_source_running_and_destination_fresh(
             dst_before = await snapshot(dst, options.ram_size)
             with pytest.raises(MigrationError) as exc:
                 await migrate(src, dst, mode=mode)
+            assert exc.value.stage == "comparing the devices" and exc.value.errno is None
+            assert "on the source" in str(exc.value) and not exc.value.recovery
+            with pytest.raises(MigrationError) as exc:
+                await migrate(src, dst, mode=mode, check_devices=False)
             error = exc.value
             assert error.errno == errno.EINVAL
             assert "RESUMING -> STOP" in error.stage

@@ -197,6 +197,23 @@ async def test_save_segments_and_acknowledgement():
     assert bytes(other.ram.buffer[:4]) == b"data"
 
 
+async def test_pre_copy_segments_fill_the_window_while_data_is_available():
+    """As MIG_DATA_READ replies: a segment shorter than the window only when nothing more
+    is available now (not at every boundary of the device's 1 MiB PRE_COPY sections)."""
+    device = TestDev(TestDevOptions(ram_size=4 << 20, msix_vectors=1))
+    device.migration_protocols = frozenset({"v1"})
+    region = region_for(device)
+    assert region is not None
+    device.ram.buffer[:] = bytes(range(256)) * (4 << 12)  # no zero page to elide
+    await write_state(region, 0b011)  # SAVING | RUNNING: PRE_COPY
+    sizes = []
+    while U64.unpack(region.read(8, 8))[0]:  # pending_bytes (acknowledges the last segment)
+        assert U64.unpack(region.read(0x10, 8))[0] == DATA_OFFSET
+        sizes.append(U64.unpack(region.read(0x18, 8))[0])
+    assert sum(sizes) > 4 << 20
+    assert all(size == region.window for size in sizes[:-1]) and sizes[-1] <= region.window
+
+
 def test_window_accesses_outside_their_states_are_refused():
     _, region = v1_device()
     with pytest.raises(ProtocolError):

@@ -338,7 +338,14 @@ async def test_v1_migration_refused_by_the_destination_recovers(tmp_path: Path) 
     other = with_protocols(E1000(E1000Options(clock=fixed_clock)), "v1")
     async with clients(tmp_path, source, other) as (src, dst):
         with pytest.raises(v2.MigrationError) as info:
-            await v1.migrate(src, dst)
+            await v1.migrate(src, dst)  # refused before anything changes
+        assert info.value.stage == "comparing the devices" and info.value.errno is None
+        assert "vendor:device 1b36:0f00 on the source, 8086:100e on the destination" in str(
+            info.value
+        )
+        assert source.migration.state == other.migration.state == MigState.RUNNING
+        with pytest.raises(v2.MigrationError) as info:
+            await v1.migrate(src, dst, check_devices=False)
         assert info.value.errno == errno.EINVAL  # a testdev stream into an e1000
         assert source.migration.state == MigState.RUNNING
         assert other.migration.state == MigState.RUNNING

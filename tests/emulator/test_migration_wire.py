@@ -340,6 +340,34 @@ async def test_pre_copy_empty_read_then_new_data(tmp_path: Path):
         assert dst_served.device.migration.state == RUNNING
 
 
+async def read_reply_sizes(client: Client, want: int) -> list[int]:
+    """Sizes of raw MIG_DATA_READ replies of ``want`` bytes, up to the first short one."""
+    sizes: list[int] = []
+    while not sizes or sizes[-1] == want:
+        request = struct.pack("<II", 8 + want, want)
+        _, payload, _ = await client.request(Command.MIG_DATA_READ, request)
+        sizes.append(struct.unpack_from("<II", payload)[1])
+    return sizes
+
+
+@pytest.mark.parametrize("want", [1 << 20, 4000])
+async def test_pre_copy_replies_are_full_while_data_is_available(tmp_path: Path, want: int):
+    """A reply shorter than asked means "no more data for now" (spec): PRE_COPY replies
+    fill across the device's sections (1 MiB RAM pieces with their framing) until the
+    initial pass is out, like STOP_COPY's."""
+    device = TestDev(td.TestDevOptions(ram_size=4 << 20))
+    device.ram.buffer[:] = random.Random(7).randbytes(4 << 20)  # nothing to elide
+    caps = {"max_msg_fds": 16, "max_data_xfer_size": 1 << 20}
+    async with serve(tmp_path, device, caps=SC | PRE, capabilities=caps) as (_, client):
+        await set_state(client, PRE_COPY)
+        sizes = await read_reply_sizes(client, want)
+        assert sum(sizes) > 4 << 20  # the whole initial pass came before the short reply
+        assert all(size == want for size in sizes[:-1]) and sizes[-1] < want
+        assert await client.mig_data_read(want) == b""  # nothing more until RAM changes
+        await client.region_write(BAR_RAM, 0x1000, b"\x5a" * 16)
+        assert 4096 < sum(await read_reply_sizes(client, want)) < 8192  # one changed page
+
+
 # ---------------------------------------------------------------------------------------------
 # DEVICE_RESET, region gating, faults
 

@@ -593,7 +593,7 @@ async def test_stream_server_path_in_use_is_an_error(tmp_path: Path) -> None:
     first = StreamBackend("s", path=path, server=True)
     first.open()
     try:
-        with pytest.raises(NetdevError, match="exists and is not a stale socket"):
+        with pytest.raises(NetdevError, match="a server is listening on it"):
             StreamBackend("t", path=path, server=True).open()
     finally:
         first.close()

@@ -205,6 +205,6 @@ def test_a_live_socket_in_the_config_is_refused(tmp_path: Path) -> None:
     finally:
         holder.close()
     assert result.returncode == 1
-    assert "exists and is not a stale socket" in result.stderr
+    assert "a server is listening on it" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "a.sock").exists()  # the device started first is gone again

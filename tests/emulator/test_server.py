@@ -19,7 +19,7 @@ from devices import testdev as td
 from devices.testdev import TestDev
 from emulator.client import Client, ClientError
 from emulator.server import DeviceServer, ServerError, adopt_listener, create_listener
-from emulator.testing import ServedDevice, served_device
+from emulator.testing import RawConnection, ServedDevice, served_device
 from emulator.transport import receive_chunk
 from protocol.constants import (
     FLAG_NO_REPLY,
@@ -30,7 +30,7 @@ from protocol.constants import (
     PciRegion,
     RegionFlags,
 )
-from protocol.header import Header, pack_message
+from protocol.header import HEADER, Header, pack_message
 from protocol.messages import (
     DeviceInfo,
     DmaMap,
@@ -202,6 +202,22 @@ async def test_config_space_reads(client: Client) -> None:
             )
 
 
+@pytest.mark.parametrize("region", [CONFIG, 0])
+async def test_a_zero_count_region_read_is_answered_with_its_header(
+    served: ServedDevice, region: int
+) -> None:
+    """A REGION_READ reply is always {offset, region, count} plus count bytes: for count 0,
+    the 16-byte header (not an empty payload)."""
+    conn = await RawConnection.connect(served.socket_path)
+    try:
+        request = struct.pack("<QII", 0x10, region, 0)
+        header, payload = await conn.call(Command.REGION_READ, request)
+        assert not header.is_error
+        assert payload == request
+    finally:
+        conn.close()
+
+
 async def test_bar_sizing_through_config_space(client: Client) -> None:
     await client.region_write(CONFIG, 0x10, b"\xff\xff\xff\xff")
     assert struct.unpack("<I", await client.region_read(CONFIG, 0x10, 4))[0] == 0xFFFFF000
@@ -365,6 +381,25 @@ async def test_oversized_message_is_refused_and_skipped(served: ServedDevice) ->
     header, payload = await read_message(sock)
     assert header.msg_id == 3 and payload[16:] == struct.pack("<I", td.ID_VALUE)
     sock.close()
+
+
+async def test_a_size_claim_past_the_skip_limit_is_answered_and_closed(
+    served: ServedDevice,
+) -> None:
+    """A header claiming 0xfffffff0 bytes with no body: answered E2BIG and closed at once,
+    not a silent wait for 4 GiB; the next client is served."""
+    conn = await RawConnection.connect(served.socket_path)
+    try:
+        await conn.send_raw(HEADER.pack(7, Command.REGION_WRITE, 0xFFFFFFF0, 0, 0))
+        reply = await conn.receive(timeout=5)
+        assert reply is not None
+        header, _ = reply
+        assert (header.msg_id, header.is_error, header.error) == (7, True, errno.E2BIG)
+        assert await conn.closed(timeout=5)
+    finally:
+        conn.close()
+    async with Client.connect(served.socket_path) as client:
+        assert await client.region_read(BAR0, td.REG_ID, 4) == struct.pack("<I", td.ID_VALUE)
 
 
 async def test_size_below_header_closes_only_that_connection(served: ServedDevice) -> None:

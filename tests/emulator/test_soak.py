@@ -8,8 +8,14 @@ Cost: about 30-40 s on an idle 2-core machine (the short soaks dominate).
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
+import signal
 import struct
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -358,6 +364,74 @@ def test_soak_command_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) 
         main(["soak", "--duration", "soon"])
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--iterations", "0"], "argument --iterations: must be at least 1, not 0"),
+        (["--iterations", "-5"], "argument --iterations: must be at least 1, not -5"),
+        (
+            ["--fault-kinds", "cut-source,bogus"],
+            "argument --fault-kinds: unknown fault kind 'bogus' (valid: cut-source, "
+            "cut-destination, truncate-message, corrupt-stream, truncate-stream, kill-client, "
+            "kill-server, fail-arc)",
+        ),
+    ],
+)
+def test_soak_usage_errors_name_the_option(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["soak", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"vfio-user-emu soak: error: {message}"
+
+
+def test_soak_config_refuses_no_iterations() -> None:
+    with pytest.raises(ValueError, match="--iterations must be at least 1, not 0"):
+        SoakConfig(iterations=0)
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_ends_the_soak_with_its_summary_and_report(
+    tmp_path: Path, signum: int, status: int
+) -> None:
+    """Ctrl-C or SIGTERM: the migration in progress completes, then the summary table is
+    printed and the report written, with one line on stderr and the shell's 128+N."""
+    report = tmp_path / "soak.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emulator", "soak", "--duration", "1h", "--quiet",
+         "--report", str(report)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},  # where the soak's sockets appear
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not list(tmp_path.glob("vfio-soak-*/vm-1.sock")):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        time.sleep(1.0)  # some migrations
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == status, err
+    name = signal.Signals(signum).name
+    assert err == (
+        f"vfio-user-emu: soak: {name}: stopping after the migration in progress "
+        "(again to abandon the run)\n"
+    )
+    assert re.search(rf"^interrupted by +{name} \(the run ended early\)$", out, re.M), out
+    data = json.loads(report.read_text())
+    assert data["interrupted_by"] == name
+    assert data["migrations"] > 0 and data["losses"] == 0
+    assert re.search(rf"^migrations +{data['migrations']} \(", out, re.M), out
+
+
 def test_soak_command_runs_for_a_duration(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["soak", "--duration", "1s", "--quiet"]) == 0
     table = capsys.readouterr().out
@@ -385,3 +459,30 @@ def test_fault_points_avoid_the_destinations_completed_migration() -> None:
             assert fault.at < 5
         seen.add((fault.side, fault.cut.value, fault.at))
     assert ("destination", "before", 5) in seen and ("source", "after", 9) in seen
+
+
+def test_quiet_soak_prints_only_its_table() -> None:
+    """--quiet: no progress line and none of the warnings the injected faults provoke in
+    the in-process servers (an e1000 whose client died mid-DMA logs one)."""
+    argv = ["soak", "--device", "e1000", "--faults", "0.3", "--iterations", "30", "--quiet"]
+    quiet = subprocess.run(
+        [sys.executable, "-m", "emulator", *argv],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == ""
+    assert re.search(r"^faults injected +[1-9]", quiet.stdout, re.M), quiet.stdout
+    verbose = subprocess.run(
+        [sys.executable, "-m", "emulator", *argv, "-v"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert "vfio_user_emu" in verbose.stderr  # the same run, its log shown
+
+
+def test_soak_json_prints_the_report(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["soak", "--iterations", "3", "--json"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["migrations"] == 3 and summary["ok"] is True
+    assert summary["interrupted_by"] is None
+    assert captured.err == ""  # --json: no progress line either

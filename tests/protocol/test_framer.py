@@ -9,8 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import ProtocolError
-from protocol.framer import IN_PLACE_MIN, InPlaceMessage, Message, MessageFramer, Oversized
-from protocol.header import Header, pack_message
+from protocol.framer import (
+    IN_PLACE_MIN,
+    InPlaceMessage,
+    Message,
+    MessageFramer,
+    Oversized,
+    skip_limit,
+)
+from protocol.header import HEADER, Header, pack_message
 
 FAST = settings(max_examples=200, deadline=None)
 
@@ -258,6 +265,21 @@ def test_oversized_reported_at_header_time_and_skipped() -> None:
     assert framer.take_orphan_fds() == [10, 11, 12]
     assert framer.take_orphan_fds() == []
     assert framer.take_all_fds() == []
+
+
+def test_a_claim_past_the_skip_limit_ends_the_stream_instead_of_waiting() -> None:
+    framer = MessageFramer(64)
+    header = HEADER.pack(1, 1, skip_limit(64) + 1, 0, 0)  # a size, and no body ever
+    framer.feed(header, [10])
+    item = framer.next_message()
+    assert isinstance(item, Oversized) and not item.skipped and item.fds == []
+    framer.feed(msg(2, 8))  # nothing after it is parsed: the runtime closes
+    assert framer.next_message() is None
+    assert framer.take_all_fds() == [10]
+    at_limit = MessageFramer(64)
+    at_limit.feed(HEADER.pack(1, 1, skip_limit(64), 0, 0))
+    item = at_limit.next_message()
+    assert isinstance(item, Oversized) and item.skipped  # up to the limit: skipped
 
 
 def test_oversized_header_split_across_chunks() -> None:

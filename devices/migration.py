@@ -705,8 +705,9 @@ class MigrationEngine:
         EINVAL outside the pre-copy states, as the kernel's."""
         if self.state not in (PRE_COPY, PRE_COPY_P2P):
             raise ProtocolError(errno.EINVAL, f"no pre-copy info in {self.state.name}")
-        saving = self._saving_to_read() if not unread else self.saving
-        assert saving is not None
+        saving = self._saving_to_read()
+        if not unread and not saving.pending:
+            self._add_precopy_changes(saving)  # the client has everything: what changed?
         total = saving.pending + unread
         initial = min(total, max(0, saving.initial_size - (saving.consumed - unread)))
         return initial, total - initial

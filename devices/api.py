@@ -74,6 +74,12 @@ class DeviceContext(Protocol):
         """Wait inside a device job (timers: autonegotiation, interrupt throttling...)."""
         ...
 
+    async def sleep_until_work(self, seconds: float) -> None:
+        """Like :meth:`sleep`, but return as soon as other work is submitted (or at once
+        when some is queued): for a timer job that must never hold up the device's work,
+        which runs one job at a time."""
+        ...
+
     def submit(self, job: Callable[[], Awaitable[None]]) -> bool:
         """Queue device work (DMA, long operations) to run after the current request is
         answered, in submission order. Never DMA from inside a region access handler: the
@@ -122,6 +128,9 @@ class DetachedContext:
         return False
 
     async def sleep(self, seconds: float) -> None:
+        raise DeviceError(errno.ENODEV, "no client is attached")
+
+    async def sleep_until_work(self, seconds: float) -> None:
         raise DeviceError(errno.ENODEV, "no client is attached")
 
 

@@ -110,6 +110,7 @@ CAP_ID_PM = 0x01
 CAP_ID_MSI = 0x05
 CAP_ID_EXPRESS = 0x10
 CAP_ID_MSIX = 0x11
+CAP_ID_VENDOR = 0x09
 
 PM_PMC = 2
 PM_PMCSR = 4
@@ -438,9 +439,9 @@ class ConfigSpace:
     def rom_size(self) -> int:
         return self._rom_size
 
-    def _allocate_capability(self, cap_id: int, length: int) -> int:
+    def _allocate_capability(self, cap_id: int, length: int, *, unique: bool = True) -> int:
         """Append a capability to the list and return its (dword-aligned) offset."""
-        if self.find_capability(cap_id) is not None:
+        if unique and self.find_capability(cap_id) is not None:
             raise ValueError(f"capability {cap_id:#04x} already present")
         offset = self._next_cap
         if offset + length > CAPABILITY_AREA_END:
@@ -467,6 +468,18 @@ class ConfigSpace:
             writable=PMCSR_POWER_STATE,
             w1c=PMCSR_PME_STATUS,
         )
+        return offset
+
+    def add_vendor_capability(self, body: bytes, *, writable: bytes = b"") -> int:
+        """A vendor-specific capability (ID 0x09; a function may have several): ``body``
+        is what follows the ID and next pointer, read-only except for the bits set in
+        ``writable`` (a per-byte mask over the start of ``body``). Returns its offset."""
+        if len(writable) > len(body):
+            raise ValueError("writable mask longer than the capability")
+        offset = self._allocate_capability(CAP_ID_VENDOR, 2 + len(body), unique=False)
+        for i, value in enumerate(body):
+            mask = writable[i] if i < len(writable) else 0
+            self._define(offset + 2 + i, 1, value, writable=mask)
         return offset
 
     def add_msi_capability(

@@ -10,6 +10,8 @@ from .e1000 import DEFAULT_MAC, E1000, E1000Options, parse_mac
 from .lvu_sample import LvuSample
 from .migration import parse_mig_caps
 from .testdev import TestDev, TestDevOptions
+from .virtio_net import DEFAULT_MAC as VIRTIO_NET_MAC
+from .virtio_net import VirtioNet, VirtioNetOptions
 
 
 class DeviceSpecError(ValueError):
@@ -73,6 +75,20 @@ def _build_e1000(opts: dict[str, str]) -> Device:
         raise DeviceSpecError(f"e1000: {exc}") from None
 
 
+def _build_virtio_net(opts: dict[str, str]) -> Device:
+    try:
+        mac = parse_mac(opts["mac"]) if "mac" in opts else VIRTIO_NET_MAC
+        netdev = opts.get("netdev")
+        if netdev == "":
+            raise ValueError("netdev= needs an id")
+        mtu = parse_int(opts["mtu"]) if "mtu" in opts else 1500
+        queue_size = parse_int(opts.get("queue-size", "256"))
+        options = VirtioNetOptions(mac=mac, netdev=netdev, mtu=mtu, queue_size=queue_size)
+        return VirtioNet(options)
+    except ValueError as exc:
+        raise DeviceSpecError(f"virtio-net: {exc}") from None
+
+
 DEVICE_TYPES: dict[str, DeviceType] = {
     "testdev": DeviceType(
         "testdev",
@@ -99,6 +115,18 @@ DEVICE_TYPES: dict[str, DeviceType] = {
             "netdev": "id of the --netdev backend carrying its frames",
         },
         _build_e1000,
+    ),
+    "virtio-net": DeviceType(
+        "virtio-net",
+        "virtio 1.x network device (1af4:1041, modern PCI transport): MSI-X or INTx, "
+        "mergeable buffers, checksum offload, control queue; frames through a --netdev backend",
+        {
+            "mac": "MAC address (default 52:54:00:12:34:57)",
+            "netdev": "id of the --netdev backend carrying its frames",
+            "mtu": "MTU the device reports (68-65517, default 1500)",
+            "queue-size": "receive/transmit queue size (power of two 2-1024, default 256)",
+        },
+        _build_virtio_net,
     ),
 }
 

@@ -151,6 +151,8 @@ class ClientSession:
         self._waiters: dict[int, _Waiter] = {}
         self._jobs: deque[Callable[[], Awaitable[None]]] = deque()
         self._jobs_ready = trio.Event()
+        #: Set by submit(): wakes a job waiting in sleep_until_work.
+        self._work_submitted: trio.Event | None = None
         self._current_job: trio.CancelScope | None = None
         self._work_paused = False
         self._job_idle = trio.Event()
@@ -568,10 +570,23 @@ class ClientSession:
             return False
         self._jobs.append(job)
         self._jobs_ready.set()
+        if self._work_submitted is not None:
+            self._work_submitted.set()
         return True
 
     async def sleep(self, seconds: float) -> None:
         await trio.sleep(seconds)
+
+    async def sleep_until_work(self, seconds: float) -> None:
+        if self._jobs:
+            await trio.lowlevel.checkpoint()
+            return
+        submitted = self._work_submitted = trio.Event()
+        try:
+            with trio.move_on_after(seconds):
+                await submitted.wait()
+        finally:
+            self._work_submitted = None
 
     def cancel_device_work(self) -> None:
         self._jobs.clear()

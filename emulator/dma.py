@@ -455,21 +455,41 @@ class DmaEngine:
             yield start, min(step, length - start)
 
     async def read_sg(self, segments: list[tuple[int, int]]) -> bytes:
-        """Gather ``(iova, length)`` segments; all are checked before any is read."""
-        for iova, length in segments:
-            self.maps.segments(iova, length, write=False)
-        return b"".join([await self.read(iova, length) for iova, length in segments])
+        """Gather ``(iova, length)`` segments; all are checked before any is read. When
+        every segment is mmapped the copies run back to back with one checkpoint at the
+        end (a ring of small buffers is not worth a trip through the scheduler each)."""
+        self._check_enabled()
+        plan = [self.maps.segments(iova, length, write=False) for iova, length in segments]
+        if not all(mapping.fd_backed for pieces in plan for mapping, _, _ in pieces):
+            return b"".join([await self.read(iova, length) for iova, length in segments])
+        parts = []
+        for pieces in plan:
+            for mapping, offset, chunk in pieces:
+                self._check_live(mapping)
+                parts.append(mapping.read(offset, chunk))
+        await self.channel.checkpoint()
+        return b"".join(parts)
 
     async def write_sg(
         self, segments: list[tuple[int, int]], data: bytes | bytearray | memoryview
     ) -> None:
-        """Scatter ``data`` over ``(iova, length)`` segments; all are checked first."""
+        """Scatter ``data`` over ``(iova, length)`` segments; all are checked first (and,
+        all mmapped, written back to back with one checkpoint at the end, as read_sg)."""
         view = memoryview(data).cast("B")
         if sum(length for _, length in segments) != len(view):
             raise DmaFault("DMA: scatter list and data differ in length")
-        for iova, length in segments:
-            self.maps.segments(iova, length, write=True)
+        self._check_enabled()
+        plan = [self.maps.segments(iova, length, write=True) for iova, length in segments]
         pos = 0
-        for iova, length in segments:
-            await self.write(iova, view[pos : pos + length])
-            pos += length
+        if not all(mapping.fd_backed for pieces in plan for mapping, _, _ in pieces):
+            for iova, length in segments:
+                await self.write(iova, view[pos : pos + length])
+                pos += length
+            return
+        for pieces in plan:
+            for mapping, offset, chunk in pieces:
+                self._check_live(mapping)
+                mapping.write(offset, view[pos : pos + chunk])
+                self.dirty.record(mapping.address + offset, chunk)
+                pos += chunk
+        await self.channel.checkpoint()

@@ -85,7 +85,7 @@ from .server import DeviceServer
 log = logging.getLogger("vfio_user_emu.fuzz")
 
 #: Devices fuzzed (one socket each) and the witness that must keep answering meanwhile.
-FUZZED_DEVICES = ("testdev", "e1000", "lvu-sample")
+FUZZED_DEVICES = ("testdev", "e1000", "lvu-sample", "virtio-net")
 WITNESS_DEVICE = "testdev"
 #: The target's limits, small enough for the fuzzer to reach them.
 TARGET_MAX_FDS = 8

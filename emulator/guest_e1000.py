@@ -431,8 +431,13 @@ class E1000Guest:
         if self.irq is None:
             raise GuestError("no interrupt eventfd")
         await self.irq.wait(timeout)
-        icr = await self.read(r.ICR)
-        await self.client.set_irqs(IrqIndex.INTX, NONE_UNMASK, 0, 1)
+        # The eventfd is consumed: from here the handler runs to its end, as an ISR does.
+        # Cancelled between the two (callers wait with move_on_after), the line would stay
+        # automasked with no ICR read to lower it and no UNMASK, and every later interrupt
+        # would be lost.
+        with trio.CancelScope(shield=True), trio.fail_after(timeout):
+            icr = await self.read(r.ICR)
+            await self.client.set_irqs(IrqIndex.INTX, NONE_UNMASK, 0, 1)
         self.interrupts += 1
         self.icr_seen |= icr
         return icr

@@ -14,6 +14,8 @@ migration checks that nothing was lost or duplicated:
   :class:`Cable`; both guests (:class:`emulator.guest_e1000.E1000Guest`) send numbered
   frames continuously in both directions and each receiver checks that every frame
   arrives exactly once and in order; after each migration both directions must progress.
+* ``virtio-net``: the same flow between two virtio-nets
+  (:class:`emulator.guest_virtio_net.VirtioNetGuest`, :class:`VirtioNetFlow`).
 
 Each migration is driven by :func:`emulator.migration.migrate` over the VM's own
 connections (a server serves one client at a time, so the driver is the VMM, as QEMU's
@@ -79,14 +81,17 @@ from devices.api import Device
 from devices.e1000 import E1000, E1000Options
 from devices.e1000 import regs as e1000_regs
 from devices.errors import DeviceError
+from devices.net import NetDevice
 from devices.state_stream import Section
 from devices.testdev import TestDev
+from devices.virtio_net import VirtioNet, VirtioNetOptions
 from protocol.constants import Command, IrqIndex, IrqSetFlags, MigState
 from protocol.header import HEADER, Header, pack_message
 
 from .cli_common import SIGNAL_EXIT, HelpFormatter, positive_int_arg
 from .client import Client, ClientError
 from .guest_e1000 import DriverConfig, E1000Guest
+from .guest_virtio_net import GuestConfig, VirtioNetGuest
 from .migration import (
     DATA_FD_CAPABILITIES,
     MODES,
@@ -100,7 +105,7 @@ from .migration import (
     set_state,
 )
 from .server import DeviceServer
-from .testing import EventFd, GuestRam, enable_bus_master, find_capability
+from .testing import EventFd, GuestRam, NicGuest, enable_bus_master, find_capability
 
 __all__ = [
     "Cut",
@@ -112,7 +117,7 @@ __all__ = [
     "run_soak",
 ]
 
-DEVICES = ("testdev", "e1000")
+DEVICES = ("testdev", "e1000", "virtio-net")
 BAR0, CONFIG = 0, 7
 TRIGGER_EVENTFD = IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER
 #: Seconds a guest waits for an interrupt, a DMA copy or traffic before calling it lost.
@@ -989,7 +994,7 @@ ETHERTYPE_SOAK = 0x88B5
 class CablePort:
     """The NetPort of one device on one end of :class:`Cable`."""
 
-    def __init__(self, cable: Cable, side: str, device: E1000) -> None:
+    def __init__(self, cable: Cable, side: str, device: NetDevice) -> None:
         self.cable = cable
         self.side = side
         self.device = device
@@ -1018,7 +1023,7 @@ class Cable:
         self._draining = {"a": False, "b": False}
         self.carried = 0
 
-    def plug(self, side: str, device: E1000) -> CablePort:
+    def plug(self, side: str, device: NetDevice) -> CablePort:
         port = CablePort(self, side, device)
         device.attach_net(port)
         return port
@@ -1093,27 +1098,53 @@ class E1000Flow:
         self.cable = Cable()
         # Rings that hold a whole window: a NIC whose ring is full drops (MPC), as it must.
         self.config = DriverConfig(rx_count=256, tx_count=256, itr=0)
-        self.ram_a = GuestRam(self.config.ram_needed(), base=RAM_BASE_E1000)
-        self.ram_b = GuestRam(self.config.ram_needed(), base=RAM_BASE_E1000)
+        ram_needed = self._ram_needed()
+        self.ram_a = GuestRam(ram_needed, base=RAM_BASE_E1000)
+        self.ram_b = GuestRam(ram_needed, base=RAM_BASE_E1000)
         self.ab = FlowCheck("A->B")
         self.ba = FlowCheck("B->A")
         self.ports: dict[int, CablePort] = {}  # id(device) -> its port on end b
-        self.device_a = E1000(E1000Options(mac=MAC_A))
-        self.port_a = self.cable.plug("a", self.device_a)
+        self.device_a = self._nic(MAC_A)
+        self.port_a = self.cable.plug("a", cast(NetDevice, self.device_a))
         self.cable.switch("a", self.port_a)
         self.slot_a: ServerSlot | None = None
         self.link_a: Link | None = None
-        self.a: E1000Guest | None = None
-        self.b: E1000Guest | None = None
+        self.a: NicGuest | None = None
+        self.b: NicGuest | None = None
         self.vm: Vm | None = None
         self._stop = False
         self._sending = True
         self._tasks_done = 0
         self._all_done = trio.Event()
 
+    # -- what differs between NICs ---------------------------------------------------------
+    def _ram_needed(self) -> int:
+        return self.config.ram_needed()
+
+    def _nic(self, mac: bytes) -> Device:
+        return E1000(E1000Options(mac=mac))
+
+    async def _bring_up(self, client_a: Client, client_b: Client) -> tuple[NicGuest, NicGuest]:
+        a = E1000Guest(client_a, self.ram_a, None, self.config)
+        b = E1000Guest(client_b, self.ram_b, None, self.config)
+        await a.map_memory()  # (B's memory was mapped when its links were realized)
+        for guest in (a, b):
+            await guest.probe()
+        async with trio.open_nursery() as bring_up:
+            bring_up.start_soon(a.open)
+            bring_up.start_soon(b.open)
+        return a, b
+
+    async def _b_rearm(self, b: NicGuest) -> None:
+        """Posted tail writes may have died with the connection: write them again."""
+        assert isinstance(b, E1000Guest)
+        count = b.config.rx_count
+        await b.write(e1000_regs.RDT, (b.rx_filled_to - 1) % count)
+        await b.flush_tx()
+
     def make_device(self) -> Device:
-        device = E1000(E1000Options(mac=MAC_B))
-        self.ports[id(device)] = self.cable.plug("b", device)
+        device = self._nic(MAC_B)
+        self.ports[id(device)] = self.cable.plug("b", cast(NetDevice, device))
         return device
 
     def device_restarted(self, slot: ServerSlot) -> None:
@@ -1131,14 +1162,7 @@ class E1000Flow:
         await self.slot_a.start()
         self.link_a = await Link(self.slot_a, None).open(nursery)
         self.cable.switch("b", self.ports[id(vm.device)])
-        self.a = E1000Guest(self.link_a.client, self.ram_a, None, self.config)
-        self.b = E1000Guest(vm.client, self.ram_b, None, self.config)
-        await self.a.map_memory()  # (B's memory was mapped when its links were realized)
-        for guest in (self.a, self.b):
-            await guest.probe()
-        async with trio.open_nursery() as bring_up:
-            bring_up.start_soon(self.a.open)
-            bring_up.start_soon(self.b.open)
+        self.a, self.b = await self._bring_up(self.link_a.client, vm.client)
         nursery.start_soon(self._guarded, self._a_sends)
         nursery.start_soon(self._guarded, self._a_receives)
         nursery.start_soon(self._guarded, self._b_runs)
@@ -1202,7 +1226,7 @@ class E1000Flow:
                 b.client = vm.client
                 await self._b_rearm(b)
 
-    async def _b_step(self, b: E1000Guest) -> None:
+    async def _b_step(self, b: NicGuest) -> None:
         frames = b.poll_rx()
         for frame in frames:
             self.ab.receive(frame.data)
@@ -1219,13 +1243,6 @@ class E1000Flow:
             await b.flush_tx()
         if not frames and not queued:
             await trio.sleep(0.0003)
-
-    @staticmethod
-    async def _b_rearm(b: E1000Guest) -> None:
-        """Posted tail writes may have died with the connection: write them again."""
-        count = b.config.rx_count
-        await b.write(e1000_regs.RDT, (b.rx_filled_to - 1) % count)
-        await b.flush_tx()
 
     async def verify(self) -> None:
         """Both directions move on: E1000_PROGRESS more frames each, every one in order."""
@@ -1270,6 +1287,32 @@ class E1000Flow:
             "frames_b_to_a": self.ba.received,
             "frames_on_the_cable": self.cable.carried,
         }
+
+
+class VirtioNetFlow(E1000Flow):
+    """The same flow between two virtio-nets (the Linux-style virtio driver model)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.virtio_config = GuestConfig(queue_size=256)
+        super().__init__(rng)
+
+    def _ram_needed(self) -> int:
+        return self.virtio_config.ram_needed()
+
+    def _nic(self, mac: bytes) -> Device:
+        return VirtioNet(VirtioNetOptions(mac=mac))
+
+    async def _bring_up(self, client_a: Client, client_b: Client) -> tuple[NicGuest, NicGuest]:
+        a = VirtioNetGuest(client_a, self.ram_a, self.virtio_config)
+        b = VirtioNetGuest(client_b, self.ram_b, self.virtio_config)
+        await a.init()
+        await b.init(map_memory=False)  # (mapped when B's links were realized)
+        return a, b
+
+    async def _b_rearm(self, b: NicGuest) -> None:
+        """Posted doorbells may have died with the connection: ring both again."""
+        assert isinstance(b, VirtioNetGuest)
+        await b.kick_all()
 
 
 # =============================================================================================
@@ -1411,9 +1454,12 @@ class Soak:
         self.rng = random.Random(config.seed)
         self.planner = FaultPlanner(config.faults, self.rng, config.fault_kinds())
         guest_rng = random.Random(config.seed + 1)
-        self.guest: Guest = (
-            TestdevGuest(guest_rng) if config.device == "testdev" else E1000Flow(guest_rng)
-        )
+        flows: dict[str, Callable[[random.Random], Guest]] = {
+            "testdev": TestdevGuest,
+            "e1000": E1000Flow,
+            "virtio-net": VirtioNetFlow,
+        }
+        self.guest = flows[config.device](guest_rng)
         self.capabilities = DATA_FD_CAPABILITIES if config.transport == "fd" else None
         self.result = SoakResult(config=_config_dict(config))
         self.started = 0.0

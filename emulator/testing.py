@@ -16,6 +16,7 @@ import mmap
 import os
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -144,6 +145,59 @@ class EventFd:
     def close(self) -> None:
         trio.lowlevel.notify_closing(self.fd)
         os.close(self.fd)
+
+
+class ReceivedFrame(Protocol):
+    @property
+    def data(self) -> bytes: ...
+
+
+class NicGuest(Protocol):
+    """What the NIC guest drivers (``guest_e1000.E1000Guest``,
+    ``guest_virtio_net.VirtioNetGuest``) share: frames onto the transmit ring, a doorbell,
+    completions reclaimed, received frames polled and their buffers given back."""
+
+    client: Client
+
+    def reclaim_tx(self) -> int: ...
+
+    def queue(self, frame: bytes) -> bool: ...
+
+    async def flush_tx(self) -> None: ...
+
+    def poll_rx(self) -> Sequence[ReceivedFrame]: ...
+
+    async def refill_rx(self) -> None: ...
+
+
+async def frame_rate(sender: NicGuest, receiver: NicGuest, frame: bytes, count: int) -> float:
+    """Frames per second from ``sender`` to ``receiver`` (polling, no interrupts): the
+    sender queues up to 64 frames per doorbell while the receiver polls and refills."""
+    received = 0
+
+    async def receive() -> None:
+        nonlocal received
+        while received < count:
+            frames = receiver.poll_rx()
+            if frames:
+                received += len(frames)
+                await receiver.refill_rx()
+            else:
+                await trio.sleep(0)
+
+    started = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receive)
+        sent = 0
+        while sent < count:
+            sender.reclaim_tx()
+            batch = 0
+            while sent < count and batch < 64 and sender.queue(frame):
+                sent += 1
+                batch += 1
+            await sender.flush_tx()
+            await trio.sleep(0)
+    return count / (time.perf_counter() - started)
 
 
 PCI_COMMAND = 0x04

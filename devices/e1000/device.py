@@ -23,6 +23,9 @@ Layout:
   take what waits, as on the real part, whose DMA keeps up with the wire; when the ring has
   room and only our job is behind (a backend delivering a burst), the device keeps the frame
   and calls ``set_accepting(False)`` until the FIFO has drained to half.
+* Loopback (what Linux's ``ethtool -t`` loopback test uses): MAC loopback (RCTL.LBM) or PHY
+  loopback (BMCR bit 14) hands every transmitted frame to the receiver instead of the
+  wire, and frames from the wire are not heard meanwhile.
 
 A disconnect cancels the running job at any await: each transmit or receive batch commits
 (frames on the wire or off the FIFO, TDH/RDH) at once after its last write-back, so a cut
@@ -30,8 +33,9 @@ job is redone from the same head for the next client, never losing or repeating 
 (see ``_tx_batch``, ``_rx_batch``). A DMA fault keeps the work and retries it.
 
 Timers (autonegotiation, interrupt mitigation) are deadlines on ``clock`` checked on every
-register access and by a timer job that sleeps with ``context.sleep`` only while no other
-device work is queued, so it never holds up DMA. Timers freeze while the device is paused.
+register access and by a timer job that sleeps with ``context.sleep_until_work``: only while
+no other device work is queued, and no longer than until some is, so it never holds up
+transmit or receive. Timers freeze while the device is paused.
 
 Migration: every register, the EEPROM, PHY registers, EECD state, the TX context and the
 partly assembled (or partly segmented) packet, the receive FIFO and the remaining time of
@@ -64,8 +68,6 @@ log = logging.getLogger("vfio_user_emu")
 
 DEFAULT_MAC = bytes.fromhex("525400123456")
 DEFAULT_AUTONEG_DELAY = 0.5
-#: Longest sleep of the timer job: bounds how long it can delay work queued meanwhile.
-TIMER_SLICE = 0.002
 TX_BATCH = 64  # descriptors fetched per DMA read
 RX_BATCH = 64
 MAX_FRAME = 1514  # without FCS and VLAN tag, RCTL.LPE off
@@ -113,6 +115,33 @@ class E1000Options:
             raise ValueError("mac must be a 6-byte unicast address")
         if not 0 <= self.autoneg_delay <= 10:
             raise ValueError("autoneg_delay must be 0..10 seconds")
+
+
+#: Plain storage registers narrower than 32 bits, at the widths the part implements:
+#: e1000_reg_test's REG_PATTERN_TEST masks (Linux e1000_ethtool.c) for flow control and TIPG,
+#: TXCW, AIT; the packet buffer FIFO diagnostics at the widths of QEMU's model
+#: (hw/net/e1000.c): 13-bit pointers, 11 for the transmit FIFO's head and tail.
+_PLAIN_REGISTER_WIDTHS = (
+    (r.FCAL, "FCAL", 0xFFFFFFFF),
+    (r.FCAH, "FCAH", 0xFFFF),
+    (r.FCT, "FCT", 0xFFFF),
+    (r.FCTTV, "FCTTV", 0xFFFF),
+    (r.FCRTH, "FCRTH", 0xFFF8),
+    (r.FCRTL, "FCRTL", 0x8000FFF8),  # XONE and the low threshold
+    (r.TIPG, "TIPG", 0x3FFFFFFF),
+    (r.TXCW, "TXCW", 0xC000FFFF),
+    (r.AIT, "AIT", 0xFFFF),
+    (r.RDFH, "RDFH", 0x1FFF),
+    (r.RDFT, "RDFT", 0x1FFF),
+    (r.RDFHS, "RDFHS", 0x1FFF),
+    (r.RDFTS, "RDFTS", 0x1FFF),
+    (r.RDFPC, "RDFPC", 0x1FFF),
+    (r.TDFH, "TDFH", 0x7FF),
+    (r.TDFT, "TDFT", 0x7FF),
+    (r.TDFHS, "TDFHS", 0x1FFF),
+    (r.TDFTS, "TDFTS", 0x1FFF),
+    (r.TDFPC, "TDFPC", 0x1FFF),
+)
 
 
 class _Registers(RegisterBank):
@@ -275,39 +304,22 @@ class E1000(Device):
         add(r.IMS, "IMS", on_write=self._write_ims)
         add(r.IMC, "IMC", on_read=lambda: 0, on_write=self._write_imc)
         add(r.ITR, "ITR", writable=0xFFFF)
-        add(r.RCTL, "RCTL", on_write=self._write_rctl)
-        add(r.TCTL, "TCTL", on_write=self._write_tctl)
+        add(r.RCTL, "RCTL", writable=r.RCTL_WRITABLE, on_write=self._write_rctl)
+        add(r.TCTL, "TCTL", writable=r.TCTL_WRITABLE, on_write=self._write_tctl)
         add(r.VET, "VET", reset=r.VET_RESET, writable=0xFFFF)
+        for off, name, bits in _PLAIN_REGISTER_WIDTHS:
+            add(off, name, writable=bits)
         add(r.LEDCTL, "LEDCTL", reset=r.LEDCTL_RESET)
         add(r.PBA, "PBA", reset=r.PBA_RESET)
         add(r.MANC, "MANC", reset=r.MANC_RESET)
         for off, name in (
             (r.CTRL_EXT, "CTRL_EXT"),
             (r.FLA, "FLA"),
-            (r.FCAL, "FCAL"),
-            (r.FCAH, "FCAH"),
-            (r.FCT, "FCT"),
-            (r.FCTTV, "FCTTV"),
-            (r.TXCW, "TXCW"),
             (r.RXCW, "RXCW"),
-            (r.TIPG, "TIPG"),
-            (r.AIT, "AIT"),
-            (r.FCRTL, "FCRTL"),
-            (r.FCRTH, "FCRTH"),
-            (r.RDFH, "RDFH"),
-            (r.RDFT, "RDFT"),
-            (r.RDFHS, "RDFHS"),
-            (r.RDFTS, "RDFTS"),
-            (r.RDFPC, "RDFPC"),
             (r.RDBAH, "RDBAH"),
             (r.RXDCTL, "RXDCTL"),
             (r.RSRPD, "RSRPD"),
             (r.TXDMAC, "TXDMAC"),
-            (r.TDFH, "TDFH"),
-            (r.TDFT, "TDFT"),
-            (r.TDFHS, "TDFHS"),
-            (r.TDFTS, "TDFTS"),
-            (r.TDFPC, "TDFPC"),
             (r.TDBAH, "TDBAH"),
             (r.TXDCTL, "TXDCTL"),
             (r.TSPMT, "TSPMT"),
@@ -334,7 +346,7 @@ class E1000(Device):
         for i in range(4):
             add(r.IP4AT + 8 * i, f"IP4AT{i}")
             add(r.IP6AT + 4 * i, f"IP6AT{i}")
-            add(r.FFLT + 8 * i, f"FFLT{i}")
+            add(r.FFLT + 8 * i, f"FFLT{i}", writable=0x7FF)
         for i in range(32):
             add(r.WUPM + 4 * i, f"WUPM{i}")
         for i in range(r.MTA_COUNT):
@@ -446,11 +458,14 @@ class E1000(Device):
             else:
                 result = (result & ~r.MDIC_DATA) | data
         elif op == r.MDIC_OP_WRITE:
+            looping = self.phy.loopback
             accepted, restart = self.phy.write(reg, value & r.MDIC_DATA)
             if not accepted:
                 result |= r.MDIC_ERROR
             elif restart:
                 self._restart_autoneg()
+            if self.phy.loopback and not looping:
+                self._enter_phy_loopback()
         else:
             result |= r.MDIC_ERROR
         self.values[r.MDIC] = result | r.MDIC_READY
@@ -467,6 +482,20 @@ class E1000(Device):
         self._arm("autoneg", self.options.autoneg_delay)
         if was_up:
             self._cause(r.ICR_LSC)
+
+    def _enter_phy_loopback(self) -> None:
+        """PHY loopback: no autonegotiation to wait for, the link is up at once (the
+        driver's loopback test sends right after setting the bit)."""
+        self._disarm("autoneg")
+        if not self.phy.link_up:
+            self.phy.loopback_link()
+            self._update_link_status()
+            self._cause(r.ICR_LSC)
+
+    def _loopback(self) -> bool:
+        """Whether transmitted frames come back to the receiver instead of the wire: MAC
+        loopback (RCTL.LBM 01, or 11 through the transceiver) or the PHY's."""
+        return bool(self.values[r.RCTL] & r.RCTL_LBM_MASK) or self.phy.loopback
 
     def _autoneg_done(self) -> None:
         self.phy.autoneg_done()
@@ -706,11 +735,12 @@ class E1000(Device):
         if self._paused or not self._timers:
             return
         if not self._waiting:
-            # Nothing else to do: sleep towards the next deadline, a slice at a time so
-            # work submitted meanwhile waits at most TIMER_SLICE.
+            # Nothing else to do: sleep towards the next deadline. Jobs run one at a time,
+            # so the sleep ends as soon as other work (a doorbell, a frame) is submitted:
+            # that work runs first, this job queues again behind it.
             wait = self._next_due - self._clock()
             if wait > 0:
-                await self.context.sleep(min(wait, TIMER_SLICE))
+                await self.context.sleep_until_work(wait)
             if generation != self._generation:
                 return
             self._poll_timers()
@@ -883,7 +913,8 @@ class E1000(Device):
             frame = packet.insert_vlan(frame, values[r.VET] & 0xFFFF, tx_frame.vlan)
         if values[r.TCTL] & r.TCTL_PSP and len(frame) < packet.MIN_FRAME:
             frame += bytes(packet.MIN_FRAME - len(frame))
-        if not self.link_up:
+        looped = self._loopback()
+        if not looped and not self.link_up:
             return  # no carrier: the frame goes nowhere
         wire = len(frame) + 4  # statistics count the FCS
         self._count(r.TPT)
@@ -893,7 +924,10 @@ class E1000(Device):
         self._count(r.TX_SIZE_BUCKETS[packet.size_bucket(wire)])
         if frame[0] & 1:
             self._count(r.BPTC if frame[:6] == b"\xff" * 6 else r.MPTC)
-        self.port.transmit(bytes(frame))
+        if looped:
+            self._receive(bytes(frame))  # back to our own receiver, nothing on the wire
+        else:
+            self.port.transmit(bytes(frame))
 
     # =========================================================================================
     # Receive
@@ -904,10 +938,15 @@ class E1000(Device):
             port.set_accepting(False)
 
     def net_receive(self, frame: bytes) -> None:
+        """A frame from the wire: heard only with the link up and not in loopback."""
+        if self.link_up and not self._loopback():
+            self._receive(frame)
+
+    def _receive(self, frame: bytes) -> None:
         values = self.values
         rctl = values[r.RCTL]
         length = len(frame)
-        if not rctl & r.RCTL_EN or not self.link_up or length < packet.ETH_HEADER:
+        if not rctl & r.RCTL_EN or length < packet.ETH_HEADER:
             return
         self._count(r.TPR)
         self._count64(r.TORL, max(length, packet.MIN_FRAME) + 4)
@@ -1436,6 +1475,8 @@ class E1000(Device):
             (r.RDTR, 0xFFFF),
             (r.TIDV, 0xFFFF),
             (r.ICS, 0),
+            (r.RCTL, r.RCTL_WRITABLE),
+            (r.TCTL, r.TCTL_WRITABLE),
             (r.ICR, r.ICR_VALID),
             (r.IMS, r.ICR_VALID),
         ):

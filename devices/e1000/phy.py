@@ -5,7 +5,8 @@ Register values are those the Linux driver reads from QEMU's model in the trace 
 extended specific control 0x0D60, ...). Autonegotiation: restarting it (BMCR bit 9, or a PHY
 reset through CTRL.PHY_RST) takes the link down; the device completes it after its
 autonegotiation delay, bringing the link up (BMSR link + AN complete, link partner ability
-acknowledged) and raising ICR.LSC.
+acknowledged) and raising ICR.LSC. Loopback (BMCR bit 14, which Linux's self-test sets with
+forced 1000/Full) brings the link up at once and loops the MAC's frames back to it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ PAGE_SELECT = 0x1D
 PAGE_DATA = 0x1E
 
 BMCR_RESET = 0x8000
+BMCR_LOOPBACK = 0x4000
 BMCR_AN_ENABLE = 0x1000
 BMCR_AN_RESTART = 0x0200
 BMSR_LINK = 0x0004
@@ -80,6 +82,11 @@ class Phy:
     def link_up(self) -> bool:
         return bool(self.regs[BMSR] & BMSR_LINK)
 
+    @property
+    def loopback(self) -> bool:
+        """BMCR loopback: the PHY returns what the MAC transmits and ignores the wire."""
+        return bool(self.regs[BMCR] & BMCR_LOOPBACK)
+
     def read(self, reg: int) -> int | None:
         """The register's value, or None when it does not exist (MDIC.ERROR)."""
         return self.regs[reg] if reg in READABLE else None
@@ -102,6 +109,12 @@ class Phy:
         self.regs[ANLPAR] &= ~ANLPAR_ACK
         self.regs[ANER] &= ~ANER_LP_AN_ABLE
         self.regs[SPEC_STATUS] &= ~(SPEC_STATUS_LINK | SPEC_STATUS_RESOLVED)
+
+    def loopback_link(self) -> None:
+        """In loopback the PHY has its own transmitter for a partner: link up at the forced
+        speed, without autonegotiation."""
+        self.regs[BMSR] |= BMSR_LINK
+        self.regs[SPEC_STATUS] |= SPEC_STATUS_LINK | SPEC_STATUS_RESOLVED
 
     def autoneg_done(self) -> None:
         self.regs[BMSR] |= BMSR_LINK | BMSR_AN_COMPLETE

@@ -234,8 +234,11 @@ ICR_RXT0 = 1 << 7
 ICR_MDAC = 1 << 9
 ICR_TXD_LOW = 1 << 15
 ICR_SRPD = 1 << 16
-#: Cause bits the 82540 implements (the rest of ICR reads 0).
-ICR_VALID = 0x0001F6DF
+#: Cause bits ICR latches (the rest reads 0). Intel's manual lists bits 5, 8 and 11 as
+#: reserved, but Linux's e1000_intr_test forces every cause 0..9 through ICS with it enabled
+#: in IMS and fails (code 4) unless an interrupt with that bit in ICR follows, so the part
+#: latches them: bits 0-16 (TXD_LOW 15 and SRPD 16 are the last causes the 82540 has).
+ICR_VALID = 0x0001FFFF
 #: What Linux's e1000 driver enables (IMS_ENABLE_MASK).
 IMS_ENABLE_MASK = ICR_RXT0 | ICR_TXDW | ICR_RXDMT0 | ICR_RXSEQ | ICR_LSC
 
@@ -245,6 +248,8 @@ RCTL_SBP = 1 << 2
 RCTL_UPE = 1 << 3
 RCTL_MPE = 1 << 4
 RCTL_LPE = 1 << 5
+RCTL_LBM_MASK = 0xC0  # loopback mode: 00 none, 01 MAC, 11 transceiver
+RCTL_LBM_MAC = 0x40
 RCTL_RDMTS_SHIFT = 8
 RCTL_RDMTS_MASK = 0x300
 RCTL_MO_SHIFT = 12
@@ -255,10 +260,15 @@ RCTL_BSIZE_MASK = 0x30000
 RCTL_VFE = 1 << 18
 RCTL_BSEX = 1 << 25
 RCTL_SECRC = 1 << 26
+#: RCTL bits the 82540 implements (EN..RDMTS, MO, BAM..CFI, DPF, PMCF, BSEX, SECRC): the
+#: mask of e1000_reg_test's RCTL set-and-check.
+RCTL_WRITABLE = 0x06DFB3FE
 
 # --- TCTL --------------------------------------------------------------------------------
 TCTL_EN = 1 << 1
 TCTL_PSP = 1 << 3
+#: EN, PSP, CT (11:4), COLD (21:12), SWXOFF, RTLC; bits 0 and 2 and 23, 25-31 reserved.
+TCTL_WRITABLE = 0x017FFFFA
 
 # --- RXCSUM ------------------------------------------------------------------------------
 RXCSUM_PCSS_MASK = 0xFF

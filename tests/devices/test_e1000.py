@@ -87,6 +87,7 @@ class FakeContext:
         self.jobs: deque[Callable[[], Awaitable[None]]] = deque()
         self.until: float | None = None
         self.accepting = True
+        self.idle_sleeps: list[float] = []  # what sleep_until_work was asked for
 
     @property
     def dma(self) -> FakeDma:
@@ -105,6 +106,13 @@ class FakeContext:
             raise OutOfTime
         self.clock.now = target
         await trio.lowlevel.checkpoint()
+
+    async def sleep_until_work(self, seconds: float) -> None:
+        self.idle_sleeps.append(seconds)
+        if self.jobs:  # nothing is submitted while a fake sleep runs: only queued work
+            await trio.lowlevel.checkpoint()
+            return
+        await self.sleep(seconds)
 
     async def run(self, *, advance: float = 0.0, limit: int = 100_000) -> None:
         """Run queued jobs; timers may take at most ``advance`` seconds of fake time."""
@@ -333,6 +341,59 @@ def test_reset_values_match_the_82540() -> None:
     assert rig.rd(0x1FFFC) == 0
 
 
+#: (register, bits the 82540 implements): what Linux's e1000_reg_test checks (its
+#: REG_PATTERN_TEST / REG_SET_AND_CHECK masks), plus the flow-control low threshold and the
+#: narrower registers of QEMU's model.
+IMPLEMENTED_BITS = [
+    (r.FCAL, 0xFFFFFFFF),
+    (r.FCAH, 0x0000FFFF),
+    (r.FCT, 0x0000FFFF),
+    (r.VET, 0x0000FFFF),
+    (r.RDTR, 0x0000FFFF),
+    (r.RDBAH, 0xFFFFFFFF),
+    (r.RDLEN, 0x000FFF80),
+    (r.RDH, 0x0000FFFF),
+    (r.RDT, 0x0000FFFF),
+    (r.FCRTH, 0x0000FFF8),
+    (r.FCRTL, 0x8000FFF8),
+    (r.FCTTV, 0x0000FFFF),
+    (r.TIPG, 0x3FFFFFFF),
+    (r.TDBAH, 0xFFFFFFFF),
+    (r.TDLEN, 0x000FFF80),
+    (r.RCTL, 0x06DFB3FE),
+    (r.TCTL, 0x017FFFFA),
+    (r.RDBAL, 0xFFFFFFF0),
+    (r.TXCW, 0xC000FFFF),
+    (r.TDBAL, 0xFFFFFFF0),
+    (r.TIDV, 0x0000FFFF),
+    (r.RA + 4, 0x8003FFFF),
+    (r.MTA, 0xFFFFFFFF),
+    # the packet buffer FIFO pointers (widths as QEMU's model has them)
+    (r.RDFH, 0x1FFF),
+    (r.RDFPC, 0x1FFF),
+    (r.TDFH, 0x7FF),
+    (r.TDFT, 0x7FF),
+    (r.TDFTS, 0x1FFF),
+    (r.FFLT, 0x7FF),
+    (r.AIT, 0xFFFF),
+]
+
+
+@pytest.mark.parametrize(("offset", "bits"), IMPLEMENTED_BITS)
+def test_registers_keep_exactly_the_bits_the_part_implements(offset: int, bits: int) -> None:
+    rig = Rig()
+    for pattern in (0x5A5A5A5A, 0xA5A5A5A5, 0x00000000, 0xFFFFFFFF):
+        rig.wr(offset, pattern)
+        assert rig.rd(offset) == pattern & bits, f"{offset:#06x} after {pattern:#010x}"
+
+
+def test_status_ignores_writes() -> None:
+    rig = Rig()
+    before = rig.rd(r.STATUS)
+    rig.wr(r.STATUS, 0xFFFFF833)
+    assert rig.rd(r.STATUS) == before
+
+
 # =============================================================================================
 # EEPROM
 
@@ -478,6 +539,24 @@ def test_instant_autonegotiation_option() -> None:
     assert rig.rd(r.ICR) & r.ICR_LSC
 
 
+def test_phy_loopback_brings_the_link_up_at_once() -> None:
+    """Linux's loopback test sets BMCR loopback (forced 1000/Full, autonegotiation off)
+    right after a reset restarted autonegotiation, and sends at once."""
+    rig = Rig()
+    rig.wr(r.IMS, r.ICR_LSC)
+    mdic(rig, 0, write=0x1340)  # autonegotiation restarted: link down for 0.5 s
+    assert rig.isr() == r.ICR_LSC and not rig.rd(r.STATUS) & r.STATUS_LU
+    mdic(rig, 0, write=0x8140)  # reset, autonegotiation off
+    mdic(rig, 0, write=0x4140)  # loopback
+    assert rig.rd(r.STATUS) & r.STATUS_LU
+    assert mdic(rig, 1) & phy.BMSR_LINK
+    assert rig.isr() == r.ICR_LSC
+    rig.clock.now += 1
+    assert rig.rd(r.ICR) == 0  # the autonegotiation that was pending does not complete
+    mdic(rig, 0, write=0x1140)
+    assert mdic(rig, 0) & 0xFFFF == 0x1140
+
+
 def test_phy_reset_through_ctrl_restarts_autonegotiation() -> None:
     rig = Rig()
     mdic(rig, 0x10, write=0x0B60)
@@ -516,6 +595,33 @@ def test_icr_read_to_clear_ics_ims_imc_and_the_line_level() -> None:
     # partial (byte) writes of ICS and ICR
     rig.dev.region_write(0, r.ICS + 1, bytes([0x02]))  # MDAC
     assert rig.rd(r.ICR) == r.ICR_MDAC
+
+
+@pytest.mark.parametrize("bit", range(17))
+def test_every_cause_forced_through_ics_interrupts_at_once_when_enabled(bit: int) -> None:
+    """e1000_intr_test: masked, a forced cause stays quiet; enabled, the line rises on the
+    ICS write itself (no timer involved) and the handler's ICR read returns the cause."""
+    rig = Rig()
+    mask = 1 << bit
+    rig.wr(r.IMC, mask)
+    rig.wr(r.ICS, mask)
+    assert not line(rig) and rig.sink.intx == 0
+    rig.wr(r.IMS, mask)
+    rig.wr(r.ICS, mask)
+    assert line(rig) and rig.sink.intx == 1
+    assert rig.isr() == mask
+    rig.wr(r.IMC, ~mask & 0x7FFF)
+    rig.wr(r.ICS, ~mask & 0x7FFF)
+    assert not line(rig) and rig.sink.intx == 1
+    assert rig.rd(r.ICR) == ~mask & 0x7FFF
+
+
+def test_ics_beyond_the_implemented_causes_is_ignored() -> None:
+    rig = Rig()
+    rig.wr(r.IMS, 0xFFFFFFFF)
+    assert rig.rd(r.IMS) == r.ICR_VALID
+    rig.wr(r.ICS, 0xFFFE0000)
+    assert not line(rig) and rig.rd(r.ICR) == 0
 
 
 def test_config_space_intx_status_and_disable() -> None:
@@ -604,6 +710,20 @@ def test_receive_and_transmit_interrupt_delays() -> None:
     rig.wr(r.TIDV, 50 | r.FPD)  # flush: fire now
     assert line(rig)
     assert rig.rd(r.TIDV) == 50
+
+
+async def test_the_timer_job_sleeps_to_the_deadline_in_one_wait() -> None:
+    """No slices: the context ends the wait when work is submitted (a doorbell never
+    queues behind a sleeping timer), so the job asks for the whole time to the deadline."""
+    rig = Rig()
+    rig.wr(r.IMS, r.ICR_RXT0)
+    rig.wr(r.RDTR, 0xFFFF)  # 67 ms
+    rig.dev._cause(r.ICR_RXT0, rx_delay=True)
+    await rig.run(advance=0.001)
+    assert rig.ctx.idle_sleeps == [pytest.approx(0xFFFF * r.DELAY_UNIT)]
+    assert not line(rig)
+    await rig.run(advance=0.07)
+    assert line(rig)
 
 
 # =============================================================================================

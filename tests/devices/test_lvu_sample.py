@@ -115,6 +115,9 @@ class FakeContext:
     async def sleep(self, seconds: float) -> None:
         await trio.sleep(seconds)
 
+    async def sleep_until_work(self, seconds: float) -> None:
+        await trio.sleep(0 if self.jobs else seconds)
+
     async def run_jobs(self) -> None:
         while self.jobs:
             await self.jobs.pop(0)()

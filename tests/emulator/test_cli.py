@@ -318,7 +318,8 @@ def test_device_help() -> None:
     assert "e1000" not in one.stdout
     unknown = run_cli("serve", "--device", "nosuchdev,help")
     assert unknown.returncode == 2
-    assert "unknown device type 'nosuchdev' (known: testdev, lvu-sample, e1000)" in unknown.stderr
+    known = "testdev, lvu-sample, e1000, virtio-net"
+    assert f"unknown device type 'nosuchdev' (known: {known})" in unknown.stderr
     needs_socket = run_cli("serve")
     assert needs_socket.returncode == 2
     assert "one of the arguments --socket-path --fd --config is required" in needs_socket.stderr

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import struct
-import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from emulator.guest_e1000 import (
 from emulator.migration import Mode, get_state, migrate
 from emulator.netdev import setup_netdevs
 from emulator.server import DeviceServer
-from emulator.testing import EventFd, GuestRam, served_device
+from emulator.testing import EventFd, GuestRam, frame_rate, served_device
 from protocol.constants import MigState
 
 MAC_A = bytes.fromhex("525400000001")
@@ -246,6 +245,32 @@ async def test_interrupt_causes_and_itr_mitigation(tmp_path: Path) -> None:
         assert trio.current_time() - started < 2
 
 
+async def test_a_sleeping_timer_job_wakes_for_submitted_work(tmp_path: Path) -> None:
+    """The e1000's timer job waits in the device's only worker with the connection's
+    sleep_until_work: submitted work (a doorbell's transmit job) ends the wait at once."""
+    async with nic_pair(tmp_path) as pair:
+        context = pair.dev_a.context
+        woke, ran = trio.Event(), trio.Event()
+
+        async def timer_like() -> None:
+            await context.sleep_until_work(30)
+            woke.set()
+
+        async def job() -> None:
+            ran.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(timer_like)
+            await trio.sleep(0.05)
+            assert not woke.is_set()
+            started = trio.current_time()
+            assert context.submit(job)
+            with trio.fail_after(5):
+                await woke.wait()
+                await ran.wait()
+        assert trio.current_time() - started < 5
+
+
 async def test_statistics_read_to_clear(tmp_path: Path) -> None:
     async with nic_pair(tmp_path) as pair:
         a, b = pair.a, pair.b
@@ -264,33 +289,7 @@ async def test_statistics_read_to_clear(tmp_path: Path) -> None:
 
 
 async def measure_rate(pair: Pair, size: int, count: int) -> float:
-    a, b = pair.a, pair.b
-    frame = numbered(a, b, 0, size)
-    received = 0
-
-    async def receiver() -> None:
-        nonlocal received
-        while received < count:
-            frames = b.poll_rx()
-            if frames:
-                received += len(frames)
-                await b.refill_rx()
-            else:
-                await trio.sleep(0)
-
-    started = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(receiver)
-        sent = 0
-        while sent < count:
-            a.reclaim_tx()
-            batch = 0
-            while sent < count and batch < 64 and a.queue(frame):
-                sent += 1
-                batch += 1
-            await a.flush_tx()
-            await trio.sleep(0)
-    return count / (time.perf_counter() - started)
+    return await frame_rate(pair.a, pair.b, numbered(pair.a, pair.b, 0, size), count)
 
 
 async def test_frame_rate_between_two_emulated_nics(

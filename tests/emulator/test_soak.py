@@ -142,6 +142,33 @@ async def test_e1000_back_and_forth_mid_flow_delivers_every_frame_once_in_order(
     assert result.guest["frames_b_to_a"] >= 24 * E1000_PROGRESS
 
 
+@pytest.mark.parametrize("mode", ["stop-copy", "pre-copy"])
+async def test_virtio_net_back_and_forth_mid_flow_with_faults(tmp_path: Path, mode: Mode) -> None:
+    """The same flow over two virtio-nets, migrated 40 times with every fault kind: no
+    frame lost or repeated (the used index commits each batch exactly once), the state
+    each destination loaded equals the stopped source's, and the flow goes on."""
+    config = SoakConfig(
+        device="virtio-net", iterations=40, mode=mode, faults=0.3, seed=3, directory=tmp_path
+    )
+    result = await run_soak(config)
+    assert result.losses == []
+    assert result.state_mismatches == 0
+    assert result.faults_recovered == result.faults_injected
+    assert sum(result.faults_injected.values()) >= 5
+    assert result.guest["frames_a_to_b"] >= result.succeeded * E1000_PROGRESS
+
+
+async def test_virtio_net_soak_cutting_the_running_source_loses_no_frame(tmp_path: Path) -> None:
+    kinds = [FaultKind.CUT_SOURCE, FaultKind.KILL_CLIENT]
+    config = SoakConfig(
+        device="virtio-net", iterations=100, faults=0.5, seed=5, directory=tmp_path, kinds=kinds
+    )
+    result = await run_soak(config)
+    assert result.losses == []
+    assert result.faults_recovered == result.faults_injected
+    assert all(result.faults_injected.get(kind.value, 0) >= 10 for kind in kinds)
+
+
 def test_flow_check_sees_loss_duplication_and_damage() -> None:
     mac_a, mac_b = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
     check = FlowCheck("A->B")

@@ -81,8 +81,11 @@ DEFAULT_MAX_RESUME = 1 << 32
 
 
 def parse_mig_caps(text: str) -> MigrationCaps:
-    """``stop_copy+pre_copy`` -> flags. STOP_COPY is mandatory."""
+    """``stop_copy+pre_copy`` -> flags. STOP_COPY is mandatory; ``none`` is a device that
+    does not migrate (every migration request fails with EINVAL, as libvfio-user's)."""
     caps = MigrationCaps(0)
+    if text.strip() == "none":
+        return caps
     for name in filter(None, text.replace(",", "+").split("+")):
         flag = CAP_NAMES.get(name.strip())
         if flag is None:
@@ -171,6 +174,9 @@ class SavingSession:
         self.produced = 0
         self.consumed = 0
         self.complete = False
+        #: Bytes of the initial pre-copy data (the kernel's ``initial_bytes`` count down
+        #: from it); the rest is what changed since.
+        self.initial_size = 0
         self._append(codec.begin(self.session_id))
 
     def _append(self, data: Buffer | LazyPiece) -> None:
@@ -500,6 +506,7 @@ class MigrationEngine:
                 self.saving.finish(self._stop_copy_sections(after_precopy=False))
             else:
                 self.saving.add(self.device.precopy_start())
+                self.saving.initial_size = self.saving.produced
         elif source in (PRE_COPY, PRE_COPY_P2P) and dest == STOP_COPY:
             assert self.saving is not None
             self.saving.finish(self._stop_copy_sections(after_precopy=True))
@@ -689,6 +696,21 @@ class MigrationEngine:
         if not self.saving.pending and not self.saving.complete:
             self._add_precopy_changes(self.saving)
         return self.saving.pending
+
+    def precopy_info(self, unread: int = 0) -> tuple[int, int]:
+        """The kernel's VFIO_MIG_GET_PRECOPY_INFO in PRE_COPY: ``(initial_bytes,
+        dirty_bytes)``, what the client can read now. ``unread`` counts bytes already
+        taken from the stream but not yet read by the client (in a data fd). The device is
+        asked for changes first when nothing is pending; (0, 0) means nothing for now.
+        EINVAL outside the pre-copy states, as the kernel's."""
+        if self.state not in (PRE_COPY, PRE_COPY_P2P):
+            raise ProtocolError(errno.EINVAL, f"no pre-copy info in {self.state.name}")
+        saving = self._saving_to_read()
+        if not unread and not saving.pending:
+            self._add_precopy_changes(saving)  # the client has everything: what changed?
+        total = saving.pending + unread
+        initial = min(total, max(0, saving.initial_size - (saving.consumed - unread)))
+        return initial, total - initial
 
     def abandon_resumed(self) -> None:
         """End a resume session, taking back what it applied in place, before a device

@@ -149,7 +149,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
 #: Options every device type takes.
 COMMON_OPTIONS = {
     "mig-caps": "migration capabilities to advertise: stop_copy[+p2p][+pre_copy] "
-    "(default stop_copy+pre_copy, as libvfio-user)",
+    "(default stop_copy+pre_copy, as libvfio-user), or none (the device does not migrate)",
     "migration": "migration interface: v2 (DEVICE_FEATURE, default), v1 (the legacy "
     "migration region, for protocol-0.1 clients) or both",
 }

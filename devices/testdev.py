@@ -353,7 +353,19 @@ class TestDev(Device):
         return sections
 
     def migration_size_estimate(self) -> int:
-        return len(self._regs_blob()) + self.ram.size
+        """The STOP_COPY size (MIG_DATA_SIZE): the whole state, or in pre-copy only what the
+        stop-copy phase will still send: RAM the initial pass has not reached and pages
+        changed since they were sent. QEMU switches over once this fits its downtime limit,
+        so a full-RAM figure there would keep a pre-copy migration from ever converging."""
+        regs = len(self._regs_blob())
+        if self._shadow is None:
+            return regs + self.ram.size
+        sent = self._sent_upto
+        bitmap = stream_primitives.current().diff_pages(
+            self.ram.buffer[:sent], memoryview(self._shadow)[:sent], PAGE
+        )
+        changed = int.from_bytes(bitmap, "little").bit_count() * PAGE
+        return regs + (self.ram.size - sent) + changed
 
     def load_state(self, sections: Sequence[LoadedSection]) -> None:
         """Apply a whole saved state, all or nothing. RAM sections go through the same

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
@@ -160,6 +161,17 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_limit_options(serve)
     serve.set_defaults(subparser=serve)
     serve.add_argument(
+        "--no-data-fd",
+        action="store_true",
+        help="offer no migration data fd (the data_fd extension): data moves in band",
+    )
+    serve.add_argument(
+        "--no-precopy-info",
+        action="store_true",
+        help="offer no MIG_GET_PRECOPY_INFO (the precopy_info extension): QEMU then "
+        "migrates the device with stop-copy only",
+    )
+    serve.add_argument(
         "--dma-layout",
         choices=["auto", "spec", "qemu"],
         default="auto",
@@ -316,6 +328,11 @@ async def _serve(args: argparse.Namespace) -> int:
         device = create_device(args.device)
         layout = None if args.dma_layout == "auto" else DmaLayout(args.dma_layout)
         capabilities, limits = limits_from_args(args, layout)
+        capabilities = dataclasses.replace(
+            capabilities,
+            migration_data_fd=not args.no_data_fd,
+            migration_precopy_info=not args.no_precopy_info,
+        )
         netdevs = setup_netdevs(args.netdev, [device])
     except (DeviceSpecError, NetdevError, ValueError) as exc:
         print(f"vfio-user-emu: {exc}", file=sys.stderr)

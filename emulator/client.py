@@ -68,6 +68,7 @@ from protocol.messages import (
     IrqInfo,
     IrqSet,
     MigDataRead,
+    PrecopyInfo,
     RegionAccess,
     RegionCap,
     RegionData,
@@ -917,6 +918,18 @@ class Client:
         if len(payload) > argsz:
             raise InvalidReply(cmd, f"reply of {len(payload)} bytes exceeds argsz {argsz}")
         return payload
+
+    async def mig_precopy_info(self) -> tuple[int, int]:
+        """MIG_GET_PRECOPY_INFO (19, the ``precopy_info`` extension): ``(initial_bytes,
+        dirty_bytes)`` the device has for us now, in PRE_COPY."""
+        cmd = Command.MIG_GET_PRECOPY_INFO
+        request = PrecopyInfo(PrecopyInfo.SIZE, 0, 0, 0).pack()
+        _, payload, fds = await self.request(cmd, request)
+        self._no_fds(cmd, fds)
+        self._exact(cmd, payload, PrecopyInfo.SIZE)
+        with _parsing(cmd):
+            reply = PrecopyInfo.unpack(payload)
+        return reply.initial_bytes, reply.dirty_bytes
 
     @property
     def data_fd_negotiated(self) -> bool:

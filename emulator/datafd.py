@@ -2,10 +2,17 @@
 
 Negotiated with ``"migration": {"data_fd": true}`` in VERSION. A SET MIG_DEVICE_STATE whose
 arcs start STOP_COPY data (STOP->STOP_COPY, or PRE_COPY->STOP_COPY) or open a RESUMING
-session returns one end of a pipe with the reply (SCM_RIGHTS, ``data_fd`` = its index 0):
+session returns one end of a pipe with the reply (SCM_RIGHTS, ``data_fd`` = its index 0).
+A client that also negotiated ``"precopy_info": true`` gets the pipe where the kernel
+returns its data_fd, on the arc that opens the saving session (RUNNING->PRE_COPY,
+RUNNING_P2P->PRE_COPY_P2P); the same pipe then carries the STOP_COPY data after the
+pre-copy data (docs/qemu-migration.md):
 
 * saving: we write the stream into the pipe from a background task; the client reads until
-  EOF. A client that stops reading only stalls that task, never the control socket.
+  EOF. A client that stops reading only stalls that task, never the control socket. In
+  pre-copy the task writes what the stream holds and waits for more: the device is asked
+  for its changes by MIG_GET_PRECOPY_INFO (:meth:`DataFdSessions.wake`), whose sizes count
+  what is in the pipe, so a client reads only what is there and never blocks.
 * resuming: the client writes the stream and closes its end; a background task reads it
   through a 1 MiB buffer into the session's decoder, which validates it as it arrives and
   lets the device write large sections (RAM) straight into place: a large stream is never
@@ -21,12 +28,14 @@ pages by reference (vmsplice), which must not show the RAM as it is later.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import fcntl
 import logging
 import mmap
 import os
+import termios
 import threading
 from collections.abc import Callable
 from functools import partial
@@ -46,6 +55,7 @@ log = logging.getLogger("vfio_user_emu")
 PIPE_SIZE = 1 << 20
 CHUNK = 1 << 20
 
+SAVING = frozenset({MigState.PRE_COPY, MigState.PRE_COPY_P2P, MigState.STOP_COPY})
 STARTS_STOP_COPY_DATA = frozenset(
     {
         (MigState.STOP, MigState.STOP_COPY),
@@ -54,6 +64,14 @@ STARTS_STOP_COPY_DATA = frozenset(
     }
 )
 OPENS_RESUME = (MigState.STOP, MigState.RESUMING)
+#: The arcs where the kernel opens a saving session's data_fd before STOP_COPY.
+OPENS_PRECOPY = frozenset(
+    {(MigState.RUNNING, MigState.PRE_COPY), (MigState.RUNNING_P2P, MigState.PRE_COPY_P2P)}
+)
+#: States a data session's pipe lives through.
+SESSION_STATES = frozenset(
+    {MigState.PRE_COPY, MigState.PRE_COPY_P2P, MigState.STOP_COPY, MigState.RESUMING}
+)
 
 
 class MemfdStaging:
@@ -197,9 +215,9 @@ def _writer_for(view: memoryview, state: MigState) -> Callable[[int, memoryview]
     """How to put ``view`` into the pipe: pieces of a memory mapping (device RAM, which
     stays put while the device is stopped in STOP_COPY) are handed over without a copy
     (vmsplice); anything else, e.g. bytes the allocator may reuse once sent, is copied.
-    Pages go by reference only in STOP_COPY, and whatever of them the client did not read
-    is discarded when that state is left (:meth:`DataFdSessions.close`)."""
-    assert state == MigState.STOP_COPY, "saving data fds only pump in STOP_COPY"
+    Pages go by reference only in STOP_COPY (in PRE_COPY the device runs and changes
+    them), and whatever of them the client did not read is discarded when that state is
+    left (:meth:`DataFdSessions.close`)."""
     if (
         state == MigState.STOP_COPY
         and len(view) >= VMSPLICE_MIN
@@ -232,6 +250,8 @@ class DataFdSessions:
         self._bounce: bytearray | None = None  # resumed bytes pass through it (one per client)
         #: Our own copy of a saving pipe's read end, to empty the pipe when the session ends.
         self._saving_read_end: int | None = None
+        #: Set when a pre-copy stream may have grown (the saving pump waits for it).
+        self._more = trio.Event()
 
     @property
     def active(self) -> bool:
@@ -253,15 +273,39 @@ class DataFdSessions:
             resuming.discard_resumed()
             raise self.failure
 
-    def after_transition(self, engine: MigrationEngine, arcs: list[Arc]) -> int | None:
-        """Open a pipe if the arcs started a data session; returns the client's end."""
-        if self.active and engine.state not in (MigState.STOP_COPY, MigState.RESUMING):
+    def after_transition(
+        self, engine: MigrationEngine, arcs: list[Arc], *, precopy: bool = False
+    ) -> int | None:
+        """Open a pipe if the arcs started a data session; returns the client's end.
+        ``precopy``: the client reads pre-copy data from the pipe too (it negotiated
+        ``precopy_info``), so the pipe opens with the saving session, as the kernel's."""
+        if self.active and engine.state not in SESSION_STATES:
             self.close()
+        if self.active and engine.state in SAVING and engine.saving is not None:
+            self.wake()  # e.g. PRE_COPY -> STOP_COPY: the same pipe goes on with the rest
+            return None
+        if precopy and any(arc in OPENS_PRECOPY for arc in arcs) and engine.saving is not None:
+            return self._open_saving(engine)
         if any(arc in STARTS_STOP_COPY_DATA for arc in arcs) and engine.saving is not None:
             return self._open_saving(engine)
         if OPENS_RESUME in arcs and engine.resuming is not None:
             return self._open_resuming(engine)
         return None
+
+    def wake(self) -> None:
+        """The saving stream may have grown: the pump writes it into the pipe."""
+        self._more.set()
+
+    def unread(self) -> int:
+        """Bytes in the saving pipe that the client has not read yet."""
+        if self._saving_read_end is None:
+            return 0
+        count = array.array("i", [0])
+        try:
+            fcntl.ioctl(self._saving_read_end, termios.FIONREAD, count)
+        except OSError:
+            return 0
+        return count[0]
 
     def _open_saving(self, engine: MigrationEngine) -> int:
         assert engine.saving is not None
@@ -297,6 +341,14 @@ class DataFdSessions:
         with scope:
             while True:
                 view = session.take(CHUNK)
+                if not view and not session.complete:
+                    # Pre-copy: all there is, for now (no checkpoint since take(): a wake
+                    # cannot be missed).
+                    self._more = trio.Event()
+                    await self._more.wait()
+                    if scope.cancel_called:
+                        return
+                    continue
                 if not view:
                     break  # the whole stream is written (STOP_COPY data is complete)
                 write = _writer_for(view, engine.state)

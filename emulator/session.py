@@ -45,6 +45,7 @@ from protocol.messages import (
     IrqSet,
     MigData,
     MigDataRead,
+    PrecopyInfo,
     RegionAccess,
     RegionData,
     RegionInfo,
@@ -186,6 +187,7 @@ class Session:
             Command.DEVICE_FEATURE: self.device_feature,
             Command.MIG_DATA_READ: self.mig_data_read,
             Command.MIG_DATA_WRITE: self.mig_data_write,
+            Command.MIG_GET_PRECOPY_INFO: self.mig_get_precopy_info,
             Command.DIRTY_PAGES: self.dirty_pages,
         }
 
@@ -517,7 +519,7 @@ class Session:
             except DeviceError:
                 data_fds.close()  # the data was consumed and refused: the session is over
                 raise
-            fd = data_fds.after_transition(engine, result.arcs)
+            fd = data_fds.after_transition(engine, result.arcs, precopy=self._uses_precopy_info())
             # As the kernel's ioctl returns a new data_fd: here the index of the passed fd.
             field_at = DeviceFeatureMsg.HEADER_SIZE + 4
             reply = payload[:field_at] + MIG_STATE.pack(0, -1 if fd is None else 0)[4:]
@@ -535,6 +537,25 @@ class Session:
             and self.server.migration_data_fd
             and self.client.max_msg_fds > 0
         )
+
+    def _uses_precopy_info(self) -> bool:
+        return self.client.migration_precopy_info and self.server.migration_precopy_info
+
+    def mig_get_precopy_info(self, header: Header, payload: bytes, fds: list[int]) -> Outcome:
+        """MIG_GET_PRECOPY_INFO (19, extension): the kernel's VFIO_MIG_GET_PRECOPY_INFO.
+        The sizes count what is already in a data fd, so a client reading that many bytes
+        from it never blocks; (0, 0) is the kernel's ENOMSG, nothing more for now."""
+        self._check_v2()
+        require(
+            self._uses_precopy_info(),
+            "MIG_GET_PRECOPY_INFO needs the negotiated precopy_info extension",
+        )
+        PrecopyInfo.unpack(payload)
+        pipe = self.data_fds if self.data_fds is not None and self.data_fds.active else None
+        initial, dirty = self.device.migration.precopy_info(pipe.unread() if pipe else 0)
+        if pipe is not None:
+            pipe.wake()  # what the device just gave goes into the pipe
+        return Outcome(PrecopyInfo(PrecopyInfo.SIZE, 0, initial, dirty).pack())
 
     def _check_no_data_fd(self) -> None:
         # One stream, one reader: once a data fd carries this session, in-band is refused.

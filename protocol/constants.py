@@ -30,6 +30,9 @@ class Command(enum.IntEnum):
     DEVICE_FEATURE = 16
     MIG_DATA_READ = 17
     MIG_DATA_WRITE = 18
+    #: Extension (docs/qemu-migration.md): served only to clients that negotiated
+    #: ``"migration": {"precopy_info": true}``; the kernel's VFIO_MIG_GET_PRECOPY_INFO.
+    MIG_GET_PRECOPY_INFO = 19
 
 
 #: Commands only the server sends (the client answers them).

@@ -20,6 +20,7 @@ from .messages import (
     IrqSet,
     MigData,
     MigDataRead,
+    PrecopyInfo,
     RegionAccess,
     RegionInfo,
     RegionIoFds,
@@ -108,6 +109,11 @@ def _mig_data(p: bytes, reply: bool) -> str:
     return f"argsz={r.argsz} size={r.size}"
 
 
+def _precopy_info(p: bytes, reply: bool) -> str:
+    info = PrecopyInfo.unpack(p)
+    return f"initial_bytes={info.initial_bytes} dirty_bytes={info.dirty_bytes}"
+
+
 def _dirty_pages(p: bytes, reply: bool) -> str:
     if len(p) < DIRTY_HEADER.size:
         raise ProtocolError(errno.EINVAL, "DIRTY_PAGES: payload too short")
@@ -137,6 +143,7 @@ _DECODERS: dict[int, Callable[[bytes, bool], str]] = {
     Command.DEVICE_FEATURE: _feature,
     Command.MIG_DATA_READ: _mig_data,
     Command.MIG_DATA_WRITE: _mig_data,
+    Command.MIG_GET_PRECOPY_INFO: _precopy_info,
     Command.DIRTY_PAGES: _dirty_pages,
 }
 

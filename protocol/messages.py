@@ -687,6 +687,36 @@ class MigDataRead:
         return msg
 
 
+PRECOPY_INFO = struct.Struct("<IIQQ")
+
+
+@dataclass(frozen=True, slots=True)
+class PrecopyInfo:
+    """MIG_GET_PRECOPY_INFO (19, extension) request and reply: the kernel's
+    ``struct vfio_precopy_info`` (argsz, flags, initial_bytes, dirty_bytes)."""
+
+    argsz: int
+    flags: int
+    initial_bytes: int
+    dirty_bytes: int
+
+    SIZE: ClassVar[int] = PRECOPY_INFO.size
+
+    def pack(self) -> bytes:
+        return PRECOPY_INFO.pack(self.argsz, self.flags, self.initial_bytes, self.dirty_bytes)
+
+    @classmethod
+    def unpack(cls, payload: bytes | memoryview) -> Self:
+        _need(payload, PRECOPY_INFO.size, "MIG_GET_PRECOPY_INFO")
+        msg = cls(*PRECOPY_INFO.unpack_from(payload))
+        require(
+            msg.argsz >= PRECOPY_INFO.size,
+            f"MIG_GET_PRECOPY_INFO: argsz {msg.argsz} < {PRECOPY_INFO.size}",
+        )
+        require(msg.flags == 0, f"MIG_GET_PRECOPY_INFO: flags {msg.flags:#x}")
+        return msg
+
+
 @dataclass(frozen=True, slots=True)
 class MigData:
     """MIG_DATA_WRITE request / MIG_DATA_READ reply: argsz, size and ``size`` data bytes.

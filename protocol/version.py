@@ -42,6 +42,8 @@ class ClientCapabilities:
     migration_pgsize: int | None = None
     #: Extension: the client can take migration data over a passed fd.
     migration_data_fd: bool = False
+    #: Extension: the client asks pre-copy sizes with MIG_GET_PRECOPY_INFO.
+    migration_precopy_info: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +60,8 @@ class ServerCapabilities:
     migration_pgsize: int | None = PAGE_SIZE
     #: Offer migration data over a passed fd to clients that ask (extension key).
     migration_data_fd: bool = True
+    #: Offer MIG_GET_PRECOPY_INFO to clients that ask (extension key).
+    migration_precopy_info: bool = True
 
     def __post_init__(self) -> None:
         # QEMU refuses the whole device if any of these is out of its range.
@@ -88,6 +92,8 @@ class ServerCapabilities:
             migration["pgsize"] = self.migration_pgsize
         if self.migration_data_fd:
             migration["data_fd"] = True
+        if self.migration_precopy_info:
+            migration["precopy_info"] = True
         if migration:
             caps["migration"] = migration
         return json.dumps({"capabilities": caps}, separators=(",", ":"))
@@ -160,6 +166,7 @@ def parse_client_version(version: VersionPayload) -> ClientCapabilities:
         twin_socket=_bool_field(twin, "supported", "twin_socket."),
         migration_pgsize=pgsize,
         migration_data_fd=_bool_field(migration, "data_fd", "migration."),
+        migration_precopy_info=_bool_field(migration, "precopy_info", "migration."),
     )
 
 
@@ -173,4 +180,6 @@ def negotiate(
         # Clients that did not ask for the extension (or cannot take fds) see exactly the
         # standard protocol.
         ours = dataclasses.replace(ours, migration_data_fd=False)
+    if ours.migration_precopy_info and not client.migration_precopy_info:
+        ours = dataclasses.replace(ours, migration_precopy_info=False)
     return client, VersionPayload(PROTOCOL_MAJOR, minor, ours.to_json())

@@ -192,7 +192,7 @@ async def test_tutorial_notices_lost_state(
 
 # -- the architecture notes --------------------------------------------------------------------
 
-_PATH = re.compile(r"\b((?:protocol|devices|emulator|tests|docs)/[\w./]*\w)")
+_PATH = re.compile(r"\b((?:protocol|devices|emulator|tests|docs)/[\w./-]*\w)")
 _DOTTED = re.compile(r"`((?:protocol|devices|emulator)(?:\.\w+)+)")
 
 

@@ -38,6 +38,7 @@ from devices.testdev import (
     ID_VALUE,
     PAGE,
     PBA_OFFSET,
+    RAM_CHUNK,
     RAM_SECTION,
     REG_DMA_CTRL,
     REG_DMA_DONE,
@@ -1001,3 +1002,23 @@ def test_ram_in_place_loads_as_a_staged_stream_does(
     assert bytes(arriving.ram.buffer) == bytes(staged.ram.buffer)
     if not staged_ok:
         assert bytes(arriving.ram.buffer) == before
+
+
+def test_stop_copy_estimate_in_pre_copy_counts_only_what_stop_copy_will_send() -> None:
+    """MIG_DATA_SIZE: the whole state, but in pre-copy only RAM the initial pass has not
+    sent and pages changed since (QEMU waits for this to fit its downtime limit)."""
+    dev = TestDev(TestDevOptions(ram_size=4 * RAM_CHUNK))
+    regs = dev.migration_size_estimate() - dev.ram.size
+    assert regs > 0
+    dev.precopy_start()  # the first chunk goes
+    assert dev.migration_size_estimate() == regs + 3 * RAM_CHUNK
+    while dev.precopy_changes():
+        pass  # the initial pass completes
+    assert dev.migration_size_estimate() == regs
+    dev.ram.buffer[5 * PAGE] = 1
+    dev.ram.buffer[RAM_CHUNK + 1] = 1
+    assert dev.migration_size_estimate() == regs + 2 * PAGE
+    dev.precopy_changes()  # sent again
+    assert dev.migration_size_estimate() == regs
+    dev.precopy_end()
+    assert dev.migration_size_estimate() == regs + dev.ram.size

@@ -170,7 +170,7 @@ def test_second_version_rejected_connection_stays() -> None:
 
 
 @pytest.mark.parametrize(
-    "command", [Command.DMA_READ, Command.DMA_WRITE, Command.DIRTY_PAGES, 0, 19, 100, 0xFFFF]
+    "command", [Command.DMA_READ, Command.DMA_WRITE, Command.DIRTY_PAGES, 0, 20, 100, 0xFFFF]
 )
 def test_commands_not_served_rejected(command: int) -> None:
     conn = ready()

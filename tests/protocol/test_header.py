@@ -108,7 +108,8 @@ def test_command_name() -> None:
     assert Header(0, 15, 16).command_name() == "REGION_WRITE_MULTI"
     assert Header(0, 18, 16).command_name() == "MIG_DATA_WRITE"
     assert Header(0, 0, 16).command_name() == "UNKNOWN(0)"
-    assert Header(0, 19, 16).command_name() == "UNKNOWN(19)"
+    assert Header(0, 19, 16).command_name() == "MIG_GET_PRECOPY_INFO"
+    assert Header(0, 20, 16).command_name() == "UNKNOWN(20)"
 
 
 @FAST

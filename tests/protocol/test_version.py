@@ -384,7 +384,10 @@ def test_server_capabilities_out_of_qemu_range(kwargs: dict[str, Any]) -> None:
 
 def test_server_capabilities_to_json() -> None:
     text = ServerCapabilities(
-        write_multiple=False, migration_pgsize=None, migration_data_fd=False
+        write_multiple=False,
+        migration_pgsize=None,
+        migration_data_fd=False,
+        migration_precopy_info=False,
     ).to_json()
     assert json.loads(text) == {
         "capabilities": {
@@ -397,4 +400,10 @@ def test_server_capabilities_to_json() -> None:
     assert " " not in text
     full = json.loads(ServerCapabilities().to_json())  # the defaults offer everything
     assert full["capabilities"]["write_multiple"] is True
-    assert full["capabilities"]["migration"] == {"pgsize": 4096, "data_fd": True}
+    assert full["capabilities"]["migration"] == {
+        "pgsize": 4096,
+        "data_fd": True,
+        "precopy_info": True,
+    }
+    # QEMU rejects a reply longer than its request (which offers both extensions too)
+    assert len(ServerCapabilities().to_json()) < 200

@@ -9,7 +9,6 @@ The cache is ``$VFIO_USER_EMU_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/vfio-u
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -24,10 +23,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts" / "qemu"
 MIN_QEMU = (10, 1, 1)
+QEMU_NAME = "qemu-system-x86_64"
 
 
 def cache_dir() -> Path:
@@ -77,10 +78,12 @@ def unavailable(reason: str) -> NoReturn:
 
 @pytest.fixture(scope="session")
 def qemu_binary() -> str:
+    """The QEMU the tests run: ``$QEMU``, else the one ``scripts/qemu/build-qemu`` built with
+    the project's vfio-user migration patches."""
     if QEMU_TESTS_MODE == "skip":
         pytest.skip("QEMU_TESTS=skip")
     explicit = os.environ.get("QEMU")
-    binary = explicit or str(cache_dir() / "qemu" / "install" / "bin" / "qemu-system-x86_64")
+    binary = explicit or str(cache_dir() / "qemu-patched" / "install" / "bin" / QEMU_NAME)
     if not explicit and not os.access(binary, os.X_OK):
         unavailable(
             f"no QEMU with vfio-user-pci: none in $QEMU nor at {binary} "
@@ -93,6 +96,25 @@ def qemu_binary() -> str:
 
 
 @pytest.fixture(scope="session")
+def stock_qemu_binary() -> str:
+    """A QEMU without the project's patches: ``$QEMU_STOCK``, else the one
+    ``scripts/qemu/build-qemu --stock`` built. Optional even in CI (which builds only the
+    patched QEMU): the tests that need it are skipped, with the reason, when there is none."""
+    if QEMU_TESTS_MODE == "skip":
+        pytest.skip("QEMU_TESTS=skip")
+    explicit = os.environ.get("QEMU_STOCK")
+    binary = explicit or str(cache_dir() / "qemu" / "install" / "bin" / QEMU_NAME)
+    if not os.access(binary, os.X_OK):
+        pytest.skip(
+            f"no stock QEMU at {binary} (scripts/qemu/build-qemu --stock, or set QEMU_STOCK)"
+        )
+    problem = _qemu_problem(binary)
+    if problem:
+        pytest.skip(f"no suitable stock QEMU: {problem}")
+    return binary
+
+
+@pytest.fixture(scope="session")
 def guest_dir() -> Path:
     guest = cache_dir() / "guest"
     if not all((guest / name).is_file() for name in ("vmlinuz", "initramfs.cpio.gz")):
@@ -101,6 +123,29 @@ def guest_dir() -> Path:
         if shutil.which(tool) is None:
             unavailable(f"scripts/qemu/run-vm needs {tool} (apt-get install {tool})")
     return guest
+
+
+#: Shell for guest scripts that drive testdev: ``hex``, ``rdm``/``wrm`` (32-bit MMIO through
+#: devmem), ``rdc``/``wrc`` (config space through sysfs), ``$dev`` (the testdev's sysfs
+#: directory; the script exits with T-FAIL without one), ``$bar0`` and ``$bar2``.
+TESTDEV_SHELL = r"""
+hex() { printf 0x%x $(($1)); }
+rdm() { echo $(( $(devmem $(hex $1) 32) )); }
+wrm() { devmem $(hex $1) 32 $(hex $2); }
+rdc() { dd if=$dev/config bs=$2 skip=$(($1 / $2)) count=1 2>/dev/null | od -An -tu$2 | tr -d ' '; }
+wrc() {
+    s= i=0
+    while [ $i -lt $2 ]; do s="$s\\$(printf %o $(( ($3 >> (8 * i)) & 0xff )))"; i=$((i + 1)); done
+    printf "$s" | dd of=$dev/config bs=$2 seek=$(($1 / $2)) count=1 conv=notrunc 2>/dev/null
+}
+dev=
+for d in /sys/bus/pci/devices/*; do
+    [ "$(cat $d/vendor)" = 0x1b36 ] && [ "$(cat $d/device)" = 0x0f00 ] && dev=$d
+done
+[ -n "$dev" ] || { echo "T-FAIL: no testdev"; exit 1; }
+bar0=$(sed -n 1p $dev/resource | cut -d' ' -f1)
+bar2=$(sed -n 3p $dev/resource | cut -d' ' -f1)
+"""
 
 
 def emulator_command() -> list[str]:
@@ -138,14 +183,20 @@ class ServerPool:
         self.started: list[Server] = []
 
     def start(
-        self, device: str, *extra: str, name: str | None = None, trace: bool = True
+        self,
+        device: str,
+        *extra: str,
+        name: str | None = None,
+        trace: bool = True,
+        program: list[str] | None = None,
     ) -> Server:
         """Start a server for ``device`` (TYPE[,key=value...]); returns once it listens.
-        ``trace=False`` leaves out ``--trace`` (a line per message slows a busy NIC down)."""
+        ``trace=False`` leaves out ``--trace`` (a line per message slows a busy NIC down);
+        ``program`` replaces our CLI (a variant taking the same arguments)."""
         name = name or device.split(",", maxsplit=1)[0]
         socket = self.workdir / f"{name}.sock"
         log = self.workdir / f"{name}-server.log"
-        command = [*emulator_command(), "serve", "--device", device]
+        command = [*(program or emulator_command()), "serve", "--device", device]
         command += ["--socket-path", str(socket), *(["--trace"] if trace else []), *extra]
         with log.open("wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
@@ -326,45 +377,120 @@ def vm(qemu_binary: str, guest_dir: Path, tmp_path: Path) -> Callable[..., VmRun
     return run
 
 
-class Qmp:
-    """A minimal synchronous QMP client (QEMU's JSON monitor on a UNIX socket)."""
+def connect_qmp(path: Path, timeout: float = 60) -> QEMUMonitorProtocol:
+    """QEMU's QMP monitor at ``path`` (``-qmp unix:PATH,server=on,wait=off``), through the
+    QEMU project's own library (``qemu.qmp``, its synchronous ``legacy`` interface); waits
+    for QEMU to create the socket."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"QEMU made no QMP socket at {path}")
+        time.sleep(0.05)
+    qmp = QEMUMonitorProtocol(str(path))
+    qmp.connect()
+    qmp.settimeout(timeout)
+    return qmp
 
-    def __init__(self, path: Path, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not path.exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"QEMU made no QMP socket at {path}")
-            time.sleep(0.05)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
-        self.reader = self.sock.makefile("r", encoding="utf-8")
-        self.events: list[dict[str, Any]] = []
-        greeting = json.loads(self.reader.readline())
-        assert "QMP" in greeting, greeting
-        self.execute("qmp_capabilities")
 
-    def execute(self, command: str, **arguments: Any) -> Any:
-        """Run ``command``; its ``return`` value (events seen meanwhile go to ``events``)."""
-        request: dict[str, Any] = {"execute": command}
-        if arguments:
-            request["arguments"] = arguments
-        self.sock.sendall(json.dumps(request).encode() + b"\n")
-        while True:
-            line = self.reader.readline()
-            if not line:
-                raise ConnectionError(f"QMP closed while waiting for {command}")
-            message = json.loads(line)
-            if "event" in message:
-                self.events.append(message)
-            elif "error" in message:
-                raise RuntimeError(f"QMP {command}: {message['error']}")
-            else:
-                return message.get("return")
+def close_qmp(qmp: QEMUMonitorProtocol) -> None:
+    """Close the monitor connection (QEMU may have closed it already, e.g. after ``quit``)."""
+    with contextlib.suppress(EOFError, OSError):
+        qmp.close()
 
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
+
+def quit_qemu(qmp: QEMUMonitorProtocol) -> None:
+    """QMP ``quit``, and close the connection; QEMU may close the monitor before its reply
+    arrives."""
+    with contextlib.suppress(EOFError, OSError):
+        qmp.cmd("quit")
+    close_qmp(qmp)
+
+
+def wait_migration(qmp: QEMUMonitorProtocol, timeout: float = 180) -> dict[str, Any]:
+    """``query-migrate`` once the migration completed, failed or was cancelled."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = qmp.cmd("query-migrate")
+        assert isinstance(info, dict)
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            return info
+        assert time.monotonic() < deadline, f"migration still {info.get('status')}"
+        time.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Vm:
+    """A QEMU (through scripts/qemu/run-vm) with its emulator and its QMP connection."""
+
+    server: Server
+    process: RunningVm
+    qmp: QEMUMonitorProtocol
+
+
+class Pair:
+    """Starts emulator + QEMU pairs in ``workdir`` and stops them all."""
+
+    def __init__(self, qemu_binary: str, workdir: Path) -> None:
+        self.qemu_binary = qemu_binary
+        self.workdir = workdir
+        self.pool = ServerPool(workdir)
+        self.vms: list[Vm] = []
+
+    def start(
+        self,
+        name: str,
+        device: str,
+        script: str,
+        *server_args: str,
+        incoming: str | None = None,
+        append: str = "",
+        program: list[str] | None = None,
+        more_devices: tuple[str, ...] = (),
+    ) -> Vm:
+        """Our server for ``device`` and a QEMU booting the guest with ``script`` attached to
+        it, with a QMP monitor; ``incoming``: a destination, waiting for the migration.
+        ``more_devices`` get a server each and are attached after the first."""
+        server = self.pool.start(device, *server_args, name=name, program=program)
+        sockets = [server.socket]
+        for number, more in enumerate(more_devices, 2):
+            extra = self.pool.start(more, *server_args, name=f"{name}{number}", program=program)
+            sockets.append(extra.socket)
+        qmp_path = self.workdir / f"{name}-qmp.sock"
+        qemu_args = ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
+        if incoming:
+            qemu_args += ["-incoming", incoming]
+        command = vm_command(
+            self.workdir,
+            self.qemu_binary,
+            sockets,
+            script,
+            name=name,
+            append=append,
+            timeout=600,
+            qemu_args=tuple(qemu_args),
+        )
+        vm = Vm(server, RunningVm(command), connect_qmp(qmp_path))
+        self.vms.append(vm)
+        return vm
+
+    def stop_all(self) -> None:
+        for vm in self.vms:
+            close_qmp(vm.qmp)
+            vm.process.kill()
+        self.pool.stop_all()
+
+
+@pytest.fixture
+def pair(qemu_binary: str, guest_dir: Path, tmp_path: Path) -> Iterator[Pair]:
+    pairs = Pair(qemu_binary, tmp_path)
+    yield pairs
+    pairs.stop_all()
 
 
 #: Figures the QEMU tests measured (boot times, throughput, where QEMU was killed), shown

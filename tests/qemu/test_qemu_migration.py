@@ -1,8 +1,12 @@
-"""What QEMU 10.x's own VM migration does with a vfio-user device, and what ours does instead.
+"""What a stock QEMU 10.x's own VM migration does with a vfio-user device, and what ours
+does instead.
 
-QEMU 10.2's vfio-user client has no migration support and registers no migration blocker
-(reference facts, qemu.md): a VM migration "succeeds" and the device state stays behind.
-This test shows it with a real guest, then moves the same state with our driver.
+A stock QEMU 10.2 (without the patches in scripts/qemu/patches, which make QEMU migrate the
+device: test_qemu_live_migration.py) has no vfio-user migration support and registers no
+migration blocker (reference facts, qemu.md): a VM migration "succeeds" and the device state
+stays behind. This test shows it with a real guest, then moves the same state with our
+driver. It needs a stock build (``scripts/qemu/build-qemu --stock`` or ``$QEMU_STOCK``) and
+is skipped without one.
 
 1. Emulator S serves ``testdev``; QEMU boots a guest attached to it. The guest writes a
    register (SCRATCH0) and the device's RAM BAR (both through devmem, as a driver would),
@@ -29,7 +33,6 @@ from __future__ import annotations
 import re
 import struct
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -38,25 +41,26 @@ import trio
 from devices import testdev as td
 from emulator.client import Client
 
-from .conftest import Qmp, RunningVm, ServerPool, emulator_command, report, vm_command
+from .conftest import (
+    TESTDEV_SHELL,
+    RunningVm,
+    ServerPool,
+    connect_qmp,
+    emulator_command,
+    quit_qemu,
+    report,
+    vm_command,
+    wait_migration,
+)
 
 pytestmark = pytest.mark.qemu
 
 SCRATCH_VALUE = 0xDEADBEEF
 RAM_VALUE = 0xCAFEF00D
 
-GUEST_SCRIPT = r"""
-hex() { printf 0x%x $(($1)); }
-rdm() { echo $(( $(devmem $(hex $1) 32) )); }
-wrm() { devmem $(hex $1) 32 $(hex $2); }
-rdc() { dd if=$dev/config bs=$2 skip=$(($1 / $2)) count=1 2>/dev/null | od -An -tu$2 | tr -d ' '; }
-dev=
-for d in /sys/bus/pci/devices/*; do
-    [ "$(cat $d/vendor)" = 0x1b36 ] && [ "$(cat $d/device)" = 0x0f00 ] && dev=$d
-done
-[ -n "$dev" ] || { echo "T-FAIL: no testdev"; exit 1; }
-bar0=$(sed -n 1p $dev/resource | cut -d' ' -f1)
-bar2=$(sed -n 3p $dev/resource | cut -d' ' -f1)
+GUEST_SCRIPT = (
+    TESTDEV_SHELL
+    + r"""
 # what the device shows: two registers it keeps, and QEMU's view of config space
 state() {
     echo "scratch=$(hex $(rdm $((bar0 + 0x10)))) ram=$(hex $(rdm $bar2))" \
@@ -80,6 +84,7 @@ done
 echo "T-UNCHANGED: $before"
 exit 0
 """.replace("@SCRATCH@", hex(SCRATCH_VALUE)).replace("@RAM@", hex(RAM_VALUE))
+)
 
 MIGRATION_COMMANDS = ("DEVICE_FEATURE", "MIG_DATA_READ", "MIG_DATA_WRITE")
 
@@ -90,16 +95,6 @@ def _line(console: str, tag: str) -> dict[str, int]:
     return {key: int(value, 16) for key, value in re.findall(r"(\w+)=(0x[0-9a-f]+)", match[1])}
 
 
-def _wait_migration(qmp: Qmp, timeout: float = 120) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while True:
-        info: dict[str, object] = qmp.execute("query-migrate")
-        if info.get("status") in ("completed", "failed", "cancelled"):
-            return info
-        assert time.monotonic() < deadline, f"migration still {info.get('status')}"
-        time.sleep(0.2)
-
-
 async def _read_device(socket_path: Path) -> tuple[int, int]:
     async with Client.connect(socket_path) as client:
         scratch = await client.region_read(td.BAR_REGS, td.REG_SCRATCH, 4)
@@ -107,9 +102,10 @@ async def _read_device(socket_path: Path) -> tuple[int, int]:
     return struct.unpack("<I", scratch)[0], struct.unpack("<I", ram)[0]
 
 
-def test_qemu_migration_leaves_device_state_behind_ours_moves_it(
-    qemu_binary: str, guest_dir: Path, tmp_path: Path
+def test_stock_qemu_migration_leaves_device_state_behind_ours_moves_it(
+    stock_qemu_binary: str, guest_dir: Path, tmp_path: Path
 ) -> None:
+    qemu_binary = stock_qemu_binary
     pool = ServerPool(tmp_path)
     image = tmp_path / "vm.migration"
     source_vm = destination_vm = None
@@ -134,19 +130,18 @@ def test_qemu_migration_leaves_device_state_behind_ours_moves_it(
         assert before["scratch"] == SCRATCH_VALUE and before["ram"] == RAM_VALUE, before
 
         # 2. QEMU's own migration, to a file: it completes
-        qmp = Qmp(qmp_path)
+        qmp = connect_qmp(qmp_path)
         try:
-            qmp.execute("migrate", uri=f"file:{image}")
-            info = _wait_migration(qmp)
+            qmp.cmd("migrate", uri=f"file:{image}")
+            info = wait_migration(qmp)
             assert info["status"] == "completed", info
             report(
                 f"QEMU migrate to a file: completed in {info.get('total-time')} ms, "
                 f"{image.stat().st_size >> 20} MiB image, no device state in it"
             )
-            assert qmp.execute("query-status")["status"] == "postmigrate"
-            qmp.execute("quit")
+            assert qmp.cmd("query-status")["status"] == "postmigrate"  # type: ignore[index]
         finally:
-            qmp.close()
+            quit_qemu(qmp)
         source_vm.wait(timeout=30)
         for command in MIGRATION_COMMANDS:
             assert f" {command} cmd" not in source.trace(), f"QEMU sent {command}"

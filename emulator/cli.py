@@ -572,8 +572,18 @@ def _device_help_only(args: argparse.Namespace) -> int | None:
     return 0
 
 
+class _Terminated(Exception):
+    """SIGTERM outside a command's own signal handling (trio commands and the soak take it
+    themselves while they run): ends the command like Ctrl-C does, with its cleanup."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         status = _run(args)
         sys.stdout.flush()  # here, where a closed pipe is still ours to handle
@@ -581,6 +591,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return quiet_broken_pipe()
     except KeyboardInterrupt:  # before or after a command's own signal handling
         return interrupted(args.command, signal.SIGINT)
+    except _Terminated:
+        return interrupted(args.command, signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return status
 
 

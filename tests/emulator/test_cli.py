@@ -470,3 +470,32 @@ def test_info_waiting_on_a_silent_server_stops_on_a_signal(
     assert proc.returncode == status
     assert out == ""
     assert err == f"vfio-user-emu: info: interrupted by {signal.Signals(signum).name}\n"
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_bench_stops_on_a_signal_with_one_line(signum: int, status: int) -> None:
+    """A benchmark without a signal handling of its own (it is not a trio command): Ctrl-C
+    or SIGTERM still ends it with one line, its servers stopped, and 128+N."""
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "emulator", "bench", "rtt", "--count", "100000000", "--warmup", "0",
+         "--placement", "same", "--scenario", "config_read"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        assert "echo floor" in proc.stderr.readline()  # under way: measuring its floor
+        time.sleep(0.5)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == status
+    assert "Traceback" not in err
+    assert (
+        err.splitlines()[-1]
+        == f"vfio-user-emu: bench: interrupted by {signal.Signals(signum).name}"
+    )

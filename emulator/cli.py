@@ -428,10 +428,8 @@ def _migration_failure(exc: MigrationError, protocol: str) -> str:
             f"`{PROG} serve --device TYPE,help` lists the migration options)"
         )
     if exc.stage.startswith(_LOAD_STAGES):
-        text += (
-            "; the destination refused the state: its server logs why "
-            "(serve it with --trace to see it)"
-        )
+        # The reason in the text is the destination's own (the error_detail extension).
+        text += "; the destination refused the state (serve it with --trace for the exchange)"
     return text
 
 

@@ -56,7 +56,14 @@ from protocol.constants import (
 )
 from protocol.errors import ProtocolError
 from protocol.framer import InPlaceMessage, Message, MessageFramer, Oversized
-from protocol.header import HEADER, Header, pack_error_reply, pack_message, pack_reply
+from protocol.header import (
+    HEADER,
+    MAX_ERROR_DETAIL,
+    Header,
+    pack_error_reply,
+    pack_message,
+    pack_reply,
+)
 from protocol.messages import (
     U64,
     DeviceFeatureMsg,
@@ -110,6 +117,7 @@ __all__ = [
 DEFAULT_CAPABILITIES: dict[str, Any] = {
     "max_msg_fds": 16,
     "max_data_xfer_size": DEFAULT_MAX_DATA_XFER_SIZE,
+    "error_detail": True,  # our extension: refusals come back with the server's reason
 }
 #: libvfio-user's client clamps errnos outside 1..4096 to EINVAL (SERVER_MAX_ERROR_NO).
 MAX_ERRNO = 4096
@@ -629,6 +637,14 @@ class Client:
             raise
         return InFlight(self, command, waiter)
 
+    def _error_detail(self, command: int, payload: bytes) -> str | None:
+        """The server's reason for an error (the ``error_detail`` extension), or None."""
+        if not payload:
+            return None
+        if self.server_caps.get("error_detail") is not True or len(payload) > MAX_ERROR_DETAIL:
+            raise InvalidReply(command, f"error reply with {len(payload)} payload bytes")
+        return payload.decode("utf-8", "replace")
+
     def _check_reply(self, command: int, header: Header, waiter: _Pending) -> list[int]:
         fds = waiter.fds
         try:
@@ -639,14 +655,11 @@ class Client:
             if header.flags & ~_REPLY_FLAGS:
                 raise InvalidReply(command, f"reply flags {header.flags:#x}")
             if header.is_error:
-                if waiter.payload:
-                    raise InvalidReply(
-                        command, f"error reply with {len(waiter.payload)} payload bytes"
-                    )
+                detail = self._error_detail(command, waiter.payload)
                 if fds:
                     raise InvalidReply(command, f"error reply with {len(fds)} fd(s)")
                 err = header.error
-                raise ClientError(err if 0 < err <= MAX_ERRNO else _errno.EINVAL, command)
+                raise ClientError(err if 0 < err <= MAX_ERRNO else _errno.EINVAL, command, detail)
         except ClientError:
             close_fds(fds)
             raise

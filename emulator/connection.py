@@ -97,6 +97,11 @@ def choose_dma_layout(client: ClientCapabilities) -> DmaLayout:
     return DmaLayout.QEMU if client.minor == 0 else DmaLayout.SPEC
 
 
+
+def _reason(exc: ProtocolError | DeviceError) -> str:
+    """Why a request was refused, for a client that asked (the errno travels on its own)."""
+    return exc.message if isinstance(exc, ProtocolError) else str(exc)
+
 class _Waiter:
     __slots__ = ("event", "header", "payload")
 
@@ -344,7 +349,7 @@ class ClientSession:
         except (ProtocolError, DeviceError) as exc:
             close_fds(fds)
             self.tracer.failed(header, exc.errno, str(exc))
-            return self._send_soon(self.proto.error_reply(header, exc.errno))
+            return self._send_soon(self.proto.error_reply(header, exc.errno, _reason(exc)))
         except Exception:
             # A device bug must not take the server down; the client gets EIO.
             log.exception("device failed on %s", header.command_name())
@@ -398,7 +403,7 @@ class ClientSession:
             outcome = await deferred.work()
         except (ProtocolError, DeviceError) as exc:
             self.tracer.failed(header, exc.errno, str(exc))
-            pending = self._send_soon(self.proto.error_reply(header, exc.errno))
+            pending = self._send_soon(self.proto.error_reply(header, exc.errno, _reason(exc)))
         except Exception:
             log.exception("device failed on %s", header.command_name())
             pending = self._send_soon(self.proto.error_reply(header, errno.EIO))

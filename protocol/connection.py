@@ -270,7 +270,8 @@ class ServerConnection:
     ) -> Rejected:
         if close:
             self.state = ConnState.CLOSED
-        return Rejected(header, error, self.error_reply(header, error.errno), fds, close)
+        reply = self.error_reply(header, error.errno, error.message)
+        return Rejected(header, error, reply, fds, close)
 
     # -- output --------------------------------------------------------------------------
     def reply(self, request: Header, payload: bytes = b"") -> bytes | None:
@@ -286,10 +287,14 @@ class ServerConnection:
             return None
         return pack_reply_header(request.msg_id, request.command, payload_size)
 
-    def error_reply(self, request: Header, err: int) -> bytes | None:
+    def error_reply(self, request: Header, err: int, detail: str = "") -> bytes | None:
+        """The error reply to ``request``: header-only, or with ``detail`` (the reason) for
+        a client that negotiated ``error_detail``; None when no reply is wanted."""
         if request.no_reply or not request.is_command:
             return None
-        return pack_error_reply(request.msg_id, request.command, err)
+        if self.client is None or not self.client.error_detail:
+            detail = ""
+        return pack_error_reply(request.msg_id, request.command, err, detail)
 
     def request(self, command: Command, payload: bytes) -> tuple[int, bytes]:
         """A server->client command (DMA_READ/DMA_WRITE): its msg_id and bytes."""

@@ -87,6 +87,14 @@ def pack_reply_header(msg_id: int, command: int, payload_size: int) -> bytes:
     return HEADER.pack(msg_id, command, HEADER_SIZE + payload_size, MsgType.REPLY, 0)
 
 
-def pack_error_reply(msg_id: int, command: int, err: int) -> bytes:
-    """Error replies are header-only (spec; QEMU and libvfio-user both require it)."""
-    return HEADER.pack(msg_id, command, HEADER_SIZE, MsgType.REPLY | FLAG_ERROR, err)
+#: Longest reason an ``error_detail`` error reply carries (bytes of UTF-8).
+MAX_ERROR_DETAIL = 512
+
+
+def pack_error_reply(msg_id: int, command: int, err: int, detail: str = "") -> bytes:
+    """Error replies are header-only (spec; QEMU and libvfio-user both require it), except
+    for a client that negotiated the ``error_detail`` extension: ``detail``, the reason as
+    UTF-8 text (cut to MAX_ERROR_DETAIL bytes), follows the header."""
+    text = detail.encode("utf-8", "replace")[:MAX_ERROR_DETAIL]
+    flags = MsgType.REPLY | FLAG_ERROR
+    return HEADER.pack(msg_id, command, HEADER_SIZE + len(text), flags, err) + text

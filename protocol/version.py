@@ -44,6 +44,8 @@ class ClientCapabilities:
     migration_data_fd: bool = False
     #: Extension: the client asks pre-copy sizes with MIG_GET_PRECOPY_INFO.
     migration_precopy_info: bool = False
+    #: Extension: the client takes error replies that carry the reason as UTF-8 text.
+    error_detail: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,8 @@ class ServerCapabilities:
     migration_data_fd: bool = True
     #: Offer MIG_GET_PRECOPY_INFO to clients that ask (extension key).
     migration_precopy_info: bool = True
+    #: Offer error replies with the reason's text to clients that ask (extension key).
+    error_detail: bool = True
 
     def __post_init__(self) -> None:
         # QEMU refuses the whole device if any of these is out of its range.
@@ -87,6 +91,8 @@ class ServerCapabilities:
         }
         if self.write_multiple:
             caps["write_multiple"] = True
+        if self.error_detail:
+            caps["error_detail"] = True
         migration: dict[str, Any] = {}
         if self.migration_pgsize is not None:
             migration["pgsize"] = self.migration_pgsize
@@ -167,6 +173,7 @@ def parse_client_version(version: VersionPayload) -> ClientCapabilities:
         migration_pgsize=pgsize,
         migration_data_fd=_bool_field(migration, "data_fd", "migration."),
         migration_precopy_info=_bool_field(migration, "precopy_info", "migration."),
+        error_detail=_bool_field(caps, "error_detail", ""),
     )
 
 
@@ -182,4 +189,6 @@ def negotiate(
         ours = dataclasses.replace(ours, migration_data_fd=False)
     if ours.migration_precopy_info and not client.migration_precopy_info:
         ours = dataclasses.replace(ours, migration_precopy_info=False)
+    if ours.error_detail and not client.error_detail:
+        ours = dataclasses.replace(ours, error_detail=False)
     return client, VersionPayload(PROTOCOL_MAJOR, minor, ours.to_json())

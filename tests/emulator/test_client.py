@@ -159,7 +159,7 @@ async def test_version_handshake(nursery):
     assert struct.unpack_from("<HH", payload) == (0, 2)
     assert payload.endswith(b"\0") and payload[4:].count(b"\0") == 1
     assert json.loads(payload[4:-1]) == {
-        "capabilities": {"max_msg_fds": 16, "max_data_xfer_size": 1048576}
+        "capabilities": {"max_msg_fds": 16, "max_data_xfer_size": 1048576, "error_detail": True}
     }
     assert seen[0].fds == []
 

@@ -218,6 +218,31 @@ async def test_a_zero_count_region_read_is_answered_with_its_header(
         conn.close()
 
 
+@pytest.mark.parametrize("asked", [False, True])
+async def test_error_replies_carry_the_reason_only_when_asked(
+    served: ServedDevice, asked: bool
+) -> None:
+    """The error_detail extension: a client that asks gets the reason after the header;
+    every other client (QEMU, libvfio-user) gets the spec's header-only error reply."""
+    conn = await RawConnection.connect(served.socket_path, negotiate=False)
+    try:
+        caps = json.dumps({"capabilities": {"error_detail": True} if asked else {}})
+        header, reply = await conn.call(Command.VERSION, VersionPayload(0, 2, caps).pack())
+        assert not header.is_error
+        offered = json.loads(VersionPayload.unpack(reply).json_text or "{}")["capabilities"]
+        assert offered.get("error_detail", False) is asked
+        header, payload = await conn.call(
+            Command.REGION_READ, struct.pack("<QII", 0, 0xDEADBEEF, 4)
+        )
+        assert header.is_error and header.error == errno.EINVAL
+        if asked:
+            assert payload.decode() == "region 3735928559 >= 9 regions"
+        else:
+            assert payload == b"" and header.size == 16
+    finally:
+        conn.close()
+
+
 async def test_bar_sizing_through_config_space(client: Client) -> None:
     await client.region_write(CONFIG, 0x10, b"\xff\xff\xff\xff")
     assert struct.unpack("<I", await client.region_read(CONFIG, 0x10, 4))[0] == 0xFFFFF000

@@ -97,10 +97,10 @@ def choose_dma_layout(client: ClientCapabilities) -> DmaLayout:
     return DmaLayout.QEMU if client.minor == 0 else DmaLayout.SPEC
 
 
-
 def _reason(exc: ProtocolError | DeviceError) -> str:
     """Why a request was refused, for a client that asked (the errno travels on its own)."""
     return exc.message if isinstance(exc, ProtocolError) else str(exc)
+
 
 class _Waiter:
     __slots__ = ("event", "header", "payload")

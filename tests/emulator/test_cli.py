@@ -33,6 +33,25 @@ def start_server(*args: str) -> subprocess.Popen[str]:
     )
 
 
+@contextmanager
+def cli_process(*args: str, **popen: Any) -> Iterator[subprocess.Popen[str]]:
+    """``vfio-user-emu ARGS`` with its output piped, killed on the way out unless the body
+    ended it."""
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "emulator", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def wait_for(path: Path, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -68,8 +87,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_serve_prints_qemu_line_and_stops_cleanly(tmp_path: Path, signum: int) -> None:
     path = tmp_path / "vfio-user.sock"
-    proc = start_server("--socket-path", str(path), "--print-qemu")
-    try:
+    with cli_process("serve", "--socket-path", str(path), "--print-qemu") as proc:
         wait_for(path)
         info = run_cli("info", "--socket-path", str(path))
         assert info.returncode == 0, info.stderr
@@ -77,10 +95,6 @@ def test_serve_prints_qemu_line_and_stops_cleanly(tmp_path: Path, signum: int) -
         assert "BAR2" in info.stdout and "MMAP" in info.stdout
         proc.send_signal(signum)
         out, err = proc.communicate(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0, err
     assert not path.exists()
     assert "serving testdev" in out
@@ -113,23 +127,12 @@ def test_serve_from_inherited_fd(tmp_path: Path) -> None:
     listener.listen(1)
     fd = listener.fileno()
     os.set_inheritable(fd, True)
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "emulator", "serve", f"--fd={fd}"],
-        pass_fds=(fd,),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    listener.close()
-    try:
+    with cli_process("serve", f"--fd={fd}", pass_fds=(fd,)) as proc:
+        listener.close()
         info = run_cli("info", "--socket-path", str(path))
         assert info.returncode == 0, info.stderr
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0
 
 
@@ -450,23 +453,13 @@ def test_info_waiting_on_a_silent_server_stops_on_a_signal(
     with socket.socket(socket.AF_UNIX) as listener:
         listener.bind(str(path))
         listener.listen(1)
-        proc = subprocess.Popen(
-            [PYTHON, "-m", "emulator", "info", "--socket-path", str(path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
+        with cli_process("info", "--socket-path", str(path)) as proc:
             listener.settimeout(30)
             conn, _ = listener.accept()
             with conn:
                 assert conn.recv(4096)  # its VERSION: the CLI now waits for the reply
                 proc.send_signal(signum)
                 out, err = proc.communicate(timeout=10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
     assert proc.returncode == status
     assert out == ""
     assert err == f"vfio-user-emu: info: interrupted by {signal.Signals(signum).name}\n"
@@ -476,23 +469,15 @@ def test_info_waiting_on_a_silent_server_stops_on_a_signal(
 def test_bench_stops_on_a_signal_with_one_line(signum: int, status: int) -> None:
     """A benchmark without a signal handling of its own (it is not a trio command): Ctrl-C
     or SIGTERM still ends it with one line, its servers stopped, and 128+N."""
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "emulator", "bench", "rtt", "--count", "100000000", "--warmup", "0",
-         "--placement", "same", "--scenario", "config_read"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    try:
+    with cli_process(
+        "bench", "rtt", "--count", "100000000", "--warmup", "0", "--placement", "same",
+        "--scenario", "config_read",
+    ) as proc:  # fmt: skip
         assert proc.stderr is not None
         assert "echo floor" in proc.stderr.readline()  # under way: measuring its floor
         time.sleep(0.5)
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == status
     assert "Traceback" not in err
     assert (

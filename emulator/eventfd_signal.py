@@ -246,9 +246,10 @@ def read_nowait(fd: int) -> bool:
 
     The read must not block and must not change the client's flags either: a client could
     drain its own eventfd between our wake-up and our read. ``preadv2(RWF_NOWAIT)`` is a
-    non-blocking read for this one call (eventfds honour it since Linux 5.12, where they
-    gained ``read_iter``); an older kernel answers EOPNOTSUPP and gets a read guarded by a
-    zero-timeout poll, which a client racing its own reader could still make wait.
+    non-blocking read for this one call (measured here, Linux 6.18: EAGAIN on an empty
+    blocking eventfd); a kernel whose eventfds do not take it answers EOPNOTSUPP and gets
+    a read guarded by a zero-timeout poll, which a client racing its own reader could
+    still make wait.
     """
     buffer = bytearray(8)
     try:

@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 # The venv (and the C fast path, built in place by the editable install) is rebuilt when
 # the project's metadata or the C sources change.
-FASTPATH_SOURCES := setup.py emulator/fastpath/fastpath.c emulator/fastpath/build.py
+FASTPATH_SOURCES := setup.py devices/migration/fastpath/fastpath.c devices/migration/fastpath/build.py
 
 $(STAMP): pyproject.toml $(FASTPATH_SOURCES)
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
@@ -22,9 +22,9 @@ $(STAMP): pyproject.toml $(FASTPATH_SOURCES)
 
 venv: $(STAMP)
 
-# Rebuild only the C fast path in place (after editing emulator/fastpath/fastpath.c).
+# Rebuild only the C fast path in place (after editing devices/migration/fastpath/fastpath.c).
 fastpath: $(STAMP)
-	$(BIN)/python emulator/fastpath/build.py
+	$(BIN)/python devices/migration/fastpath/build.py
 
 run: $(STAMP)
 	$(BIN)/vfio-user-emu serve --device $(DEVICE) --socket-path $(SOCKET) --print-qemu
@@ -87,10 +87,10 @@ FUZZ_EXAMPLES ?= 1000
 fuzz: $(STAMP)
 	@$(BIN)/python -c 'import atheris' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[fuzz]' \
 	  || echo "atheris does not install here: fuzzing with a seeded PRNG"
-	$(BIN)/python -m emulator.fuzz --engine auto --seconds $(FUZZ_SECONDS)
+	$(BIN)/python -m emulator.tools.fuzz --engine auto --seconds $(FUZZ_SECONDS)
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider \
-	  tests/devices/test_fuzz_stream.py tests/protocol/test_fuzz_codecs.py
+	  tests/devices/migration/test_stream_fuzz.py tests/protocol/test_fuzz_codecs.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
-	rm -f emulator/fastpath/_fastpath*.so
+	rm -f devices/migration/fastpath/_fastpath*.so

@@ -1,8 +1,9 @@
 """Build hook for the optional C fast path; all other metadata lives in pyproject.toml.
 
-cffi compiles ``emulator.fastpath._fastpath`` from ``emulator/fastpath/build.py``.  If that
+cffi compiles ``devices.migration.fastpath._fastpath`` from
+``devices/migration/fastpath/build.py``.  If that
 fails (no C compiler, missing Python headers, ...) a warning is printed and the install
-carries on without the extension: ``devices.stream_primitives`` then uses its pure-Python
+carries on without the extension: ``devices.migration.primitives`` then uses its pure-Python
 implementation.  ``pip install -e .`` places the extension in the source tree.
 
 setuptools ships no type information, so it is imported through importlib and the command
@@ -61,6 +62,6 @@ OptionalBuildExt: Any = type(
 )
 
 _setuptools.setup(
-    cffi_modules=["emulator/fastpath/build.py:ffibuilder"],
+    cffi_modules=["devices/migration/fastpath/build.py:ffibuilder"],
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -16,14 +16,13 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
+from devices.errors import ClientGone, DeviceError, DmaFault
+from devices.irq import InterruptController
+from devices.migration import primitives as stream_primitives
+from devices.migration.engine import DEFAULT_CAPS, EnvelopeCodec, MigrationCodec, MigrationEngine
+from devices.migration.stream import LoadedSection, Section, SectionSink, StreamLimits
+from devices.pci import ConfigAccessError, ConfigSpace
 from protocol.constants import MigState
-
-from . import stream_primitives
-from .errors import ClientGone, DeviceError, DmaFault
-from .irq import InterruptController
-from .migration import DEFAULT_CAPS, EnvelopeCodec, MigrationCodec, MigrationEngine
-from .pci import ConfigAccessError, ConfigSpace
-from .state_stream import LoadedSection, Section, SectionSink, StreamLimits
 
 __all__ = ["ClientGone", "DeviceError", "DmaFault"]
 

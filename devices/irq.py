@@ -26,7 +26,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .pci import ConfigSpace
+from devices.pci import ConfigSpace
 
 INTX, MSI, MSIX, ERR, REQ = range(5)
 NUM_IRQ_INDEXES = 5

@@ -53,12 +53,11 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import ClassVar
 
+from devices.api import Device, DeviceError, DmaFault, RamRegion, Region
+from devices.irq import InterruptController
+from devices.migration.stream import Buffer, LoadedSection, Section, StreamLimits, payload_parts
+from devices.pci import BarKind, BarSpec, ConfigSpace
 from protocol.constants import MigrationCaps
-
-from .api import Device, DeviceError, DmaFault, RamRegion, Region
-from .irq import InterruptController
-from .pci import BarKind, BarSpec, ConfigSpace
-from .state_stream import Buffer, LoadedSection, Section, StreamLimits, payload_parts
 
 log = logging.getLogger("vfio_user_emu.lvu_sample")
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .api import Device
-from .e1000 import DEFAULT_MAC, E1000, E1000Options, parse_mac
-from .lvu_sample import LvuSample
-from .migration import parse_mig_caps
-from .testdev import TestDev, TestDevOptions
-from .virtio_net import DEFAULT_MAC as VIRTIO_NET_MAC
-from .virtio_net import VirtioNet, VirtioNetOptions
+from devices.api import Device
+from devices.e1000 import DEFAULT_MAC, E1000, E1000Options, parse_mac
+from devices.lvu_sample import LvuSample
+from devices.migration.engine import parse_mig_caps
+from devices.testdev import TestDev, TestDevOptions
+from devices.virtio_net import DEFAULT_MAC as VIRTIO_NET_MAC
+from devices.virtio_net import VirtioNet, VirtioNetOptions
 
 
 class DeviceSpecError(ValueError):

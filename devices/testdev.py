@@ -32,8 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from . import stream_primitives
-from .api import (
+from devices.api import (
     ClientGone,
     Device,
     DeviceError,
@@ -44,10 +43,11 @@ from .api import (
     RegisterBank,
     SplitRegion,
 )
-from .irq import InterruptController
-from .memory_journal import MemoryJournal
-from .pci import BarKind, BarSpec, ConfigSpace
-from .state_stream import Buffer, LoadedSection, Section, SectionSink
+from devices.irq import InterruptController
+from devices.migration import primitives as stream_primitives
+from devices.migration.memory_journal import MemoryJournal
+from devices.migration.stream import Buffer, LoadedSection, Section, SectionSink
+from devices.pci import BarKind, BarSpec, ConfigSpace
 
 VENDOR_ID = 0x1B36
 DEVICE_ID = 0x0F00
@@ -266,7 +266,7 @@ class TestDev(Device):
     # Sections: "geometry" (RAM size, vectors: must match), "regs" (offset, value) pairs of
     # every register, and RAM as "ram.z" (the whole RAM BAR, up to RAM_SECTION bytes) or
     # "ram.zpage" (an offset u64 then that part of RAM: changed pages, and a larger RAM in
-    # RAM_SECTION parts), both zero-page-elided (devices.stream_primitives.pack_pages).
+    # RAM_SECTION parts), both zero-page-elided (devices.migration.primitives.pack_pages).
     # The raw forms "ram" / "ram.page" (offset u64 + bytes) are accepted on load.
 
     def _regs_blob(self) -> bytes:

@@ -15,7 +15,7 @@ The trade-off is resident memory: freed blocks below 4 MiB are no longer handed 
 the kernel, so RSS stays near its high-water mark (plus up to 32 MiB kept at the heap top)
 instead of shrinking after a transfer. The setting is process-wide and cannot be undone
 per caller, so only the command line applies it, for the commands that move bulk data
-(``serve``, ``migrate``, ``bench``), and :func:`emulator.migration.migrate`, through whose
+(``serve``, ``migrate``, ``bench``), and :func:`emulator.client.migrate.migrate`, through whose
 process a whole in-band stream passes. Merely constructing a ``DeviceServer`` (library use,
 tests) leaves the host program's allocator alone.
 """

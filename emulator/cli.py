@@ -26,11 +26,8 @@ from devices.registry import (
     DeviceSpecError,
     create_device,
 )
-from protocol.messages import DmaLayout
-
-from . import allocator, bench_rtt, bench_scale
-from .bench import add_bench_parser, run_bench
-from .cli_common import (
+from emulator import allocator
+from emulator.cli_common import (
     PROG,
     HelpFormatter,
     add_verbose,
@@ -43,22 +40,25 @@ from .cli_common import (
     size_arg,
     socket_problem,
 )
-from .client import Client, ClientError
-from .info import describe, describe_json
-from .limits import add_limit_options, limits_from_args
-from .migration import (
+from emulator.client.core import Client, ClientError
+from emulator.client.info import describe, describe_json
+from emulator.client.migrate import (
     DATA_FD_CAPABILITIES,
     DEFAULT_PRECOPY_ROUNDS,
     DEFAULT_PRECOPY_THRESHOLD,
     MigrationError,
     migrate,
 )
-from .migration_v1 import migrate as migrate_v1
-from .netdev import NetdevError, netdev_help, setup_netdevs
-from .qemu import guest_hint, memory_arg, qemu_args
-from .serve_config import ServeConfig, run_config
-from .server import DeviceServer, ServerError
-from .soak import add_soak_parser, run_soak_cli
+from emulator.client.migrate_v1 import migrate as migrate_v1
+from emulator.client.qemu_args import guest_hint, memory_arg, qemu_args
+from emulator.limits import add_limit_options, limits_from_args
+from emulator.netdev import NetdevError, netdev_help, setup_netdevs
+from emulator.serve_config import ServeConfig, run_config
+from emulator.server import DeviceServer, ServerError
+from emulator.tools import bench_rtt, bench_scale
+from emulator.tools.bench_migration import add_bench_parser, run_bench
+from emulator.tools.soak import add_soak_parser, run_soak_cli
+from protocol.messages import DmaLayout
 
 log = logging.getLogger("vfio_user_emu")
 
@@ -221,7 +221,7 @@ def _add_migrate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         description="Move the state of the device behind --from to the device behind --to: "
         "on success the source is stopped (STOP) and the destination runs (RUNNING). "
         "Device state only: the command has no guest memory (from Python, "
-        "emulator.migration.migrate(guest_memory=...) migrates that too).",
+        "emulator.client.migrate.migrate(guest_memory=...) migrates that too).",
         formatter_class=HelpFormatter,
     )
     mig.add_argument(
@@ -287,7 +287,7 @@ def _add_migrate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def _add_benchmarks(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     benchmarks = add_bench_parser(sub)
     add_verbose(benchmarks.choices["migration"])
-    # bench rtt / bench scale (emulator/bench_rtt.py, emulator/bench_scale.py)
+    # bench rtt / bench scale (emulator/tools/bench_rtt.py, emulator/tools/bench_scale.py)
     rtt = benchmarks.add_parser(
         "rtt",
         help="per-message round trip vs a Python echo floor (scripts/bench_rtt.py)",

@@ -39,7 +39,28 @@ import trio
 
 from devices.api import ClientGone, Device, DeviceError, DmaFault
 from devices.irq import NullSink
-from devices.migration import NoWork
+from devices.migration.engine import NoWork
+from emulator.datafd import DataFdSessions, MemfdStaging
+from emulator.dirty import LoggingFeature, covered
+from emulator.dma import DirtyLog, DmaEngine, IovaMap
+from emulator.eventfd_signal import read_nowait
+from emulator.handler import Deferred, IoEventFds, Outcome, RegionFds, Session
+from emulator.irqs import IrqBindings
+from emulator.limits import Limits
+from emulator.trace import Tracer
+from emulator.transport import (
+    Part,
+    TransportError,
+    after,
+    close_fds,
+    enlarge_send_buffer,
+    receive_chunk_nowait,
+    receive_into_nowait,
+    send_gathered,
+    send_gathered_nowait,
+    send_message,
+    send_nowait,
+)
 from protocol.connection import (
     CommandReceived,
     Fatal,
@@ -59,28 +80,6 @@ from protocol.messages import (
     unpack_dma_read_reply,
 )
 from protocol.version import ClientCapabilities, ServerCapabilities
-
-from .datafd import DataFdSessions, MemfdStaging
-from .dirty import LoggingFeature, covered
-from .dma import DirtyLog, DmaEngine, IovaMap
-from .eventfd_signal import read_nowait
-from .irqs import IrqBindings
-from .limits import Limits
-from .session import Deferred, IoEventFds, Outcome, RegionFds, Session
-from .trace import Tracer
-from .transport import (
-    Part,
-    TransportError,
-    after,
-    close_fds,
-    enlarge_send_buffer,
-    receive_chunk_nowait,
-    receive_into_nowait,
-    send_gathered,
-    send_gathered_nowait,
-    send_message,
-    send_nowait,
-)
 
 log = logging.getLogger("vfio_user_emu")
 

@@ -43,12 +43,11 @@ from functools import partial
 import trio
 
 from devices.errors import DeviceError
-from devices.migration import DEFAULT_MAX_RESUME, MigrationEngine, SavingSession
-from devices.state_stream import Buffer
+from devices.migration import fastpath
+from devices.migration.engine import DEFAULT_MAX_RESUME, MigrationEngine, SavingSession
+from devices.migration.stream import Buffer
 from protocol.constants import MigState
 from protocol.migration_fsm import Arc
-
-from . import fastpath
 
 log = logging.getLogger("vfio_user_emu")
 

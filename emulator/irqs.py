@@ -13,11 +13,10 @@ from collections.abc import Callable
 from typing import Protocol
 
 from devices.irq import ERR, INTX, MSI, MSIX, NUM_IRQ_INDEXES, REQ, InterruptController
+from emulator.eventfd_signal import signaller
 from protocol.constants import IrqSetFlags
 from protocol.errors import ProtocolError, require
 from protocol.messages import IrqSet
-
-from .eventfd_signal import signaller
 
 
 def signal_eventfd(fd: int) -> bool:

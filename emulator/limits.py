@@ -22,12 +22,11 @@ from typing import Protocol
 
 from devices.api import Device
 from devices.irq import NUM_IRQ_INDEXES
-from devices.migration import DEFAULT_MAX_RESUME
+from devices.migration.engine import DEFAULT_MAX_RESUME
+from emulator.cli_common import positive_int_arg, positive_size_arg
 from protocol.constants import QEMU_MAX_MSG_FDS, MigState
 from protocol.messages import DmaLayout
 from protocol.version import ServerCapabilities
-
-from .cli_common import positive_int_arg, positive_size_arg
 
 #: MSI-X allows at most 2048 vectors per function (PCI spec); no real device needs more.
 MSIX_MAX_VECTORS = 2048

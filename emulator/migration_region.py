@@ -4,7 +4,7 @@ A device started with ``migration=v1`` (or ``both``) shows one more region, righ
 own (index 9 for a device with the nine PCI regions): the v1 migration region of
 :mod:`protocol.migration_v1` (layout, bitfield rules, allowed-transition table). Writes
 of ``device_state`` that the v1 table allows become v2 SETs of
-:class:`devices.migration.MigrationEngine`, so v1 and v2 clients drive the same states,
+:class:`devices.migration.engine.MigrationEngine`, so v1 and v2 clients drive the same states,
 arcs, pausing and stream; only the way the data moves differs.
 
 The data moves in *segments* through the data window (``DATA_OFFSET``, ``window`` bytes):

@@ -76,9 +76,8 @@ from typing import Any, ClassVar, cast
 import trio
 
 from devices.net import NetDevice, NetStats
-
-from .pcap import PcapWriter
-from .server import ServerError, create_listener, stale_socket
+from emulator.pcap import PcapWriter
+from emulator.server import ServerError, create_listener, stale_socket
 
 log = logging.getLogger("vfio_user_emu")
 

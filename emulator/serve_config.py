@@ -34,13 +34,12 @@ from typing import Any
 import trio
 
 from devices.registry import DEFAULT_DEVICE, DeviceSpecError, create_device
+from emulator.client.qemu_args import guest_hint
+from emulator.limits import Limits
+from emulator.netdev import NetBackend, NetdevError, setup_netdevs
+from emulator.server import DeviceServer, ServerError
 from protocol.messages import DmaLayout
 from protocol.version import ServerCapabilities
-
-from .limits import Limits
-from .netdev import NetBackend, NetdevError, setup_netdevs
-from .qemu import guest_hint
-from .server import DeviceServer, ServerError
 
 TOP_KEYS = {
     "max_data_xfer_size": int,

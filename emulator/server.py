@@ -30,21 +30,20 @@ from typing import TYPE_CHECKING
 import trio
 
 from devices.api import Device, RamRegion
+from devices.migration import fastpath
+from emulator.connection import ClientSession
+from emulator.eventfd_signal import signaller
+from emulator.handler import RegionFds
+from emulator.limits import MIGRATION_SESSIONS, Limits, apply_to_device, peer_allowed, peer_uid
+from emulator.trace import Tracer
+from emulator.transport import TransportError, close_fds, receive_chunk, send_message
 from protocol.constants import HEADER_SIZE
 from protocol.errors import ProtocolError
 from protocol.header import Header, pack_error_reply
 from protocol.version import ServerCapabilities
 
-from . import fastpath
-from .connection import ClientSession
-from .eventfd_signal import signaller
-from .limits import MIGRATION_SESSIONS, Limits, apply_to_device, peer_allowed, peer_uid
-from .session import RegionFds
-from .trace import Tracer
-from .transport import TransportError, close_fds, receive_chunk, send_message
-
 if TYPE_CHECKING:
-    from .netdev import NetBackend
+    from emulator.netdev import NetBackend
 
 log = logging.getLogger("vfio_user_emu")
 

@@ -2,7 +2,7 @@
 
 This is the table of ``vfio_mig_get_next_state`` (drivers/vfio/vfio_main.c, facts 8.1) and
 nothing else: which *direct arcs* exist, and which next step a combination transition takes.
-The engine that runs devices through it lives in :mod:`devices.migration`.
+The engine that runs devices through it lives in :mod:`devices.migration.engine`.
 
 Rules:
 

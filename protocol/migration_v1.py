@@ -5,7 +5,7 @@ through a *migration region* instead of DEVICE_FEATURE; facts 8.3 and 9.3. This 
 the sans-IO part: the register layout, the ``device_state`` bitfield and how it maps onto
 the v2 state machine (:mod:`protocol.migration_fsm`), and the DIRTY_PAGES (14) codec. The
 region that serves it is :mod:`emulator.migration_region`; the states still move through
-the one engine (:class:`devices.migration.MigrationEngine`).
+the one engine (:class:`devices.migration.engine.MigrationEngine`).
 
 Rules:
 

@@ -6,7 +6,8 @@ Run with the project's virtualenv (the package must be installed, e.g. ``make ve
     .venv/bin/python scripts/bench_migration.py                     # 16 MiB, 256 MiB, 1 GiB
     .venv/bin/python scripts/bench_migration.py --mode both --precopy-compare --json out.json
 
-Same as ``vfio-user-emu bench migration``; the code lives in :mod:`emulator.bench`. For each
+Same as ``vfio-user-emu bench migration``; the code lives in
+:mod:`emulator.tools.bench_migration`. For each
 RAM size and transport (in-band MIG_DATA messages, or the data fds) it migrates testdev
 with its RAM full of incompressible data between two fresh server processes and prints
 MB/s (10^6 bytes per second: bytes moved / total migration time), downtime, the servers'
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from emulator.bench import migration_main
+from emulator.tools.bench_migration import migration_main
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from emulator.bench_rtt import main
+from emulator.tools.bench_rtt import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from emulator.bench_scale import main
+from emulator.tools.bench_scale import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -31,11 +31,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from devices import stream_primitives as sp
-from devices.migration import MemoryStaging, SavingSession
-from devices.state_stream import StreamDecoder, StreamLimits, decode
+from devices.migration import fastpath
+from devices.migration import primitives as sp
+from devices.migration.engine import MemoryStaging, SavingSession
+from devices.migration.stream import StreamDecoder, StreamLimits, decode
 from devices.testdev import TestDev, TestDevOptions
-from emulator import fastpath
 
 MIB = 1 << 20
 

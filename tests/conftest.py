@@ -8,12 +8,16 @@ not silently turn CI into a test of the pure-Python fallback only. Without it a 
 compiler still gets the full suite on the fallback."""
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
-from devices import stream_primitives
-from emulator import fastpath
+from devices.migration import fastpath
+from devices.migration import primitives as stream_primitives
+from devices.testdev import TestDev
+from emulator.client.core import Client
+from emulator.testing.harness import ServedDevice, enable_bus_master, served_device
 
 REQUIRE_FASTPATH_VAR = "VFIO_USER_EMU_REQUIRE_FASTPATH"
 
@@ -34,3 +38,16 @@ def _restore_stream_primitives() -> Iterator[None]:
     installed = stream_primitives.current()
     yield
     stream_primitives.install(installed)
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[ServedDevice]:
+    async with served_device(TestDev(), tmp_path) as s:
+        yield s
+
+
+@pytest.fixture
+async def client(served: ServedDevice) -> AsyncIterator[Client]:
+    async with Client.connect(served.socket_path) as c:
+        await enable_bus_master(c)  # as a guest driver does before its device may DMA
+        yield c

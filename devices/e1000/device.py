@@ -56,13 +56,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..api import Device, DeviceError, Region, RegisterBank
-from ..irq import InterruptController
-from ..net import DetachedPort, NetPort
-from ..pci import BarKind, BarSpec, ConfigSpace
-from ..state_stream import Buffer, LoadedSection, Section
-from . import eeprom, packet, phy
-from . import regs as r
+from devices.api import Device, DeviceError, Region, RegisterBank
+from devices.e1000 import eeprom, packet, phy
+from devices.e1000 import regs as r
+from devices.irq import InterruptController
+from devices.migration.stream import Buffer, LoadedSection, Section
+from devices.net import DetachedPort, NetPort
+from devices.pci import BarKind, BarSpec, ConfigSpace
 
 log = logging.getLogger("vfio_user_emu")
 

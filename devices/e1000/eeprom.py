@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from . import regs
+from devices.e1000 import regs
 
 WORDS = 64
 CHECKSUM_WORD = 0x3F

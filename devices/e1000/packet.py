@@ -24,7 +24,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field, replace
 
-from . import regs
+from devices.e1000 import regs
 
 MIN_FRAME = 60  # without FCS
 #: Bytes one packet may collect (the 82540's 64 KiB transmit assembly buffer).

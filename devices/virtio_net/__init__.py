@@ -1,5 +1,5 @@
 """The virtio-net NIC model (modern virtio 1.x over PCI): see :mod:`devices.virtio_net.device`."""
 
-from .device import DEFAULT_MAC, OFFERED, VirtioNet, VirtioNetOptions
+from devices.virtio_net.device import DEFAULT_MAC, OFFERED, VirtioNet, VirtioNetOptions
 
 __all__ = ["DEFAULT_MAC", "OFFERED", "VirtioNet", "VirtioNetOptions"]

@@ -36,13 +36,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..api import DeviceError
-from ..e1000.packet import ones_sum
-from ..net import DetachedPort, NetPort
-from ..state_stream import Buffer, LoadedSection, Section
-from . import gso
-from . import virtqueue as vq
-from .transport import (
+from devices.api import DeviceError
+from devices.e1000.packet import ones_sum
+from devices.migration.stream import Buffer, LoadedSection, Section
+from devices.net import DetachedPort, NetPort
+from devices.virtio_net import gso
+from devices.virtio_net import virtqueue as vq
+from devices.virtio_net.transport import (
     DRIVER_OK,
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,

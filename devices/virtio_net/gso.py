@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 
-from ..e1000.packet import checksum, pseudo_header_sum
+from devices.e1000.packet import checksum, pseudo_header_sum
 
 GSO_TCPV4, GSO_UDP, GSO_TCPV6 = 1, 3, 4
 GSO_ECN = 0x80

@@ -27,7 +27,7 @@ import logging
 import struct
 from collections.abc import Sequence
 
-from ..api import (
+from devices.api import (
     REGION_CONFIG,
     ConfigRegion,
     Device,
@@ -36,9 +36,9 @@ from ..api import (
     Region,
     SplitRegion,
 )
-from ..irq import InterruptController
-from ..pci import BarKind, BarSpec, ConfigSpace
-from .virtqueue import NO_VECTOR, VirtQueue, VirtqueueError
+from devices.irq import InterruptController
+from devices.pci import BarKind, BarSpec, ConfigSpace
+from devices.virtio_net.virtqueue import NO_VECTOR, VirtQueue, VirtqueueError
 
 log = logging.getLogger("vfio_user_emu")
 

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..api import Dma
+from devices.api import Dma
 
 DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 DESC_SIZE = 16

@@ -22,9 +22,9 @@ from devices.lvu_sample import (
     LvuRawCodec,
     LvuSample,
 )
-from devices.migration import EnvelopeCodec
+from devices.migration.engine import EnvelopeCodec
+from devices.migration.stream import StreamLimits
 from devices.registry import DEVICE_TYPES, create_device
-from devices.state_stream import StreamLimits
 from emulator.dma import DirtyLog, DmaEngine, IovaMap
 from protocol.constants import DmaMapFlags, MigrationCaps, MigState
 from protocol.messages import DmaMap

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from emulator.cli import build_parser
-from emulator.qemu import device_json, guest_hint, qemu_args
+from emulator.client.qemu_args import device_json, guest_hint, qemu_args
 
 PYTHON = sys.executable
 

@@ -26,15 +26,20 @@ from typing import Any
 import pytest
 import trio
 
-import devices.migration as engine_module
+import devices.migration.engine as engine_module
 from devices import lvu_sample as lvu
 from devices import testdev as td
 from devices.api import DetachedContext
 from devices.lvu_sample import LvuSample
 from devices.testdev import TestDev, TestDevOptions
-from emulator.client import Client, ClientError
-from emulator.migration import DATA_FD_CAPABILITIES, migrate
-from emulator.testing import ServedDevice, read_migration_data, served_device, write_migration_data
+from emulator.client.core import Client, ClientError
+from emulator.client.migrate import DATA_FD_CAPABILITIES, migrate
+from emulator.testing.harness import (
+    ServedDevice,
+    read_migration_data,
+    served_device,
+    write_migration_data,
+)
 from protocol.constants import Command, MigState
 from protocol.version import ServerCapabilities
 
@@ -1264,7 +1269,8 @@ def test_only_large_pieces_of_mappings_go_by_reference() -> None:
     i.e. device RAM; Python objects the allocator may reuse are always copied."""
     import mmap
 
-    from emulator import datafd, fastpath
+    from devices.migration import fastpath
+    from emulator import datafd
 
     memory = mmap.mmap(-1, 1 << 20)
     try:

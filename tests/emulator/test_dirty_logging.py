@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devices import testdev as td
-from emulator.client import Client, ClientError, GuestMemory
+from emulator.client.core import Client, ClientError, GuestMemory
 from emulator.dirty import DirtyLogging, LoggingRequest
-from emulator.testing import GuestRam, ServedDevice
+from emulator.testing.harness import GuestRam, ServedDevice
 from protocol.constants import FEATURE_GET, FEATURE_PROBE, FEATURE_SET
 
 START, STOP, REPORT = 6, 7, 8

@@ -9,8 +9,8 @@ import pytest
 import trio
 
 from devices import testdev as td
-from emulator.client import Client, ClientError, GuestMemory
-from emulator.testing import EventFd, GuestRam, ServedDevice, enable_bus_master
+from emulator.client.core import Client, ClientError, GuestMemory
+from emulator.testing.harness import EventFd, GuestRam, ServedDevice, enable_bus_master
 from emulator.transport import receive_chunk
 from protocol.constants import IrqIndex
 from protocol.header import Header
@@ -147,7 +147,7 @@ async def test_dma_map_rules(served: ServedDevice, client: Client) -> None:
 
 async def test_dma_map_limit(tmp_path) -> None:
     from devices.testdev import TestDev
-    from emulator.testing import served_device
+    from emulator.testing.harness import served_device
     from protocol.version import ServerCapabilities
 
     caps = ServerCapabilities(max_dma_maps=3)
@@ -533,7 +533,7 @@ async def test_dma_to_a_client_that_hung_up_is_client_gone_not_a_fault(tmp_path)
     failing, and interrupting twice, that way)."""
     from devices.api import ClientGone
     from devices.testdev import TestDev
-    from emulator.testing import served_device
+    from emulator.testing.harness import served_device
 
     async with (
         served_device(TestDev(), tmp_path) as served,

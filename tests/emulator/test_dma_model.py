@@ -14,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from devices.api import DmaFault
 from emulator.dma import DirtyLog, DmaEngine, IovaMap
-from emulator.testing import GuestRam
+from emulator.testing.harness import GuestRam
 from protocol.errors import ProtocolError
 from protocol.messages import DmaMap
 

@@ -17,9 +17,9 @@ import trio
 from devices import testdev as td
 from devices.testdev import TestDev
 from emulator import eventfd_signal
-from emulator.client import Client
+from emulator.client.core import Client
 from emulator.eventfd_signal import AioSignaller, Signaller, ThreadSignaller, read_nowait
-from emulator.testing import EventFd, enable_bus_master, served_device
+from emulator.testing.harness import EventFd, enable_bus_master, served_device
 from protocol.constants import IrqIndex
 
 TRIGGER_EVENTFD = 0x24  # DATA_EVENTFD | ACTION_TRIGGER

@@ -23,10 +23,10 @@ import trio
 
 from devices import testdev as td
 from devices.testdev import TestDev, TestDevOptions
-from emulator.client import Client, ClientError
+from emulator.client.core import Client, ClientError
 from emulator.limits import MIGRATION_SESSIONS, Limits
 from emulator.server import DeviceServer, ServerError
-from emulator.testing import (
+from emulator.testing.harness import (
     CONFIG_REGION,
     EventFd,
     GuestRam,

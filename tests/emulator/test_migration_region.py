@@ -4,7 +4,7 @@ The bitfield is checked against the v2 FSM for every 32-bit value written from e
 state (hypothesis): invalid combinations fail with EINVAL and change nothing; valid ones
 outside the v1 allowed-transition table fail with EINVAL and change nothing; the rest
 do exactly what a v2 SET of the mapped state does (``protocol.migration_fsm.plan``), and
-a refused SET changes nothing either. Over a real socket: tests/emulator/test_migration_v1.py.
+a refused SET changes nothing either. Over a real socket: tests/emulator/client/test_migrate_v1.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devices.errors import DeviceError
-from devices.migration import ALL_CAPS, DEFAULT_CAPS
+from devices.migration.engine import ALL_CAPS, DEFAULT_CAPS
 from devices.testdev import TestDev, TestDevOptions
 from emulator.migration_region import MigrationRegion, region_for
 from protocol.constants import MigState

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from devices import testdev as td
-from emulator.client import Client
-from emulator.testing import read_migration_data, write_migration_data
+from emulator.client.core import Client
+from emulator.testing.harness import read_migration_data, write_migration_data
 from protocol.constants import MigState
 
 from .test_datafd import (

@@ -17,9 +17,9 @@ import trio
 
 from devices import testdev as td
 from devices.testdev import TestDev
-from emulator.client import Client, ClientError
+from emulator.client.core import Client, ClientError
 from emulator.server import DeviceServer, ServerError, adopt_listener, create_listener
-from emulator.testing import RawConnection, ServedDevice, served_device
+from emulator.testing.harness import RawConnection, ServedDevice, served_device
 from emulator.transport import receive_chunk
 from protocol.constants import (
     FLAG_NO_REPLY,
@@ -457,7 +457,7 @@ async def test_second_client_is_refused_without_disturbing_the_first(
 async def test_disconnect_drops_maps_and_fds_but_keeps_device_state(
     served: ServedDevice, tmp_path: Path
 ) -> None:
-    from emulator.testing import EventFd, GuestRam
+    from emulator.testing.harness import EventFd, GuestRam
 
     with GuestRam(0x10000) as ram:
         async with Client.connect(served.socket_path) as first:

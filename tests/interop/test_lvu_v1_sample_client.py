@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from emulator.processes import stop_process
+from emulator.tools.processes import stop_process
 from tests.qemu.conftest import emulator_command
 
 pytestmark = pytest.mark.lvu

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from emulator import fastpath
+from devices.migration import fastpath
 
 
 def test_bench_serialize_checks_c_against_python() -> None:

@@ -1,0 +1,1 @@
+"""Test harness: a served device in-process, guest RAM, and guest drivers played over a client."""

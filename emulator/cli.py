@@ -40,7 +40,7 @@ from emulator.cli_common import (
     size_arg,
     socket_problem,
 )
-from emulator.client.core import Client, ClientError
+from emulator.client import Client, ClientError
 from emulator.client.info import describe, describe_json
 from emulator.client.migrate import (
     DATA_FD_CAPABILITIES,

@@ -16,7 +16,7 @@ import pytest
 from devices.migration import fastpath
 from devices.migration import primitives as stream_primitives
 from devices.testdev import TestDev
-from emulator.client.core import Client
+from emulator.client import Client
 from emulator.testing.harness import ServedDevice, enable_bus_master, served_device
 
 REQUIRE_FASTPATH_VAR = "VFIO_USER_EMU_REQUIRE_FASTPATH"

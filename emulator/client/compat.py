@@ -16,7 +16,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from emulator.client.core import Client, ClientError
+from emulator.client.core import Client
+from emulator.client.requests import ClientError
 from emulator.transport import close_fds
 from protocol.constants import IrqIndex, PciRegion
 

@@ -37,7 +37,7 @@ STOP_COPY) to the reply of the SET that puts the destination in RUNNING. A sourc
 already STOP (a paused guest) is accepted in stop-copy mode; its downtime is then measured
 from its STOP -> STOP_COPY.
 
-Failure handling (any :class:`~emulator.client.core.ClientError`, or anything else raised while
+Failure handling (any :class:`~emulator.client.requests.ClientError`, or anything else raised while
 the devices are mid-migration, cancellation included) -- best effort, shielded, bounded in
 time, each step recorded in :attr:`MigrationError.recovery`:
 
@@ -71,8 +71,9 @@ import trio
 
 from emulator import allocator
 from emulator.client.compat import incompatibility
-from emulator.client.core import Client, ClientError, ConnectionLost, InFlight, InvalidReply
+from emulator.client.core import Client
 from emulator.client.guest_memory import GuestMemoryMigration, MemoryCopyReport
+from emulator.client.requests import ClientError, ConnectionLost, InFlight, InvalidReply
 from protocol.constants import (
     FEATURE_GET,
     Command,

@@ -34,8 +34,9 @@ from dataclasses import dataclass
 import trio
 
 from emulator.client.compat import incompatibility
-from emulator.client.core import Client, ClientError, InvalidReply
+from emulator.client.core import Client
 from emulator.client.migrate import RECOVERY_TIMEOUT, MigrationError, Mode, fail_after_recovery
+from emulator.client.requests import ClientError, InvalidReply
 from protocol.constants import Command, MigState, RegionFlags
 from protocol.dirty_logging import bitmap_bytes
 from protocol.messages import TypeCap

@@ -41,7 +41,7 @@ from devices.e1000.packet import (
     pseudo_header_sum,
 )
 from devices.net import NetDevice
-from emulator.client.core import Client
+from emulator.client import Client
 from emulator.testing.harness import EventFd, GuestRam
 from protocol.constants import IrqIndex, IrqSetFlags
 

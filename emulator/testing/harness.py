@@ -28,7 +28,7 @@ import trio
 from devices import testdev
 from devices.api import Device
 from devices.migration.stream import Section
-from emulator.client.core import Client
+from emulator.client import Client
 from emulator.limits import Limits
 from emulator.server import DeviceServer
 from emulator.transport import close_fds, receive_chunk, send_message

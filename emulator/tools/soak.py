@@ -86,7 +86,7 @@ from devices.net import NetDevice
 from devices.testdev import TestDev
 from devices.virtio_net import VirtioNet, VirtioNetOptions
 from emulator.cli_common import SIGNAL_EXIT, HelpFormatter, positive_int_arg
-from emulator.client.core import Client, ClientError
+from emulator.client import Client, ClientError
 from emulator.client.migrate import (
     DATA_FD_CAPABILITIES,
     MODES,
@@ -177,7 +177,7 @@ class Trigger:
 
 
 class FaultySocket:
-    """A trio socket stand-in for :class:`emulator.client.core.Client` that sees each outgoing
+    """A trio socket stand-in for :class:`emulator.client.Client` that sees each outgoing
     message whole and can act at a chosen one (:class:`Cut`).
 
     The client sends every message with one ``sendmsg`` carrying all of it (gathered from

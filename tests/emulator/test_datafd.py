@@ -32,7 +32,7 @@ from devices import testdev as td
 from devices.api import DetachedContext
 from devices.lvu_sample import LvuSample
 from devices.testdev import TestDev, TestDevOptions
-from emulator.client.core import Client, ClientError
+from emulator.client import Client, ClientError
 from emulator.client.migrate import DATA_FD_CAPABILITIES, migrate
 from emulator.testing.harness import (
     ServedDevice,

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devices import testdev as td
-from emulator.client.core import Client, ClientError, GuestMemory
+from emulator.client import Client, ClientError, GuestMemory
 from emulator.dirty import DirtyLogging, LoggingRequest
 from emulator.testing.harness import GuestRam, ServedDevice
 from protocol.constants import FEATURE_GET, FEATURE_PROBE, FEATURE_SET

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from devices import testdev as td
-from emulator.client.core import Client, ClientError, GuestMemory
+from emulator.client import Client, ClientError, GuestMemory
 from emulator.testing.harness import EventFd, GuestRam, ServedDevice, enable_bus_master
 from emulator.transport import receive_chunk
 from protocol.constants import IrqIndex

@@ -23,7 +23,7 @@ import trio
 
 from devices import testdev as td
 from devices.testdev import TestDev, TestDevOptions
-from emulator.client.core import Client, ClientError
+from emulator.client import Client, ClientError
 from emulator.limits import MIGRATION_SESSIONS, Limits
 from emulator.server import DeviceServer, ServerError
 from emulator.testing.harness import (

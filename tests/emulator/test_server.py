@@ -17,7 +17,7 @@ import trio
 
 from devices import testdev as td
 from devices.testdev import TestDev
-from emulator.client.core import Client, ClientError
+from emulator.client import Client, ClientError
 from emulator.server import DeviceServer, ServerError, adopt_listener, create_listener
 from emulator.testing.harness import RawConnection, ServedDevice, served_device
 from emulator.transport import receive_chunk

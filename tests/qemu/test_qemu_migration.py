@@ -39,7 +39,7 @@ import pytest
 import trio
 
 from devices import testdev as td
-from emulator.client.core import Client
+from emulator.client import Client
 
 from .conftest import (
     TESTDEV_SHELL,

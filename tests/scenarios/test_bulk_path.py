@@ -20,7 +20,7 @@ import trio
 
 from devices.migration import primitives as stream_primitives
 from devices.testdev import TestDev, TestDevOptions
-from emulator.client.core import Client
+from emulator.client import Client
 from emulator.connection import ClientSession
 from emulator.testing.harness import (
     RawConnection,

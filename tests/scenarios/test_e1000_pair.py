@@ -24,7 +24,7 @@ import trio
 from devices.e1000 import E1000, E1000Options
 from devices.e1000 import regs as r
 from devices.registry import create_device
-from emulator.client.core import Client
+from emulator.client import Client
 from emulator.client.migrate import Mode, get_state, migrate
 from emulator.netdev import setup_netdevs
 from emulator.server import DeviceServer

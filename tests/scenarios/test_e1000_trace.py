@@ -44,7 +44,7 @@ import trio
 from devices.e1000 import E1000, E1000Options
 from devices.e1000 import regs as r
 from devices.e1000.packet import size_bucket
-from emulator.client.core import Client
+from emulator.client import Client
 from emulator.testing.harness import GuestRam, served_device
 from protocol.constants import FLAG_NO_REPLY
 from tests import traces

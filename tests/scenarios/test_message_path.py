@@ -13,7 +13,7 @@ from pathlib import Path
 import trio
 
 from devices.testdev import REG_SCRATCH, TestDev
-from emulator.client.core import Client
+from emulator.client import Client
 from emulator.limits import Limits
 from emulator.server import DeviceServer
 from emulator.testing.harness import (

@@ -27,7 +27,7 @@ import trio
 from devices import testdev as td
 from devices.errors import DeviceError
 from devices.testdev import TestDev, TestDevOptions
-from emulator.client.core import Client, ClientError
+from emulator.client import Client, ClientError
 from emulator.client.migrate import (
     PIPELINE_DEPTH,
     MigrationError,
@@ -715,7 +715,7 @@ class _FailedRun:
 
 
 async def test_both_migrations_wrap_failures_the_same_way() -> None:
-    from emulator.client.core import ClientError
+    from emulator.client import ClientError
     from emulator.client.migrate import MigrationError, fail_after_recovery
     from protocol.constants import Command
 

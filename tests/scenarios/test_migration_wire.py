@@ -18,7 +18,7 @@ from devices import testdev as td
 from devices.errors import DeviceError
 from devices.migration.stream import decode
 from devices.testdev import TestDev
-from emulator.client.core import Client, ClientError
+from emulator.client import Client, ClientError
 from emulator.testing.harness import (
     ServedDevice,
     read_migration_data,

@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from devices import testdev as td
 from devices.e1000 import E1000, E1000Options
 from devices.e1000 import regs as e1000_regs
+from emulator.client import Client, ClientError, GuestMemory
 from emulator.client import guest_memory as gmm
-from emulator.client.core import Client, ClientError, GuestMemory
 from emulator.client.guest_memory import GuestMemoryMigration, MemoryCopyReport
 from emulator.client.migrate import (
     DATA_FD_CAPABILITIES,

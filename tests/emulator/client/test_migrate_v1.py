@@ -22,9 +22,9 @@ from devices.errors import DeviceError
 from devices.migration.engine import ALL_CAPS
 from devices.registry import DeviceSpecError, create_device
 from devices.testdev import TestDev, TestDevOptions
+from emulator.client import Client, ClientError
 from emulator.client import migrate as v2
 from emulator.client import migrate_v1 as v1
-from emulator.client.core import Client, ClientError
 from emulator.client.info import describe
 from emulator.testing.harness import GuestRam, flat_sections, served_device
 from protocol.constants import Command, MigState

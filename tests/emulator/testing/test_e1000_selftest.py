@@ -12,7 +12,7 @@ import pytest
 
 from devices.e1000 import E1000, E1000Options
 from devices.e1000 import regs as r
-from emulator.client.core import Client
+from emulator.client import Client
 from emulator.testing.e1000_selftest import SelfTest, SelfTester, lbtest_frame, lbtest_frame_ok
 from emulator.testing.guest_e1000 import DriverConfig, E1000Guest
 from emulator.testing.harness import EventFd, GuestRam, served_device

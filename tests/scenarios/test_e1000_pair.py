@@ -399,7 +399,7 @@ async def test_migrating_one_nic_mid_flow_delivers_every_frame_once_in_order(
                     values = pair.dev_b.values
                     # ...while A goes on sending, until its ring is full (RDH caught up with
                     # RDT: no job can empty the FIFO now) and 20 frames wait in the FIFO.
-                    while len(pair.dev_b.rx_fifo) < 20 or values[r.RDH] != values[r.RDT]:
+                    while len(pair.dev_b.receiver.fifo) < 20 or values[r.RDH] != values[r.RDT]:
                         await trio.sleep(0.0005)
 
                 async def precopy_round(round_number: int, moved: int) -> None:
@@ -418,7 +418,7 @@ async def test_migrating_one_nic_mid_flow_delivers_every_frame_once_in_order(
                     on_precopy_round=precopy_round if mode == "pre-copy" else None,
                 )
                 assert report.mode == mode
-                in_flight.append(len(pair.dev_b.rx_fifo))  # frames the state carried
+                in_flight.append(len(pair.dev_b.receiver.fifo))  # frames the state carried
                 b.migrated_to(client_b2)  # B's VM continues on the destination
                 gate.reopen()
                 migrated.set()

@@ -92,14 +92,14 @@ async def test_interrupt_test_finds_a_masked_cause_that_interrupts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     device = E1000(E1000Options(mac=MAC))
-    unmasked = device._update_line
+    unmasked = device.interrupts.update_line
 
     def ignore_mask() -> None:  # a line that follows ICR, whatever IMS says
         if device.values[r.ICR] and not device.irq.intx_line:
             device.irq.raise_intx()
         unmasked()
 
-    monkeypatch.setattr(device, "_update_line", ignore_mask)
+    monkeypatch.setattr(device.interrupts, "update_line", ignore_mask)
     result = await run_selftest(tmp_path, device)
     assert result.interrupt == 3
 

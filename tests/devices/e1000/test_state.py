@@ -1,6 +1,7 @@
-"""``e1000`` device state: save/load round trips with work in progress (a half-sent TSO
-packet, frames in the receive FIFO, an EEPROM read mid-word, pending timers), pause/resume,
-the migration engine in process, and hostile states rejected without any change."""
+"""``e1000`` device state (devices/e1000/state.py): save/load round trips with work in
+progress (a half-sent TSO packet, frames in the receive FIFO, an EEPROM read mid-word,
+pending timers), pause/resume, the migration engine in process, and hostile states
+rejected without any change."""
 
 from __future__ import annotations
 
@@ -22,7 +23,11 @@ from protocol.constants import MigState
 from tests.devices.e1000.test_device import MAC, Microwire, Rig, frame_to, mdic
 
 PEER = bytes.fromhex("525400000099")
+
+
 CTX = 16  # size of the TX context at the start of the "e1000.tx" section
+
+
 IP_A, IP_B = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
 
 
@@ -117,20 +122,6 @@ async def test_round_trip_preserves_everything_and_work_resumes_on_the_destinati
     assert int.from_bytes(dst.dev.region_read(1, 0, 4), "little") == r.STATUS
 
 
-async def test_timers_freeze_while_paused() -> None:
-    rig = Rig()
-    mdic(rig, 0, write=0x1340)
-    rig.clock.now += 0.3
-    rig.dev.pause()
-    rig.clock.now += 10  # stopped for a long time
-    assert not rig.rd(r.STATUS) & r.STATUS_LU
-    rig.dev.resume()
-    rig.clock.now += 0.1
-    assert not rig.rd(r.STATUS) & r.STATUS_LU
-    rig.clock.now += 0.11
-    assert rig.rd(r.STATUS) & r.STATUS_LU  # 0.5 s of running time in all
-
-
 async def test_work_arriving_while_paused_runs_after_resume() -> None:
     rig = Rig()
     rig.setup_tx(8)
@@ -171,10 +162,6 @@ async def test_precopy_then_stop_copy() -> None:
     assert src.migration.read_data(1 << 16)  # the stream header
     await src.migration.set_state(MigState.STOP_COPY)
     assert state_of(src)[0][0] == "e1000.regs"
-
-
-# =============================================================================================
-# Hostile states
 
 
 def good_state() -> list[tuple[str, bytes]]:

@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from devices.e1000 import regs as r
+from devices.e1000.jobs import Timers
 from emulator.testing.guest_e1000 import tcp_frame, udp_frame
 from tests.devices.e1000.test_device import MAC, FakeDma, Rig, frame_to, line, mdic
 from tests.devices.e1000.test_tx import IP_A, IP_B, PEER, queue, tx_status
@@ -253,3 +254,34 @@ async def test_a_dma_fault_keeps_the_work_and_retries_it() -> None:
     await rig.run(advance=0.2)
     assert [data for data, *_ in rig.take_rx()] == [incoming]
     assert rig.port.frames == [outgoing] and rig.rd(r.TDH) == 1
+
+
+def test_timers_fire_in_deadline_order_and_keep_their_time_while_frozen() -> None:
+    """Timers on their own: due ones fire earliest first; frozen, they keep what they had
+    left and a timer armed meanwhile counts from the thaw."""
+    now = [0.0]
+    fired: list[str] = []
+    armed: list[None] = []
+    timers = Timers(lambda: now[0], fired.append)
+    timers.on_arm = lambda: armed.append(None)
+    timers.arm("late", 0.3)
+    timers.arm("early", 0.1)
+    assert len(armed) == 2 and timers.running("late") and timers.armed("late")
+    now[0] = 0.2
+    timers.poll()
+    assert fired == ["early"] and timers.next_due == pytest.approx(0.3)
+    timers.freeze()
+    timers.arm("new", 0.05)  # while paused: frozen at once, no timer job kicked
+    assert len(armed) == 2 and timers.armed("new") and not timers.running("new")
+    assert timers.remaining() == {"late": pytest.approx(0.1), "new": 0.05}
+    now[0] = 100.0
+    timers.poll()
+    assert fired == ["early"]
+    timers.thaw()
+    now[0] = 100.06
+    timers.poll()
+    assert fired == ["early", "new"]
+    timers.disarm("late")
+    now[0] = 200.0
+    timers.poll()
+    assert fired == ["early", "new"] and timers.remaining() == {}

@@ -125,29 +125,6 @@ def guest_dir() -> Path:
     return guest
 
 
-#: Shell for guest scripts that drive testdev: ``hex``, ``rdm``/``wrm`` (32-bit MMIO through
-#: devmem), ``rdc``/``wrc`` (config space through sysfs), ``$dev`` (the testdev's sysfs
-#: directory; the script exits with T-FAIL without one), ``$bar0`` and ``$bar2``.
-TESTDEV_SHELL = r"""
-hex() { printf 0x%x $(($1)); }
-rdm() { echo $(( $(devmem $(hex $1) 32) )); }
-wrm() { devmem $(hex $1) 32 $(hex $2); }
-rdc() { dd if=$dev/config bs=$2 skip=$(($1 / $2)) count=1 2>/dev/null | od -An -tu$2 | tr -d ' '; }
-wrc() {
-    s= i=0
-    while [ $i -lt $2 ]; do s="$s\\$(printf %o $(( ($3 >> (8 * i)) & 0xff )))"; i=$((i + 1)); done
-    printf "$s" | dd of=$dev/config bs=$2 seek=$(($1 / $2)) count=1 conv=notrunc 2>/dev/null
-}
-dev=
-for d in /sys/bus/pci/devices/*; do
-    [ "$(cat $d/vendor)" = 0x1b36 ] && [ "$(cat $d/device)" = 0x0f00 ] && dev=$d
-done
-[ -n "$dev" ] || { echo "T-FAIL: no testdev"; exit 1; }
-bar0=$(sed -n 1p $dev/resource | cut -d' ' -f1)
-bar2=$(sed -n 3p $dev/resource | cut -d' ' -f1)
-"""
-
-
 def emulator_command() -> list[str]:
     """Our CLI, from the interpreter running the tests (the project's venv)."""
     return [sys.executable, "-m", "emulator"]
@@ -416,6 +393,23 @@ def wait_migration(qmp: QEMUMonitorProtocol, timeout: float = 180) -> dict[str, 
             return info
         assert time.monotonic() < deadline, f"migration still {info.get('status')}"
         time.sleep(0.1)
+
+
+#: A MIG_DEVICE_STATE SET request in our server's --trace (VFIO_DEVICE_FEATURE_SET |
+#: MIG_DEVICE_STATE), with the state asked for, and its reply.
+_STATE_SET = re.compile(r"<- id=(\d+) DEVICE_FEATURE cmd .*flags=0x20002 data=([0-9a-f]{2})")
+MIG_STATE_RUNNING = 2
+
+
+def last_device_state(server: Server) -> int:
+    """The device state QEMU last set successfully on ``server``: RUNNING, where a device
+    starts, when it never set one (a stop-copy migration cancelled before the switchover
+    leaves the device alone)."""
+    trace = server.trace()
+    for match in reversed(list(_STATE_SET.finditer(trace))):
+        if re.search(rf"-> id={match.group(1)} DEVICE_FEATURE reply", trace[match.end() :]):
+            return int(match.group(2), 16)
+    return MIG_STATE_RUNNING
 
 
 def free_port() -> int:

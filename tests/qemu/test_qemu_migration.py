@@ -40,9 +40,9 @@ import trio
 
 from devices import testdev as td
 from emulator.client.core import Client
+from emulator.testing.testdev_vm import TESTDEV_SHELL
 
 from .conftest import (
-    TESTDEV_SHELL,
     RunningVm,
     ServerPool,
     connect_qmp,

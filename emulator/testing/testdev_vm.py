@@ -129,3 +129,59 @@ def parse_ticks(console: str) -> list[Tick]:
 def lost_lines(console: str) -> list[str]:
     """The guest's ``T-LOST`` reports (a doorbell whose interrupt never came, or came twice)."""
     return _LOST.findall(console)
+
+
+_LOST_NUMBER = re.compile(r"^T-LOST (\d+):", re.M)
+
+
+@dataclass
+class TickLedger:
+    """Follows one guest's ticks across the consoles of the QEMUs it runs in, and says what
+    went wrong since the last check, each problem once.
+
+    An interrupt the device raised and the guest never got shows as ``raised - irqs``
+    growing (and as a ``T-LOST`` line). One case is explained, not a fault of the device: the
+    doorbell rung as the source VM stopped for the switchover. The source emulator raises it
+    (the posted write reaches it before QEMU's STOP) and signals its eventfd, but QEMU's main
+    loop reads that eventfd only after the migration thread, which holds the big QEMU lock
+    from the stop to the end of saving, has saved the guest's local APIC: the interrupt lands
+    in the source's APIC, after its state left (a userspace interrupt path: with KVM's irqfd
+    the kernel would inject it at once). :meth:`check` counts such a loss apart when it is
+    at most one interrupt, at the first doorbell after the last tick the source printed."""
+
+    scratch: int = SCRATCH_VALUE
+    ram: int = RAM_VALUE
+    last: int = -1  # the last tick checked
+    deficit: int = 0  # raised - irqs at that tick
+
+    def check(self, console: str, switchover_after: int | None = None) -> tuple[list[str], int]:
+        """Problems in the ticks of ``console`` after the last one checked, and how many
+        interrupts were lost at the switchover (``switchover_after``: the last tick the
+        source printed before this console's QEMU took over)."""
+        ticks = [tick for tick in parse_ticks(console) if tick.number > self.last]
+        problems: list[str] = []
+        at_switchover = 0
+        lost_at = {int(n) for n in _LOST_NUMBER.findall(console) if int(n) > self.last}
+        for tick in ticks:
+            missing = tick.raised - tick.irqs - self.deficit
+            explained = (
+                switchover_after is not None
+                and missing == 1
+                and tick.number in (switchover_after + 1, switchover_after + 2)
+                and at_switchover == 0
+            )
+            if explained:
+                at_switchover = 1
+                lost_at.discard(tick.number)
+            elif missing:
+                lost_at.discard(tick.number)  # the same loss, said once
+                problems.append(
+                    f"tick {tick.number}: {missing:+d} interrupt(s) the device raised and the "
+                    "guest did not count"
+                )
+            self.deficit += missing
+            if (tick.scratch, tick.ram) != (self.scratch, self.ram):
+                problems.append(f"tick {tick.number}: scratch {tick.scratch:#x} ram {tick.ram:#x}")
+            self.last = tick.number
+        problems += [f"T-LOST at doorbell {n}" for n in sorted(lost_at)]
+        return problems[:5], at_switchover

@@ -4,10 +4,15 @@ The guest (:func:`emulator.testing.testdev_vm.msix_stream_script`) rings testdev
 without end and waits for each MSI-X interrupt it raises, counted by the guest kernel; a
 doorbell whose interrupt does not come within 5 s of guest time is reported ``T-LOST``. QEMU
 migrates the VM (stop-copy and pre-copy) while it runs: on the destination the count keeps
-growing, with no doorbell unanswered, and the guest's count equals the device's IRQ_COUNT
-(which migrated with the device) at every tick. That needs the destination QEMU to restore
-the MSI-X capability and table (vfio_load_config) and to hand the destination emulator its
-MSI-X eventfds, and the emulator to raise the vector the guest programmed on the source.
+growing, and the guest's count equals the device's IRQ_COUNT (which migrated with the device)
+at every tick. That needs the destination QEMU to restore the MSI-X capability and table
+(vfio_load_config) and to hand the destination emulator its MSI-X eventfds, and the emulator
+to raise the vector the guest programmed on the source.
+
+One loss is allowed, and reported: the interrupt of the doorbell rung as the source stopped,
+which QEMU's userspace interrupt path under TCG delivers to the source's local APIC after its
+state was sent (:class:`emulator.testing.testdev_vm.TickLedger` has the details; measured in
+about one migration in twelve by ``vfio-user-emu soak --qemu``).
 """
 
 from __future__ import annotations
@@ -16,14 +21,7 @@ import time
 
 import pytest
 
-from emulator.testing.testdev_vm import (
-    RAM_VALUE,
-    SCRATCH_VALUE,
-    Tick,
-    lost_lines,
-    msix_stream_script,
-    parse_ticks,
-)
+from emulator.testing.testdev_vm import Tick, TickLedger, msix_stream_script, parse_ticks
 from emulator.tools.migration_proxy import MigrationProxy
 
 from .conftest import (
@@ -51,12 +49,15 @@ def wait_ticks(vm: Vm, count: int, timeout: float = 120) -> list[Tick]:
     return ticks
 
 
-def assert_stream_intact(ticks: list[Tick]) -> None:
-    """Every doorbell got its interrupt, the device's count and the guest's agree, and the
-    values written before are read back."""
-    for tick in ticks:
-        assert tick.irqs == tick.number + 1 == tick.raised, tick
-        assert (tick.scratch, tick.ram) == (SCRATCH_VALUE, RAM_VALUE), tick
+def assert_stream_intact(
+    ledger: TickLedger, console: str, switchover_after: int | None = None
+) -> int:
+    """Every doorbell since the last check got its interrupt (but the one the ledger explains
+    at a switchover), the device's count and the guest's agree, and the values written
+    before are read back. Returns the interrupts lost at the switchover (0 or 1)."""
+    problems, lost_at_switchover = ledger.check(console, switchover_after)
+    assert not problems, (problems, console[-3000:])
+    return lost_at_switchover
 
 
 @pytest.mark.parametrize("mode", ["stop-copy", "pre-copy"])
@@ -70,12 +71,13 @@ def test_msix_interrupts_keep_arriving_after_migration(pair: Pair, mode: str) ->
     source.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
     info = wait_migration(source.qmp)
     assert info["status"] == "completed", info
+    ledger = TickLedger()
+    assert_stream_intact(ledger, source.process.console())
     on_source = parse_ticks(source.process.console())
     after = wait_ticks(destination, 20)
-    lost = lost_lines(source.process.console()) + lost_lines(destination.process.console())
-    assert not lost, lost
-    assert_stream_intact(on_source)
-    assert_stream_intact(after)
+    at_switchover = assert_stream_intact(
+        ledger, destination.process.console(), switchover_after=on_source[-1].number
+    )
     # the same guest goes on counting: no tick is repeated or skipped by more than the
     # lines the console carried while the VM switched over
     assert on_source[-1].number < after[0].number <= on_source[-1].number + 2, after[0]
@@ -83,7 +85,7 @@ def test_msix_interrupts_keep_arriving_after_migration(pair: Pair, mode: str) ->
     report(
         f"MSI-X stream across QEMU migration ({mode}): {on_source[-1].irqs} interrupts on the "
         f"source, {after[-1].irqs} counted on the destination by tick {after[-1].number}, "
-        f"none lost; downtime {info.get('downtime')} ms"
+        f"{at_switchover} lost at the switchover; downtime {info.get('downtime')} ms"
     )
 
 
@@ -97,15 +99,13 @@ def enable_return_path(*vms: Vm) -> None:
         )
 
 
-def assert_source_runs_on(source: Vm) -> None:
+def assert_source_runs_on(source: Vm, ledger: TickLedger) -> None:
     """The source guest goes on with its interrupt stream and values (guest side), QEMU says
     it runs, and the device is back in RUNNING."""
     assert source.qmp.cmd("query-status")["status"] == "running"  # type: ignore[index]
     assert last_device_state(source.server) == MIG_STATE_RUNNING, source.server.trace()[-2000:]
-    seen = len(parse_ticks(source.process.console()))
-    ticks = wait_ticks(source, seen + 5)
-    assert not lost_lines(source.process.console()), lost_lines(source.process.console())
-    assert_stream_intact(ticks)
+    wait_ticks(source, len(parse_ticks(source.process.console())) + 5)
+    assert_stream_intact(ledger, source.process.console())
 
 
 @pytest.mark.xfail(
@@ -128,6 +128,8 @@ def test_destination_refuses_a_corrupt_stream(pair: Pair, transport: str) -> Non
     source = pair.start("source", device, GUEST_SCRIPT, *args)
     assert source.process.wait_for(r"^T-READY", timeout=240), source.process.console()
     wait_ticks(source, 5)
+    ledger = TickLedger()
+    assert_stream_intact(ledger, source.process.console())
     port = free_port()
     doomed = pair.start("doomed", device, GUEST_SCRIPT, *args, incoming=f"tcp:127.0.0.1:{port}")
     enable_return_path(source, doomed)
@@ -140,7 +142,7 @@ def test_destination_refuses_a_corrupt_stream(pair: Pair, transport: str) -> Non
     assert proxy.flipped == 1
     report(f"corrupt stream ({transport}): migration {info['status']}: {info.get('error-desc')}")
     assert info["status"] == "failed", info
-    assert_source_runs_on(source)
+    assert_source_runs_on(source, ledger)
     # the destination QEMU gave up instead of starting the guest without its state
     assert doomed.process.process.wait(timeout=60) != 0, doomed.process.console()[-2000:]
     assert not parse_ticks(doomed.process.console())
@@ -152,4 +154,6 @@ def test_destination_refuses_a_corrupt_stream(pair: Pair, transport: str) -> Non
     enable_return_path(source, destination)
     source.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
     assert wait_migration(source.qmp)["status"] == "completed"
-    assert_stream_intact(wait_ticks(destination, 5))
+    last = parse_ticks(source.process.console())[-1].number
+    wait_ticks(destination, 5)
+    assert_stream_intact(ledger, destination.process.console(), switchover_after=last)

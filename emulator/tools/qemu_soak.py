@@ -406,18 +406,13 @@ class Side:
             )
 
     def _connect(self, path: Path) -> QEMUMonitorProtocol:
-        from qemu.qmp.legacy import QEMUMonitorProtocol  # noqa: PLC0415 (checked in problem())
+        from emulator.testing.qmp import connect_qmp  # noqa: PLC0415 (qemu.qmp: problem())
 
-        deadline = time.monotonic() + 60
-        while not path.exists():
-            if self.qemu.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise SoakError(f"QEMU {self.name} made no QMP socket")
-            time.sleep(0.05)
-        qmp = QEMUMonitorProtocol(str(path))
-        qmp.connect()
-        qmp.settimeout(60)
-        return qmp
+        try:
+            return connect_qmp(path)
+        except Exception as exc:
+            self.stop()
+            raise SoakError(f"QEMU {self.name} has no QMP monitor: {exc}") from exc
 
     def console(self) -> str:
         text = self.console_path.read_text(errors="replace") if self.console_path.exists() else ""
@@ -445,8 +440,9 @@ class Side:
         self.emulator.wait()
 
     def stop(self) -> None:
-        with contextlib.suppress(EOFError, OSError):
-            self.qmp.close()
+        if hasattr(self, "qmp"):
+            with contextlib.suppress(EOFError, OSError):
+                self.qmp.close()
         _stop(self.qemu, group=True)
         _stop(self.emulator)
 

@@ -24,19 +24,14 @@ from typing import Any, NoReturn
 
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
-from qemu.qmp.protocol import ConnectError
+
+from emulator.testing.qmp import close_qmp, connect_qmp
+from emulator.tools.qemu_soak import cache_dir
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts" / "qemu"
 MIN_QEMU = (10, 1, 1)
 QEMU_NAME = "qemu-system-x86_64"
-
-
-def cache_dir() -> Path:
-    if os.environ.get("VFIO_USER_EMU_CACHE"):
-        return Path(os.environ["VFIO_USER_EMU_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "vfio-user-emu"
 
 
 def _qemu_problem(binary: str) -> str | None:
@@ -353,38 +348,6 @@ def vm(qemu_binary: str, guest_dir: Path, tmp_path: Path) -> Callable[..., VmRun
         return run_vm(qemu_binary, guest_dir, tmp_path, sockets, script, **options)
 
     return run
-
-
-def connect_qmp(path: Path, timeout: float = 60) -> QEMUMonitorProtocol:
-    """QEMU's QMP monitor at ``path`` (``-qmp unix:PATH,server=on,wait=off``), through the
-    QEMU project's own library (``qemu.qmp``, its synchronous ``legacy`` interface); waits
-    for QEMU to create the socket."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"QEMU made no QMP socket at {path}")
-        time.sleep(0.05)
-    while True:
-        qmp = QEMUMonitorProtocol(str(path))
-        try:
-            qmp.connect()
-        except ConnectError as exc:
-            # QEMU binds the socket before it listens: on a loaded machine a connect can
-            # fall between the two (ECONNREFUSED). Anything else, or past the deadline, is
-            # a QEMU that will not answer.
-            refused = isinstance(exc.exc, ConnectionRefusedError)
-            if not refused or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-            continue
-        qmp.settimeout(timeout)
-        return qmp
-
-
-def close_qmp(qmp: QEMUMonitorProtocol) -> None:
-    """Close the monitor connection (QEMU may have closed it already, e.g. after ``quit``)."""
-    with contextlib.suppress(EOFError, OSError):
-        qmp.close()
 
 
 def quit_qemu(qmp: QEMUMonitorProtocol) -> None:

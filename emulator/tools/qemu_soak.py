@@ -179,6 +179,7 @@ class QemuSoakResult:
     wall_s: float = 0.0
     interrupted: str | None = None
     irqs_counted: int = 0  # interrupts the guest counted by the end
+    aborted: str | None = None  # why the soak could not go on (a harness failure)
 
     @property
     def migrations(self) -> list[Outcome]:
@@ -191,7 +192,7 @@ class QemuSoakResult:
 
     @property
     def ok(self) -> bool:
-        return not self.losses
+        return not self.losses and self.aborted is None
 
     def summary(self) -> dict[str, Any]:
         completed = [o for o in self.migrations if o.status == "completed"]
@@ -217,6 +218,7 @@ class QemuSoakResult:
             "losses": len(self.losses),
             "loss_details": self.losses,
             "interrupted_by": self.interrupted,
+            "aborted": self.aborted,
             "outcomes": [o.as_dict() for o in self.outcomes],
         }
 
@@ -272,6 +274,8 @@ def summary_table(summary: dict[str, Any]) -> str:
     for kind, count in summary["faults_injected_by_kind"].items():
         recovered = summary["faults_recovered_by_kind"].get(kind, 0)
         rows.append((f"  {kind}", f"{count} injected, {recovered} recovered"))
+    if summary.get("aborted"):
+        rows.insert(1, ("ABORTED", summary["aborted"]))
     if summary.get("interrupted_by"):
         rows.insert(1, ("interrupted by", f"{summary['interrupted_by']} (the run ended early)"))
     width = max(len(name) for name, _ in rows)
@@ -485,6 +489,10 @@ class QemuSoak:
                 self._progress(self.result, planned)
             ticks = self.source.ticks()
             self.result.irqs_counted = ticks[-1].irqs if ticks else 0
+        except SoakError as exc:
+            if self.source is None or not self.result.outcomes:
+                raise  # nothing ran: no report to make
+            self.result.aborted = str(exc)
         finally:
             if self.source is not None:
                 self.source.stop()
@@ -533,6 +541,9 @@ class QemuSoak:
             if in_flight and fault is not None:
                 self._fire(source, destination, fault)
             info = self._wait_migration(source)
+        except BaseException:
+            destination.stop()  # the soak ends here: leave no QEMU or emulator behind
+            raise
         finally:
             if proxy is not None:
                 proxy.close()

@@ -113,3 +113,12 @@ def test_the_soak_command_takes_qemu_options() -> None:
 def test_a_missing_qemu_is_reported(tmp_path: Path) -> None:
     config = QemuSoakConfig(iterations=1, qemu=tmp_path / "none", guest=tmp_path)
     assert "no QEMU at" in (config.problem() or "")
+
+
+def test_an_aborted_soak_is_not_ok_and_says_why() -> None:
+    result = sample_result()
+    result.outcomes = result.outcomes[:2]
+    assert result.summary()["aborted"] is None and not result.losses
+    result.aborted = "the guest printed no tick on vm3 for 60 s"
+    assert not result.ok
+    assert "ABORTED" in summary_table(result.summary())

@@ -36,7 +36,7 @@ from protocol.constants import (
     IoeventfdFlags,
     IoFdType,
     IrqSetFlags,
-    MigState,
+    PciRegion,
     RegionFlags,
 )
 from protocol.dirty_logging import bitmap_bytes
@@ -53,6 +53,7 @@ from protocol.messages import (
     IrqSet,
     MigData,
     MigDataRead,
+    MigDeviceState,
     PrecopyInfo,
     RegionAccess,
     RegionData,
@@ -64,15 +65,12 @@ from protocol.messages import (
     pack_region_caps,
     unpack_mig_data_view,
 )
+from protocol.migration_fsm import FROZEN_STATES
 from protocol.migration_v1 import DirtyPages, DirtyPagesFlags
 from protocol.version import ClientCapabilities, ServerCapabilities
 
 U64 = struct.Struct("<Q")
-MIG_STATE = struct.Struct("<Ii")
 MIG_DATA_HEADER = 8  # argsz, size
-REGION_CONFIG = 7
-#: Migration states in which BAR writes are refused (see _check_writable_now).
-FROZEN_STATES = frozenset({MigState.STOP_COPY, MigState.RESUMING})
 #: Features served, with the operations each supports (kernel/libvfio-user semantics).
 FEATURE_OPS = {
     DeviceFeature.MIGRATION: FEATURE_GET,
@@ -336,7 +334,7 @@ class Session:
         writable in every state."""
         if self.device.migration.state not in FROZEN_STATES:
             return
-        if region == REGION_CONFIG:
+        if region == PciRegion.CONFIG:
             return
         msix = self.device.config.msix_layout
         if msix is not None and region == msix.table_bar:
@@ -488,7 +486,7 @@ class Session:
         if feature == DeviceFeature.MIGRATION:
             data = U64.pack(engine.caps)
         elif feature == DeviceFeature.MIG_DEVICE_STATE:
-            data = MIG_STATE.pack(engine.state, -1)
+            data = MigDeviceState(engine.state).pack()
         else:
             data = U64.pack(engine.stop_copy_estimate())
         size = DeviceFeatureMsg.HEADER_SIZE + len(data)
@@ -496,9 +494,9 @@ class Session:
         return DeviceFeatureMsg(size, request.flags, data).pack()
 
     def _set_state(self, request: DeviceFeatureMsg, payload: bytes) -> Deferred:
-        require(len(request.data) >= MIG_STATE.size, "MIG_DEVICE_STATE SET: data too short")
+        asked = MigDeviceState.unpack(request.data)
         require(request.argsz >= len(payload), "MIG_DEVICE_STATE SET: argsz below the request")
-        target, _data_fd = MIG_STATE.unpack_from(request.data)
+        target = asked.device_state
         data_fds = self.data_fds if self._uses_data_fd() else None
 
         async def transition() -> Outcome:
@@ -520,9 +518,9 @@ class Session:
                 raise
             fd = data_fds.after_transition(engine, result.arcs, precopy=self._uses_precopy_info())
             # As the kernel's ioctl returns a new data_fd: here the index of the passed fd.
-            field_at = DeviceFeatureMsg.HEADER_SIZE + 4
-            reply = payload[:field_at] + MIG_STATE.pack(0, -1 if fd is None else 0)[4:]
-            reply += payload[field_at + 4 :]
+            answer = MigDeviceState(target, -1 if fd is None else 0)
+            data_at = DeviceFeatureMsg.HEADER_SIZE
+            reply = payload[:data_at] + answer.pack() + payload[data_at + answer.SIZE :]
             if fd is None:
                 return Outcome(reply)
             return Outcome(reply, [fd], transient_fds=[fd])

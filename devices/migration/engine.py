@@ -41,10 +41,18 @@ from devices.migration.stream import (
 from protocol.constants import MigrationCaps, MigState
 from protocol.errors import ProtocolError
 from protocol.migration_fsm import (
+    CLOSES_SAVING,
+    ERROR,
+    LOADS_RESUMED,
     OPENS_RESUMING,
     OPENS_SAVING,
     OPERATING_STATES,
+    PRE_COPY_STATES,
+    RESUMING,
+    RUNNING,
     SAVING_STATES,
+    STARTS_STOP_COPY,
+    STOP,
     Arc,
     direct_arcs,
     plan,
@@ -53,15 +61,6 @@ from protocol.migration_fsm import (
 
 if TYPE_CHECKING:
     from devices.api import Device
-
-ERROR, STOP, RUNNING, STOP_COPY, RESUMING = (
-    MigState.ERROR,
-    MigState.STOP,
-    MigState.RUNNING,
-    MigState.STOP_COPY,
-    MigState.RESUMING,
-)
-PRE_COPY, PRE_COPY_P2P = MigState.PRE_COPY, MigState.PRE_COPY_P2P
 
 #: What libvfio-user advertises, and so what we advertise unless told otherwise.
 DEFAULT_CAPS = MigrationCaps.STOP_COPY | MigrationCaps.PRE_COPY
@@ -498,23 +497,22 @@ class MigrationEngine:
                 return
 
     def _data_action(self, arc: Arc) -> None:
-        source, dest = arc
         if arc in OPENS_SAVING:
             self.saving = SavingSession(self.device.migration_codec(self.stream_limits))
-            if dest == STOP_COPY:
+            if arc in STARTS_STOP_COPY:
                 self.saving.finish(self._stop_copy_sections(after_precopy=False))
             else:
                 self.saving.add(self.device.precopy_start())
                 self.saving.initial_size = self.saving.produced
-        elif source in (PRE_COPY, PRE_COPY_P2P) and dest == STOP_COPY:
+        elif arc in STARTS_STOP_COPY:  # from pre-copy: the same session goes on
             assert self.saving is not None
             self.saving.finish(self._stop_copy_sections(after_precopy=True))
-        elif source in SAVING_STATES and dest not in SAVING_STATES:
+        elif arc in CLOSES_SAVING:
             self.saving = None
             self.device.precopy_end()
         elif arc in OPENS_RESUMING:
             self._new_resuming()
-        elif source == RESUMING:
+        elif arc in LOADS_RESUMED:
             self._apply_resumed()
 
     def _new_resuming(self) -> None:
@@ -702,7 +700,7 @@ class MigrationEngine:
         taken from the stream but not yet read by the client (in a data fd). The device is
         asked for changes first when nothing is pending; (0, 0) means nothing for now.
         EINVAL outside the pre-copy states, as the kernel's."""
-        if self.state not in (PRE_COPY, PRE_COPY_P2P):
+        if self.state not in PRE_COPY_STATES:
             raise ProtocolError(errno.EINVAL, f"no pre-copy info in {self.state.name}")
         saving = self._saving_to_read()
         if not unread and not saving.pending:

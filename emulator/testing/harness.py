@@ -39,9 +39,10 @@ from protocol.constants import (
     DeviceFeature,
     DmaMapFlags,
     MigState,
+    PciRegion,
 )
 from protocol.header import Header, pack_message, pack_reply
-from protocol.messages import DeviceFeatureMsg, DmaMap, RegionAccess, VersionPayload
+from protocol.messages import DeviceFeatureMsg, DmaMap, MigDeviceState, RegionAccess, VersionPayload
 from protocol.version import ServerCapabilities
 
 
@@ -203,7 +204,7 @@ PCI_COMMAND = 0x04
 PCI_COMMAND_MEMORY = 0x2
 PCI_COMMAND_MASTER = 0x4
 PCI_CAPABILITY_LIST = 0x34
-CONFIG_REGION = 7
+CONFIG_REGION = PciRegion.CONFIG
 
 
 async def enable_bus_master(client: Client) -> None:
@@ -437,7 +438,7 @@ def flat_sections(sections: Sequence[Section]) -> list[tuple[str, bytes]]:
 def set_mig_state_payload(state: MigState) -> bytes:
     """DEVICE_FEATURE payload moving the device to ``state`` (no data fd)."""
     return DeviceFeatureMsg(
-        16, FEATURE_SET | DeviceFeature.MIG_DEVICE_STATE, struct.pack("<Ii", state, -1)
+        16, FEATURE_SET | DeviceFeature.MIG_DEVICE_STATE, MigDeviceState(state).pack()
     ).pack()
 
 

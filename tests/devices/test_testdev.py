@@ -56,16 +56,10 @@ from devices.testdev import (
     TestDev,
     TestDevOptions,
 )
-from protocol.constants import MigState
+from protocol.constants import MigState, PciRegion
+from protocol.migration_fsm import PRE_COPY, RESUMING, RUNNING, STOP, STOP_COPY
 
-STOP, RUNNING, STOP_COPY, RESUMING, PRE_COPY = (
-    MigState.STOP,
-    MigState.RUNNING,
-    MigState.STOP_COPY,
-    MigState.RESUMING,
-    MigState.PRE_COPY,
-)
-REGION_CONFIG = 7
+REGION_CONFIG = PciRegion.CONFIG
 MASKED_VECTOR = 2
 
 

@@ -24,16 +24,18 @@ from devices.migration.engine import ALL_CAPS, MemoryStaging, RunState
 from devices.testdev import TestDev
 from protocol.constants import MigrationCaps, MigState
 from protocol.errors import ProtocolError
-from protocol.migration_fsm import plan, supports
-
-ERROR = MigState.ERROR
-STOP = MigState.STOP
-RUNNING = MigState.RUNNING
-STOP_COPY = MigState.STOP_COPY
-RESUMING = MigState.RESUMING
-RUNNING_P2P = MigState.RUNNING_P2P
-PRE_COPY = MigState.PRE_COPY
-PRE_COPY_P2P = MigState.PRE_COPY_P2P
+from protocol.migration_fsm import (
+    ERROR,
+    PRE_COPY,
+    PRE_COPY_P2P,
+    RESUMING,
+    RUNNING,
+    RUNNING_P2P,
+    STOP,
+    STOP_COPY,
+    plan,
+    supports,
+)
 
 SC = int(MigrationCaps.STOP_COPY)
 P2P = int(MigrationCaps.P2P)

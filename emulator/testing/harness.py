@@ -467,3 +467,20 @@ async def start_dma_left_unanswered(conn: RawConnection) -> tuple[Header, bytes]
     message = await conn.receive()
     assert message is not None and message[0].command == Command.DMA_READ, message
     return message
+
+
+async def finish_dma_left_unanswered(
+    conn: RawConnection, dma_read: tuple[Header, bytes]
+) -> tuple[Header, bytes]:
+    """Answer the job's DMA_READ (from :func:`start_dma_left_unanswered`) and the DMA_WRITE
+    that follows it; return the next message that is not one of the job's requests."""
+    request, payload = dma_read
+    await conn.send_reply(request.msg_id, Command.DMA_READ, payload + bytes(64))
+    while True:
+        message = await conn.receive()
+        if message is None:
+            raise ConnectionError("the server closed the connection")
+        header = message[0]
+        if header.command != Command.DMA_WRITE or not header.is_command:
+            return message
+        await conn.send_reply(header.msg_id, Command.DMA_WRITE)

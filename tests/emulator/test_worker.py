@@ -26,6 +26,7 @@ from emulator.client.core import Client
 from emulator.limits import Limits
 from emulator.testing.harness import (
     RawConnection,
+    finish_dma_left_unanswered,
     served_device,
     set_mig_state_payload,
     start_dma_left_unanswered,
@@ -289,23 +290,15 @@ async def test_a_set_stop_is_answered_after_the_jobs_dma_completes(tmp_path: Pat
     async with served_device(device, tmp_path, limits=Limits(dma_reply_timeout=30.0)) as served:
         conn = await RawConnection.connect(served.socket_path)
         try:
-            dma, dma_payload = await start_dma_left_unanswered(conn)
+            dma_read = await start_dma_left_unanswered(conn)
             set_id = await conn.send(Command.DEVICE_FEATURE, set_mig_state_payload(MigState.STOP))
             with trio.move_on_after(0.3) as idle:
                 await conn.receive()
             assert idle.cancelled_caught  # no reply while the job waits
             assert device.migration.state == RUNNING
-            await conn.send_reply(dma.msg_id, Command.DMA_READ, dma_payload + bytes(64))
             with trio.fail_after(5):
-                while True:
-                    message = await conn.receive()
-                    assert message is not None
-                    header = message[0]
-                    if header.command == Command.DMA_WRITE and header.is_command:
-                        await conn.send_reply(header.msg_id, Command.DMA_WRITE)
-                        continue
-                    assert header.msg_id == set_id and not header.is_error
-                    break
+                reply, _ = await finish_dma_left_unanswered(conn, dma_read)
+            assert reply.msg_id == set_id and not reply.is_error
             assert device.migration.state == STOP
         finally:
             conn.close()

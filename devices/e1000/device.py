@@ -61,7 +61,7 @@ from devices.e1000 import eeprom, packet, phy
 from devices.e1000 import regs as r
 from devices.irq import InterruptController
 from devices.migration.stream import Buffer, LoadedSection, Section
-from devices.net import DetachedPort, NetPort
+from devices.net import ANNOUNCE_DELAYS, DetachedPort, NetPort, announcement
 from devices.pci import BarKind, BarSpec, ConfigSpace
 
 log = logging.getLogger("vfio_user_emu")
@@ -78,6 +78,9 @@ TIMER_NAMES = ("autoneg", "itr", "rxpkt", "rxabs", "txpkt", "txabs")
 DMA_RETRY = "dmaretry"
 DMA_RETRY_FIRST = 0.001
 DMA_RETRY_MAX = 0.1
+#: The rounds of the MAC announcement after a migration (not migrated: a device that
+#: migrates again announces from its new place).
+ANNOUNCE = "announce"
 #: Longest timer a saved state may carry (ns): 0xffff x 1.024 us, with room to spare.
 MAX_TIMER_NS = 1_000_000_000
 
@@ -284,6 +287,8 @@ class E1000(Device):
         self._tx_queued = False
         self._rx_queued = False
         self._timer_queued = False
+        self._migrated_in = False  # state loaded: announce the MAC when running again
+        self._announce_round = len(ANNOUNCE_DELAYS)  # none under way
         self._load_mac_into_ra()
         self._update_link_status()
 
@@ -373,6 +378,7 @@ class E1000(Device):
         self._timers.clear()
         self._frozen.clear()
         self._next_due = math.inf
+        self._migrated_in = False
         self._reset_mac_state()
 
     def _mac_reset(self) -> None:
@@ -683,6 +689,8 @@ class E1000(Device):
         elif name == DMA_RETRY:
             self._kick_tx(doorbell=False)
             self._kick_rx()
+        elif name == ANNOUNCE:
+            self._announce()
 
     def _dma_failed(self, what: str, index: int, exc: DeviceError) -> None:
         """A transmit or receive job stopped at a DMA fault, its work left in place: try
@@ -1326,6 +1334,28 @@ class E1000(Device):
         self._kick_tx(doorbell=False)
         self._kick_rx()
         self._update_line()
+        if self._migrated_in:
+            self._migrated_in = False
+            self._announce_round = 0
+            self._announce()
+
+    def _announce(self) -> None:
+        """One round of the announcement a NIC that migrated in sends, as QEMU's
+        announce-self does for its own NICs (which it cannot do for ours): a gratuitous
+        RARP from the station address (RA[0], which the driver programs; the EEPROM's if
+        it did not), so that switches learn the NIC's new port at once. Straight to the
+        wire, as QEMU sends it: the guest's statistics do not count it. A round finding
+        the link down (or in loopback) sends nothing."""
+        if self.link_up and not self._loopback():
+            rah = self.values[r.RA + 4]
+            if rah & r.RAH_AV:
+                mac = self.values[r.RA].to_bytes(4, "little") + (rah & 0xFFFF).to_bytes(2, "little")
+            else:
+                mac = eeprom.mac_of(self.eeprom)
+            self.port.transmit(announcement(mac))
+        self._announce_round += 1
+        if self._announce_round < len(ANNOUNCE_DELAYS):
+            self._arm(ANNOUNCE, ANNOUNCE_DELAYS[self._announce_round])
 
     @property
     def idle(self) -> bool:
@@ -1402,6 +1432,7 @@ class E1000(Device):
         self._timers.clear()
         self._next_due = math.inf
         self._frozen = timers
+        self._migrated_in = True
         if not self._paused:  # loaded into a running device (not the engine's way)
             self._paused = True
             self.resume()

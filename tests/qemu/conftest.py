@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
+from qemu.qmp.protocol import ConnectError
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts" / "qemu"
@@ -386,10 +387,21 @@ def connect_qmp(path: Path, timeout: float = 60) -> QEMUMonitorProtocol:
         if time.monotonic() > deadline:
             raise TimeoutError(f"QEMU made no QMP socket at {path}")
         time.sleep(0.05)
-    qmp = QEMUMonitorProtocol(str(path))
-    qmp.connect()
-    qmp.settimeout(timeout)
-    return qmp
+    while True:
+        qmp = QEMUMonitorProtocol(str(path))
+        try:
+            qmp.connect()
+        except ConnectError as exc:
+            # QEMU binds the socket before it listens: on a loaded machine a connect can
+            # fall between the two (ECONNREFUSED). Anything else, or past the deadline, is
+            # a QEMU that will not answer.
+            refused = isinstance(exc.exc, ConnectionRefusedError)
+            if not refused or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+            continue
+        qmp.settimeout(timeout)
+        return qmp
 
 
 def close_qmp(qmp: QEMUMonitorProtocol) -> None:

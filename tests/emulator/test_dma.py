@@ -1,49 +1,257 @@
-"""testdev's DMA copy and interrupts over real sockets, memfds and eventfds."""
+"""The DMA map and engine (emulator/dma.py).
+
+A property test: random DMA_MAP / DMA_UNMAP / device DMA against a model of the address
+space. fd-backed maps share one memfd (so maps may alias the same bytes, as guest RAM
+sections do); message-backed maps reach a dict through a fake message channel."""
 
 from __future__ import annotations
 
 import errno
 import struct
+from collections.abc import Coroutine
+from typing import Any
 
 import pytest
 import trio
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from devices import testdev as td
+from devices.api import DmaFault
 from emulator.client.core import Client, ClientError, GuestMemory
-from emulator.testing.harness import EventFd, GuestRam, ServedDevice, enable_bus_master
+from emulator.dma import DirtyLog, DmaEngine, IovaMap
+from emulator.testing.harness import GuestRam, ServedDevice, enable_bus_master
+from emulator.testing.testdev_driver import read32, run_copy, write32
 from emulator.transport import receive_chunk
-from protocol.constants import IrqIndex
+from protocol.errors import ProtocolError
 from protocol.header import Header
+from protocol.messages import DmaMap
 
-BAR0 = 0
-TRIGGER_EVENTFD = 0x24  # DATA_EVENTFD | ACTION_TRIGGER
-NONE_UNMASK = 0x11
-NONE_MASK = 0x09
-NONE_TRIGGER = 0x21
+SPACE = 0x4000  # IOVAs 0..16 KiB
+FILE_SIZE = 0x4000
 
 
-async def write32(client: Client, offset: int, value: int) -> None:
-    await client.region_write(BAR0, offset, struct.pack("<I", value))
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Drive a coroutine that never really suspends (fd maps and the fake channel)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    raise AssertionError("coroutine suspended")
 
 
-async def read32(client: Client, offset: int) -> int:
-    return int(struct.unpack("<I", await client.region_read(BAR0, offset, 4))[0])
+class FakeChannel:
+    max_transfer = 100  # small, so transfers split into several messages
+
+    def __init__(self) -> None:
+        self.memory: dict[int, int] = {}
+        self.messages = 0
+
+    async def checkpoint(self) -> None:
+        return None
+
+    async def dma_read(self, address: int, count: int) -> bytes:
+        assert count <= self.max_transfer
+        self.messages += 1
+        return bytes(self.memory.get(address + i, 0) for i in range(count))
+
+    async def dma_write(self, address: int, data: bytes) -> None:
+        assert len(data) <= self.max_transfer
+        self.messages += 1
+        for i, byte in enumerate(data):
+            self.memory[address + i] = byte
 
 
-async def start_copy(client: Client, src: int, dst: int, length: int, ctrl: int = 1) -> int:
-    await write32(client, td.REG_DMA_SRC, src & 0xFFFFFFFF)
-    await write32(client, td.REG_DMA_SRC + 4, src >> 32)
-    await write32(client, td.REG_DMA_DST, dst & 0xFFFFFFFF)
-    await write32(client, td.REG_DMA_DST + 4, dst >> 32)
-    await write32(client, td.REG_DMA_LEN, length)
-    await write32(client, td.REG_DMA_CTRL, ctrl)
-    with trio.fail_after(5):
-        while (status := await read32(client, td.REG_DMA_STATUS)) == td.DMA_BUSY:
-            await trio.sleep(0.001)
-    return status
+addresses = st.integers(0, SPACE - 1)
+sizes = st.integers(1, 0x1800)
 
 
-# -- DMA ------------------------------------------------------------------------------------
+class DmaModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ram = GuestRam(FILE_SIZE)
+        self.channel = FakeChannel()
+        self.maps = IovaMap(max_maps=6)
+        self.dirty = DirtyLog()
+        self.dirty_pages: set[int] = set()  # 256-byte pages the engine said it wrote
+        self.dirty.sink = self._record_dirty
+        self.engine = DmaEngine(self.maps, self.channel, self.dirty)
+        # model: iova range -> (writable, file offset or None for message-backed)
+        self.model: dict[tuple[int, int], tuple[bool, int | None]] = {}
+        self.file = bytearray(FILE_SIZE)
+
+    def _record_dirty(self, iova: int, length: int) -> None:
+        if length:
+            self.dirty_pages.update(range(iova // 0x100, (iova + length - 1) // 0x100 + 1))
+
+    def teardown(self) -> None:
+        self.maps.clear()
+        self.ram.close()
+
+    def _where(self, iova: int) -> tuple[bool, int | None, int] | None:
+        for (start, size), (writable, offset) in self.model.items():
+            if start <= iova < start + size:
+                return writable, offset, iova - start
+        return None
+
+    @rule(
+        address=addresses,
+        size=sizes,
+        use_fd=st.booleans(),
+        writable=st.booleans(),
+        file_offset=st.integers(0, FILE_SIZE - 1),
+    )
+    def map(self, address: int, size: int, use_fd: bool, writable: bool, file_offset: int) -> None:
+        if use_fd:
+            size = min(size, FILE_SIZE - file_offset)
+        offset = file_offset if use_fd else 0
+        request = DmaMap(32, 1 | (2 if writable else 0), offset, address, size)
+        fd = None
+        if use_fd:
+            import os
+
+            fd = os.dup(self.ram.fd)
+        overlaps = [r for r in self.model if r[0] < address + size and address < r[0] + r[1]]
+        identical = overlaps == [(address, size)] and self.model[(address, size)] == (
+            writable,
+            offset if use_fd else None,
+        )
+        try:
+            self.maps.add(request, fd)
+        except ProtocolError as exc:
+            if overlaps and not identical:
+                assert exc.errno == errno.EEXIST
+            else:
+                assert len(self.model) >= self.maps.max_maps and exc.errno == errno.ENOSPC
+            return
+        assert not overlaps or identical
+        self.model[(address, size)] = (writable, offset if use_fd else None)
+
+    @rule(data=st.data())
+    def unmap(self, data: st.DataObject) -> None:
+        choices = [*self.model, (data.draw(addresses), data.draw(sizes))]
+        address, size = data.draw(st.sampled_from(choices))
+        try:
+            self.maps.remove(address, size)
+        except ProtocolError as exc:
+            assert exc.errno == errno.ENOENT and (address, size) not in self.model
+            return
+        del self.model[(address, size)]
+
+    @rule(iova=addresses, length=st.integers(0, 0x800), fill=st.integers(0, 255))
+    def write(self, iova: int, length: int, fill: int) -> None:
+        data = bytes((fill + i) & 0xFF for i in range(length))
+        places = [self._where(iova + i) for i in range(length)]
+        allowed = all(p is not None and p[0] for p in places)
+        before_file, before_msgs = bytes(self.ram.map[:]), dict(self.channel.memory)
+        try:
+            run(self.engine.write(iova, data))
+        except DmaFault:
+            assert not allowed
+            # nothing moved: no partial writes into memory
+            assert bytes(self.ram.map[:]) == before_file and self.channel.memory == before_msgs
+            return
+        assert allowed
+        for i, place in enumerate(places):
+            assert place is not None
+            _, offset, inner = place
+            if offset is not None:
+                self.file[offset + inner] = data[i]
+        assert self.dirty_pages >= {(iova + i) // 0x100 for i in range(length)}
+
+    @rule(iova=addresses, length=st.integers(0, 0x800))
+    def read(self, iova: int, length: int) -> None:
+        places = [self._where(iova + i) for i in range(length)]
+        try:
+            got = run(self.engine.read(iova, length))
+        except DmaFault:
+            assert any(p is None for p in places)
+            return
+        assert all(p is not None for p in places)
+        for i, place in enumerate(places):
+            assert place is not None
+            _, offset, inner = place
+            if offset is not None:
+                assert got[i] == self.file[offset + inner]
+            else:
+                assert got[i] == self.channel.memory.get(iova + i, 0)
+
+    @invariant()
+    def file_matches_model(self) -> None:
+        assert bytes(self.ram.map[:]) == bytes(self.file)
+
+    @invariant()
+    def map_count_matches(self) -> None:
+        assert len(self.maps) == len(self.model)
+
+
+TestDmaModel = DmaModel.TestCase
+TestDmaModel.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+
+
+def test_scatter_gather_checks_every_segment_before_moving_a_byte() -> None:
+    with GuestRam(0x4000) as ram:
+        import os
+
+        maps = IovaMap(max_maps=4)
+        maps.add(DmaMap(32, 3, 0, 0x0, 0x2000), os.dup(ram.fd))
+        maps.add(DmaMap(32, 1, 0x2000, 0x2000, 0x1000), os.dup(ram.fd))  # read-only
+        engine = DmaEngine(maps, FakeChannel(), DirtyLog())
+        ram.write(0x0, b"AAAA")
+        ram.write(0x1FFE, b"BBCC")  # straddles the two maps
+        assert run(engine.read_sg([(0x0, 4), (0x1FFE, 4)])) == b"AAAABBCC"
+        run(engine.write_sg([(0x100, 2), (0x1000, 3)], b"xyzzy"))
+        assert ram.read(0x100, 2) == b"xy" and ram.read(0x1000, 3) == b"zzy"
+        # One segment into the read-only map: nothing at all is written.
+        try:
+            run(engine.write_sg([(0x200, 2), (0x2000, 2)], b"1234"))
+        except DmaFault:
+            pass
+        else:
+            raise AssertionError("a write into a read-only map must fault")
+        assert ram.read(0x200, 2) == bytes(2)
+        try:
+            run(engine.write_sg([(0x0, 2)], b"toolong"))
+        except DmaFault:
+            pass
+        else:
+            raise AssertionError("segments and data of different lengths must fault")
+        maps.clear()
+
+
+def test_device_writes_keep_nothing_without_a_logging_session() -> None:
+    """A connection's DMA writes go to its dirty-page logging, which keeps pages only while
+    a session runs: writing every page of 16 MiB of guest memory leaves no per-page objects
+    behind (the dirty log once kept a set of every page ever written, which nothing read)."""
+    import gc
+    import os
+    import sys
+
+    from emulator.dirty import LoggingFeature
+
+    pages = 4096
+    with GuestRam(pages * 0x1000) as ram:
+        maps = IovaMap(max_maps=1)
+        maps.add(DmaMap(32, 3, 0, 0x0, pages * 0x1000), os.dup(ram.fd))
+        dirty = DirtyLog()
+        logging = LoggingFeature(lambda iova, length: True)
+        dirty.sink = logging.record  # as a connection wires them
+        engine = DmaEngine(maps, FakeChannel(), dirty)
+        run(engine.write(0x0, b"warm"))
+        gc.collect()
+        blocks_before = sys.getallocatedblocks()
+        for page in range(pages):
+            run(engine.write(page * 0x1000 + 8, b"x"))
+        gc.collect()
+        grown = sys.getallocatedblocks() - blocks_before
+        assert logging.session is None
+        assert grown < pages // 8, f"{grown} blocks kept after writing {pages} pages"
+        assert ram.read(0x3000 + 8, 1) == b"x"
+        maps.clear()
+
+
+# -- device DMA over a real socket (testdev's copy engine) --------------------------------
 
 
 async def test_dma_copy_through_fd_backed_map(client: Client) -> None:
@@ -51,7 +259,7 @@ async def test_dma_copy_through_fd_backed_map(client: Client) -> None:
         await client.dma_map(0x100000, ram.size, fd=ram.fd)
         pattern = bytes(range(256)) * 64  # 16 KiB, crosses pages
         ram.write(0x101000, pattern)
-        assert await start_copy(client, 0x101000, 0x120000 + 7, len(pattern)) == td.DMA_DONE
+        assert await run_copy(client, 0x101000, 0x120000 + 7, len(pattern)) == td.DMA_DONE
         assert ram.read(0x120000 + 7, len(pattern)) == pattern
         assert await read32(client, td.REG_DMA_DONE) == 1
 
@@ -62,7 +270,7 @@ async def test_dma_copy_through_message_backed_map(client: Client) -> None:
     await client.dma_map(0x200000, memory.size)  # no fd: DMA_READ/DMA_WRITE messages
     pattern = bytes((i * 7) & 0xFF for i in range(0x5000))  # more than several messages
     memory.write(0x200000, pattern)
-    assert await start_copy(client, 0x200000, 0x210000, len(pattern)) == td.DMA_DONE
+    assert await run_copy(client, 0x200000, 0x210000, len(pattern)) == td.DMA_DONE
     assert memory.read(0x210000, len(pattern)) == pattern
 
 
@@ -81,7 +289,7 @@ async def test_dma_messages_respect_the_clients_transfer_size(served: ServedDevi
         memory = Recording(0, 0x4000)
         client.serve_dma(memory)
         await client.dma_map(0, memory.size)
-        assert await start_copy(client, 0, 0x2000, 4096) == td.DMA_DONE
+        assert await run_copy(client, 0, 0x2000, 4096) == td.DMA_DONE
         assert seen == [1024] * 4
 
 
@@ -93,7 +301,7 @@ async def test_dma_across_two_maps_of_different_kinds(client: Client) -> None:
         await client.dma_map(0x1000, 0x1000)
         ram.write(0xF00, b"A" * 0x100)
         memory.write(0x1000, b"B" * 0x100)
-        assert await start_copy(client, 0xF00, 0x1800, 0x200) == td.DMA_DONE
+        assert await run_copy(client, 0xF00, 0x1800, 0x200) == td.DMA_DONE
         assert memory.read(0x1800, 0x200) == b"A" * 0x100 + b"B" * 0x100
 
 
@@ -102,7 +310,7 @@ async def test_dma_outside_the_maps_faults_without_touching_memory(client: Clien
         await client.dma_map(0, 0x2000, fd=ram.fd)
         ram.write(0, b"\x55" * 0x2000)
         # Destination runs one byte past the mapping: nothing may be written.
-        assert await start_copy(client, 0, 0x1001, 0x1000) == td.DMA_FAILED
+        assert await run_copy(client, 0, 0x1001, 0x1000) == td.DMA_FAILED
         assert await read32(client, td.REG_DMA_ERROR) == errno.EFAULT
         assert ram.read(0, 0x2000) == b"\x55" * 0x2000
 
@@ -113,9 +321,9 @@ async def test_dma_never_writes_a_read_only_map(client: Client) -> None:
         await client.dma_map(0x1000, 0x1000, fd=ram.fd, offset=0x1000)
         ram.write(0, b"ro" * 0x800)
         ram.write(0x1000, b"rw" * 0x800)
-        assert await start_copy(client, 0x1000, 0, 0x100) == td.DMA_FAILED
+        assert await run_copy(client, 0x1000, 0, 0x100) == td.DMA_FAILED
         assert ram.read(0, 0x1000) == b"ro" * 0x800
-        assert await start_copy(client, 0, 0x1000, 0x100) == td.DMA_DONE  # reading it is fine
+        assert await run_copy(client, 0, 0x1000, 0x100) == td.DMA_DONE  # reading it is fine
         assert ram.read(0x1000, 0x100) == b"ro" * 0x80
 
 
@@ -123,7 +331,7 @@ async def test_dma_after_unmap_faults(client: Client) -> None:
     with GuestRam(0x2000) as ram:
         await client.dma_map(0, 0x2000, fd=ram.fd)
         await client.dma_unmap(0, 0x2000)
-        assert await start_copy(client, 0, 0x1000, 16) == td.DMA_FAILED
+        assert await run_copy(client, 0, 0x1000, 16) == td.DMA_FAILED
 
 
 async def test_dma_map_rules(served: ServedDevice, client: Client) -> None:
@@ -160,192 +368,6 @@ async def test_dma_map_limit(tmp_path) -> None:
         with pytest.raises(ClientError) as exc:
             await client.dma_map(0x10000, 0x1000)
         assert exc.value.errno == errno.ENOSPC
-
-
-# -- interrupts -----------------------------------------------------------------------------
-
-
-async def test_intx_automasks_and_resignals_on_unmask(client: Client) -> None:
-    irq = EventFd()
-    await client.set_irqs(IrqIndex.INTX, TRIGGER_EVENTFD, 0, 1, fds=[irq.fd])
-    await write32(client, td.REG_DOORBELL, 0)
-    assert await irq.wait() == 1
-    # Automasked: another doorbell does not signal again.
-    await write32(client, td.REG_DOORBELL, 1)
-    await trio.sleep(0.05)
-    assert irq.take() == 0
-    # UNMASK while the line is still asserted (IRQ_STATUS not acked): signalled again.
-    await client.set_irqs(IrqIndex.INTX, NONE_UNMASK, 0, 1)
-    assert await irq.wait() == 1
-    # Ack every cause: the line drops; an unmask then signals nothing.
-    await write32(client, td.REG_IRQ_STATUS, 0x3)
-    await client.set_irqs(IrqIndex.INTX, NONE_UNMASK, 0, 1)
-    await trio.sleep(0.05)
-    assert irq.take() == 0
-    assert await read32(client, td.REG_IRQ_STATUS) == 0
-    irq.close()
-
-
-async def test_intx_resample_eventfd_unmasks(client: Client) -> None:
-    """QEMU's KVM pattern: MASK, UNMASK with a resample eventfd, UNMASK."""
-    irq, resample = EventFd(), EventFd()
-    await client.set_irqs(IrqIndex.INTX, TRIGGER_EVENTFD, 0, 1, fds=[irq.fd])
-    await client.set_irqs(IrqIndex.INTX, NONE_MASK, 0, 1)
-    await client.set_irqs(IrqIndex.INTX, 0x14, 0, 1, fds=[resample.fd])
-    await client.set_irqs(IrqIndex.INTX, NONE_UNMASK, 0, 1)
-    await write32(client, td.REG_DOORBELL, 0)
-    assert await irq.wait() == 1
-    resample.signal()  # guest EOI while the line is still asserted
-    assert await irq.wait() == 1
-    irq.close()
-    resample.close()
-
-
-async def enable_msix(client: Client, served: ServedDevice) -> None:
-    cap = served.device.config.find_capability(0x11)
-    assert cap is not None
-    control = struct.unpack("<H", await client.region_read(7, cap + 2, 2))[0]
-    await client.region_write(7, cap + 2, struct.pack("<H", control | 0x8000))
-
-
-async def unmask_vector(client: Client, vector: int, masked: bool = False) -> None:
-    await client.region_write(td.BAR_MSIX, vector * 16 + 12, struct.pack("<I", int(masked)))
-
-
-async def test_msix_vectors_pending_bits_and_pba(served: ServedDevice, client: Client) -> None:
-    fds = [EventFd() for _ in range(4)]
-    await enable_msix(client, served)
-    await client.set_irqs(IrqIndex.MSIX, TRIGGER_EVENTFD, 0, 4, fds=[f.fd for f in fds])
-    for vector in range(4):
-        await unmask_vector(client, vector)
-    await write32(client, td.REG_DOORBELL, 2)
-    assert await fds[2].wait() == 1
-    assert [f.take() for f in fds] == [0, 0, 0, 0]
-    # A masked vector latches its pending bit, visible in the PBA, and fires on unmask.
-    await unmask_vector(client, 3, masked=True)
-    await write32(client, td.REG_DOORBELL, 3)
-    await trio.sleep(0.05)
-    assert fds[3].take() == 0
-    pba = struct.unpack("<Q", await client.region_read(td.BAR_MSIX, td.PBA_OFFSET, 8))[0]
-    assert pba == 1 << 3
-    await unmask_vector(client, 3)
-    assert await fds[3].wait() == 1
-    assert await client.region_read(td.BAR_MSIX, td.PBA_OFFSET, 8) == bytes(8)
-    for f in fds:
-        f.close()
-
-
-async def test_msix_vfio_mask_and_chunked_setup(served: ServedDevice, client: Client) -> None:
-    """QEMU enables MSI-X with no vectors, then binds vectors one message at a time, and
-    masks with DATA_NONE|ACTION_MASK when the device reports MASKABLE."""
-    fds = [EventFd() for _ in range(4)]
-    await enable_msix(client, served)
-    await client.set_irqs(IrqIndex.MSIX, TRIGGER_EVENTFD, 0, 1)  # "enable, no vectors"
-    for vector in range(4):
-        await client.set_irqs(IrqIndex.MSIX, TRIGGER_EVENTFD, vector, 1, fds=[fds[vector].fd])
-        await unmask_vector(client, vector)
-    await client.set_irqs(IrqIndex.MSIX, NONE_MASK, 1, 1)
-    await write32(client, td.REG_DOORBELL, 1)
-    await trio.sleep(0.05)
-    assert fds[1].take() == 0
-    await client.set_irqs(IrqIndex.MSIX, NONE_UNMASK, 1, 1)
-    assert await fds[1].wait() == 1
-    # Disable the whole index: nothing is delivered any more.
-    await client.set_irqs(IrqIndex.MSIX, NONE_TRIGGER, 0, 0)
-    await write32(client, td.REG_DOORBELL, 0)
-    await trio.sleep(0.05)
-    assert fds[0].take() == 0
-    for f in fds:
-        f.close()
-
-
-async def test_dma_completion_interrupt(client: Client) -> None:
-    irq = EventFd()
-    await client.set_irqs(IrqIndex.INTX, TRIGGER_EVENTFD, 0, 1, fds=[irq.fd])
-    with GuestRam(0x2000) as ram:
-        await client.dma_map(0, 0x2000, fd=ram.fd)
-        ram.write(0, b"irq!")
-        ctrl = 1 | 2 | (5 << 8)  # start, interrupt when done, vector 5
-        assert await start_copy(client, 0, 0x1000, 4, ctrl) == td.DMA_DONE
-        assert await irq.wait() == 1
-        assert await read32(client, td.REG_IRQ_STATUS) == 1 << 5
-    irq.close()
-
-
-async def test_ioeventfd_doorbell(client: Client) -> None:
-    irq = EventFd()
-    await client.set_irqs(IrqIndex.INTX, TRIGGER_EVENTFD, 0, 1, fds=[irq.fd])
-    reply, fds = await client.get_region_io_fds(BAR0)
-    assert reply.count == 1 and len(fds) == 1
-    entry = reply.entries[0]
-    assert (entry.offset, entry.size, entry.fd_index) == (td.REG_IOEVENT, 4, 0)
-    doorbell = fds[0]
-    import os
-
-    os.write(doorbell, (1).to_bytes(8, "little"))
-    assert await irq.wait() == 1
-    assert await read32(client, td.REG_IOEVENT_COUNT) == 1
-    os.close(doorbell)
-    irq.close()
-
-
-async def test_set_irqs_rules(client: Client) -> None:
-    a, b = EventFd(), EventFd()
-    cases = [
-        # (index, flags, start, count, fds, errno)
-        (IrqIndex.MSIX, TRIGGER_EVENTFD, 0, 2, [a.fd], errno.EINVAL),  # fds != count
-        (IrqIndex.ERR, NONE_MASK, 0, 1, [], errno.EINVAL),  # ERR only triggers
-        (IrqIndex.INTX, NONE_TRIGGER, 1, 0, [], errno.EINVAL),  # disable needs start 0
-        (IrqIndex.INTX, NONE_UNMASK, 0, 0, [], errno.EINVAL),  # count 0 is disable only
-        (IrqIndex.MSIX, NONE_TRIGGER, 0, 5, [], errno.EINVAL),  # beyond 4 vectors
-        (IrqIndex.INTX, 0x21, 0, 1, [a.fd], errno.EINVAL),  # fds with DATA_NONE
-    ]
-    for index, flags, start, count, fds, expected in cases:
-        with pytest.raises(ClientError) as exc:
-            await client.set_irqs(index, flags, start, count, fds=fds)
-        assert exc.value.errno == expected, (index, flags, start, count)
-    # Valid forms are accepted; zero fds with DATA_EVENTFD de-assigns.
-    await client.set_irqs(IrqIndex.ERR, TRIGGER_EVENTFD, 0, 1, fds=[b.fd])
-    await client.set_irqs(IrqIndex.ERR, TRIGGER_EVENTFD, 0, 1)
-    await client.set_irqs(IrqIndex.INTX, NONE_TRIGGER, 0, 0)
-    await client.set_irqs(IrqIndex.MSIX, 0x22, 0, 2, data=b"\x01\x00")  # DATA_BOOL trigger
-    a.close()
-    b.close()
-
-
-async def test_reset_stops_device_work_and_clears_interrupts(client: Client) -> None:
-    irq = EventFd()
-    await client.set_irqs(IrqIndex.INTX, TRIGGER_EVENTFD, 0, 1, fds=[irq.fd])
-    await write32(client, td.REG_DOORBELL, 0)
-    assert await irq.wait() == 1
-    await client.reset()
-    assert await read32(client, td.REG_IRQ_STATUS) == 0
-    await client.set_irqs(IrqIndex.INTX, NONE_UNMASK, 0, 1)
-    await trio.sleep(0.05)
-    assert irq.take() == 0  # the line went down with the reset
-    irq.close()
-
-
-async def test_msi_vector_with_per_vector_mask(served: ServedDevice, client: Client) -> None:
-    config = served.device.config
-    cap = config.find_capability(0x05)
-    assert cap is not None
-    irq = EventFd()
-    control = struct.unpack("<H", await client.region_read(7, cap + 2, 2))[0]
-    await client.region_write(7, cap + 2, struct.pack("<H", control | 1))  # MSI enable
-    await client.set_irqs(IrqIndex.MSI, TRIGGER_EVENTFD, 0, 1, fds=[irq.fd])
-    await write32(client, td.REG_DOORBELL, 0)
-    assert await irq.wait() == 1
-    mask_offset = cap + 0x10  # 64-bit capability: mask bits after the data register
-    await client.region_write(7, mask_offset, struct.pack("<I", 1))
-    await write32(client, td.REG_DOORBELL, 0)
-    await trio.sleep(0.05)
-    assert irq.take() == 0
-    assert config.msi_vector_pending(0)  # visible to the guest in the Pending Bits
-    await client.region_write(7, mask_offset, struct.pack("<I", 0))
-    assert await irq.wait() == 1
-    assert not config.msi_vector_pending(0)
-    irq.close()
 
 
 async def test_unmap_during_message_dma_stops_the_transfer(client: Client) -> None:
@@ -509,21 +531,6 @@ async def read_rest(sock: trio.socket.SocketType, header: Header) -> bytes:
         assert chunk, "connection closed mid-message"
         body += chunk
     return body
-
-
-async def test_err_and_req_notifications(served: ServedDevice, client: Client) -> None:
-    """ERR makes QEMU stop the VM, REQ asks it to unplug the device: both are eventfds the
-    client binds, signalled only when the device model asks."""
-    err, req = EventFd(), EventFd()
-    irq = served.device.irq
-    assert not irq.signal_error()  # nothing bound yet: not delivered
-    await client.set_irqs(IrqIndex.ERR, TRIGGER_EVENTFD, 0, 1, fds=[err.fd])
-    await client.set_irqs(IrqIndex.REQ, TRIGGER_EVENTFD, 0, 1, fds=[req.fd])
-    assert irq.signal_error() and await err.wait() == 1
-    assert irq.request_release() and await req.wait() == 1
-    assert err.take() == req.take() == 0
-    err.close()
-    req.close()
 
 
 async def test_dma_to_a_client_that_hung_up_is_client_gone_not_a_fault(tmp_path) -> None:

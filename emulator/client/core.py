@@ -89,6 +89,7 @@ from protocol.messages import (
     IrqInfo,
     IrqSet,
     MigDataRead,
+    MigDeviceState,
     PrecopyInfo,
     RegionAccess,
     RegionCap,
@@ -958,14 +959,14 @@ class Client:
         """
         cmd = Command.DEVICE_FEATURE
         flags = FEATURE_SET | DeviceFeature.MIG_DEVICE_STATE
-        request = DeviceFeatureMsg(16, flags, struct.pack("<Ii", state, -1)).pack()
+        request = DeviceFeatureMsg(16, flags, MigDeviceState(state).pack()).pack()
         _, payload, fds = await self.request(cmd, request)
         if not self.data_fd_negotiated:
             self._no_fds(cmd, fds)
             if payload != request:
                 raise InvalidReply(cmd, "SET reply does not echo the request")
             return None
-        expected = request[:12] + struct.pack("<i", 0 if fds else -1)
+        expected = request[:8] + MigDeviceState(state, 0 if fds else -1).pack()
         if payload != expected or len(fds) > 1:
             close_fds(fds)
             raise InvalidReply(cmd, "SET reply's data_fd does not match the fds passed")

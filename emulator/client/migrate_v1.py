@@ -36,7 +36,7 @@ import trio
 from emulator.client.compat import incompatibility
 from emulator.client.core import Client, ClientError, InvalidReply
 from emulator.client.migrate import RECOVERY_TIMEOUT, MigrationError, Mode, fail_after_recovery
-from protocol.constants import Command, MigState, RegionFlags
+from protocol.constants import PCI_NUM_REGIONS, Command, MigState, RegionFlags
 from protocol.dirty_logging import bitmap_bytes
 from protocol.messages import TypeCap
 from protocol.migration_v1 import (
@@ -57,7 +57,7 @@ from protocol.migration_v1 import (
 
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
-PCI_FIXED_REGIONS = 9
+PCI_FIXED_REGIONS = PCI_NUM_REGIONS
 #: Pre-copy stops after this many segment rounds even if the device keeps changing.
 DEFAULT_PRECOPY_SEGMENTS = 64
 

@@ -410,8 +410,7 @@ async def test_in_band_dma_with_qemu_layout(served: ServedDevice) -> None:
     from protocol.constants import Command as C
     from protocol.header import pack_message, pack_reply
     from protocol.messages import DmaMap, RegionAccess, RegionData, VersionPayload
-
-    from .test_server import raw_socket, read_message
+    from tests.emulator.test_connection import raw_socket, receive_message
 
     sock = await raw_socket(served.socket_path)
     source = b"\0\0\0\0QEMU layout data" * 4
@@ -420,7 +419,7 @@ async def test_in_band_dma_with_qemu_layout(served: ServedDevice) -> None:
     async def call(msg_id: int, command: int, payload: bytes) -> bytes:
         await send_message(sock, pack_message(msg_id, command, payload))
         while True:
-            header, body = await read_message(sock)
+            header, body = await receive_message(sock)
             if header.is_reply:
                 assert header.msg_id == msg_id and not header.is_error
                 return body
@@ -466,8 +465,7 @@ async def test_reset_during_large_message_dma_keeps_the_stream_intact(
     from protocol.constants import Command as C
     from protocol.header import pack_message, pack_reply
     from protocol.messages import DmaMap, RegionData, VersionPayload
-
-    from .test_server import raw_socket, read_message
+    from tests.emulator.test_connection import raw_socket, receive_message
 
     size = 1 << 20
     sock = await raw_socket(served.socket_path)
@@ -476,11 +474,11 @@ async def test_reset_during_large_message_dma_keeps_the_stream_intact(
         await send_message(sock, pack_message(msg_id, cmd, payload))
 
     await command(1, C.VERSION, VersionPayload(0, 2, "{}").pack())
-    assert (await read_message(sock))[0].msg_id == 1
+    assert (await receive_message(sock))[0].msg_id == 1
     await command(2, C.DMA_MAP, DmaMap(32, 3, 0, 0, 4 * size).pack())
-    assert (await read_message(sock))[0].msg_id == 2
+    assert (await receive_message(sock))[0].msg_id == 2
     await command(2, C.REGION_WRITE, RegionData(4, 7, 2, b"\x06\x00").pack())  # bus master on
-    assert (await read_message(sock))[0].msg_id == 2
+    assert (await receive_message(sock))[0].msg_id == 2
     for msg_id, (reg, value) in enumerate(
         [
             (td.REG_DMA_SRC, 0),
@@ -516,7 +514,7 @@ async def test_reset_during_large_message_dma_keeps_the_stream_intact(
         assert len(rest) == header.payload_size
         await send_message(sock, pack_reply(header.msg_id, C.DMA_WRITE, b""))
         while True:
-            answer, _ = await read_message(sock)
+            answer, _ = await receive_message(sock)
             if answer.is_reply and answer.msg_id == 50:
                 break
             assert answer.command in (C.DMA_WRITE, C.REGION_WRITE), answer  # well-formed
@@ -531,24 +529,3 @@ async def read_rest(sock: trio.socket.SocketType, header: Header) -> bytes:
         assert chunk, "connection closed mid-message"
         body += chunk
     return body
-
-
-async def test_dma_to_a_client_that_hung_up_is_client_gone_not_a_fault(tmp_path) -> None:
-    """A DMA request the session cannot send because its client hung up raises ClientGone
-    (the device's work dies with the connection), not a plain DmaFault the device would
-    report to the guest as a failed DMA (the soak's cut-source fault found testdev copies
-    failing, and interrupting twice, that way)."""
-    from devices.api import ClientGone
-    from devices.testdev import TestDev
-    from emulator.testing.harness import served_device
-
-    async with (
-        served_device(TestDev(), tmp_path) as served,
-        Client.connect(served.socket_path) as client,
-    ):
-        await client.dma_map(0x1000, 0x1000)  # no fd: DMA goes by messages
-        session = served.server.active
-        assert session is not None
-        client._shutdown()  # hang up; the session has not noticed yet (no checkpoint)
-        with pytest.raises(ClientGone):
-            await session.dma_read(0x1000, 4)

@@ -151,16 +151,16 @@ async def test_work_arriving_while_paused_runs_after_resume() -> None:
 async def test_migration_engine_in_process() -> None:
     rig, _frame, _rest = await busy_rig()
     src = rig.dev
-    await src.migration.set_state(MigState.STOP_COPY)
+    src.migration.set_state(MigState.STOP_COPY)
     stream = b""
     while chunk := src.migration.read_data(1 << 16):
         stream += chunk
     dst = E1000(E1000Options(mac=bytes.fromhex("020000000001")))
-    await dst.migration.set_state(MigState.RESUMING)
+    dst.migration.set_state(MigState.RESUMING)
     dst.migration.write_data(stream)
-    await dst.migration.set_state(MigState.STOP)
+    dst.migration.set_state(MigState.STOP)
     assert state_of(dst) == state_of(src)
-    await dst.migration.set_state(MigState.RUNNING)
+    dst.migration.set_state(MigState.RUNNING)
     # the MAC travelled with the EEPROM
     assert dst.eeprom == src.eeprom and dst.values[r.RA] == src.values[r.RA]
 
@@ -168,9 +168,9 @@ async def test_migration_engine_in_process() -> None:
 async def test_precopy_then_stop_copy() -> None:
     rig, _frame, _rest = await busy_rig()
     src = rig.dev
-    await src.migration.set_state(MigState.PRE_COPY)
+    src.migration.set_state(MigState.PRE_COPY)
     assert src.migration.read_data(1 << 16)  # the stream header
-    await src.migration.set_state(MigState.STOP_COPY)
+    src.migration.set_state(MigState.STOP_COPY)
     assert state_of(src)[0][0] == "e1000.regs"
 
 

@@ -169,7 +169,7 @@ async def test_every_from_to_pair_follows_the_v1_table(tmp_path: Path) -> None:
         for start in states:
             for target in states:
                 await client.reset()
-                await device.migration.set_state(MigState[{**VALID, **VALID_P2P}[start]])
+                device.migration.set_state(MigState[{**VALID, **VALID_P2P}[start]])
                 assert await v1.get_device_state(client, region) == start
                 if start == RES and target != RES:
                     # Leaving RESUMING loads the stream; an empty one is refused by the

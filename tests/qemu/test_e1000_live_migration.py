@@ -33,14 +33,13 @@ from typing import Any
 
 import pytest
 
+from emulator.testing.qmp import close_qmp, connect_qmp
 from emulator.testing.vde_switch import VdeSwitch
 
 from .conftest import (
     RunningVm,
     Server,
     ServerPool,
-    close_qmp,
-    connect_qmp,
     free_port,
     quit_qemu,
     report,

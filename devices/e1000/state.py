@@ -135,6 +135,7 @@ def load_state(nic: E1000, sections: Sequence[LoadedSection]) -> None:
     nic.new_generation()
     running = not nic.jobs.paused
     nic.timers.load(misc.timers)
+    nic.migrated_in()
     if running:  # loaded into a running device (not the engine's way)
         nic.resume()
 

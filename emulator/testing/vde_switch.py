@@ -6,6 +6,13 @@ pipe closes (``vde_switch: EOF on stdin``), so it never outlives its owner by mu
 :meth:`VdeSwitch.stop` ends it by closing the pipe (then by its PID if it lingers). Its
 management socket answers the console commands (``hash/print``: which MAC the switch has
 learned behind which port; ``port/allprint``).
+
+Migration: vde_switch keeps a MAC on the port it was last seen on for ``min persistence``
+seconds (3 by default, counted in whole seconds) and ignores the same MAC arriving on
+another port meanwhile, so a migrated NIC's announcement would move nothing for up to 3 s
+after the source's last frame. Real switches move the MAC at the first frame from the new
+port; ``hash/setminper -1`` makes vde_switch do the same (0 is not enough: it still holds
+the MAC for the rest of the current second). :class:`VdeSwitch` sets it by default.
 """
 
 from __future__ import annotations
@@ -48,13 +55,22 @@ def vde_switch_binary() -> str | None:
 
 
 class VdeSwitch:
-    """``vde_switch -s DIRECTORY -M MGMT`` (``hub=True``: ``-x``, every frame to every port)."""
+    """``vde_switch -s DIRECTORY -M MGMT`` (``hub=True``: ``-x``, every frame to every port;
+    ``min_persistence``: ``hash/setminper``, None to keep the switch's 3 s)."""
 
-    def __init__(self, directory: Path, *, hub: bool = False, binary: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        hub: bool = False,
+        binary: str | None = None,
+        min_persistence: int | None = -1,
+    ) -> None:
         self.directory = Path(directory)
         self.mgmt = self.directory.with_name(self.directory.name + ".mgmt")
         self.log_path = self.directory.with_name(self.directory.name + ".log")
         self.hub = hub
+        self.min_persistence = min_persistence
         self.binary = binary or vde_switch_binary()
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -79,6 +95,8 @@ class VdeSwitch:
                     f"vde_switch did not start at {self.directory}: {self.log_text().strip()}"
                 )
             time.sleep(0.01)
+        if self.min_persistence is not None:
+            self.command(f"hash/setminper {self.min_persistence}")
         return self
 
     @property

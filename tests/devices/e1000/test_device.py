@@ -539,6 +539,25 @@ def test_instant_autonegotiation_option() -> None:
     assert rig.rd(r.ICR) & r.ICR_LSC
 
 
+def test_link_is_up_when_linux_first_looks_after_resetting_the_nic() -> None:
+    """Linux's e1000 resetting the NIC for an MTU change (e1000_main.c: e1000_down's
+    e1000_reset resets the PHY and restarts autonegotiation; e1000_up then sets ICS.LSC, and
+    the interrupt schedules the watchdog a jiffy later). If that watchdog run finds the link
+    down it waits 2 s for the next look, whatever LSC comes meanwhile, and resets the
+    adapter if Tx work is queued: so with the default options the link must be up by then."""
+    rig = Rig(autoneg_delay=E1000Options().autoneg_delay)
+    rig.wr(r.IMS, r.IMS_ENABLE_MASK)
+    rig.wr(r.CTRL, rig.rd(r.CTRL) | r.CTRL_RST)  # e1000_reset_hw
+    mdic(rig, 0, write=0x9140)  # e1000_phy_hw_reset / copper link setup: BMCR reset
+    mdic(rig, 0, write=0x1340)  # e1000_copper_link_autoneg: restart autonegotiation
+    rig.wr(r.ICS, r.ICR_LSC)  # e1000_up: "fire a link status change interrupt"
+    assert rig.isr() & r.ICR_LSC
+    rig.clock.now += 0.004  # the watchdog, one jiffy (HZ=250) later: e1000_check_for_link
+    mdic(rig, 1)  # (the link bit latches low: the driver reads the status twice)
+    assert mdic(rig, 1) & 0x0004, "link still down at the watchdog's first look"
+    assert rig.rd(r.STATUS) & r.STATUS_LU
+
+
 def test_phy_loopback_brings_the_link_up_at_once() -> None:
     """Linux's loopback test sets BMCR loopback (forced 1000/Full, autonegotiation off)
     right after a reset restarted autonegotiation, and sends at once."""

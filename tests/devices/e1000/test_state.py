@@ -17,6 +17,7 @@ from devices.api import DeviceError
 from devices.e1000 import E1000, E1000Options
 from devices.e1000 import regs as r
 from devices.migration.stream import LoadedSection
+from devices.net import announcement
 from emulator.testing.guest_e1000 import parse_ip, tcp_frame, tx_descriptors
 from emulator.testing.harness import flat_sections
 from protocol.constants import MigState
@@ -349,3 +350,60 @@ def test_random_corruption_is_refused_or_loads_a_working_device(data: st.DataObj
     rig.dev.net_receive(frame_to(MAC, src=PEER))
     reloaded = Rig()
     load_into(reloaded.dev, state_of(rig.dev))
+
+
+# =============================================================================================
+# The announcement after a migration
+
+
+def migrated_rig(src: Rig) -> Rig:
+    """A destination holding ``src``'s state, stopped (RESUMING -> STOP done)."""
+    src.dev.pause()
+    dst = Rig()
+    load_into(dst.dev, flat_sections(src.dev.save_state()))
+    return dst
+
+
+async def test_a_migrated_in_nic_announces_its_mac_as_qemu_does() -> None:
+    src = Rig()
+    src.wr(r.RA, 0x33221102)  # the driver's station address 02:11:22:33:44:55
+    src.wr(r.RA + 4, 0x5544 | r.RAH_AV)
+    dst = migrated_rig(src)
+    await dst.run(advance=1)
+    assert dst.port.frames == []  # stopped: nothing yet
+    sent_at: list[float] = []
+    transmit = dst.port.transmit
+
+    def timed(frame: bytes) -> bool:
+        sent_at.append(dst.clock.now)
+        return transmit(frame)
+
+    dst.port.transmit = timed  # type: ignore[method-assign]
+    resumed = dst.clock.now
+    dst.dev.resume()
+    await dst.run(advance=10)
+    rarp = announcement(bytes.fromhex("021122334455"))
+    assert dst.port.frames == [rarp] * 5  # QEMU's five rounds, then quiet
+    assert [round(t - resumed, 6) for t in sent_at] == [0.0, 0.05, 0.2, 0.45, 0.8]
+    assert dst.rd(r.TPT) == 0  # on the wire, not guest traffic
+    # The source, resumed after a failed migration, did not move: it does not announce.
+    src.dev.resume()
+    await src.run(advance=1)
+    assert src.port.frames == []
+
+
+async def test_announcement_rounds_need_the_link_and_stop_at_a_reset() -> None:
+    src = Rig()
+    mdic(src, 0, write=0x1340)  # autonegotiation under way: the link is down
+    dst = migrated_rig(src)
+    dst.dev.resume()
+    await dst.run(advance=0.3)  # rounds at 0, 50 and 200 ms find no link
+    assert dst.port.frames == [] and not dst.rd(r.STATUS) & r.STATUS_LU
+    await dst.run(advance=1)  # link up at 500 ms: the rounds at 450 ms no, 800 ms yes
+    assert dst.port.frames == [announcement(MAC)]  # the EEPROM's MAC (RA[0] as at reset)
+    dst = migrated_rig(Rig())
+    dst.dev.resume()
+    assert len(dst.port.frames) == 1
+    dst.dev.reset()
+    await dst.run(advance=2)
+    assert len(dst.port.frames) == 1

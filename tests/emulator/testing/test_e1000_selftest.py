@@ -116,7 +116,8 @@ async def test_loopback_test_needs_the_phy_to_loop_frames_back(
 
 
 async def test_link_test_fails_while_autonegotiation_never_completes(tmp_path: Path) -> None:
-    async with self_tester(tmp_path, E1000(E1000Options(mac=MAC))) as tester:
+    device = E1000(E1000Options(mac=MAC, autoneg_delay=0.5))
+    async with self_tester(tmp_path, device) as tester:
         # The guest brought the link up; restart autonegotiation (0.5 s) and give it 0.2 s.
         bmcr = await tester.guest.phy_read(0)
         await tester.guest.phy_write(0, bmcr | 0x1000 | 0x0200)

@@ -18,6 +18,8 @@ def test_start_command_and_stop(vde_switches: StartSwitch) -> None:
     assert switch.running() and (switch.directory / "ctl").exists()
     assert switch.mac_table() == {}
     assert "ctl dir" in switch.command("ds/showinfo")
+    # a MAC moves to a new port at its first frame there (a migrated NIC's announcement)
+    assert "Min persistence -1 secs" in switch.command("hash/showinfo")
     with pytest.raises(VdeSwitchError, match=r"no/such/command: 1\d{3} "):
         switch.command("no/such/command")
     switch.stop()

@@ -108,15 +108,6 @@ def assert_source_runs_on(source: Vm, ledger: TickLedger) -> None:
     assert_stream_intact(ledger, source.process.console())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured: QEMU completes the migration. The destination emulator keeps the "
-    "checksum error until RESUMING -> STOP, which QEMU asks for only when it starts the "
-    "destination VM (vfio_vmstate_change), after the load succeeded; QEMU then resets the "
-    "device and runs the guest without its state (it reads SCRATCH0 = 0), and the source "
-    "stays paused (postmigrate). Needs the device's verdict inside the load (see "
-    "docs/qemu-migration.md, 'A corrupt device state')",
-)
 @pytest.mark.parametrize("transport", ["fd", "inband"])
 def test_destination_refuses_a_corrupt_stream(pair: Pair, transport: str) -> None:
     """A man in the middle flips a byte of the device state (stop-copy: it travels after

@@ -76,17 +76,19 @@ def sample_result() -> QemuSoakResult:
         Outcome(3, VmFault.REFUSE_STREAM, "completed", losses=["refuse-stream: completed"]),
         Outcome(4, None, "completed", downtime_ms=30, total_ms=1500),
         Outcome(5, None, "failed", error="boom", losses=["migration failed: boom"]),
+        Outcome(6, VmFault.REFUSE_STREAM, "failed", error="load of migration failed"),
     ]
     return result
 
 
 def test_summary_counts_migrations_faults_and_losses() -> None:
     summary = sample_result().summary()
-    assert (summary["migrations"], summary["succeeded"], summary["attempts"]) == (3, 2, 5)
+    assert (summary["migrations"], summary["succeeded"], summary["attempts"]) == (3, 2, 6)
     # nearest-rank percentiles, as vfio-user-emu soak reports them
     assert summary["downtime_ms"] == {"min": 10, "p50": 10, "p90": 30, "max": 30}
-    assert summary["faults_injected_by_kind"] == {"cancel": 1, "refuse-stream": 1}
-    assert summary["faults_recovered_by_kind"] == {"cancel": 1}
+    assert summary["faults_injected_by_kind"] == {"cancel": 1, "refuse-stream": 2}
+    # a refused stream that QEMU failed is recovered; one it completed is a loss
+    assert summary["faults_recovered_by_kind"] == {"cancel": 1, "refuse-stream": 1}
     assert summary["losses"] == 2
     assert summary["loss_details"] == ["#3: refuse-stream: completed", "#5: migration failed: boom"]
     json.dumps(summary)  # the --report file
@@ -97,9 +99,10 @@ def test_summary_table_and_progress_line_show_the_figures() -> None:
     table = summary_table(result.summary())
     assert "QEMU downtime min/p50/p90/max  10 / 10 / 30 / 30 ms" in table
     assert "  cancel" in table and "1 injected, 1 recovered" in table
+    assert "  refuse-stream" in table and "2 injected, 1 recovered" in table
     assert "LOSS: #5: migration failed: boom" in table
     line = progress_line(result, planned=3, started=0.0)
-    assert "3/3 migrations" in line and "faults 2 recovered 1 | losses 2" in line
+    assert "3/3 migrations" in line and "faults 3 recovered 2 | losses 2" in line
 
 
 def test_the_soak_command_takes_qemu_options() -> None:

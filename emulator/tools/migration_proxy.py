@@ -61,7 +61,11 @@ class MigrationProxy:
             while not self._closing:
                 ready, _, _ = select.select(list(peers), [], [], 0.2)
                 for sock in ready:
-                    data = sock.recv(1 << 16)
+                    try:
+                        data = sock.recv(1 << 16)
+                    except ConnectionResetError:
+                        # a destination that refuses the stream exits and resets us
+                        return
                     if not data:
                         return
                     if sock is client and tamper is not None:

@@ -36,7 +36,7 @@ from emulator.testing.guest_e1000 import (
     tcp_frame,
     udp_frame,
 )
-from emulator.testing.harness import EventFd, GuestRam, frame_rate, served_device
+from emulator.testing.harness import EventFd, GuestRam, RoundedWaits, frame_rate, served_device
 from protocol.constants import MigState
 
 MAC_A = bytes.fromhex("525400000001")
@@ -243,6 +243,29 @@ async def test_interrupt_causes_and_itr_mitigation(tmp_path: Path) -> None:
         assert all(gap >= 0.009 for gap in gaps), gaps  # ITR: at most one per 10 ms
         assert causes & r.ICR_RXT0
         assert trio.current_time() - started < 2
+
+
+async def test_sub_millisecond_itr_is_not_rounded_up_to_epolls_millisecond(
+    tmp_path: Path,
+) -> None:
+    """ITR 0.5 ms: each interrupt after the first is held by the timer job, which must not
+    hand the event loop a sub-millisecond deadline (epoll would sleep a whole millisecond:
+    a held interrupt twice as late as the driver asked, Linux's 50 us ones 20 times)."""
+    config = DriverConfig(itr=1953, tidv=0, tadv=0)  # 1953 x 256 ns = 0.5 ms
+    async with nic_pair(tmp_path, config, config) as pair:
+        a, b = pair.a, pair.b
+        assert b.irq is not None
+        waits = RoundedWaits()
+        trio.lowlevel.add_instrument(waits)
+        try:
+            for seq in range(8):
+                await a.send(numbered(a, b, seq))
+                assert await b.service_interrupt(timeout=5) & r.ICR_RXT0
+                assert b.poll_rx()
+                await b.refill_rx()
+        finally:
+            trio.lowlevel.remove_instrument(waits)
+        assert waits.timeouts == []
 
 
 async def test_a_sleeping_timer_job_wakes_for_submitted_work(tmp_path: Path) -> None:

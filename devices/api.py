@@ -22,12 +22,12 @@ from devices.migration import primitives as stream_primitives
 from devices.migration.engine import DEFAULT_CAPS, EnvelopeCodec, MigrationCodec, MigrationEngine
 from devices.migration.stream import LoadedSection, Section, SectionSink, StreamLimits
 from devices.pci import ConfigAccessError, ConfigSpace
-from protocol.constants import MigState
+from protocol.constants import PCI_NUM_REGIONS, MigState, PciRegion
 
 __all__ = ["ClientGone", "DeviceError", "DmaFault"]
 
-REGION_CONFIG = 7
-PCI_FIXED_REGIONS = 9
+REGION_CONFIG = PciRegion.CONFIG
+PCI_FIXED_REGIONS = PCI_NUM_REGIONS
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,15 @@ class DeviceError(Exception):
         self.errno = err
 
 
+class MigrationRefused(DeviceError):
+    """A migration request the device's state does not allow (an impossible transition, data
+    read or written in the wrong state): EINVAL, and nothing changed. Its own type so the
+    runtime can tell it from an arc that failed (which ends a data session)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EINVAL, message)
+
+
 class DmaFault(DeviceError):
     """A DMA access outside the client's mappings or against their permissions."""
 

@@ -15,6 +15,37 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+#: How a NIC that migrated in announces its MAC: the delay before each round, from the
+#: previous one, the first at once when the device resumes. QEMU's announce-self defaults
+#: (announce-initial 50 ms, announce-step 100 ms, announce-rounds 5, announce-max 550 ms in
+#: migration/options.c; net/announce.c sends the first round at once and then waits
+#: initial + (rounds - round - 1) * step), i.e. frames at 0, 50, 200, 450 and 800 ms.
+ANNOUNCE_DELAYS = (0.0, 0.05, 0.15, 0.25, 0.35)
+ETH_P_RARP = 0x8035
+ANNOUNCE_FRAME_SIZE = 60
+
+
+def announcement(mac: bytes) -> bytes:
+    """The gratuitous RARP QEMU's announce-self sends for a NIC (``announce_self_create``
+    in net/announce.c): to broadcast from ``mac``, a reverse request (opcode 3) for
+    Ethernet/IPv4 whose sender and target hardware addresses are ``mac`` and whose
+    protocol addresses are 0, padded to the 60-byte minimum. Switches learn the port from
+    the source address; guests ignore it."""
+    if len(mac) != 6:
+        raise ValueError("a MAC address has 6 bytes")
+    rarp = (
+        (1).to_bytes(2, "big")  # hardware: Ethernet
+        + (0x0800).to_bytes(2, "big")  # protocol: IPv4
+        + bytes((6, 4))
+        + (3).to_bytes(2, "big")  # reverse request
+        + mac
+        + bytes(4)
+        + mac
+        + bytes(4)
+    )
+    frame = b"\xff" * 6 + mac + ETH_P_RARP.to_bytes(2, "big") + rarp
+    return frame.ljust(ANNOUNCE_FRAME_SIZE, b"\0")
+
 
 @dataclass(slots=True)
 class NetStats:

@@ -325,18 +325,11 @@ class TestDev(Device):
         ram, shadow = self.ram.buffer[:end], memoryview(self._shadow)[:end]
         bitmap = stream_primitives.current().diff_pages(ram, shadow, PAGE)
         runs: list[Section] = []
-        start = None
-        pages = (end + PAGE - 1) // PAGE
-        for page in range(pages + 1):
-            dirty = page < pages and bitmap[page >> 3] >> (page & 7) & 1
-            if dirty and start is None:
-                start = page * PAGE
-            elif not dirty and start is not None:
-                stop = min(page * PAGE, end)
-                data = bytes(ram[start:stop])
-                shadow[start:stop] = data
-                runs.append(self._ram_section(start, data))
-                start = None
+        for first, last in stream_primitives.set_runs(bitmap, (end + PAGE - 1) // PAGE):
+            start, stop = first * PAGE, min(last * PAGE, end)
+            data = bytes(ram[start:stop])
+            shadow[start:stop] = data
+            runs.append(self._ram_section(start, data))
         return runs
 
     def precopy_end(self) -> None:

@@ -40,7 +40,7 @@ from emulator.cli_common import (
     size_arg,
     socket_problem,
 )
-from emulator.client.core import Client, ClientError
+from emulator.client import Client, ClientError
 from emulator.client.info import describe, describe_json
 from emulator.client.migrate import (
     DATA_FD_CAPABILITIES,
@@ -57,6 +57,7 @@ from emulator.serve_config import ServeConfig, run_config
 from emulator.server import DeviceServer, ServerError
 from emulator.tools import bench_nic, bench_rtt, bench_scale
 from emulator.tools.bench_migration import add_bench_parser, run_bench
+from emulator.tools.qemu_soak import add_qemu_soak_arguments, run_qemu_soak_cli
 from emulator.tools.soak import add_soak_parser, run_soak_cli
 from protocol.messages import DmaLayout
 
@@ -111,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_qemu_args(sub)
     _add_migrate(sub)
     _add_benchmarks(sub)
-    add_verbose(add_soak_parser(sub))
+    soak = add_soak_parser(sub)
+    add_qemu_soak_arguments(soak)
+    add_verbose(soak)
     return parser
 
 
@@ -633,7 +636,7 @@ def _run(args: argparse.Namespace) -> int:
         runner = getattr(args, "run_benchmark", None)
         return int(runner(args)) if runner is not None else run_bench(args)
     if args.command == "soak":
-        return run_soak_cli(args)
+        return run_qemu_soak_cli(args) if args.qemu else run_soak_cli(args)
     if args.command == "qemu-args":
         return _qemu_args(args)
     raise AssertionError(args.command)

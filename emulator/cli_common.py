@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from devices.registry import DeviceSpecError, parse_size
-from emulator.client.core import ClientError
+from emulator.client import ClientError
 
 PROG = "vfio-user-emu"
 #: Exit status of a command stopped by a signal, as a shell reports it (128 + signal).

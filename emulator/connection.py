@@ -1,5 +1,10 @@
 """One client connection: the trio adapter around :class:`protocol.ServerConnection`.
 
+:class:`Connection` does the connection's socket I/O and owns what lives as long as it:
+the command handler (:class:`emulator.handler.CommandHandler`, commands in, replies out),
+the device worker (:class:`emulator.worker.DeviceWorker`, the device's context, job queue
+and DMA requests) and the client's eventfds (:class:`EventFdWatcher`).
+
 Tasks per connection (one nursery):
 
 * the reader: receives bytes+fds, feeds the sans-IO connection and handles each event
@@ -37,17 +42,15 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from devices.api import ClientGone, Device, DeviceError, DmaFault
+from devices.api import Device, DeviceError
 from devices.irq import NullSink
-from devices.migration.engine import NoWork
 from emulator.datafd import DataFdSessions, MemfdStaging
 from emulator.dirty import LoggingFeature, covered
 from emulator.dma import DirtyLog, DmaEngine, IovaMap
 from emulator.eventfd_signal import read_nowait
-from emulator.handler import Deferred, IoEventFds, Outcome, RegionFds, Session
+from emulator.handler import CommandHandler, Deferred, IoEventFds, Outcome, RegionFds
 from emulator.irqs import IrqBindings
 from emulator.limits import Limits
-from emulator.precise_sleep import precise_sleep
 from emulator.trace import Tracer
 from emulator.transport import (
     Part,
@@ -62,6 +65,7 @@ from emulator.transport import (
     send_message,
     send_nowait,
 )
+from emulator.worker import DeviceWorker, DmaRequests
 from protocol.connection import (
     CommandReceived,
     Fatal,
@@ -73,13 +77,7 @@ from protocol.connection import (
 from protocol.constants import HEADER_SIZE, Command
 from protocol.errors import ProtocolError
 from protocol.header import Header
-from protocol.messages import (
-    DmaLayout,
-    DmaRw,
-    check_dma_write_reply,
-    pack_dma_write,
-    unpack_dma_read_reply,
-)
+from protocol.messages import DmaLayout
 from protocol.version import ClientCapabilities, ServerCapabilities
 
 log = logging.getLogger("vfio_user_emu")
@@ -102,16 +100,51 @@ def _reason(exc: ProtocolError | DeviceError) -> str:
     return exc.message if isinstance(exc, ProtocolError) else str(exc)
 
 
-class _Waiter:
-    __slots__ = ("event", "header", "payload")
+class EventFdWatcher:
+    """Watches the eventfds the client signals (INTx resample, ioeventfds) in the
+    connection's nursery: one task per fd, calling its handler once per signal."""
 
     def __init__(self) -> None:
-        self.event = trio.Event()
-        self.header: Header | None = None
-        self.payload = b""
+        self.nursery: trio.Nursery | None = None
+        self._watches: dict[int, trio.CancelScope] = {}
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        assert self.nursery is not None
+        scope = trio.CancelScope()
+        self._watches[fd] = scope
+        self.nursery.start_soon(self._watch, fd, callback, scope)
+
+    def unwatch(self, fd: int) -> None:
+        scope = self._watches.pop(fd, None)
+        if scope is not None:
+            scope.cancel()
+            trio.lowlevel.notify_closing(fd)
+
+    def unwatch_all(self) -> None:
+        for fd in list(self._watches):
+            self.unwatch(fd)
+
+    async def _watch(self, fd: int, callback: Callable[[], None], scope: trio.CancelScope) -> None:
+        with scope:
+            while True:
+                try:
+                    await trio.lowlevel.wait_readable(fd)
+                except (trio.ClosedResourceError, OSError):
+                    return
+                if scope.cancel_called:
+                    return  # unwatched (and closed) after we were woken: the number is stale
+                try:
+                    if not read_nowait(fd):
+                        continue  # woken with nothing to read (the count was taken first)
+                except OSError:
+                    return
+                try:
+                    callback()
+                except Exception:
+                    log.exception("eventfd handler failed")
 
 
-class ClientSession:
+class Connection:
     def __init__(
         self,
         sock: trio.socket.SocketType,
@@ -133,8 +166,8 @@ class ClientSession:
         self.region_fds = region_fds
         self.tracer = tracer
         # MIG_DATA_WRITE payloads land in one buffer reused for the connection; each is
-        # consumed (Session.mig_data_write) before the next event is taken, or copied when
-        # held behind a deferred command (_hold).
+        # consumed (CommandHandler.mig_data_write) before the next event is taken, or copied
+        # when held behind a deferred command (_hold).
         self.proto = ServerConnection(
             capabilities, limits.max_message_size, in_place=(Command.MIG_DATA_WRITE,)
         )
@@ -145,23 +178,16 @@ class ClientSession:
         self.dirty = DirtyLog()
         self.logging = LoggingFeature(self._mapped)
         self.dirty.sink = self.logging.record
-        self.irqs = IrqBindings(device.irq, self)
+        self.fd_watcher = EventFdWatcher()
+        self.irqs = IrqBindings(device.irq, self.fd_watcher)
         self.io_fds = IoEventFds(self._create_ioeventfds)
-        self.session: Session | None = None
-        self.engine: DmaEngine | None = None
+        self.worker = DeviceWorker(device, limits)
+        self.dma_requests = DmaRequests(
+            self.proto, self._send, tracer=tracer, reply_timeout=limits.dma_reply_timeout
+        )
+        self.handler: CommandHandler | None = None
         self.client: ClientCapabilities | None = None
-        self.max_transfer = 4096
-        self.dma_layout = DmaLayout.SPEC
         self._send_lock = trio.Lock()
-        self._waiters: dict[int, _Waiter] = {}
-        self._jobs: deque[Callable[[], Awaitable[None]]] = deque()
-        self._jobs_ready = trio.Event()
-        #: Set by submit(): wakes a job waiting in sleep_until_work.
-        self._work_submitted: trio.CancelScope | None = None  # a sleep_until_work
-        self._current_job: trio.CancelScope | None = None
-        self._work_paused = False
-        self._job_idle = trio.Event()
-        self._job_idle.set()
         self._deferred_running = False
         #: Commands, and refusals' replies, held in order behind a deferred command.
         self._backlog: deque[CommandReceived | Rejected] = deque()
@@ -170,7 +196,6 @@ class ClientSession:
         #: Bytes and fds of the messages held past ``limits.max_backlog`` (see _hold).
         self._overflow_bytes = 0
         self._overflow_fds = 0
-        self._watches: dict[int, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self.closed = False
         self.finished = trio.Event()
@@ -180,9 +205,9 @@ class ClientSession:
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
+                self._nursery = self.fd_watcher.nursery = nursery
                 self.data_fds = DataFdSessions(nursery)
-                nursery.start_soon(self._worker)
+                nursery.start_soon(self.worker.run)
                 try:
                     await self._read_loop()
                 finally:
@@ -201,19 +226,15 @@ class ClientSession:
         # A stream cut off with its writer is never loaded: what of it was applied in place
         # is taken back (the device stays RESUMING, as it was left, ready for a new one).
         self.device.migration.discard_resumed()
-        self._jobs.clear()
+        self.worker.close()
+        self.dma_requests.closed = True
         for held in self._backlog:
             close_fds(held.fds)  # commands never processed: their fds are ours to close
         self._backlog.clear()
-        if self.device.migration.work is self:
-            self.device.migration.work = NoWork()
-        if self.engine is not None:
-            self.engine.enabled = False
         self.device.detach()
         self.device.irq.sink = NullSink()
         self.device.irq.client_gone()
-        for fd in list(self._watches):
-            self.unwatch(fd)
+        self.fd_watcher.unwatch_all()
         self.irqs.close_all()
         for fds in self.io_fds.by_region.values():
             close_fds(fds)
@@ -306,11 +327,11 @@ class ClientSession:
         if isinstance(event, ReplyReceived):
             self.tracer.message("<-", event.header, event.payload, len(event.fds))
             close_fds(event.fds)
-            self._route_reply(event.header, event.payload)
+            self.dma_requests.route_reply(event.header, event.payload)
             return True
         if isinstance(event, Negotiated):
             self.tracer.message("<-", event.header, event.payload, 0)
-            self._start_session(event.client)
+            self._start(event.client)
             self.tracer.reply(event.header, event.reply[16:], 0)
             await self._send(event.reply)
             return True
@@ -343,9 +364,9 @@ class ClientSession:
         tracer = self.tracer
         if tracer.enabled:  # checked here: the hot path makes no call when tracing is off
             tracer.message("<-", header, bytes(event.payload), len(fds))
-        assert self.session is not None
+        assert self.handler is not None
         try:
-            outcome = self.session.handle(header, event.payload, fds)
+            outcome = self.handler.handle(header, event.payload, fds)
         except (ProtocolError, DeviceError) as exc:
             close_fds(fds)
             self.tracer.failed(header, exc.errno, str(exc))
@@ -459,22 +480,24 @@ class ClientSession:
             return self._command(held)
         return self._send_soon(held.reply)  # a refusal's prepared reply
 
-    def _start_session(self, client: ClientCapabilities) -> None:
+    def _start(self, client: ClientCapabilities) -> None:
+        """Version negotiated: the device is attached to this client."""
         self.client = client
+        requests = self.dma_requests
         # Our DMA_READ replies must fit our own message limit, whatever the client offers.
-        self.max_transfer = max(
+        requests.max_transfer = max(
             1, min(client.max_data_xfer_size, self.capabilities.max_data_xfer_size)
         )
-        self.dma_layout = self.limits.dma_layout or choose_dma_layout(client)
-        self.tracer.dma_layout = self.dma_layout
+        requests.layout = self.limits.dma_layout or choose_dma_layout(client)
+        self.tracer.dma_layout = requests.layout
         device = self.device
-        self.engine = DmaEngine(
+        self.worker.engine = DmaEngine(
             self.maps,
-            self,
+            requests,
             self.dirty,
             bus_master=lambda: not device.dma_needs_bus_master or device.config.bus_master,
         )
-        self.session = Session(
+        self.handler = CommandHandler(
             self.device,
             client=client,
             server=self.capabilities,
@@ -482,17 +505,15 @@ class ClientSession:
             irqs=self.irqs,
             region_fds=self.region_fds,
             io_fds=self.io_fds,
-            cancel_device_work=self.cancel_device_work,
+            worker=self.worker,
             data_fds=self.data_fds,
             logging=self.logging,
             limits=self.limits,
         )
         self.device.irq.sink = self.irqs
-        self.device.attach(self)
-        engine = self.device.migration
-        engine.work = self
-        engine.staging_factory = MemfdStaging
-        self._work_paused = not engine.operating
+        self.device.attach(self.worker)
+        self.device.migration.staging_factory = MemfdStaging
+        self.worker.follow_device()  # a device left stopped by the last client stays so
 
     async def _send(self, data: bytes, fds: Sequence[int] = ()) -> None:
         # A message is sent whole or the connection is dropped: a cancelled half-sent
@@ -562,160 +583,6 @@ class ClientSession:
     def _mapped(self, iova: int, length: int) -> bool:
         return covered((slot for slot in self.maps.slots() if slot is not None), iova, length)
 
-    # -- DeviceContext ----------------------------------------------------------------------
-    @property
-    def dma(self) -> DmaEngine:
-        if self.engine is None:
-            raise DmaFault("no client session")
-        return self.engine
-
-    def submit(self, job: Callable[[], Awaitable[None]]) -> bool:
-        if self.closed or len(self._jobs) >= self.limits.max_queued_jobs:
-            log.warning("device work dropped (%s)", "closed" if self.closed else "queue full")
-            return False
-        self._jobs.append(job)
-        self._jobs_ready.set()
-        if self._work_submitted is not None:
-            self._work_submitted.cancel()
-        return True
-
-    async def sleep(self, seconds: float) -> None:
-        # Device timers are microseconds long: not rounded up to epoll's millisecond.
-        await precise_sleep(seconds)
-
-    async def sleep_until_work(self, seconds: float) -> None:
-        if self._jobs:
-            await trio.lowlevel.checkpoint()
-            return
-        with trio.CancelScope() as submitted:  # submit() cancels it
-            self._work_submitted = submitted
-            try:
-                await precise_sleep(seconds)
-            finally:
-                self._work_submitted = None
-
-    def cancel_device_work(self) -> None:
-        self._jobs.clear()
-        if self._current_job is not None:
-            self._current_job.cancel()
-
-    async def _worker(self) -> None:
-        while True:
-            if not self._jobs or self._work_paused:
-                self._jobs_ready = trio.Event()
-                await self._jobs_ready.wait()
-                continue
-            job = self._jobs.popleft()
-            self._job_idle = trio.Event()
-            with trio.CancelScope() as scope:
-                self._current_job = scope
-                try:
-                    await job()
-                except DeviceError as exc:
-                    log.warning("device job failed: %s", exc)
-                except Exception:
-                    log.exception("device job crashed")
-            self._current_job = None
-            self._job_idle.set()
-
-    # -- WorkControl (the migration engine pauses the device through it) ----------------------
-    async def pause_work(self) -> None:
-        """No new jobs start; the one in progress, with its DMA, completes first."""
-        self._work_paused = True
-        await self._job_idle.wait()
-
-    def hold_work(self) -> None:
-        self._work_paused = True
-
-    def resume_work(self) -> None:
-        self._work_paused = False
-        self._jobs_ready.set()
-
-    # -- MessageChannel: server -> client DMA ----------------------------------------------
-    async def checkpoint(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def dma_read(self, address: int, count: int) -> bytes:
-        _, payload = await self._dma_request(Command.DMA_READ, DmaRw(address, count).pack())
-        try:
-            return unpack_dma_read_reply(payload, address, count, self.dma_layout)
-        except ProtocolError as exc:
-            raise DmaFault(f"bad DMA_READ reply: {exc}") from None
-
-    async def dma_write(self, address: int, data: bytes) -> None:
-        _, payload = await self._dma_request(
-            Command.DMA_WRITE, pack_dma_write(self.dma_layout, address, data)
-        )
-        try:
-            check_dma_write_reply(payload, address, len(data))
-        except ProtocolError as exc:
-            raise DmaFault(f"bad DMA_WRITE reply: {exc}") from None
-
-    async def _dma_request(self, command: Command, payload: bytes) -> tuple[Header, bytes]:
-        # A request the client can no longer get is not a DMA fault: ClientGone tells the
-        # device its work dies with the connection (it would have been cancelled a moment
-        # later, when the read loop sees the hang-up), so it must not report a failure.
-        if self.closed:
-            raise ClientGone("client gone")
-        msg_id, data = self.proto.request(command, payload)
-        waiter = self._waiters[msg_id] = _Waiter()
-        try:
-            self.tracer.request(msg_id, command, payload)
-            try:
-                await self._send(data)
-            except (OSError, TransportError, trio.ClosedResourceError) as exc:
-                raise ClientGone(f"client gone: {exc}") from None
-            with trio.move_on_after(self.limits.dma_reply_timeout):
-                await waiter.event.wait()
-        finally:
-            self._waiters.pop(msg_id, None)
-            self.proto.forget_request(msg_id)
-        if waiter.header is None:
-            raise DmaFault(f"no reply to {command.name} within {self.limits.dma_reply_timeout}s")
-        if waiter.header.is_error:
-            raise DmaFault(f"client refused {command.name}: errno {waiter.header.error}")
-        return waiter.header, waiter.payload
-
-    def _route_reply(self, header: Header, payload: bytes) -> None:
-        waiter = self._waiters.get(header.msg_id)
-        if waiter is None:
-            return
-        waiter.header = header
-        waiter.payload = payload
-        waiter.event.set()
-
-    # -- FdWatcher ----------------------------------------------------------------------------
-    def watch(self, fd: int, callback: Callable[[], None]) -> None:
-        assert self._nursery is not None
-        scope = trio.CancelScope()
-        self._watches[fd] = scope
-        self._nursery.start_soon(self._watch, fd, callback, scope)
-
-    def unwatch(self, fd: int) -> None:
-        scope = self._watches.pop(fd, None)
-        if scope is not None:
-            scope.cancel()
-            trio.lowlevel.notify_closing(fd)
-
-    async def _watch(self, fd: int, callback: Callable[[], None], scope: trio.CancelScope) -> None:
-        with scope:
-            while True:
-                try:
-                    await trio.lowlevel.wait_readable(fd)
-                except (trio.ClosedResourceError, OSError):
-                    return
-                if scope.cancel_called:
-                    return  # unwatched (and closed) after we were woken: the number is stale
-                try:
-                    if not read_nowait(fd):
-                        continue  # woken with nothing to read (the count was taken first)
-                except OSError:
-                    return
-                try:
-                    callback()
-                except Exception:
-                    log.exception("eventfd handler failed")
-
     def _create_ioeventfds(self, index: int) -> list[int]:
         fds = []
         for doorbell in self.device.ioeventfds:
@@ -723,5 +590,5 @@ class ClientSession:
                 continue
             fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             fds.append(fd)
-            self.watch(fd, doorbell.handler)
+            self.fd_watcher.watch(fd, doorbell.handler)
         return fds

@@ -47,30 +47,19 @@ from devices.migration import fastpath
 from devices.migration.engine import DEFAULT_MAX_RESUME, MigrationEngine, SavingSession
 from devices.migration.stream import Buffer
 from protocol.constants import MigState
-from protocol.migration_fsm import Arc
+from protocol.migration_fsm import (
+    DATA_STATES,
+    OPENS_PRECOPY,
+    OPENS_RESUMING,
+    SAVING_STATES,
+    STARTS_STOP_COPY,
+    Arc,
+)
 
 log = logging.getLogger("vfio_user_emu")
 
 PIPE_SIZE = 1 << 20
 CHUNK = 1 << 20
-
-SAVING = frozenset({MigState.PRE_COPY, MigState.PRE_COPY_P2P, MigState.STOP_COPY})
-STARTS_STOP_COPY_DATA = frozenset(
-    {
-        (MigState.STOP, MigState.STOP_COPY),
-        (MigState.PRE_COPY, MigState.STOP_COPY),
-        (MigState.PRE_COPY_P2P, MigState.STOP_COPY),
-    }
-)
-OPENS_RESUME = (MigState.STOP, MigState.RESUMING)
-#: The arcs where the kernel opens a saving session's data_fd before STOP_COPY.
-OPENS_PRECOPY = frozenset(
-    {(MigState.RUNNING, MigState.PRE_COPY), (MigState.RUNNING_P2P, MigState.PRE_COPY_P2P)}
-)
-#: States a data session's pipe lives through.
-SESSION_STATES = frozenset(
-    {MigState.PRE_COPY, MigState.PRE_COPY_P2P, MigState.STOP_COPY, MigState.RESUMING}
-)
 
 
 class MemfdStaging:
@@ -278,16 +267,18 @@ class DataFdSessions:
         """Open a pipe if the arcs started a data session; returns the client's end.
         ``precopy``: the client reads pre-copy data from the pipe too (it negotiated
         ``precopy_info``), so the pipe opens with the saving session, as the kernel's."""
-        if self.active and engine.state not in SESSION_STATES:
+        # A data session's pipe lives through the data states (one pipe for PRE_COPY and
+        # the STOP_COPY that follows it).
+        if self.active and engine.state not in DATA_STATES:
             self.close()
-        if self.active and engine.state in SAVING and engine.saving is not None:
+        if self.active and engine.state in SAVING_STATES and engine.saving is not None:
             self.wake()  # e.g. PRE_COPY -> STOP_COPY: the same pipe goes on with the rest
             return None
         if precopy and any(arc in OPENS_PRECOPY for arc in arcs) and engine.saving is not None:
             return self._open_saving(engine)
-        if any(arc in STARTS_STOP_COPY_DATA for arc in arcs) and engine.saving is not None:
+        if any(arc in STARTS_STOP_COPY for arc in arcs) and engine.saving is not None:
             return self._open_saving(engine)
-        if OPENS_RESUME in arcs and engine.resuming is not None:
+        if any(arc in OPENS_RESUMING for arc in arcs) and engine.resuming is not None:
             return self._open_resuming(engine)
         return None
 

@@ -1,5 +1,6 @@
-"""Command handling for one client session: wire requests in, device calls, reply payloads out.
+"""Command handling for one connection: wire requests in, device calls, reply payloads out.
 
+:class:`CommandHandler` is one per connection, created once the version is negotiated.
 Handlers are synchronous so that the common case (a register access) costs one function
 call. Each returns an :class:`Outcome` (reply payload and fds to pass along) or raises
 :class:`~protocol.errors.ProtocolError` / :class:`~devices.api.DeviceError`, which the
@@ -15,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from devices.api import Device, DeviceError, Region
+from devices.errors import MigrationRefused
 from emulator.datafd import DataFdSessions
 from emulator.dirty import REPORT as LOGGING_REPORT
 from emulator.dirty import START_HEADER as LOGGING_START
@@ -23,6 +25,7 @@ from emulator.dma import IovaMap
 from emulator.irqs import IrqBindings
 from emulator.limits import MIGRATION_SESSIONS, Limits
 from emulator.migration_region import region_for
+from emulator.worker import DeviceWorker
 from protocol.constants import (
     FEATURE_GET,
     FEATURE_INDEX_MASK,
@@ -36,7 +39,7 @@ from protocol.constants import (
     IoeventfdFlags,
     IoFdType,
     IrqSetFlags,
-    MigState,
+    PciRegion,
     RegionFlags,
 )
 from protocol.dirty_logging import bitmap_bytes
@@ -53,6 +56,7 @@ from protocol.messages import (
     IrqSet,
     MigData,
     MigDataRead,
+    MigDeviceState,
     PrecopyInfo,
     RegionAccess,
     RegionData,
@@ -64,15 +68,12 @@ from protocol.messages import (
     pack_region_caps,
     unpack_mig_data_view,
 )
+from protocol.migration_fsm import FROZEN_STATES
 from protocol.migration_v1 import DirtyPages, DirtyPagesFlags
 from protocol.version import ClientCapabilities, ServerCapabilities
 
 U64 = struct.Struct("<Q")
-MIG_STATE = struct.Struct("<Ii")
 MIG_DATA_HEADER = 8  # argsz, size
-REGION_CONFIG = 7
-#: Migration states in which BAR writes are refused (see _check_writable_now).
-FROZEN_STATES = frozenset({MigState.STOP_COPY, MigState.RESUMING})
 #: Features served, with the operations each supports (kernel/libvfio-user semantics).
 FEATURE_OPS = {
     DeviceFeature.MIGRATION: FEATURE_GET,
@@ -120,7 +121,7 @@ class Deferred:
 
 
 class RegionFds:
-    """fds of the device's mmap-able regions (owned by the server, shared by sessions)."""
+    """fds of the device's mmap-able regions (owned by the server, shared by connections)."""
 
     def __init__(self, fds: dict[int, int] | None = None) -> None:
         self.fds = dict(fds or {})
@@ -142,7 +143,11 @@ class IoEventFds:
         return self.by_region[index]
 
 
-class Session:
+class CommandHandler:
+    """Answers the commands of one connection (the client's capabilities are known) by
+    calling the device, its migration engine (state changes through the device worker,
+    which waits for the device's work first) and the connection's DMA maps and irq fds."""
+
     def __init__(
         self,
         device: Device,
@@ -153,7 +158,7 @@ class Session:
         irqs: IrqBindings,
         region_fds: RegionFds,
         io_fds: IoEventFds,
-        cancel_device_work: Callable[[], None],
+        worker: DeviceWorker,
         data_fds: DataFdSessions | None = None,
         logging: LoggingFeature | None = None,
         limits: Limits | None = None,
@@ -165,7 +170,7 @@ class Session:
         self.irqs = irqs
         self.region_fds = region_fds
         self.io_fds = io_fds
-        self.cancel_device_work = cancel_device_work
+        self.worker = worker
         self.data_fds = data_fds
         self.logging = logging
         #: The legacy v1 migration region (``migration=v1`` or ``both``), else None.
@@ -194,7 +199,7 @@ class Session:
         self, header: Header, payload: bytes | memoryview, fds: list[int]
     ) -> Outcome | Deferred:
         """``payload`` is a view for a command received in place (the connection's reused
-        buffer: see ClientSession), valid only during this call."""
+        buffer: see Connection), valid only during this call."""
         if isinstance(payload, memoryview):
             if header.command == Command.MIG_DATA_WRITE:
                 return self.mig_data_write(header, payload, fds)
@@ -336,7 +341,7 @@ class Session:
         writable in every state."""
         if self.device.migration.state not in FROZEN_STATES:
             return
-        if region == REGION_CONFIG:
+        if region == PciRegion.CONFIG:
             return
         msix = self.device.config.msix_layout
         if msix is not None and region == msix.table_bar:
@@ -370,12 +375,13 @@ class Session:
         of the engine, answered once it is done."""
         assert self.v1 is not None
         echo = Outcome(RegionAccess(offset, self.v1.index, len(data)).pack())
-        transition = self.v1.write(offset, data) if data else None
-        if transition is None:
+        target = self.v1.write(offset, data) if data else None
+        if target is None:
             return echo
+        v1 = self.v1
 
         async def change_state() -> Outcome:
-            await transition()
+            await v1.transition(target, self.worker.change_state)
             return echo
 
         return Deferred(change_state)
@@ -399,12 +405,13 @@ class Session:
         if not self.device.supports_reset:
             raise DeviceError(errno.ENOTSUP, "device does not support reset")
         # The device must not touch guest memory or interrupts after the reply.
-        self.cancel_device_work()
+        self.worker.cancel()
         if self.data_fds is not None:
             self.data_fds.close()  # a reset ends any migration data session
         self.device.migration.abandon_resumed()  # undone first: the reset has the last word
         self.device.reset()
         self.device.migration.reset()  # -> RUNNING, also out of ERROR (kernel, spec)
+        self.worker.follow_device()  # RUNNING: its (new) work may run
         if self.v1 is not None:
             self.v1.reset()
         return EMPTY
@@ -488,7 +495,7 @@ class Session:
         if feature == DeviceFeature.MIGRATION:
             data = U64.pack(engine.caps)
         elif feature == DeviceFeature.MIG_DEVICE_STATE:
-            data = MIG_STATE.pack(engine.state, -1)
+            data = MigDeviceState(engine.state).pack()
         else:
             data = U64.pack(engine.stop_copy_estimate())
         size = DeviceFeatureMsg.HEADER_SIZE + len(data)
@@ -496,38 +503,44 @@ class Session:
         return DeviceFeatureMsg(size, request.flags, data).pack()
 
     def _set_state(self, request: DeviceFeatureMsg, payload: bytes) -> Deferred:
-        require(len(request.data) >= MIG_STATE.size, "MIG_DEVICE_STATE SET: data too short")
+        asked = MigDeviceState.unpack(request.data)
         require(request.argsz >= len(payload), "MIG_DEVICE_STATE SET: argsz below the request")
-        target, _data_fd = MIG_STATE.unpack_from(request.data)
         data_fds = self.data_fds if self._uses_data_fd() else None
+        return Deferred(lambda: self._change_state(asked.device_state, payload, data_fds))
 
-        async def transition() -> Outcome:
-            engine = self.device.migration
-            limit = self.limits.max_migration_sessions
-            if not MIGRATION_SESSIONS.may_open(self.device, target, limit):
-                raise DeviceError(
-                    errno.EBUSY, f"{limit} migration session(s) already open in this process"
-                )
-            if data_fds is None:
-                await engine.set_state(target)
-                # libvfio-user's client compares the reply with its request byte for byte.
-                return Outcome(payload)
-            try:
-                await data_fds.before_transition(engine, target)
-                result = await engine.set_state(target)
-            except DeviceError:
-                data_fds.close()  # the data was consumed and refused: the session is over
-                raise
-            fd = data_fds.after_transition(engine, result.arcs, precopy=self._uses_precopy_info())
-            # As the kernel's ioctl returns a new data_fd: here the index of the passed fd.
-            field_at = DeviceFeatureMsg.HEADER_SIZE + 4
-            reply = payload[:field_at] + MIG_STATE.pack(0, -1 if fd is None else 0)[4:]
-            reply += payload[field_at + 4 :]
-            if fd is None:
-                return Outcome(reply)
-            return Outcome(reply, [fd], transient_fds=[fd])
-
-        return Deferred(transition)
+    async def _change_state(
+        self, target: int, payload: bytes, data_fds: DataFdSessions | None
+    ) -> Outcome:
+        """MIG_DEVICE_STATE SET, run as a deferred command: the rules are
+        protocol.migration_fsm's, the arcs the engine's, the waiting for the device's work
+        the worker's; here are the connection's parts (the process-wide session limit, the
+        data fd's pipe)."""
+        limit = self.limits.max_migration_sessions
+        if not MIGRATION_SESSIONS.may_open(self.device, target, limit):
+            raise DeviceError(
+                errno.EBUSY, f"{limit} migration session(s) already open in this process"
+            )
+        if data_fds is None:
+            await self.worker.change_state(target)
+            # libvfio-user's client compares the reply with its request byte for byte.
+            return Outcome(payload)
+        engine = self.device.migration
+        try:
+            await data_fds.before_transition(engine, target)
+            result = await self.worker.change_state(target)
+        except MigrationRefused:
+            raise  # an impossible request changes nothing, its data session included
+        except DeviceError:
+            data_fds.close()  # the data was consumed and refused: the session is over
+            raise
+        fd = data_fds.after_transition(engine, result.arcs, precopy=self._uses_precopy_info())
+        # As the kernel's ioctl returns a new data_fd: here the index of the passed fd.
+        answer = MigDeviceState(target, -1 if fd is None else 0)
+        data_at = DeviceFeatureMsg.HEADER_SIZE
+        reply = payload[:data_at] + answer.pack() + payload[data_at + answer.SIZE :]
+        if fd is None:
+            return Outcome(reply)
+        return Outcome(reply, [fd], transient_fds=[fd])
 
     def _uses_data_fd(self) -> bool:
         return (

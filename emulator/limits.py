@@ -24,17 +24,13 @@ from devices.api import Device
 from devices.irq import NUM_IRQ_INDEXES
 from devices.migration.engine import DEFAULT_MAX_RESUME
 from emulator.cli_common import positive_int_arg, positive_size_arg
-from protocol.constants import QEMU_MAX_MSG_FDS, MigState
+from protocol.constants import QEMU_MAX_MSG_FDS
 from protocol.messages import DmaLayout
+from protocol.migration_fsm import DATA_STATES
 from protocol.version import ServerCapabilities
 
 #: MSI-X allows at most 2048 vectors per function (PCI spec); no real device needs more.
 MSIX_MAX_VECTORS = 2048
-#: Migration states in which the device holds a data session (a saving stream being read
-#: out, or a resumed stream being staged).
-DATA_STATES = frozenset(
-    {MigState.STOP_COPY, MigState.PRE_COPY, MigState.PRE_COPY_P2P, MigState.RESUMING}
-)
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,9 @@ from protocol.migration_v1 import (
     requested_state,
 )
 
+#: Runs a state change of the device's engine (waiting for the device's work first).
+StateChanger = Callable[[int], Awaitable[object]]
+
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
 
@@ -170,9 +173,10 @@ class MigrationRegion:
         # data_size: the prepared segment's length (0 when none is prepared).
         return U64.pack(len(self._segment) if self._segment is not None else 0)
 
-    def write(self, offset: int, data: bytes) -> Callable[[], Awaitable[None]] | None:
-        """Apply a write; a ``device_state`` write returns the transition to await (it
-        may wait for the device's outstanding DMA), everything else completes here."""
+    def write(self, offset: int, data: bytes) -> MigState | None:
+        """Apply a write; a ``device_state`` write returns the state to move to (with
+        :meth:`transition`: it may wait for the device's outstanding DMA), everything else
+        completes here."""
         self._check_span(offset, len(data))
         state = self._sync()
         if offset >= DATA_OFFSET:
@@ -183,7 +187,7 @@ class MigrationRegion:
             # EINVAL before anything changes: invalid bits, or not a v1 arc from here.
             target = requested_state(U32.unpack(data)[0])
             check_transition(state, target)
-            return lambda: self._transition(target)
+            return target
         if name == "reserved":
             return None
         if name == "data_size":
@@ -191,11 +195,13 @@ class MigrationRegion:
             return None
         raise ProtocolError(errno.EINVAL, f"migration region: {name} is read-only")
 
-    async def _transition(self, target: MigState) -> None:
+    async def transition(self, target: MigState, change_state: StateChanger) -> None:
+        """Move the device to ``target`` with ``change_state`` (the runtime's: see
+        emulator.worker.DeviceWorker.change_state), as a v2 SET of the same state would."""
         # Again when it runs: another client may have moved the engine since the write.
         check_transition(self.device.migration.state, target)
         try:
-            await self.device.migration.set_state(target)
+            await change_state(target)
         finally:
             self._sync()
 

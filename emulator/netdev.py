@@ -8,6 +8,7 @@ QEMU-style specs, one backend per NIC (``netdev=ID`` on the device)::
                                             before every frame (QEMU's -netdev stream)
     tap,id=n0[,ifname=NAME]                 a Linux tap interface (needs /dev/net/tun and
                                             CAP_NET_ADMIN, or a persistent tap we may open)
+    vde,id=n0,sock=DIR[,port=N]             a port on a vde_switch (emulator.netdev_vde)
 
 and on any of them ``pcap=FILE`` (every frame both ways, classic pcap, LINKTYPE_ETHERNET),
 ``txqueue=N`` (frames held while the peer does not read, default 256) and ``rxqueue=N``
@@ -1204,3 +1205,8 @@ def setup_netdevs(specs: Sequence[str], devices: Iterable[object]) -> list[NetBa
             backend.close()
         raise
     return opened
+
+
+# The vde backend lives in its own module (built on the classes above); importing it adds
+# "vde" to the tables above.
+import emulator.netdev_vde  # noqa: E402,F401

@@ -31,7 +31,7 @@ import trio
 
 from devices.api import Device, RamRegion
 from devices.migration import fastpath
-from emulator.connection import ClientSession
+from emulator.connection import Connection
 from emulator.eventfd_signal import signaller
 from emulator.handler import RegionFds
 from emulator.limits import MIGRATION_SESSIONS, Limits, apply_to_device, peer_allowed, peer_uid
@@ -212,7 +212,7 @@ class DeviceServer:
         self.tracer = Tracer(trace, self.name)
         self.once = once
         self.state = ServerState.CREATED
-        self.active: ClientSession | None = None
+        self.active: Connection | None = None
         self.sessions_served = 0
         #: Connections closed because their peer's uid is not in ``limits.allowed_uids``.
         self.refused_peers = 0
@@ -278,7 +278,7 @@ class DeviceServer:
     async def _serve_client(self, sock: trio.socket.SocketType, stop: trio.CancelScope) -> None:
         assert self._backing is not None
         try:
-            session = ClientSession(
+            session = Connection(
                 sock,
                 self.device,
                 capabilities=self.capabilities,

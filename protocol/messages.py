@@ -667,6 +667,32 @@ class DeviceFeatureMsg:
         return cls(argsz, flags, bytes(payload[ARGSZ_FLAGS.size :]))
 
 
+MIG_DEVICE_STATE = struct.Struct("<Ii")
+
+
+@dataclass(frozen=True, slots=True)
+class MigDeviceState:
+    """The data of DEVICE_FEATURE MIG_DEVICE_STATE, the kernel's ``struct
+    vfio_device_feature_mig_state``: ``device_state`` (u32) and ``data_fd`` (s32).
+
+    A GET reply and a SET request carry data_fd -1. A SET reply with the data_fd extension
+    carries 0, the index of the one fd passed with it, when the transition opened a data
+    session, else -1."""
+
+    device_state: int
+    data_fd: int = -1
+
+    SIZE: ClassVar[int] = MIG_DEVICE_STATE.size
+
+    def pack(self) -> bytes:
+        return MIG_DEVICE_STATE.pack(self.device_state, self.data_fd)
+
+    @classmethod
+    def unpack(cls, data: bytes | memoryview) -> Self:
+        _need(data, MIG_DEVICE_STATE.size, "MIG_DEVICE_STATE data")
+        return cls(*MIG_DEVICE_STATE.unpack_from(data))
+
+
 # --------------------------------------------------------------------------------------------
 # MIG_DATA_READ (17), MIG_DATA_WRITE (18)
 

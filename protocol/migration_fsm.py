@@ -20,6 +20,14 @@ Rules:
     STOP_COPY -> PRE_COPY_P2P, and anything out of ERROR).
  6. The table encodes "shortest path, with saving states (PRE_COPY, PRE_COPY_P2P,
     STOP_COPY) only at the start or end", so every step of a planned path is a direct arc.
+ 7. What the states mean: the device runs in OPERATING_STATES (RUNNING, PRE_COPY) and is
+    quiesced outside them (an arc out of them, STOPS_DEVICE, waits for the device's work
+    first); SAVING_STATES share one saving session, opened by OPENS_SAVING and closed by
+    CLOSES_SAVING; RESUMING's session opens with OPENS_RESUMING and the state is loaded by
+    LOADS_RESUMED. Every such set is derived below from the state sets and the table.
+
+The names ERROR, STOP, ... are the one alias block of :class:`MigState` members: import
+them from here.
 """
 
 from __future__ import annotations
@@ -90,18 +98,15 @@ NEXT: dict[MigState, dict[MigState, MigState]] = {
     ERROR: dict.fromkeys(MigState, ERROR),
 }  # fmt: skip
 
-#: States in which the device runs (DMA, interrupts, internal state advancing).
-OPERATING_STATES = frozenset({RUNNING, PRE_COPY})
-#: Running states that must not initiate DMA (peer-to-peer quiescence).
-P2P_STATES = frozenset({RUNNING_P2P, PRE_COPY_P2P})
-#: States sharing one saving (data-read) session.
-SAVING_STATES = frozenset({PRE_COPY, PRE_COPY_P2P, STOP_COPY})
-
-#: Arcs that open a new data session (the kernel returns a new data_fd for them).
-OPENS_SAVING = frozenset({(RUNNING, PRE_COPY), (RUNNING_P2P, PRE_COPY_P2P), (STOP, STOP_COPY)})
-OPENS_RESUMING = frozenset({(STOP, RESUMING)})
-
 Arc = tuple[MigState, MigState]
+
+
+class TransitionRefused(ProtocolError):
+    """A request the table refuses (rules 2 and 5): EINVAL, and nothing changes. Its own
+    type so that a device engine can tell it from the protocol's other errors."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EINVAL, message)
 
 
 def supports(caps: int, state: MigState) -> bool:
@@ -127,16 +132,16 @@ def next_step(caps: int, current: MigState, target: MigState) -> MigState:
 def plan(caps: int, current: MigState, target: int) -> list[Arc]:
     """The arcs that take ``current`` to ``target``; raises EINVAL (rules 2 and 5)."""
     if target not in MigState._value2member_map_:
-        raise ProtocolError(errno.EINVAL, f"migration state {target} does not exist")
+        raise TransitionRefused(f"migration state {target} does not exist")
     goal = MigState(target)
     if not supports(caps, goal):
-        raise ProtocolError(errno.EINVAL, f"state {goal.name} not supported or requestable")
+        raise TransitionRefused(f"state {goal.name} not supported or requestable")
     arcs: list[Arc] = []
     state = current
     while state != goal:
         step = next_step(caps, state, goal)
         if step == ERROR:
-            raise ProtocolError(errno.EINVAL, f"no transition {current.name} -> {goal.name}")
+            raise TransitionRefused(f"no transition {current.name} -> {goal.name}")
         arcs.append((state, step))
         state = step
         if len(arcs) > len(MigState):
@@ -154,6 +159,63 @@ def direct_arcs(caps: int) -> frozenset[Arc]:
             if current != target and supports(caps, target):
                 try:
                     arcs.update(plan(caps, current, target))
-                except ProtocolError:
+                except TransitionRefused:
                     continue
     return frozenset(arcs)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the states and arcs mean (rule 7). Everything below is derived from the state sets and
+# the table above; nothing else in the tree restates a state set or an arc set.
+
+#: States in which the device runs (DMA, interrupts, internal state advancing).
+OPERATING_STATES = frozenset({RUNNING, PRE_COPY})
+#: Running states that must not initiate DMA (peer-to-peer quiescence).
+P2P_STATES = frozenset({RUNNING_P2P, PRE_COPY_P2P})
+#: States sharing one saving (data-read) session.
+SAVING_STATES = frozenset({PRE_COPY, PRE_COPY_P2P, STOP_COPY})
+#: Saving states in which the device still runs: the data so far is a first draft.
+PRE_COPY_STATES = SAVING_STATES & (OPERATING_STATES | P2P_STATES)
+#: States with a data session open (saving, or loading the resumed stream).
+DATA_STATES = SAVING_STATES | {RESUMING}
+#: Data states in which the device is stopped: its state is being read out whole
+#: (STOP_COPY) or loaded (RESUMING), so nothing may change it behind the stream's back.
+FROZEN_STATES = DATA_STATES - OPERATING_STATES - P2P_STATES
+
+#: Every direct arc of any valid capability set (the skip walk of rule 4 makes arcs that
+#: are not in NEXT literally, e.g. RUNNING -> STOP without P2P).
+ALL_ARCS: frozenset[Arc] = frozenset().union(
+    *(direct_arcs(caps) for caps in range(int(SC | P2P | PRE) + 1) if valid_caps(caps))
+)
+#: Arcs that leave the operating states: the device's work must be quiesced first.
+STOPS_DEVICE = frozenset(
+    (source, dest)
+    for source, dest in ALL_ARCS
+    if source in OPERATING_STATES and dest not in OPERATING_STATES
+)
+#: Arcs that enter the operating states: the device runs again.
+STARTS_DEVICE = frozenset(
+    (source, dest)
+    for source, dest in ALL_ARCS
+    if source not in OPERATING_STATES and dest in OPERATING_STATES
+)
+#: Arcs that open a new saving session (the kernel returns a new data_fd for them).
+OPENS_SAVING = frozenset(
+    (source, dest)
+    for source, dest in ALL_ARCS
+    if source not in SAVING_STATES and dest in SAVING_STATES
+)
+#: Arcs that open the pre-copy part of a saving session.
+OPENS_PRECOPY = frozenset(a for a in OPENS_SAVING if a[1] in PRE_COPY_STATES)
+#: Arcs that add the stop-copy data (the saving stream is then complete).
+STARTS_STOP_COPY = frozenset(arc for arc in ALL_ARCS if arc[1] == STOP_COPY)
+#: Arcs that close the saving session (its data is dropped).
+CLOSES_SAVING = frozenset(
+    (source, dest)
+    for source, dest in ALL_ARCS
+    if source in SAVING_STATES and dest not in SAVING_STATES
+)
+#: Arcs that open a resuming session (the kernel returns a new data_fd for them).
+OPENS_RESUMING = frozenset(arc for arc in ALL_ARCS if arc[1] == RESUMING)
+#: Arcs that load the resumed stream (all or nothing) and close the resuming session.
+LOADS_RESUMED = frozenset(arc for arc in ALL_ARCS if arc[0] == RESUMING)

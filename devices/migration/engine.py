@@ -1,15 +1,26 @@
 """The per-device migration engine: the VFIO v2 state machine driving a device's arcs.
 
-The table of legal steps is :mod:`protocol.migration_fsm`; this module executes it. A
-SET request becomes a list of direct arcs (:func:`protocol.migration_fsm.plan`); each arc
-runs the engine's own action for it (pause/resume the device, open/close data sessions,
-validate and apply resumed state) and then the device's hook for that arc. If an arc fails,
-the engine walks the executed arcs back in reverse; if that fails too (or no reverse arc
-exists) the device enters ERROR, from which only a device reset (-> RUNNING) leaves.
+The table of legal steps, and every state and arc set, is :mod:`protocol.migration_fsm`;
+this module executes it. A SET request becomes a list of direct arcs
+(:func:`protocol.migration_fsm.plan`); each arc runs the device's hook for it and then the
+engine's own action (pause/resume the device, open/close data sessions, validate and apply
+resumed state). If an arc fails, the engine walks the executed arcs back in reverse; if that
+fails too (or no reverse arc exists) the device enters ERROR, from which only a device
+reset (-> RUNNING) leaves.
 
-What each state means is enforced here, not left to devices: outside RUNNING and PRE_COPY the
-device's work queue is paused (outstanding DMA completes first), interrupts are latched, and
-the device's ``pause`` hook stops its timers and backends.
+What each state means is enforced here, not left to devices: outside RUNNING and PRE_COPY
+interrupts are latched and the device's ``pause`` hook stops its timers and backends.
+
+The engine is synchronous and never calls up into the runtime. The one thing it cannot do
+itself is wait for the device's work in progress (a job and its DMA, queued by the runtime)
+before the device stops. So the runtime asks first (:meth:`MigrationEngine.stops_device`);
+if the transition stops the device it pauses it here (:meth:`MigrationEngine.pause_device`:
+interrupts latched, the device's timers and backends stopped, so a timer job ends), waits
+for its job queue to go quiet, then runs the whole transition here without yielding (no
+job can start between two arcs, so a stop in the middle of a combination transition or of
+an unwind needs no second wait); afterwards the device runs, and the runtime's queue with
+it, if and only if its state operates (:meth:`MigrationEngine.settle`, also after a failure
+or a cancelled wait). See ``emulator.worker.DeviceWorker.change_state``.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from devices.errors import DeviceError
+from devices.errors import DeviceError, MigrationRefused
 from devices.migration.stream import (
     Buffer,
     LazyPiece,
@@ -39,13 +50,23 @@ from devices.migration.stream import (
     decode,
 )
 from protocol.constants import MigrationCaps, MigState
-from protocol.errors import ProtocolError
 from protocol.migration_fsm import (
+    CLOSES_SAVING,
+    ERROR,
+    LOADS_RESUMED,
     OPENS_RESUMING,
     OPENS_SAVING,
     OPERATING_STATES,
+    PRE_COPY_STATES,
+    RESUMING,
+    RUNNING,
     SAVING_STATES,
+    STARTS_DEVICE,
+    STARTS_STOP_COPY,
+    STOP,
+    STOPS_DEVICE,
     Arc,
+    TransitionRefused,
     direct_arcs,
     plan,
     valid_caps,
@@ -53,15 +74,6 @@ from protocol.migration_fsm import (
 
 if TYPE_CHECKING:
     from devices.api import Device
-
-ERROR, STOP, RUNNING, STOP_COPY, RESUMING = (
-    MigState.ERROR,
-    MigState.STOP,
-    MigState.RUNNING,
-    MigState.STOP_COPY,
-    MigState.RESUMING,
-)
-PRE_COPY, PRE_COPY_P2P = MigState.PRE_COPY, MigState.PRE_COPY_P2P
 
 #: What libvfio-user advertises, and so what we advertise unless told otherwise.
 DEFAULT_CAPS = MigrationCaps.STOP_COPY | MigrationCaps.PRE_COPY
@@ -373,31 +385,6 @@ class RunState(enum.Enum):
     PAUSED = "paused"
 
 
-class WorkControl(Protocol):
-    """The runtime's side of pausing a device: its job queue."""
-
-    async def pause_work(self) -> None:
-        """Stop starting jobs; return once the job in progress (and its DMA) finished."""
-        ...
-
-    def hold_work(self) -> None:
-        """Stop starting jobs now, without waiting (entering ERROR)."""
-        ...
-
-    def resume_work(self) -> None: ...
-
-
-class NoWork:
-    async def pause_work(self) -> None:
-        return None
-
-    def hold_work(self) -> None:
-        return None
-
-    def resume_work(self) -> None:
-        return None
-
-
 @dataclass(slots=True)
 class TransitionResult:
     arcs: list[Arc]
@@ -429,7 +416,6 @@ class MigrationEngine:
         self.max_resume = max_resume
         self.saving: SavingSession | None = None
         self.resuming: ResumingSession | None = None
-        self.work: WorkControl = NoWork()
         #: Makes staging buffers for resumed data, given the most bytes they must hold (the
         #: runtime installs a memfd-backed one).
         self.staging_factory: Callable[[int], Staging] = MemoryStaging
@@ -440,32 +426,63 @@ class MigrationEngine:
         return self.state in OPERATING_STATES
 
     # -- transitions ------------------------------------------------------------------------
-    async def set_state(self, target: int) -> TransitionResult:
-        """Run the combination transition to ``target``.
+    def plan(self, target: int) -> list[Arc]:
+        """The arcs from the current state to ``target``; MigrationRefused (EINVAL) for an
+        impossible request."""
+        if self.state == ERROR:
+            raise MigrationRefused("device is in ERROR; only a reset leaves it")
+        try:
+            return plan(self.caps, self.state, target)
+        except TransitionRefused as exc:
+            raise MigrationRefused(exc.message) from None
 
-        Raises ProtocolError(EINVAL) for an impossible request (nothing changes) and
+    def stops_device(self, target: int) -> bool:
+        """Does the transition to ``target`` stop the device (an arc out of the operating
+        states)? Then the runtime waits for the device's work in progress before
+        :meth:`set_state`. Raises MigrationRefused as :meth:`set_state` would."""
+        return any(arc in STOPS_DEVICE for arc in self.plan(target))
+
+    def pause_device(self) -> None:
+        """Latch interrupts and stop the device's timers and backends (``Device.pause``),
+        ahead of a transition that stops it: the runtime then waits for its work."""
+        self._pause()
+
+    def settle(self) -> None:
+        """The device runs if and only if its state operates: after a transition the
+        runtime paused the device for (whatever came of it: a failed first arc, a wait
+        cancelled before any arc ran)."""
+        if self.operating:
+            self._resume()
+        else:
+            self._pause()
+
+    def set_state(self, target: int) -> TransitionResult:
+        """Run the combination transition to ``target``, every arc without yielding.
+
+        The caller has paused the device and quiesced its work first if
+        :meth:`stops_device` says so, and settles it afterwards (a device with no runtime
+        around it, as in unit tests, has no work to wait for). Raises
+        MigrationRefused (EINVAL) for an impossible request (nothing changes) and
         DeviceError with the failing arc's errno when an arc fails (after unwinding).
         """
-        if self.state == ERROR:
-            raise ProtocolError(errno.EINVAL, "device is in ERROR; only a reset leaves it")
-        arcs = plan(self.caps, self.state, target)
+        arcs = self.plan(target)
         done: list[Arc] = []
         self.history = []
         for arc in arcs:
             try:
-                await self._run(arc)
+                self._run(arc)
             except DeviceError as exc:
-                await self._unwind(done)
+                self._unwind(done)
                 raise DeviceError(exc.errno, f"arc {arc[0].name}->{arc[1].name}: {exc}") from exc
             done.append(arc)
         return TransitionResult(done, self.state)
 
-    async def _run(self, arc: Arc) -> None:
+    def _run(self, arc: Arc) -> None:
         """One direct arc: the device's hook, then the engine's action; all or nothing."""
-        source, dest = arc
-        stopping = source in OPERATING_STATES and dest not in OPERATING_STATES
+        dest = arc[1]
+        stopping = arc in STOPS_DEVICE
         if stopping:
-            await self._pause()
+            self._pause()
         try:
             self.device.migration_arc(arc)
             self._data_action(arc)
@@ -474,12 +491,12 @@ class MigrationEngine:
             if stopping:
                 self._resume()
             raise
-        if dest in OPERATING_STATES and source not in OPERATING_STATES:
+        if arc in STARTS_DEVICE:
             self._resume()
         self.state = dest
         self.history.append(arc)
 
-    async def _unwind(self, done: list[Arc]) -> None:
+    def _unwind(self, done: list[Arc]) -> None:
         for source, dest in reversed(done):
             back = (dest, source)
             if back not in self.arcs:
@@ -492,29 +509,28 @@ class MigrationEngine:
                     self.state = STOP
                     self.history.append(back)
                 else:
-                    await self._run(back)
+                    self._run(back)
             except DeviceError:
                 self._enter_error()
                 return
 
     def _data_action(self, arc: Arc) -> None:
-        source, dest = arc
         if arc in OPENS_SAVING:
             self.saving = SavingSession(self.device.migration_codec(self.stream_limits))
-            if dest == STOP_COPY:
+            if arc in STARTS_STOP_COPY:
                 self.saving.finish(self._stop_copy_sections(after_precopy=False))
             else:
                 self.saving.add(self.device.precopy_start())
                 self.saving.initial_size = self.saving.produced
-        elif source in (PRE_COPY, PRE_COPY_P2P) and dest == STOP_COPY:
+        elif arc in STARTS_STOP_COPY:  # from pre-copy: the same session goes on
             assert self.saving is not None
             self.saving.finish(self._stop_copy_sections(after_precopy=True))
-        elif source in SAVING_STATES and dest not in SAVING_STATES:
+        elif arc in CLOSES_SAVING:
             self.saving = None
             self.device.precopy_end()
         elif arc in OPENS_RESUMING:
             self._new_resuming()
-        elif source == RESUMING:
+        elif arc in LOADS_RESUMED:
             self._apply_resumed()
 
     def _new_resuming(self) -> None:
@@ -609,39 +625,27 @@ class MigrationEngine:
         self.device.config.restore(config)
         self.device.irq.restore(irq)
 
-    async def _pause(self) -> None:
+    def _pause(self) -> None:
         if self.run_state is RunState.PAUSED:
             return
         self.run_state = RunState.PAUSED
         self.device.irq.suspend()
         self.device.pause()
-        try:
-            await self.work.pause_work()
-        except BaseException:
-            # Cancelled (the client went away while its SET waited for the job in
-            # progress): the arc did not happen, so the device must run again rather than
-            # stay RUNNING in name with its work and interrupts held (found by the soak).
-            self._resume()
-            raise
 
     def _resume(self) -> None:
         if self.run_state is RunState.RUNNING:
             return
         self.run_state = RunState.RUNNING
         self.device.resume()
-        self.work.resume_work()
         self.device.irq.resume()
 
     def _enter_error(self) -> None:
-        """A device in ERROR does nothing on its own: no jobs, no DMA, no interrupts."""
+        """A device in ERROR does nothing on its own: no interrupts, no timers (and, as ERROR
+        is not an operating state, the runtime starts none of its jobs)."""
         self.state = ERROR
         self.saving = None
         self._drop_resuming()
-        if self.run_state is RunState.RUNNING:
-            self.run_state = RunState.PAUSED
-            self.device.irq.suspend()
-            self.device.pause()
-        self.work.hold_work()
+        self._pause()
 
     # -- reset -------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -677,7 +681,7 @@ class MigrationEngine:
     def _saving_to_read(self) -> SavingSession:
         """The saving session; EINVAL outside the saving states."""
         if self.state not in SAVING_STATES or self.saving is None:
-            raise ProtocolError(errno.EINVAL, f"no migration data to read in {self.state.name}")
+            raise MigrationRefused(f"no migration data to read in {self.state.name}")
         return self.saving
 
     def _add_precopy_changes(self, saving: SavingSession) -> bool:
@@ -702,8 +706,8 @@ class MigrationEngine:
         taken from the stream but not yet read by the client (in a data fd). The device is
         asked for changes first when nothing is pending; (0, 0) means nothing for now.
         EINVAL outside the pre-copy states, as the kernel's."""
-        if self.state not in (PRE_COPY, PRE_COPY_P2P):
-            raise ProtocolError(errno.EINVAL, f"no pre-copy info in {self.state.name}")
+        if self.state not in PRE_COPY_STATES:
+            raise MigrationRefused(f"no pre-copy info in {self.state.name}")
         saving = self._saving_to_read()
         if not unread and not saving.pending:
             self._add_precopy_changes(saving)  # the client has everything: what changed?
@@ -726,7 +730,7 @@ class MigrationEngine:
     def write_data(self, data: Buffer) -> None:
         """Resumed bytes, used before this returns (the caller may reuse ``data``)."""
         if self.state != RESUMING or self.resuming is None:
-            raise ProtocolError(errno.EINVAL, f"migration data written in {self.state.name}")
+            raise MigrationRefused(f"migration data written in {self.state.name}")
         self.resuming.write(data)
 
     def stop_copy_estimate(self) -> int:

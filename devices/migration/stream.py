@@ -24,7 +24,7 @@ import enum
 import errno
 import re
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Set
 from dataclasses import dataclass
 from typing import NoReturn, Protocol
 
@@ -185,6 +185,24 @@ def payload_parts(payload: Payload) -> list[Buffer]:
     if isinstance(payload, bytes | bytearray | memoryview):
         return [payload] if len(payload) else []
     return [part for part in payload if len(part)]
+
+
+def sections_by_name(
+    sections: Sequence[LoadedSection], expected: Set[str]
+) -> dict[str, memoryview]:
+    """A device's loaded sections by name, as byte views; ValueError (for the device's
+    ``load_state`` to turn into its refusal) when a name repeats or the names are not
+    exactly ``expected``."""
+    by_name: dict[str, memoryview] = {}
+    for name, payload in sections:
+        if name in by_name:
+            raise ValueError(f"section {name!r} repeated")
+        by_name[name] = memoryview(payload).cast("B")
+    if set(by_name) != expected:
+        missing = sorted(expected - set(by_name))
+        unknown = sorted(set(by_name) - expected)
+        raise ValueError(f"sections missing {missing}, unknown {unknown}")
+    return by_name
 
 
 def encode(

@@ -38,7 +38,7 @@ from typing import ClassVar
 
 from devices.api import DeviceError
 from devices.e1000.packet import ones_sum
-from devices.migration.stream import Buffer, LoadedSection, Section
+from devices.migration.stream import Buffer, LoadedSection, Section, sections_by_name
 from devices.net import DetachedPort, NetPort
 from devices.virtio_net import gso
 from devices.virtio_net import virtqueue as vq
@@ -832,7 +832,7 @@ class VirtioNet(VirtioPciFunction):
 
     def load_state(self, sections: Sequence[LoadedSection]) -> None:
         try:
-            by_name = _sections(
+            by_name = sections_by_name(
                 sections,
                 {"virtio.transport", "virtio_net.filter", "virtio_net.rx", "virtio_net.misc"},
             )
@@ -899,19 +899,6 @@ def _parse_mac_tables(data: bytes) -> tuple[list[bytes], bool, list[bytes], bool
 
 def _set_tables(tables: tuple[list[bytes], bool, list[bytes], bool], target: RxFilter) -> None:
     target.unicast, target.unicast_overflow, target.multicast, target.multicast_overflow = tables
-
-
-def _sections(sections: Sequence[LoadedSection], expected: set[str]) -> dict[str, memoryview]:
-    by_name: dict[str, memoryview] = {}
-    for name, payload in sections:
-        if name in by_name:
-            raise ValueError(f"section {name!r} repeated")
-        by_name[name] = memoryview(payload).cast("B")
-    if set(by_name) != expected:
-        missing = sorted(expected - set(by_name))
-        unknown = sorted(set(by_name) - expected)
-        raise ValueError(f"sections missing {missing}, unknown {unknown}")
-    return by_name
 
 
 def _parse_frames(data: memoryview) -> list[bytes]:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from emulator.client.core import Client, ClientError
+from emulator.client.core import Client
+from emulator.client.requests import ClientError
 from emulator.transport import close_fds
-from protocol.constants import IrqIndex, PciRegion
+from protocol.constants import PCI_NUM_REGIONS, IrqIndex, PciRegion
 
 #: The standard PCI regions (BAR0-5, ROM, config space, VGA).
-PCI_REGIONS = 9
+PCI_REGIONS = PCI_NUM_REGIONS
 #: Config space bytes read: the type-0 header up to the subsystem IDs.
 CONFIG_HEADER = 0x30
 

@@ -19,9 +19,9 @@ Pages the CPU (the test playing the guest) writes during a migration must be ann
 :meth:`GuestMemoryMigration.mark_dirty`, as a VMM's own tracking would; they are copied at
 the next synchronisation like pages from the device's log.
 
-Both memories are :class:`emulator.client.core.DmaMemory` objects (``read``/``write`` by guest
+Both memories are :class:`emulator.client.requests.DmaMemory` objects (``read``/``write`` by guest
 address): an :class:`emulator.testing.harness.GuestRam` memfd mapped with DMA_MAP ``fd=``, or an
-:class:`emulator.client.core.GuestMemory` served with ``Client.serve_dma``.
+:class:`emulator.client.requests.GuestMemory` served with ``Client.serve_dma``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from typing import Protocol
 
 import trio
 
-from emulator.client.core import Client, DmaMemory, InvalidReply
+from emulator.client.core import Client
+from emulator.client.requests import DmaMemory, InvalidReply
 from protocol.constants import FEATURE_GET, FEATURE_PROBE, FEATURE_SET, Command, DeviceFeature
 from protocol.dirty_logging import MAX_RANGES, RANGE, REPORT, START_HEADER, bitmap_bytes
 from protocol.messages import DeviceFeatureMsg

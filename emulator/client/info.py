@@ -6,9 +6,10 @@ import struct
 from typing import Any
 
 from emulator.client.compat import IRQ_NAMES, human_size, pci_ids, region_name
-from emulator.client.core import Client, ClientError, ConnectionLost, RegionDescription
+from emulator.client.core import Client, RegionDescription
 from emulator.client.migrate import get_caps, get_state
 from emulator.client.migrate_v1 import get_device_state, state_name
+from emulator.client.requests import ClientError, ConnectionLost
 from emulator.transport import close_fds
 from protocol.constants import (
     DeviceFlags,

@@ -37,7 +37,7 @@ STOP_COPY) to the reply of the SET that puts the destination in RUNNING. A sourc
 already STOP (a paused guest) is accepted in stop-copy mode; its downtime is then measured
 from its STOP -> STOP_COPY.
 
-Failure handling (any :class:`~emulator.client.core.ClientError`, or anything else raised while
+Failure handling (any :class:`~emulator.client.requests.ClientError`, or anything else raised while
 the devices are mid-migration, cancellation included) -- best effort, shielded, bounded in
 time, each step recorded in :attr:`MigrationError.recovery`:
 
@@ -71,8 +71,9 @@ import trio
 
 from emulator import allocator
 from emulator.client.compat import incompatibility
-from emulator.client.core import Client, ClientError, ConnectionLost, InFlight, InvalidReply
+from emulator.client.core import Client
 from emulator.client.guest_memory import GuestMemoryMigration, MemoryCopyReport
+from emulator.client.requests import ClientError, ConnectionLost, InFlight, InvalidReply
 from protocol.constants import (
     FEATURE_GET,
     Command,
@@ -80,7 +81,7 @@ from protocol.constants import (
     MigrationCaps,
     MigState,
 )
-from protocol.messages import DeviceFeatureMsg
+from protocol.messages import DeviceFeatureMsg, MigDeviceState
 
 __all__ = [
     "DEFAULT_PRECOPY_ROUNDS",
@@ -110,7 +111,6 @@ PIPE_CHUNK = 1 << 20
 MODES: tuple[str, ...] = get_args(Mode)
 
 #: ``struct vfio_device_feature_mig_state``: device_state, data_fd (-1: unused in vfio-user).
-MIG_STATE = struct.Struct("<Ii")
 U64 = struct.Struct("<Q")
 #: argsz of every migration DEVICE_FEATURE request (8 header + 8 data, as QEMU sends).
 FEATURE_ARGSZ = 16
@@ -214,8 +214,8 @@ async def get_caps(client: Client) -> int:
 
 async def get_state(client: Client) -> MigState:
     """GET VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE."""
-    data = await _feature_get(client, DeviceFeature.MIG_DEVICE_STATE, MIG_STATE.size)
-    value, _data_fd = MIG_STATE.unpack(data)
+    data = await _feature_get(client, DeviceFeature.MIG_DEVICE_STATE, MigDeviceState.SIZE)
+    value = MigDeviceState.unpack(data).device_state
     try:
         return MigState(value)
     except ValueError:

@@ -34,9 +34,10 @@ from dataclasses import dataclass
 import trio
 
 from emulator.client.compat import incompatibility
-from emulator.client.core import Client, ClientError, InvalidReply
+from emulator.client.core import Client
 from emulator.client.migrate import RECOVERY_TIMEOUT, MigrationError, Mode, fail_after_recovery
-from protocol.constants import Command, MigState, RegionFlags
+from emulator.client.requests import ClientError, InvalidReply
+from protocol.constants import PCI_NUM_REGIONS, Command, MigState, RegionFlags
 from protocol.dirty_logging import bitmap_bytes
 from protocol.messages import TypeCap
 from protocol.migration_v1 import (
@@ -57,7 +58,7 @@ from protocol.migration_v1 import (
 
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
-PCI_FIXED_REGIONS = 9
+PCI_FIXED_REGIONS = PCI_NUM_REGIONS
 #: Pre-copy stops after this many segment rounds even if the device keeps changing.
 DEFAULT_PRECOPY_SEGMENTS = 64
 

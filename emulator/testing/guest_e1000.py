@@ -41,7 +41,7 @@ from devices.e1000.packet import (
     pseudo_header_sum,
 )
 from devices.net import NetDevice
-from emulator.client.core import Client
+from emulator.client import Client
 from emulator.testing.harness import EventFd, GuestRam
 from protocol.constants import IrqIndex, IrqSetFlags
 
@@ -322,11 +322,15 @@ class E1000Guest:
 
     async def wait_link(self, timeout: float = 5.0) -> None:
         with trio.fail_after(timeout):
-            while not await self.read(r.STATUS) & r.STATUS_LU:
+            while True:
                 if self.irq is not None:
+                    # Linux's handler runs for open's ICS.LSC also when the link is up
+                    # already: it reads ICR and unmasks INTx, which the next one needs.
                     with trio.move_on_after(0.05):
                         await self.service_interrupt()
-                else:
+                if await self.read(r.STATUS) & r.STATUS_LU:
+                    break
+                if self.irq is None:
                     await trio.sleep(0.01)
         bmsr = await self.phy_read(1)
         if bmsr & 0x0024 != 0x0024:

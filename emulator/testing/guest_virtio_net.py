@@ -26,7 +26,7 @@ from devices.irq import MSIX_ENTRY_SIZE
 from devices.virtio_net import device as vn
 from devices.virtio_net import transport as t
 from devices.virtio_net.virtqueue import DESC, F_INDIRECT, F_NEXT, F_WRITE, NO_VECTOR, need_event
-from emulator.client.core import Client
+from emulator.client import Client
 from emulator.testing.harness import CONFIG_REGION, EventFd, GuestRam, enable_bus_master
 from protocol.constants import IrqIndex, IrqSetFlags
 

@@ -28,7 +28,7 @@ import trio
 from devices import testdev
 from devices.api import Device
 from devices.migration.stream import Section
-from emulator.client.core import Client
+from emulator.client import Client
 from emulator.limits import Limits
 from emulator.server import DeviceServer
 from emulator.transport import close_fds, receive_chunk, send_message
@@ -39,9 +39,10 @@ from protocol.constants import (
     DeviceFeature,
     DmaMapFlags,
     MigState,
+    PciRegion,
 )
 from protocol.header import Header, pack_message, pack_reply
-from protocol.messages import DeviceFeatureMsg, DmaMap, RegionAccess, VersionPayload
+from protocol.messages import DeviceFeatureMsg, DmaMap, MigDeviceState, RegionAccess, VersionPayload
 from protocol.version import ServerCapabilities
 
 
@@ -216,7 +217,7 @@ PCI_COMMAND = 0x04
 PCI_COMMAND_MEMORY = 0x2
 PCI_COMMAND_MASTER = 0x4
 PCI_CAPABILITY_LIST = 0x34
-CONFIG_REGION = 7
+CONFIG_REGION = PciRegion.CONFIG
 
 
 async def enable_bus_master(client: Client) -> None:
@@ -450,7 +451,7 @@ def flat_sections(sections: Sequence[Section]) -> list[tuple[str, bytes]]:
 def set_mig_state_payload(state: MigState) -> bytes:
     """DEVICE_FEATURE payload moving the device to ``state`` (no data fd)."""
     return DeviceFeatureMsg(
-        16, FEATURE_SET | DeviceFeature.MIG_DEVICE_STATE, struct.pack("<Ii", state, -1)
+        16, FEATURE_SET | DeviceFeature.MIG_DEVICE_STATE, MigDeviceState(state).pack()
     ).pack()
 
 
@@ -479,3 +480,20 @@ async def start_dma_left_unanswered(conn: RawConnection) -> tuple[Header, bytes]
     message = await conn.receive()
     assert message is not None and message[0].command == Command.DMA_READ, message
     return message
+
+
+async def finish_dma_left_unanswered(
+    conn: RawConnection, dma_read: tuple[Header, bytes]
+) -> tuple[Header, bytes]:
+    """Answer the job's DMA_READ (from :func:`start_dma_left_unanswered`) and the DMA_WRITE
+    that follows it; return the next message that is not one of the job's requests."""
+    request, payload = dma_read
+    await conn.send_reply(request.msg_id, Command.DMA_READ, payload + bytes(64))
+    while True:
+        message = await conn.receive()
+        if message is None:
+            raise ConnectionError("the server closed the connection")
+        header = message[0]
+        if header.command != Command.DMA_WRITE or not header.is_command:
+            return message
+        await conn.send_reply(header.msg_id, Command.DMA_WRITE)

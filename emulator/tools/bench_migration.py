@@ -46,7 +46,7 @@ import trio
 from devices.migration.fastpath import ENV_VAR as FASTPATH_ENV_VAR
 from devices.registry import DeviceSpecError, parse_size
 from devices.testdev import BAR_RAM
-from emulator.client.core import Client
+from emulator.client import Client
 from emulator.client.migrate import (
     DATA_FD_CAPABILITIES,
     DEFAULT_PRECOPY_ROUNDS,

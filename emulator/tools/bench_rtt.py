@@ -43,6 +43,7 @@ from protocol.constants import (
     PROTOCOL_MAJOR,
     Command,
     MsgType,
+    PciRegion,
 )
 from protocol.header import pack_message
 from protocol.messages import (
@@ -53,7 +54,7 @@ from protocol.messages import (
     WriteMultiEntry,
 )
 
-REGION_CONFIG = 7
+REGION_CONFIG = PciRegion.CONFIG
 TESTDEV_SCRATCH0 = 0x10
 E1000_ICR = 0x00C0
 SIZE_FIELD = struct.Struct("<I")  # the header's size field, at offset 4

@@ -78,8 +78,10 @@ from protocol.constants import (
     IrqSetFlags,
     MigState,
     MsgType,
+    PciRegion,
 )
 from protocol.header import HEADER, Header, pack_message, pack_reply
+from protocol.messages import MigDeviceState
 
 log = logging.getLogger("vfio_user_emu.fuzz")
 
@@ -93,7 +95,7 @@ TARGET_OPTIONS = (
     "--max-irq-vectors", "64", "--max-queued-replies", "8", "--max-migration-sessions", "2",
 )  # fmt: skip
 REPLY_TIMEOUT = 15.0
-CONFIG = 7
+CONFIG = PciRegion.CONFIG
 PAGE = 4096
 INTERESTING = (
     0, 1, 2, 3, 4, 7, 8, 15, 16, 24, 31, 32, 63, 64, 0x7F, 0x80, 0xFF, 0x100, 0xFFF, 0x1000,
@@ -489,7 +491,7 @@ def _feature_payload(source: Source) -> bytes:
     op = pick(source, [FEATURE_GET, FEATURE_SET, FEATURE_PROBE, FEATURE_GET | FEATURE_PROBE])
     data = b""
     if feature == DeviceFeature.MIG_DEVICE_STATE:
-        data = struct.pack("<Ii", source.integer(0, 9), -1)
+        data = MigDeviceState(source.integer(0, 9)).pack()
     elif feature == DeviceFeature.DMA_LOGGING_START:
         ranges = [
             (source.integer(0, 16) * PAGE, source.integer(0, 16) * PAGE)

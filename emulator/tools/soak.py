@@ -82,11 +82,11 @@ from devices.e1000 import E1000, E1000Options
 from devices.e1000 import regs as e1000_regs
 from devices.errors import DeviceError
 from devices.migration.stream import Section
-from devices.net import NetDevice
+from devices.net import NetDevice, announcement
 from devices.testdev import TestDev
 from devices.virtio_net import VirtioNet, VirtioNetOptions
 from emulator.cli_common import SIGNAL_EXIT, HelpFormatter, positive_int_arg
-from emulator.client.core import Client, ClientError
+from emulator.client import Client, ClientError
 from emulator.client.migrate import (
     DATA_FD_CAPABILITIES,
     MODES,
@@ -177,7 +177,7 @@ class Trigger:
 
 
 class FaultySocket:
-    """A trio socket stand-in for :class:`emulator.client.core.Client` that sees each outgoing
+    """A trio socket stand-in for :class:`emulator.client.Client` that sees each outgoing
     message whole and can act at a chosen one (:class:`Cut`).
 
     The client sends every message with one ``sendmsg`` carrying all of it (gathered from
@@ -1075,9 +1075,13 @@ class FlowCheck:
         self.sent = 0
         self.expected = 0
         self.received = 0
+        self.announcements = 0  # a migrated-in NIC's MAC announcements (not flow frames)
         self.problems: list[str] = []
 
     def receive(self, frame: bytes) -> None:
+        if frame == announcement(frame[6:12]):
+            self.announcements += 1
+            return
         seq = frame_seq(frame)
         if seq is None:
             self.problems.append(f"{self.name}: a damaged or foreign frame")

@@ -445,7 +445,7 @@ async def test_migration_through_the_engine():
     t = int(NOW) + 10
     source.region_write(0, 0, time_bytes(t))
 
-    await source.migration.set_state(MigState.PRE_COPY)
+    source.migration.set_state(MigState.PRE_COPY)
     pre = []
     for k in range(16):
         pre.append(source.migration.read_data(1024))
@@ -455,36 +455,36 @@ async def test_migration_through_the_engine():
     assert source.migration.read_data(1024) == b"", "no more PRE_COPY data for now"
     final = bytes(source.bar1.buffer)
 
-    await source.migration.set_state(MigState.STOP_COPY)
+    source.migration.set_state(MigState.STOP_COPY)
     stop = await read_all(source)
     assert [len(c) for c in stop] == [1024] * 16 + [8]
     assert b"".join(stop) == final + time_bytes(t)
-    await source.migration.set_state(MigState.STOP)
+    source.migration.set_state(MigState.STOP)
 
     destination, _ = make_device(FakeClock())
     destination.attach(cast(DeviceContext, FakeContext()))
-    await destination.migration.set_state(MigState.RESUMING)
+    destination.migration.set_state(MigState.RESUMING)
     for chunk in stop:
         destination.migration.write_data(chunk)
-    await destination.migration.set_state(MigState.STOP)
+    destination.migration.set_state(MigState.STOP)
     assert bytes(destination.bar1.buffer) == final and destination.time_value == t
     assert not destination.armed
-    await destination.migration.set_state(MigState.RUNNING)
+    destination.migration.set_state(MigState.RUNNING)
     assert destination.deadline == NOW + 10, "RUNNING re-arms the migrated timer"
 
 
 @pytest.mark.parametrize("size", [0, RAM_SIZE, STOP_COPY_SIZE - 1, STOP_COPY_SIZE + 1])
 async def test_destination_rejects_a_stream_of_the_wrong_size(size):
     device, _ = make_device()
-    await device.migration.set_state(MigState.RESUMING)
+    device.migration.set_state(MigState.RESUMING)
     for at in range(0, size, 1024):
         device.migration.write_data(b"\x55" * min(1024, size - at))
     with pytest.raises(DeviceError) as info:
-        await device.migration.set_state(MigState.STOP)
+        device.migration.set_state(MigState.STOP)
     assert info.value.errno == errno.EINVAL
     assert device.migration.state == MigState.RESUMING
     assert bytes(device.bar1.buffer) == bytes(RAM_SIZE) and device.time_value == 0
     # A complete stream written afterwards is accepted.
     device.migration.write_data(b"\x66" * RAM_SIZE + time_bytes(7))
-    await device.migration.set_state(MigState.STOP)
+    device.migration.set_state(MigState.STOP)
     assert device.time_value == 7 and bytes(device.bar1.buffer) == b"\x66" * RAM_SIZE

@@ -56,16 +56,10 @@ from devices.testdev import (
     TestDev,
     TestDevOptions,
 )
-from protocol.constants import MigState
+from protocol.constants import MigState, PciRegion
+from protocol.migration_fsm import PRE_COPY, RESUMING, RUNNING, STOP, STOP_COPY
 
-STOP, RUNNING, STOP_COPY, RESUMING, PRE_COPY = (
-    MigState.STOP,
-    MigState.RUNNING,
-    MigState.STOP_COPY,
-    MigState.RESUMING,
-    MigState.PRE_COPY,
-)
-REGION_CONFIG = 7
+REGION_CONFIG = PciRegion.CONFIG
 MASKED_VECTOR = 2
 
 
@@ -196,17 +190,17 @@ def assert_programmed(dev: TestDev, seed: int) -> None:
 
 async def snapshot_stream(dev: TestDev, rng: random.Random | None = None) -> bytes:
     """RUNNING -> STOP_COPY, read everything, back to STOP."""
-    await dev.migration.set_state(STOP_COPY)
+    dev.migration.set_state(STOP_COPY)
     data = read_all(dev.migration, rng)
     assert dev.migration.read_data(100) == b""  # the end stays the end
-    await dev.migration.set_state(STOP)
+    dev.migration.set_state(STOP)
     return data
 
 
 async def resume_into(dev: TestDev, data: bytes, rng: random.Random, target: MigState) -> None:
-    await dev.migration.set_state(RESUMING)
+    dev.migration.set_state(RESUMING)
     write_chunks(dev.migration, data, rng)
-    await dev.migration.set_state(target)
+    dev.migration.set_state(target)
 
 
 def sections_of(data: bytes) -> list[tuple[str, bytes]]:
@@ -224,7 +218,7 @@ async def test_snapshot_migration_restores_everything(seed: int) -> None:
     src = TestDev()
     program(src, seed)
     assert_programmed(src, seed)
-    await src.migration.set_state(STOP_COPY)
+    src.migration.set_state(STOP_COPY)
     expected = capture(src)
     stream = read_all(src.migration, rng)
     names = [name for name, _ in sections_of(stream)]
@@ -233,13 +227,13 @@ async def test_snapshot_migration_restores_everything(seed: int) -> None:
     dst = TestDev()
     dst.ram.buffer[:] = b"\xa5" * dst.ram.size  # every byte must come from the stream
     program(dst, seed + 100)  # and every other bit of state too
-    await dst.migration.set_state(RESUMING)
+    dst.migration.set_state(RESUMING)
     write_chunks(dst.migration, stream, rng)
-    await dst.migration.set_state(STOP)
+    dst.migration.set_state(STOP)
     assert capture(dst) == expected
     assert dst.migration.resuming is None
 
-    await dst.migration.set_state(RUNNING)
+    dst.migration.set_state(RUNNING)
     assert capture(dst) == expected
     assert dst.regs.values == src.regs.values
     assert bytes(dst.ram.buffer) == bytes(src.ram.buffer)
@@ -283,7 +277,7 @@ async def test_precopy_migration_ends_equal_to_the_source_at_stop_copy() -> None
     src = TestDev()
     program(src, 9)
     size = src.ram.size
-    await src.migration.set_state(PRE_COPY)
+    src.migration.set_state(PRE_COPY)
     first = read_all(src.migration, rng)
     assert src.migration.read_data(4096) == b""  # nothing changed: nothing to send
 
@@ -307,10 +301,10 @@ async def test_precopy_migration_ends_equal_to_the_source_at_stop_copy() -> None
     src.region_write(BAR_REGS, REG_DOORBELL, u32(MASKED_VECTOR))
     src.region_write(BAR_MSIX, 16 * 0 + 8, u32(0x1234))
     src.region_write(REGION_CONFIG, pci.INTERRUPT_LINE, b"\x2a")
-    await src.migration.set_state(STOP_COPY)
+    src.migration.set_state(STOP_COPY)
     expected = capture(src)
     rest = read_all(src.migration, rng)
-    await src.migration.set_state(STOP)
+    src.migration.set_state(STOP)
 
     stream = first + second + rest
     names = [name for name, _ in sections_of(stream)]
@@ -326,7 +320,7 @@ async def test_precopy_migration_ends_equal_to_the_source_at_stop_copy() -> None
     program(dst, 77)
     await resume_into(dst, stream, rng, STOP)
     assert capture(dst) == expected
-    await dst.migration.set_state(RUNNING)
+    dst.migration.set_state(RUNNING)
     assert capture(dst) == expected
     assert dst.regs.get(REG_SCRATCH + 4) == 0xCAFEF00D
     assert bytes(dst.ram.buffer[9 * PAGE + 7 : 9 * PAGE + 11]) == b"late"
@@ -352,9 +346,9 @@ def _prefix_records(data: bytes) -> list[int]:
 async def test_precopy_without_changes_resumes_to_the_same_state() -> None:
     src = TestDev()
     program(src, 4)
-    await src.migration.set_state(PRE_COPY)
+    src.migration.set_state(PRE_COPY)
     stream = read_all(src.migration)
-    await src.migration.set_state(STOP_COPY)
+    src.migration.set_state(STOP_COPY)
     stream += read_all(src.migration)
     expected = capture(src)
     dst = TestDev()
@@ -421,13 +415,13 @@ async def test_dma_queued_while_stopped_migrates_and_is_resubmitted() -> None:
     src.region_write(BAR_REGS, REG_DMA_LEN, u32(0x300))
     src.region_write(BAR_REGS, REG_IRQ_STATUS, u32(0xFFFFFFFF))  # ack everything
 
-    await src.migration.set_state(STOP)
+    src.migration.set_state(STOP)
     ctrl = DMA_CTRL_START | DMA_CTRL_IRQ | (3 << 8)
     src.region_write(BAR_REGS, REG_DMA_CTRL, u32(ctrl))
     assert src.regs.get(REG_DMA_STATUS) == DMA_BUSY
     assert len(src_ctx.jobs) == 1  # queued; the paused work queue never runs it here
 
-    await src.migration.set_state(STOP_COPY)
+    src.migration.set_state(STOP_COPY)
     expected = capture(src)
     stream = read_all(src.migration)
     regs = dict(REG_ENTRY.iter_unpack(dict(sections_of(stream))["regs"]))
@@ -440,11 +434,11 @@ async def test_dma_queued_while_stopped_migrates_and_is_resubmitted() -> None:
     await resume_into(dst, stream, random.Random(2), STOP)
     assert capture(dst) == expected
     assert dst_ctx.jobs == []  # nothing runs before the device does
-    await dst.migration.set_state(RUNNING)
+    dst.migration.set_state(RUNNING)
     assert len(dst_ctx.jobs) == 1
     # Stopping and restarting again does not submit the same copy twice.
-    await dst.migration.set_state(STOP)
-    await dst.migration.set_state(RUNNING)
+    dst.migration.set_state(STOP)
+    dst.migration.set_state(RUNNING)
     assert len(dst_ctx.jobs) == 1
 
     await dst_ctx.jobs[0]()
@@ -454,7 +448,7 @@ async def test_dma_queued_while_stopped_migrates_and_is_resubmitted() -> None:
     assert dst.regs.get(REG_DMA_DONE) == done_before + 1
     assert dst.regs.get(REG_IRQ_STATUS) == 1 << 3
     # The source, had the migration been cancelled, keeps its single queued job.
-    await src.migration.set_state(RUNNING)
+    src.migration.set_state(RUNNING)
     assert len(src_ctx.jobs) == 1
 
 
@@ -471,7 +465,7 @@ async def source() -> tuple[bytes, DevState]:
     if "stream" not in _cache:
         src = TestDev()
         program(src, SOURCE_SEED)
-        await src.migration.set_state(STOP_COPY)
+        src.migration.set_state(STOP_COPY)
         _cache["state"] = capture(src)
         _cache["stream"] = read_all(src.migration)
     return _cache["stream"], _cache["state"]
@@ -660,7 +654,7 @@ def hostile(
 async def prepared_destination() -> TestDev:
     dst = TestDev()
     program(dst, DEST_SEED)
-    await dst.migration.set_state(RESUMING)
+    dst.migration.set_state(RESUMING)
     return dst
 
 
@@ -668,7 +662,7 @@ async def assert_refused(dst: TestDev, data: bytes, rng: random.Random) -> None:
     before = capture_everything(dst)
     write_chunks(dst.migration, data, rng)
     with pytest.raises(DeviceError) as info:
-        await dst.migration.set_state(STOP)
+        dst.migration.set_state(STOP)
     assert info.value.errno == errno.EINVAL
     assert dst.migration.state == RESUMING
     assert capture_everything(dst) == before
@@ -677,9 +671,9 @@ async def assert_refused(dst: TestDev, data: bytes, rng: random.Random) -> None:
 async def assert_accepts_valid_stream(dst: TestDev, rng: random.Random) -> None:
     stream, expected = await source()
     write_chunks(dst.migration, stream, rng)
-    await dst.migration.set_state(STOP)
+    dst.migration.set_state(STOP)
     assert capture(dst) == expected
-    await dst.migration.set_state(RUNNING)
+    dst.migration.set_state(RUNNING)
     assert dst.regs.values == expected.regs
     assert bytes(dst.ram.buffer) == expected.ram
 
@@ -744,7 +738,7 @@ async def test_refusal_on_the_way_to_running_stays_in_resuming() -> None:
     before = capture_everything(dst)
     write_chunks(dst.migration, stream[:-20], random.Random(7))
     with pytest.raises(DeviceError) as info:
-        await dst.migration.set_state(RUNNING)
+        dst.migration.set_state(RUNNING)
     assert info.value.errno == errno.EINVAL
     assert capture_everything(dst) == before
     await assert_accepts_valid_stream(dst, random.Random(7))
@@ -857,7 +851,7 @@ async def test_large_ram_is_saved_in_parts_and_restored() -> None:
     rng = random.Random(5)
     for page in rng.sample(range(size // PAGE), 300):
         src.ram.buffer[page * PAGE : page * PAGE + 8] = rng.randbytes(8)
-    await src.migration.set_state(STOP_COPY)
+    src.migration.set_state(STOP_COPY)
     stream = read_all(src.migration)
     parts = [(n, p) for n, p in sections_of(stream) if n.startswith("ram")]
     assert [n for n, _ in parts] == ["ram.zpage"] * 4
@@ -867,9 +861,9 @@ async def test_large_ram_is_saved_in_parts_and_restored() -> None:
 
     dst = TestDev(TestDevOptions(ram_size=size))
     dst.ram.buffer[:] = b"\x5a" * size  # every byte must come from the stream
-    await dst.migration.set_state(RESUMING)
+    dst.migration.set_state(RESUMING)
     write_chunks(dst.migration, stream, rng)
-    await dst.migration.set_state(STOP)
+    dst.migration.set_state(STOP)
     assert dst.ram.buffer == src.ram.buffer
 
 
@@ -893,7 +887,7 @@ async def test_copy_whose_client_hangs_up_mid_dma_neither_fails_nor_interrupts(
     dev.config.write(0x04, struct.pack("<H", 0x6))  # memory + bus master
     first = _HangUpContext()
     dev.attach(cast(DeviceContext, first))
-    await dev.migration.set_state(PRE_COPY)  # a running state: the copy runs
+    dev.migration.set_state(PRE_COPY)  # a running state: the copy runs
     ctrl = 1 | DMA_CTRL_IRQ | (2 << 8)
     for offset, value in ((0x40, 0x0), (0x44, 0), (0x48, 0x2000), (0x4C, 0), (0x50, 0x100)):
         dev.region_write(0, offset, struct.pack("<I", value))
@@ -907,14 +901,14 @@ async def test_copy_whose_client_hangs_up_mid_dma_neither_fails_nor_interrupts(
 
     second = _JobsContext()
     if stopped_before_reattach:
-        await dev.migration.set_state(STOP)
+        dev.migration.set_state(STOP)
     dev.attach(cast(DeviceContext, second))
     assert second.jobs == []  # just connected: nothing mapped yet, nothing runs
     second.memory[0:0x100] = bytes(range(256))  # the client maps its memory
     if stopped_before_reattach:
         dev.region_read(0, 0x58, 4)
         assert second.jobs == []  # stopped: nothing runs until the device runs again
-        await dev.migration.set_state(RUNNING)
+        dev.migration.set_state(RUNNING)
     else:
         dev.region_read(0, 0x58, 4)  # the driver polls DMA_STATUS
     assert len(second.jobs) == 1

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 
 from emulator.cli import build_parser
-from emulator.client.qemu_args import device_json, guest_hint, qemu_args
+from emulator.client.qemu_args import device_json, qemu_args
 
 PYTHON = sys.executable
 
@@ -173,17 +172,6 @@ def test_refuses_to_replace_a_live_socket(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=10)
-
-
-def test_qemu_args() -> None:
-    args = qemu_args(["/run/a.sock", "/run/b.sock"], "1G")
-    assert "memory-backend-memfd,id=mem,size=1G,share=on" in args
-    devices = [json.loads(args[i + 1]) for i, a in enumerate(args) if a == "-device"]
-    assert [d["socket"] for d in devices] == [
-        {"type": "unix", "path": "/run/a.sock"},
-        {"type": "unix", "path": "/run/b.sock"},
-    ]
-    assert all(d["driver"] == "vfio-user-pci" for d in devices)
 
 
 def test_qemu_args_command_is_shell_quoted_and_checks_its_input(tmp_path: Path) -> None:
@@ -415,24 +403,6 @@ def test_print_qemu_with_a_config(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert "attach a guest with" in out
     assert device_json(str(first), "vfu0") in out and device_json(str(second), "vfu1") in out
-
-
-def test_guest_hint_names_what_the_cache_holds(tmp_path: Path) -> None:
-    empty = guest_hint(["/run/a.sock"], cache=tmp_path)
-    assert "-kernel KERNEL -initrd INITRD" in empty[1]
-    assert "scripts/qemu/build-guest" in empty[2] and "make vm" in empty[-1]
-    binary = tmp_path / "qemu" / "install" / "bin" / "qemu-system-x86_64"
-    binary.parent.mkdir(parents=True)
-    binary.write_text("")
-    (tmp_path / "guest").mkdir()
-    for name in ("vmlinuz", "initramfs.cpio.gz"):
-        (tmp_path / "guest" / name).write_text("")
-    built = guest_hint(["/run/a.sock"], cache=tmp_path)
-    words = shlex.split(built[1])
-    assert words[0] == str(binary)
-    assert words[words.index("-kernel") + 1] == str(tmp_path / "guest" / "vmlinuz")
-    assert words[words.index("-initrd") + 1] == str(tmp_path / "guest" / "initramfs.cpio.gz")
-    assert "run-vm --interactive --socket /run/a.sock" in built[-1]
 
 
 def test_bench_rtt_finds_its_baseline_from_any_directory() -> None:

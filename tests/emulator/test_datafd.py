@@ -32,7 +32,7 @@ from devices import testdev as td
 from devices.api import DetachedContext
 from devices.lvu_sample import LvuSample
 from devices.testdev import TestDev, TestDevOptions
-from emulator.client.core import Client, ClientError
+from emulator.client import Client, ClientError
 from emulator.client.migrate import DATA_FD_CAPABILITIES, migrate
 from emulator.testing.harness import (
     ServedDevice,
@@ -40,7 +40,17 @@ from emulator.testing.harness import (
     served_device,
     write_migration_data,
 )
-from protocol.constants import Command, MigState
+from protocol.constants import Command, MigState, PciRegion
+from protocol.migration_fsm import (
+    ERROR,
+    PRE_COPY,
+    PRE_COPY_P2P,
+    RESUMING,
+    RUNNING,
+    RUNNING_P2P,
+    STOP,
+    STOP_COPY,
+)
 from protocol.version import ServerCapabilities
 
 FEATURE_GET = 1 << 16
@@ -48,16 +58,7 @@ FEATURE_SET = 1 << 17
 MIG_DEVICE_STATE = 2
 SC, P2P, PRE = 1, 2, 4
 
-ERROR = MigState.ERROR
-STOP = MigState.STOP
-RUNNING = MigState.RUNNING
-STOP_COPY = MigState.STOP_COPY
-RESUMING = MigState.RESUMING
-RUNNING_P2P = MigState.RUNNING_P2P
-PRE_COPY = MigState.PRE_COPY
-PRE_COPY_P2P = MigState.PRE_COPY_P2P
-
-CONFIG = 7
+CONFIG = PciRegion.CONFIG
 CFG_INTERRUPT_LINE = 0x3C
 #: What a client that does not know the extension sends.
 PLAIN_CAPS: dict[str, Any] = {"max_msg_fds": 16, "max_data_xfer_size": 1 << 20}

@@ -17,7 +17,7 @@ import trio
 from devices import testdev as td
 from devices.testdev import TestDev
 from emulator import eventfd_signal
-from emulator.client.core import Client
+from emulator.client import Client
 from emulator.eventfd_signal import AioSignaller, Signaller, ThreadSignaller, read_nowait
 from emulator.testing.harness import EventFd, enable_bus_master, served_device
 from protocol.constants import IrqIndex

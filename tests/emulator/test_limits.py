@@ -23,7 +23,7 @@ import trio
 
 from devices import testdev as td
 from devices.testdev import TestDev, TestDevOptions
-from emulator.client.core import Client, ClientError
+from emulator.client import Client, ClientError
 from emulator.limits import MIGRATION_SESSIONS, Limits
 from emulator.server import DeviceServer, ServerError
 from emulator.testing.harness import (
@@ -37,6 +37,7 @@ from emulator.testing.harness import (
     set_mig_state_payload,
     start_dma_left_unanswered,
 )
+from emulator.testing.testdev_driver import program_copy
 from protocol.constants import (
     FEATURE_GET,
     FEATURE_SET,
@@ -547,14 +548,6 @@ async def test_a_data_fd_session_ended_while_its_pump_was_woken_never_touches_th
 # -- files a client could shrink under our mappings (SIGBUS would kill the server) -----------
 
 
-async def start_copy(client: Client, src: int, dst: int, length: int) -> None:
-    for reg, value in [
-        (td.REG_DMA_SRC, src), (td.REG_DMA_DST, dst), (td.REG_DMA_LEN, length),
-        (td.REG_DMA_CTRL, 1),
-    ]:  # fmt: skip
-        await client.region_write(0, reg, struct.pack("<I", value))
-
-
 async def test_an_unsealable_dma_file_shrunk_by_the_client_does_not_kill_the_server(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -571,7 +564,7 @@ async def test_an_unsealable_dma_file_shrunk_by_the_client_does_not_kill_the_ser
             await client.dma_map(0x20000, 0x20000, fd=fd, offset=0x20000)
             assert not caplog.records  # a direct path: nothing to warn about
             os.ftruncate(fd, 0)  # the client shrinks it behind our back
-            await start_copy(client, 0, 0x10000, 64)
+            await program_copy(client, 0, 0x10000, 64)
             with trio.fail_after(5):
                 while True:
                     raw = await client.region_read(0, td.REG_DMA_STATUS, 4)

@@ -22,10 +22,12 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devices.errors import DeviceError
+from devices.errors import DeviceError, MigrationRefused
 from devices.migration.engine import ALL_CAPS, DEFAULT_CAPS
 from devices.testdev import TestDev, TestDevOptions
+from emulator.limits import Limits
 from emulator.migration_region import MigrationRegion, region_for
+from emulator.worker import DeviceWorker
 from protocol.constants import MigState
 from protocol.errors import ProtocolError
 from protocol.migration_fsm import plan
@@ -66,9 +68,14 @@ def device_state(region: MigrationRegion) -> int:
 
 
 async def write_state(region: MigrationRegion, value: int) -> None:
-    transition = region.write(0, U32.pack(value))
-    assert transition is not None
-    await transition()
+    target = region.write(0, U32.pack(value))
+    assert target is not None
+    await region.transition(target, worker_of(region).change_state)
+
+
+def worker_of(region: MigrationRegion) -> DeviceWorker:
+    """The runtime's state changer for the region's device (as the handler gives it)."""
+    return DeviceWorker(region.device, Limits())
 
 
 def plan_fails(caps: int, start: MigState, target: MigState) -> bool:
@@ -92,7 +99,7 @@ def test_every_u32_write_from_every_state_follows_the_fsm(caps: int, start: MigS
     async def scenario() -> None:
         if plan_fails(caps, MigState.RUNNING, start):
             return  # this device cannot be in that state
-        await engine.set_state(start)
+        engine.set_state(start)
         before = device_state(region)
         assert before == register_value(start)
         target = BITS_TO_STATE.get(value & STATE_MASK)
@@ -109,9 +116,9 @@ def test_every_u32_write_from_every_state_follows_the_fsm(caps: int, start: MigS
             assert engine.state == start and device_state(region) == before
             return
         if plan_fails(caps, start, target):
-            with pytest.raises(ProtocolError) as info:
+            with pytest.raises(MigrationRefused) as refused:
                 await write_state(region, value)
-            assert info.value.errno == errno.EINVAL
+            assert refused.value.errno == errno.EINVAL
             assert engine.state == start and device_state(region) == before
             return
         try:
@@ -258,9 +265,9 @@ def test_arbitrary_accesses_only_fail_with_an_errno(ops: list[tuple[str, int, ob
                     assert len(region.read(offset, arg)) == arg
                 else:
                     assert isinstance(arg, bytes)
-                    transition = region.write(0 if kind == "state" else offset, arg)
-                    if transition is not None:
-                        await transition()
+                    target = region.write(0 if kind == "state" else offset, arg)
+                    if target is not None:
+                        await region.transition(target, worker_of(region).change_state)
             except (ProtocolError, DeviceError) as exc:
                 assert exc.errno > 0
             assert device_state(region) in {0, 1, 2, 3, 4, 6, 9, 11}
@@ -351,7 +358,7 @@ async def test_refused_transitions_leave_everything_as_it_was() -> None:
         for target in WRITABLE:
             device, region = v1_device()
             engine = device.migration
-            await engine.set_state(start)
+            engine.set_state(start)
             if not transition_allowed(start, target):
                 with pytest.raises(ProtocolError) as info:
                     region.write(0, U32.pack(BITS[target]))

@@ -144,7 +144,7 @@ def test_parse_valid_specs(tmp_path: Path) -> None:
     [
         ("", "missing the type"),
         ("id=n0", "start with the type"),
-        ("socket,id=n0", "unknown netdev type 'socket' (known: dgram, stream, tap)"),
+        ("socket,id=n0", "unknown netdev type 'socket' (known: dgram, stream, tap, vde)"),
         ("dgram,local=/tmp/a,remote=/tmp/b", "missing id=ID"),
         ("dgram,id=n0,remote=/tmp/b", "dgram needs local=PATH"),
         ("dgram,id=n0", "dgram needs local=PATH and remote=PATH"),

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from devices import testdev as td
-from emulator.client.core import Client
+from emulator.client import Client
 from emulator.testing.harness import read_migration_data, write_migration_data
 from protocol.constants import MigState
 

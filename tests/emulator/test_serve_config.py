@@ -14,7 +14,7 @@ import trio
 
 from devices.testdev import REG_SCRATCH
 from emulator import cli
-from emulator.client.core import Client
+from emulator.client import Client
 from emulator.serve_config import (
     ConfigError,
     ServeConfig,

@@ -35,6 +35,7 @@ from protocol.messages import (
     IrqSet,
     MigData,
     MigDataRead,
+    MigDeviceState,
     RegionAccess,
     RegionCap,
     RegionData,
@@ -902,3 +903,20 @@ def test_trace_replies_parse(name: str) -> None:
             assert parsed.pack() == msg.payload, (name, msg.seq)
         checked += 1
     assert checked > 0
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(-(2**31), 2**31 - 1))
+def test_mig_device_state_round_trip(device_state: int, data_fd: int) -> None:
+    packed = MigDeviceState(device_state, data_fd).pack()
+    assert packed == struct.pack("<Ii", device_state, data_fd)  # the kernel's layout
+    assert MigDeviceState.unpack(packed) == MigDeviceState(device_state, data_fd)
+    # Trailing bytes (a larger argsz) are not the codec's business.
+    assert MigDeviceState.unpack(packed + b"\xff") == MigDeviceState(device_state, data_fd)
+
+
+def test_mig_device_state_defaults_and_short_data() -> None:
+    assert MigDeviceState(3).pack() == struct.pack("<Ii", 3, -1)
+    for size in range(MigDeviceState.SIZE):
+        with pytest.raises(ProtocolError) as info:
+            MigDeviceState.unpack(bytes(size))
+        assert info.value.errno == errno.EINVAL

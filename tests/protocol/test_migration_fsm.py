@@ -22,18 +22,21 @@ from collections.abc import Iterable, Iterator
 
 import pytest
 
+from protocol import migration_fsm as fsm
 from protocol.constants import MigrationCaps, MigState
 from protocol.errors import ProtocolError
-from protocol.migration_fsm import plan
-
-ERROR = MigState.ERROR
-STOP = MigState.STOP
-RUNNING = MigState.RUNNING
-STOP_COPY = MigState.STOP_COPY
-RESUMING = MigState.RESUMING
-RUNNING_P2P = MigState.RUNNING_P2P
-PRE_COPY = MigState.PRE_COPY
-PRE_COPY_P2P = MigState.PRE_COPY_P2P
+from protocol.migration_fsm import (
+    ERROR,
+    PRE_COPY,
+    PRE_COPY_P2P,
+    RESUMING,
+    RUNNING,
+    RUNNING_P2P,
+    STOP,
+    STOP_COPY,
+    TransitionRefused,
+    plan,
+)
 
 SC = int(MigrationCaps.STOP_COPY)
 P2P = int(MigrationCaps.P2P)
@@ -357,3 +360,52 @@ def test_plan_returns_fresh_lists():
     first = plan(SC | PRE, RUNNING, STOP_COPY)
     first.clear()
     assert plan(SC | PRE, RUNNING, STOP_COPY) == walk(RUNNING, [STOP, STOP_COPY])
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule 7: the derived state and arc sets, against what they mean written out by hand
+
+
+def test_derived_state_sets() -> None:
+    assert {PRE_COPY, PRE_COPY_P2P} == fsm.PRE_COPY_STATES
+    assert {PRE_COPY, PRE_COPY_P2P, STOP_COPY, RESUMING} == fsm.DATA_STATES
+    assert {STOP_COPY, RESUMING} == fsm.FROZEN_STATES
+
+
+def test_derived_arc_sets() -> None:
+    assert {
+        (RUNNING, RUNNING_P2P),
+        (RUNNING, STOP),  # without P2P
+        (PRE_COPY, PRE_COPY_P2P),
+        (PRE_COPY, STOP_COPY),  # without P2P
+    } == fsm.STOPS_DEVICE
+    assert {(RUNNING_P2P, RUNNING), (STOP, RUNNING), (PRE_COPY_P2P, PRE_COPY)} == fsm.STARTS_DEVICE
+    assert {(RUNNING, PRE_COPY), (RUNNING_P2P, PRE_COPY_P2P), (STOP, STOP_COPY)} == fsm.OPENS_SAVING
+    assert {(RUNNING, PRE_COPY), (RUNNING_P2P, PRE_COPY_P2P)} == fsm.OPENS_PRECOPY
+    assert {
+        (STOP, STOP_COPY),
+        (PRE_COPY, STOP_COPY),
+        (PRE_COPY_P2P, STOP_COPY),
+    } == fsm.STARTS_STOP_COPY
+    assert {
+        (PRE_COPY, RUNNING),
+        (PRE_COPY_P2P, RUNNING_P2P),
+        (STOP_COPY, STOP),
+    } == fsm.CLOSES_SAVING
+    assert {(STOP, RESUMING)} == fsm.OPENS_RESUMING
+    assert {(RESUMING, STOP)} == fsm.LOADS_RESUMED
+
+
+def test_every_arc_of_every_device_is_known() -> None:
+    """ALL_ARCS is the union the arc sets are derived from: an arc some device could run
+    and ALL_ARCS lacked would fall through every set."""
+    for caps in (SC, SC | P2P, SC | PRE, SC | P2P | PRE):
+        assert fsm.direct_arcs(caps) <= fsm.ALL_ARCS
+    assert all(fsm.valid_caps(c) for c in (SC, SC | P2P, SC | PRE, SC | P2P | PRE))
+
+
+def test_refusals_are_their_own_type() -> None:
+    """The engine tells the table's refusals apart (a device-level error) by this type."""
+    with pytest.raises(TransitionRefused) as info:
+        plan(SC, STOP_COPY, PRE_COPY)
+    assert info.value.errno == errno.EINVAL and isinstance(info.value, ProtocolError)

@@ -25,17 +25,13 @@ from typing import Any, NoReturn
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from emulator.testing.qmp import close_qmp, connect_qmp
+from emulator.tools.qemu_soak import cache_dir
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts" / "qemu"
 MIN_QEMU = (10, 1, 1)
 QEMU_NAME = "qemu-system-x86_64"
-
-
-def cache_dir() -> Path:
-    if os.environ.get("VFIO_USER_EMU_CACHE"):
-        return Path(os.environ["VFIO_USER_EMU_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "vfio-user-emu"
 
 
 def _qemu_problem(binary: str) -> str | None:
@@ -123,29 +119,6 @@ def guest_dir() -> Path:
         if shutil.which(tool) is None:
             unavailable(f"scripts/qemu/run-vm needs {tool} (apt-get install {tool})")
     return guest
-
-
-#: Shell for guest scripts that drive testdev: ``hex``, ``rdm``/``wrm`` (32-bit MMIO through
-#: devmem), ``rdc``/``wrc`` (config space through sysfs), ``$dev`` (the testdev's sysfs
-#: directory; the script exits with T-FAIL without one), ``$bar0`` and ``$bar2``.
-TESTDEV_SHELL = r"""
-hex() { printf 0x%x $(($1)); }
-rdm() { echo $(( $(devmem $(hex $1) 32) )); }
-wrm() { devmem $(hex $1) 32 $(hex $2); }
-rdc() { dd if=$dev/config bs=$2 skip=$(($1 / $2)) count=1 2>/dev/null | od -An -tu$2 | tr -d ' '; }
-wrc() {
-    s= i=0
-    while [ $i -lt $2 ]; do s="$s\\$(printf %o $(( ($3 >> (8 * i)) & 0xff )))"; i=$((i + 1)); done
-    printf "$s" | dd of=$dev/config bs=$2 seek=$(($1 / $2)) count=1 conv=notrunc 2>/dev/null
-}
-dev=
-for d in /sys/bus/pci/devices/*; do
-    [ "$(cat $d/vendor)" = 0x1b36 ] && [ "$(cat $d/device)" = 0x0f00 ] && dev=$d
-done
-[ -n "$dev" ] || { echo "T-FAIL: no testdev"; exit 1; }
-bar0=$(sed -n 1p $dev/resource | cut -d' ' -f1)
-bar2=$(sed -n 3p $dev/resource | cut -d' ' -f1)
-"""
 
 
 def emulator_command() -> list[str]:
@@ -377,27 +350,6 @@ def vm(qemu_binary: str, guest_dir: Path, tmp_path: Path) -> Callable[..., VmRun
     return run
 
 
-def connect_qmp(path: Path, timeout: float = 60) -> QEMUMonitorProtocol:
-    """QEMU's QMP monitor at ``path`` (``-qmp unix:PATH,server=on,wait=off``), through the
-    QEMU project's own library (``qemu.qmp``, its synchronous ``legacy`` interface); waits
-    for QEMU to create the socket."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"QEMU made no QMP socket at {path}")
-        time.sleep(0.05)
-    qmp = QEMUMonitorProtocol(str(path))
-    qmp.connect()
-    qmp.settimeout(timeout)
-    return qmp
-
-
-def close_qmp(qmp: QEMUMonitorProtocol) -> None:
-    """Close the monitor connection (QEMU may have closed it already, e.g. after ``quit``)."""
-    with contextlib.suppress(EOFError, OSError):
-        qmp.close()
-
-
 def quit_qemu(qmp: QEMUMonitorProtocol) -> None:
     """QMP ``quit``, and close the connection; QEMU may close the monitor before its reply
     arrives."""
@@ -416,6 +368,23 @@ def wait_migration(qmp: QEMUMonitorProtocol, timeout: float = 180) -> dict[str, 
             return info
         assert time.monotonic() < deadline, f"migration still {info.get('status')}"
         time.sleep(0.1)
+
+
+#: A MIG_DEVICE_STATE SET request in our server's --trace (VFIO_DEVICE_FEATURE_SET |
+#: MIG_DEVICE_STATE), with the state asked for, and its reply.
+_STATE_SET = re.compile(r"<- id=(\d+) DEVICE_FEATURE cmd .*flags=0x20002 data=([0-9a-f]{2})")
+MIG_STATE_RUNNING = 2
+
+
+def last_device_state(server: Server) -> int:
+    """The device state QEMU last set successfully on ``server``: RUNNING, where a device
+    starts, when it never set one (a stop-copy migration cancelled before the switchover
+    leaves the device alone)."""
+    trace = server.trace()
+    for match in reversed(list(_STATE_SET.finditer(trace))):
+        if re.search(rf"-> id={match.group(1)} DEVICE_FEATURE reply", trace[match.end() :]):
+            return int(match.group(2), 16)
+    return MIG_STATE_RUNNING
 
 
 def free_port() -> int:

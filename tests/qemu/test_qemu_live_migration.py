@@ -25,11 +25,14 @@ import time
 import pytest
 from qemu.qmp import ExecuteError
 
+from emulator.testing.testdev_vm import TESTDEV_SHELL
+
 from .conftest import (
-    TESTDEV_SHELL,
+    MIG_STATE_RUNNING,
     Pair,
     Vm,
     free_port,
+    last_device_state,
     report,
     wait_migration,
 )
@@ -150,8 +153,10 @@ def migrate_to_new_pair(pair: Pair, source: Vm, device: str, name: str) -> dict[
 
 
 def assert_source_runs_on(source: Vm) -> None:
-    """The source guest goes on counting with its values, and QEMU says it runs."""
+    """The source guest goes on counting and reading its values from the device (a guest
+    side check), QEMU says it runs, and the device was put back in RUNNING."""
     assert source.qmp.cmd("query-status")["status"] == "running"  # type: ignore[index]
+    assert last_device_state(source.server) == MIG_STATE_RUNNING, source.server.trace()[-2000:]
     seen = len(ticks(source.process.console()))
     for _, values in wait_ticks(source, after=seen + 3)[seen:]:
         assert values["scratch"] == SCRATCH_VALUE and values["ram"] == RAM_VALUE, values

@@ -39,13 +39,13 @@ import pytest
 import trio
 
 from devices import testdev as td
-from emulator.client.core import Client
+from emulator.client import Client
+from emulator.testing.qmp import connect_qmp
+from emulator.testing.testdev_vm import TESTDEV_SHELL
 
 from .conftest import (
-    TESTDEV_SHELL,
     RunningVm,
     ServerPool,
-    connect_qmp,
     emulator_command,
     quit_qemu,
     report,

@@ -22,7 +22,9 @@ import time
 
 import pytest
 
-from .conftest import TESTDEV_SHELL, Pair, Vm, free_port, report, wait_migration
+from emulator.testing.testdev_vm import TESTDEV_SHELL
+
+from .conftest import Pair, Vm, free_port, report, wait_migration
 
 pytestmark = pytest.mark.qemu
 

@@ -1,7 +1,7 @@
 """The bulk path of in-band migration data over real sockets: MIG_DATA_WRITE payloads
 received in place into a buffer the server reuses per connection, MIG_DATA_READ replies
 sent gathered from views of the stream, the client receiving replies into the buffers its
-requests name, and sends gathered from parts (emulator/connection.py, session.py,
+requests name, and sends gathered from parts (emulator/connection.py, handler.py,
 client.py, transport.py)."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import trio
 
 from devices.migration import primitives as stream_primitives
 from devices.testdev import TestDev, TestDevOptions
-from emulator.client.core import Client
-from emulator.connection import ClientSession
+from emulator.client import Client
+from emulator.connection import Connection
 from emulator.testing.harness import (
     RawConnection,
     ServedDevice,
@@ -51,9 +51,9 @@ def stream_bytes(size: int, seed: int) -> bytes:
     return (block * (size // 256 + 1))[:size]
 
 
-def active(served: object) -> ClientSession:
+def active(served: object) -> Connection:
     session = served.server.active  # type: ignore[attr-defined]
-    assert isinstance(session, ClientSession)
+    assert isinstance(session, Connection)
     return session
 
 
@@ -62,7 +62,7 @@ async def saved_stream(ram_size: int, seed: int) -> tuple[bytes, bytes]:
     source = TestDev(TestDevOptions(ram_size=ram_size))
     ram = random.Random(seed).randbytes(ram_size)
     source.ram.buffer[:] = ram
-    await source.migration.set_state(MigState.STOP_COPY)
+    source.migration.set_state(MigState.STOP_COPY)
     return source.migration.read_data(2 * ram_size), ram
 
 
@@ -192,13 +192,13 @@ async def test_mig_data_read_reply_gathered_from_many_views(
     destination = TestDev(TestDevOptions(ram_size=size))
     source.ram.buffer[:] = half_zero_ram(size)
     rests: list[int] = []
-    send_rest = ClientSession._send_rest
+    send_rest = Connection._send_rest
 
-    async def counted(session: ClientSession, rest: bytes | list[Part]) -> None:
+    async def counted(session: Connection, rest: bytes | list[Part]) -> None:
         rests.append(len(rest))
         await send_rest(session, rest)
 
-    monkeypatch.setattr(ClientSession, "_send_rest", counted)
+    monkeypatch.setattr(Connection, "_send_rest", counted)
     assert len(stream_primitives.pack_pages(source.ram.buffer, PAGE)) > 100
     async with (
         served_device(source, tmp_path, name="src.sock") as src,

@@ -28,7 +28,7 @@ import trio
 
 import emulator.client.migrate as driver
 from devices import testdev as td
-from emulator.client.core import Client
+from emulator.client import Client
 from emulator.client.migrate import DATA_FD_CAPABILITIES, get_state, migrate
 from emulator.tools.processes import stop_process
 from protocol.constants import MigState

@@ -31,7 +31,7 @@ import pytest
 import trio
 
 from devices.lvu_sample import DMA_PATTERN, RAM_SIZE, LvuSample
-from emulator.client.core import Client
+from emulator.client import Client
 from emulator.testing.harness import (
     EventFd,
     GuestRam,

@@ -39,8 +39,8 @@ from pathlib import Path
 import trio
 
 from devices.lvu_sample import LEGACY_DMA_PATTERN, LEGACY_RAM_SIZE, LvuSample
+from emulator.client import Client
 from emulator.client import migrate_v1 as migration_v1
-from emulator.client.core import Client
 from emulator.testing.harness import (
     EventFd,
     GuestRam,

@@ -20,8 +20,8 @@ import pytest
 import trio
 
 from devices import testdev as td
+from emulator.client import Client
 from emulator.client import migrate_v1 as migration_v1
-from emulator.client.core import Client
 from emulator.client.migrate import get_state
 from emulator.testing.harness import RawWire
 from protocol.constants import FLAG_ERROR, HEADER_SIZE, Command, MigState, MsgType

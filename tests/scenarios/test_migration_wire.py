@@ -18,14 +18,25 @@ from devices import testdev as td
 from devices.errors import DeviceError
 from devices.migration.stream import decode
 from devices.testdev import TestDev
-from emulator.client.core import Client, ClientError
+from emulator.client import Client, ClientError
 from emulator.testing.harness import (
     ServedDevice,
     read_migration_data,
     served_device,
     write_migration_data,
 )
-from protocol.constants import Command, MigState
+from protocol.constants import Command, MigState, PciRegion
+from protocol.migration_fsm import (
+    ERROR,
+    PRE_COPY,
+    PRE_COPY_P2P,
+    RESUMING,
+    RUNNING,
+    RUNNING_P2P,
+    SAVING_STATES,
+    STOP,
+    STOP_COPY,
+)
 from tests.protocol.test_migration_fsm import ref_shortest_paths, ref_states
 
 FEATURE_GET = 1 << 16
@@ -36,18 +47,8 @@ MIG_DEVICE_STATE = 2
 
 SC, P2P, PRE = 1, 2, 4
 CAP_SETS = {"sc": SC, "sc+p2p": SC | P2P, "sc+pre": SC | PRE, "all": SC | P2P | PRE}
-SAVING = {MigState.PRE_COPY, MigState.PRE_COPY_P2P, MigState.STOP_COPY}
 
-ERROR = MigState.ERROR
-STOP = MigState.STOP
-RUNNING = MigState.RUNNING
-STOP_COPY = MigState.STOP_COPY
-RESUMING = MigState.RESUMING
-RUNNING_P2P = MigState.RUNNING_P2P
-PRE_COPY = MigState.PRE_COPY
-PRE_COPY_P2P = MigState.PRE_COPY_P2P
-
-BAR_REGS, BAR_RAM, BAR_MSIX, CONFIG = 0, 2, 4, 7
+BAR_REGS, BAR_RAM, BAR_MSIX, CONFIG = 0, 2, 4, PciRegion.CONFIG
 CFG_INTERRUPT_LINE = 0x3C
 
 Arc = tuple[MigState, MigState]
@@ -255,7 +256,7 @@ async def test_data_read_only_in_saving_states(tmp_path: Path):
             if state == ERROR:
                 continue
             await drive_to(client, state, stream)
-            if state in SAVING:
+            if state in SAVING_STATES:
                 assert await client.mig_data_read(64), state
             else:
                 assert await errno_of(client.mig_data_read(64)) == errno.EINVAL, state

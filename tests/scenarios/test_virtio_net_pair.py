@@ -22,7 +22,7 @@ from devices.virtio_net import VirtioNet, VirtioNetOptions
 from devices.virtio_net import device as vn
 from devices.virtio_net import transport as t
 from devices.virtio_net.virtqueue import DESC, F_INDIRECT, F_NEXT, F_WRITE
-from emulator.client.core import Client
+from emulator.client import Client
 from emulator.client.guest_memory import GuestMemoryMigration
 from emulator.client.migrate import Mode, get_state, migrate
 from emulator.netdev import DGRAM_RETRY_INTERVAL, setup_netdevs

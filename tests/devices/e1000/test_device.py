@@ -1,7 +1,7 @@
-"""``e1000`` in process: identity, EEPROM (Microwire and EERD), PHY through MDIC and
-autonegotiation, interrupt causes/mask/line, mitigation timers, statistics, the I/O BAR and
-CTRL.RST. A fake context runs the device's jobs on a fake clock (:class:`Rig`), which the
-datapath and migration tests share."""
+"""``e1000`` in process (devices/e1000/device.py): identity, the register map, EEPROM
+(Microwire and EERD), PHY through MDIC and autonegotiation, the I/O BAR and CTRL.RST. A fake
+context runs the device's jobs on a fake clock (:class:`Rig`), which the tests of the
+device's parts (test_tx, test_rx, test_interrupts, test_jobs, test_stats, test_state) share."""
 
 from __future__ import annotations
 
@@ -539,6 +539,25 @@ def test_instant_autonegotiation_option() -> None:
     assert rig.rd(r.ICR) & r.ICR_LSC
 
 
+def test_link_is_up_when_linux_first_looks_after_resetting_the_nic() -> None:
+    """Linux's e1000 resetting the NIC for an MTU change (e1000_main.c: e1000_down's
+    e1000_reset resets the PHY and restarts autonegotiation; e1000_up then sets ICS.LSC, and
+    the interrupt schedules the watchdog a jiffy later). If that watchdog run finds the link
+    down it waits 2 s for the next look, whatever LSC comes meanwhile, and resets the
+    adapter if Tx work is queued: so with the default options the link must be up by then."""
+    rig = Rig(autoneg_delay=E1000Options().autoneg_delay)
+    rig.wr(r.IMS, r.IMS_ENABLE_MASK)
+    rig.wr(r.CTRL, rig.rd(r.CTRL) | r.CTRL_RST)  # e1000_reset_hw
+    mdic(rig, 0, write=0x9140)  # e1000_phy_hw_reset / copper link setup: BMCR reset
+    mdic(rig, 0, write=0x1340)  # e1000_copper_link_autoneg: restart autonegotiation
+    rig.wr(r.ICS, r.ICR_LSC)  # e1000_up: "fire a link status change interrupt"
+    assert rig.isr() & r.ICR_LSC
+    rig.clock.now += 0.004  # the watchdog, one jiffy (HZ=250) later: e1000_check_for_link
+    mdic(rig, 1)  # (the link bit latches low: the driver reads the status twice)
+    assert mdic(rig, 1) & 0x0004, "link still down at the watchdog's first look"
+    assert rig.rd(r.STATUS) & r.STATUS_LU
+
+
 def test_phy_loopback_brings_the_link_up_at_once() -> None:
     """Linux's loopback test sets BMCR loopback (forced 1000/Full, autonegotiation off)
     right after a reset restarted autonegotiation, and sends at once."""
@@ -566,187 +585,6 @@ def test_phy_reset_through_ctrl_restarts_autonegotiation() -> None:
     assert not rig.rd(r.STATUS) & r.STATUS_LU
     rig.clock.now += 0.5
     assert rig.rd(r.STATUS) & r.STATUS_LU
-
-
-# =============================================================================================
-# Interrupts
-
-
-def test_icr_read_to_clear_ics_ims_imc_and_the_line_level() -> None:
-    rig = Rig()
-    rig.wr(r.ICS, r.ICR_RXT0 | r.ICR_TXDW)
-    assert not line(rig)  # masked
-    assert rig.rd(r.ICS) == r.ICR_RXT0 | r.ICR_TXDW  # ICS reads the causes, no clearing
-    rig.wr(r.IMS, r.ICR_TXDW)
-    assert line(rig) and rig.sink.intx == 1
-    assert rig.rd(r.IMS) == r.ICR_TXDW
-    rig.wr(r.IMC, r.ICR_TXDW)
-    assert not line(rig)  # level: the mask dropped it
-    assert rig.rd(r.IMC) == 0
-    rig.wr(r.IMS, r.IMS_ENABLE_MASK)
-    assert line(rig)
-    assert rig.rd(r.ICR) == r.ICR_RXT0 | r.ICR_TXDW
-    assert not line(rig)
-    assert rig.rd(r.ICR) == 0
-    # W1C: writing ICR clears the bits written
-    rig.wr(r.ICS, r.ICR_RXT0 | r.ICR_LSC)
-    rig.wr(r.ICR, r.ICR_RXT0)
-    assert rig.rd(r.ICR) == r.ICR_LSC
-    # partial (byte) writes of ICS and ICR
-    rig.dev.region_write(0, r.ICS + 1, bytes([0x02]))  # MDAC
-    assert rig.rd(r.ICR) == r.ICR_MDAC
-
-
-@pytest.mark.parametrize("bit", range(17))
-def test_every_cause_forced_through_ics_interrupts_at_once_when_enabled(bit: int) -> None:
-    """e1000_intr_test: masked, a forced cause stays quiet; enabled, the line rises on the
-    ICS write itself (no timer involved) and the handler's ICR read returns the cause."""
-    rig = Rig()
-    mask = 1 << bit
-    rig.wr(r.IMC, mask)
-    rig.wr(r.ICS, mask)
-    assert not line(rig) and rig.sink.intx == 0
-    rig.wr(r.IMS, mask)
-    rig.wr(r.ICS, mask)
-    assert line(rig) and rig.sink.intx == 1
-    assert rig.isr() == mask
-    rig.wr(r.IMC, ~mask & 0x7FFF)
-    rig.wr(r.ICS, ~mask & 0x7FFF)
-    assert not line(rig) and rig.sink.intx == 1
-    assert rig.rd(r.ICR) == ~mask & 0x7FFF
-
-
-def test_ics_beyond_the_implemented_causes_is_ignored() -> None:
-    rig = Rig()
-    rig.wr(r.IMS, 0xFFFFFFFF)
-    assert rig.rd(r.IMS) == r.ICR_VALID
-    rig.wr(r.ICS, 0xFFFE0000)
-    assert not line(rig) and rig.rd(r.ICR) == 0
-
-
-def test_config_space_intx_status_and_disable() -> None:
-    rig = Rig()
-    rig.wr(r.IMS, r.ICR_LSC)
-    rig.wr(r.ICS, r.ICR_LSC)
-    assert struct.unpack("<H", rig.dev.config.read(6, 2))[0] & 0x08
-    rig.rd(r.ICR)
-    assert not struct.unpack("<H", rig.dev.config.read(6, 2))[0] & 0x08
-
-
-def test_itr_is_a_minimum_interval_between_interrupts() -> None:
-    rig = Rig()
-    rig.wr(r.ITR, 3906)  # 3906 x 256 ns ~ 1 ms: at most ~1000 interrupts/s
-    rig.wr(r.IMS, r.ICR_LSC)
-    rig.wr(r.ICS, r.ICR_LSC)
-    assert rig.sink.intx == 1
-    rig.isr()
-    rig.wr(r.ICS, r.ICR_LSC)
-    assert rig.sink.intx == 1 and not line(rig)  # too soon
-    rig.clock.now += 0.0009
-    rig.rd(r.STATUS)
-    assert rig.sink.intx == 1
-    rig.clock.now += 0.0002
-    rig.rd(r.STATUS)  # the ITR interval passed: the pending cause asserts the line
-    assert rig.sink.intx == 2 and line(rig)
-
-
-@pytest.mark.parametrize(("itr", "max_interrupts"), [(3906, 101), (0, 2000)])
-def test_itr_bounds_the_interrupt_rate_of_a_guest_under_load(itr: int, max_interrupts: int) -> None:
-    """20,000 events/s for 100 ms with a guest that services every interrupt at once: with
-    ITR ~1 ms it sees at most one interrupt per ms (plus the first); without ITR, one per
-    event. No cause is lost either way: every interrupt's ICR read returns the cause."""
-    rig = Rig()
-    rig.wr(r.ITR, itr)
-    rig.wr(r.IMS, r.ICR_LSC)
-    interrupts = 0
-    for _ in range(2000):
-        rig.clock.now += 50e-6
-        rig.wr(r.ICS, r.ICR_LSC)  # a device event raising a cause
-        if line(rig):
-            assert rig.isr() & r.ICR_LSC
-            interrupts += 1
-    assert rig.sink.intx == interrupts
-    if itr:
-        assert 90 <= interrupts <= max_interrupts  # throttled, but never starved
-    else:
-        assert interrupts == max_interrupts
-
-
-async def test_itr_deferred_interrupt_is_delivered_by_the_timer_job() -> None:
-    rig = Rig()
-    rig.wr(r.ITR, 3906)
-    rig.wr(r.IMS, r.ICR_LSC)
-    rig.wr(r.ICS, r.ICR_LSC)
-    rig.isr()
-    rig.wr(r.ICS, r.ICR_LSC)
-    assert rig.sink.intx == 1
-    await rig.run(advance=0.002)  # no register access: the job's context.sleep gets there
-    assert rig.sink.intx == 2
-
-
-def test_receive_and_transmit_interrupt_delays() -> None:
-    rig = Rig()
-    rig.wr(r.IMS, r.IMS_ENABLE_MASK)
-    rig.wr(r.RDTR, 100)  # 102.4 us after the last frame
-    rig.wr(r.RADV, 300)  # but at most 307.2 us after the first
-    rig.dev._cause(r.ICR_RXT0, rx_delay=True)
-    assert rig.rd(r.ICS) & r.ICR_RXT0 and not line(rig)  # cause seen, line held
-    for _ in range(5):  # frames keep coming: the packet timer restarts, the absolute one not
-        rig.clock.now += 80e-6
-        rig.rd(r.STATUS)
-        rig.dev._cause(r.ICR_RXT0, rx_delay=True)
-        if line(rig):
-            break
-    assert line(rig)  # RADV bounded the delay
-    rig.rd(r.ICR)
-    rig.wr(r.TIDV, 50)
-    rig.dev._cause(r.ICR_TXDW, tx_delay=True)
-    assert not line(rig)
-    rig.clock.now += 52e-6
-    rig.rd(r.STATUS)
-    assert line(rig)
-    rig.rd(r.ICR)
-    rig.dev._cause(r.ICR_TXDW, tx_delay=True)
-    rig.wr(r.TIDV, 50 | r.FPD)  # flush: fire now
-    assert line(rig)
-    assert rig.rd(r.TIDV) == 50
-
-
-async def test_the_timer_job_sleeps_to_the_deadline_in_one_wait() -> None:
-    """No slices: the context ends the wait when work is submitted (a doorbell never
-    queues behind a sleeping timer), so the job asks for the whole time to the deadline."""
-    rig = Rig()
-    rig.wr(r.IMS, r.ICR_RXT0)
-    rig.wr(r.RDTR, 0xFFFF)  # 67 ms
-    rig.dev._cause(r.ICR_RXT0, rx_delay=True)
-    await rig.run(advance=0.001)
-    assert rig.ctx.idle_sleeps == [pytest.approx(0xFFFF * r.DELAY_UNIT)]
-    assert not line(rig)
-    await rig.run(advance=0.07)
-    assert line(rig)
-
-
-# =============================================================================================
-# Statistics
-
-
-def test_statistics_are_read_to_clear() -> None:
-    rig = Rig()
-    dev = rig.dev
-    dev._count(r.MPC, 3)
-    dev._count64(r.TORL, 0x1_0000_0010)
-    assert rig.rd(r.MPC) == 3 and rig.rd(r.MPC) == 0
-    assert rig.rd(r.TORL) == 0x10 and rig.rd(r.TORL) == 0
-    assert rig.rd(r.TORH) == 1 and rig.rd(r.TORH) == 0
-    dev._count64(r.TORL, 0x1_0000_0010)
-    assert rig.rd(r.TORH) == 1
-    assert rig.rd(r.TORL) == 0  # reading the high half cleared the pair
-    dev._count(r.GPRC, 0xFFFFFFFF)
-    dev._count(r.GPRC, 5)
-    assert rig.rd(r.GPRC) == 0xFFFFFFFF  # counters saturate
-    rig.wr(r.GPTC, 7)
-    assert rig.rd(r.GPTC) == 0  # read-only
-    assert all(rig.rd(off) == 0 for off in r.STATS_OFFSETS)
 
 
 # =============================================================================================

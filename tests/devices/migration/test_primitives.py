@@ -462,3 +462,26 @@ def test_fill_zero_clears_exactly_the_view(size: int) -> None:
     buf = bytearray(b"\xff" * (size + 2))
     sp.fill_zero(memoryview(buf)[1 : 1 + size])
     assert buf == b"\xff" + bytes(size) + b"\xff"
+
+
+def _naive_set_runs(bitmap: bytes, pages: int) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for page in range(pages):
+        if bitmap[page >> 3] >> (page & 7) & 1:
+            if runs and runs[-1][1] == page:
+                runs[-1] = (runs[-1][0], page + 1)
+            else:
+                runs.append((page, page + 1))
+    return runs
+
+
+@given(bitmap=st.binary(max_size=64), data=st.data())
+def test_set_runs_are_the_maximal_runs_of_set_bits(bitmap: bytes, data: st.DataObject) -> None:
+    pages = data.draw(st.integers(0, len(bitmap) * 8))
+    assert sp.set_runs(bitmap, pages) == _naive_set_runs(bitmap, pages)
+
+
+def test_set_runs_join_across_full_bytes_and_stop_at_the_page_count() -> None:
+    assert sp.set_runs(b"\x80\xff\x01\x00\x02", 40) == [(7, 17), (33, 34)]
+    assert sp.set_runs(b"\xff", 3) == [(0, 3)]
+    assert sp.set_runs(bytes(1 << 13), 1 << 16) == []

@@ -31,6 +31,7 @@ from devices.migration.stream import (
     decode,
     encode,
     parse_header,
+    sections_by_name,
 )
 
 Sec = tuple[str, bytes]
@@ -645,3 +646,13 @@ def test_stream_longer_than_max_stream_is_rejected() -> None:
 def test_max_stream_is_checked_before_parsing() -> None:
     # Garbage that is too long is reported as too long, not as bad magic.
     assert_rejected(b"\xff" * 100, "byte limit", limits=StreamLimits(max_stream=99))
+
+
+def test_sections_by_name_needs_exactly_the_expected_names_once() -> None:
+    expected = {"a", "b"}
+    by_name = sections_by_name([("a", b"\x01"), ("b", bytearray(b"\x02\x03"))], expected)
+    assert {name: bytes(view) for name, view in by_name.items()} == {"a": b"\x01", "b": b"\x02\x03"}
+    with pytest.raises(ValueError, match="'a' repeated"):
+        sections_by_name([("a", b""), ("a", b""), ("b", b"")], expected)
+    with pytest.raises(ValueError, match=r"missing \['b'\], unknown \['c'\]"):
+        sections_by_name([("a", b""), ("c", b"")], expected)

@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from devices import testdev as td
 from devices.e1000 import E1000, E1000Options
 from devices.e1000 import regs as e1000_regs
+from emulator.client import Client, ClientError, GuestMemory
 from emulator.client import guest_memory as gmm
-from emulator.client.core import Client, ClientError, GuestMemory
 from emulator.client.guest_memory import GuestMemoryMigration, MemoryCopyReport
 from emulator.client.migrate import (
     DATA_FD_CAPABILITIES,
@@ -40,6 +40,7 @@ from emulator.client.migrate import (
 )
 from emulator.testing.guest_e1000 import DriverConfig, E1000Guest
 from emulator.testing.harness import GuestRam, enable_bus_master, served_device
+from emulator.testing.testdev_driver import copy, program_copy, read32
 from protocol.constants import FEATURE_GET, FEATURE_SET, DeviceFeature, MigState
 from tests.scenarios.test_e1000_pair import nic_pair, numbered, seq_of
 
@@ -48,31 +49,6 @@ RAM_BASE = 0x100000
 RAM_SIZE = 0x40000  # 64 pages
 PAGE = 4096
 Memory = GuestRam | GuestMemory
-
-
-async def write32(client: Client, offset: int, value: int) -> None:
-    await client.region_write(BAR0, offset, struct.pack("<I", value))
-
-
-async def read32(client: Client, offset: int) -> int:
-    return int(struct.unpack("<I", await client.region_read(BAR0, offset, 4))[0])
-
-
-async def start_copy(client: Client, src: int, dst: int, length: int) -> None:
-    """What the guest driver does to start a DMA copy (the device runs it on its own)."""
-    for reg, value in [
-        (td.REG_DMA_SRC, src), (td.REG_DMA_SRC + 4, 0), (td.REG_DMA_DST, dst),
-        (td.REG_DMA_DST + 4, 0), (td.REG_DMA_LEN, length), (td.REG_DMA_CTRL, 1),
-    ]:  # fmt: skip
-        await write32(client, reg, value)
-
-
-async def copy(client: Client, src: int, dst: int, length: int) -> None:
-    await start_copy(client, src, dst, length)
-    with trio.fail_after(5):
-        while (status := await read32(client, td.REG_DMA_STATUS)) == td.DMA_BUSY:
-            await trio.sleep(0.0005)
-    assert status == td.DMA_DONE
 
 
 def contents(memory: Memory) -> bytes:
@@ -230,7 +206,7 @@ async def test_device_dma_running_throughout_the_migration(
                 src = rng.randrange(0, RAM_SIZE - length)
                 dst = rng.randrange(0, RAM_SIZE - length)
                 try:
-                    await start_copy(r.src, RAM_BASE + src, RAM_BASE + dst, length)
+                    await program_copy(r.src, RAM_BASE + src, RAM_BASE + dst, length)
                 except ClientError as exc:  # BAR0 refuses writes in STOP_COPY: the VM
                     assert exc.errno == errno.EINVAL  # is stopped, so are its vCPUs
                     return

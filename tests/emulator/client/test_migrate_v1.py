@@ -22,9 +22,9 @@ from devices.errors import DeviceError
 from devices.migration.engine import ALL_CAPS
 from devices.registry import DeviceSpecError, create_device
 from devices.testdev import TestDev, TestDevOptions
+from emulator.client import Client, ClientError
 from emulator.client import migrate as v2
 from emulator.client import migrate_v1 as v1
-from emulator.client.core import Client, ClientError
 from emulator.client.info import describe
 from emulator.testing.harness import GuestRam, flat_sections, served_device
 from protocol.constants import Command, MigState
@@ -169,7 +169,7 @@ async def test_every_from_to_pair_follows_the_v1_table(tmp_path: Path) -> None:
         for start in states:
             for target in states:
                 await client.reset()
-                await device.migration.set_state(MigState[{**VALID, **VALID_P2P}[start]])
+                device.migration.set_state(MigState[{**VALID, **VALID_P2P}[start]])
                 assert await v1.get_device_state(client, region) == start
                 if start == RES and target != RES:
                     # Leaving RESUMING loads the stream; an empty one is refused by the

@@ -12,7 +12,7 @@ import pytest
 
 from devices.e1000 import E1000, E1000Options
 from devices.e1000 import regs as r
-from emulator.client.core import Client
+from emulator.client import Client
 from emulator.testing.e1000_selftest import SelfTest, SelfTester, lbtest_frame, lbtest_frame_ok
 from emulator.testing.guest_e1000 import DriverConfig, E1000Guest
 from emulator.testing.harness import EventFd, GuestRam, served_device
@@ -92,14 +92,14 @@ async def test_interrupt_test_finds_a_masked_cause_that_interrupts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     device = E1000(E1000Options(mac=MAC))
-    unmasked = device._update_line
+    unmasked = device.interrupts.update_line
 
     def ignore_mask() -> None:  # a line that follows ICR, whatever IMS says
         if device.values[r.ICR] and not device.irq.intx_line:
             device.irq.raise_intx()
         unmasked()
 
-    monkeypatch.setattr(device, "_update_line", ignore_mask)
+    monkeypatch.setattr(device.interrupts, "update_line", ignore_mask)
     result = await run_selftest(tmp_path, device)
     assert result.interrupt == 3
 
@@ -116,7 +116,8 @@ async def test_loopback_test_needs_the_phy_to_loop_frames_back(
 
 
 async def test_link_test_fails_while_autonegotiation_never_completes(tmp_path: Path) -> None:
-    async with self_tester(tmp_path, E1000(E1000Options(mac=MAC))) as tester:
+    device = E1000(E1000Options(mac=MAC, autoneg_delay=0.5))
+    async with self_tester(tmp_path, device) as tester:
         # The guest brought the link up; restart autonegotiation (0.5 s) and give it 0.2 s.
         bmcr = await tester.guest.phy_read(0)
         await tester.guest.phy_write(0, bmcr | 0x1000 | 0x0200)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from devices import pci
 from devices.testdev import TestDev
-from emulator.client.core import Client
+from emulator.client import Client
 from emulator.testing.harness import find_capability, served_device
 
 ABSENT = 0x13  # Advanced Features: not in testdev's list

@@ -27,7 +27,7 @@ import trio
 from devices import testdev as td
 from devices.testdev import TestDev
 from emulator.cli import main
-from emulator.client.core import ClientError
+from emulator.client import ClientError
 from emulator.client.migrate import MigrationError, Mode, Transport, get_state, migrate
 from emulator.tools.soak import (
     E1000_PROGRESS,

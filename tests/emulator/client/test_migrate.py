@@ -27,7 +27,7 @@ import trio
 from devices import testdev as td
 from devices.errors import DeviceError
 from devices.testdev import TestDev, TestDevOptions
-from emulator.client.core import Client, ClientError
+from emulator.client import Client, ClientError
 from emulator.client.migrate import (
     PIPELINE_DEPTH,
     MigrationError,
@@ -40,6 +40,7 @@ from emulator.client.migrate import (
     stop_copy_size,
 )
 from emulator.testing.harness import EventFd, GuestRam, ServedDevice, find_capability, served_device
+from emulator.testing.testdev_driver import program_copy, read32, wait_copy, write32
 from protocol.constants import IrqIndex, MigrationCaps, MigState
 from protocol.version import ServerCapabilities
 
@@ -76,30 +77,6 @@ REGISTER_MAP = {
 
 
 # -- guest-side helpers ---------------------------------------------------------------------
-
-
-async def write32(client: Client, offset: int, value: int) -> None:
-    await client.region_write(BAR0, offset, struct.pack("<I", value))
-
-
-async def read32(client: Client, offset: int) -> int:
-    return int(struct.unpack("<I", await client.region_read(BAR0, offset, 4))[0])
-
-
-async def program_copy(client: Client, src: int, dst: int, length: int, ctrl: int) -> None:
-    await write32(client, td.REG_DMA_SRC, src & 0xFFFFFFFF)
-    await write32(client, td.REG_DMA_SRC + 4, src >> 32)
-    await write32(client, td.REG_DMA_DST, dst & 0xFFFFFFFF)
-    await write32(client, td.REG_DMA_DST + 4, dst >> 32)
-    await write32(client, td.REG_DMA_LEN, length)
-    await write32(client, td.REG_DMA_CTRL, ctrl)
-
-
-async def wait_copy(client: Client) -> int:
-    with trio.fail_after(5):
-        while (status := await read32(client, td.REG_DMA_STATUS)) == td.DMA_BUSY:
-            await trio.sleep(0.001)
-    return status
 
 
 async def msix_entry(client: Client, vector: int, *, masked: bool) -> None:
@@ -715,7 +692,7 @@ class _FailedRun:
 
 
 async def test_both_migrations_wrap_failures_the_same_way() -> None:
-    from emulator.client.core import ClientError
+    from emulator.client import ClientError
     from emulator.client.migrate import MigrationError, fail_after_recovery
     from protocol.constants import Command
 

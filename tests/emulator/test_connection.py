@@ -1,32 +1,53 @@
-"""The connection's message fast path (emulator/connection.py): many messages per read,
-replies sent without a scheduler pass, partial sends finished in order, fairness."""
+"""emulator.connection over a real UNIX socket: VERSION first and once, framing errors
+refused, skipped or closed, a disconnect dropping what belonged to the client; and the
+message fast path: many messages per read, replies sent without a scheduler pass, partial
+sends finished in order, commands held in order behind a deferred one, fairness."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import socket
 import struct
 import threading
 from pathlib import Path
 
+import pytest
 import trio
 
+from devices import testdev as td
 from devices.testdev import REG_SCRATCH, TestDev
-from emulator.client.core import Client
+from emulator.client import Client, ClientError
 from emulator.limits import Limits
 from emulator.server import DeviceServer
 from emulator.testing.harness import (
     RawConnection,
+    ServedDevice,
     served_device,
     set_mig_state_payload,
     start_dma_left_unanswered,
 )
 from emulator.tools.bench_rtt import posted_write_message, read_message, version_message
-from protocol.constants import Command, MigState, MsgType
-from protocol.header import Header, pack_message
-from protocol.messages import RegionAccess, RegionData, VersionPayload
+from emulator.transport import receive_chunk
+from protocol.constants import (
+    HEADER_SIZE,
+    Command,
+    IrqIndex,
+    MigState,
+    MsgType,
+    PciRegion,
+)
+from protocol.header import HEADER, Header, pack_message
+from protocol.messages import (
+    DeviceInfo,
+    RegionAccess,
+    RegionData,
+    VersionPayload,
+)
 
+BAR0 = PciRegion.BAR0
+CONFIG = PciRegion.CONFIG
 U32 = struct.Struct("<I")
 RAM_BAR = 2
 
@@ -216,3 +237,150 @@ async def test_working_off_a_backlog_lets_other_tasks_run(tmp_path: Path) -> Non
         finally:
             conn.close()
     assert set(seen_while_draining) - {0, count}, seen_while_draining
+
+
+async def raw_socket(path: Path) -> trio.socket.SocketType:
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.connect(str(path))
+    return sock
+
+
+async def receive_message(sock: trio.socket.SocketType) -> tuple[Header, bytes]:
+    data = b""
+    while len(data) < HEADER_SIZE:
+        chunk, _ = await receive_chunk(sock, HEADER_SIZE - len(data), 4)
+        assert chunk, "server closed the connection"
+        data += chunk
+    header = Header.unpack(data)
+    payload = b""
+    while len(payload) < header.payload_size:
+        chunk, _ = await receive_chunk(sock, header.payload_size - len(payload), 4)
+        assert chunk
+        payload += chunk
+    return header, payload
+
+
+async def is_closed(sock: trio.socket.SocketType) -> bool:
+    with trio.fail_after(5):
+        data, _ = await receive_chunk(sock, 64, 4)
+    return data == b""
+
+
+# -- VERSION and connection state ---------------------------------------------------------
+
+
+async def test_version_reply_is_small_and_valid(served: ServedDevice) -> None:
+    sock = await raw_socket(served.socket_path)
+    request = VersionPayload(0, 0, json.dumps({"capabilities": {"max_msg_fds": 16}}))
+    await sock.send(pack_message(7, Command.VERSION, request.pack()))
+    header, payload = await receive_message(sock)
+    assert (header.msg_id, header.command, header.flags) == (7, Command.VERSION, 1)
+    reply = VersionPayload.unpack(payload)
+    assert (reply.major, reply.minor) == (0, 0)
+    caps = json.loads(reply.json_text or "")["capabilities"]
+    assert caps["max_msg_fds"] <= 16 and caps["write_multiple"] is True
+    assert header.size <= 214  # QEMU's buffer for the reply is its own request's size
+    sock.close()
+
+
+async def test_first_message_must_be_version(served: ServedDevice) -> None:
+    sock = await raw_socket(served.socket_path)
+    await sock.send(pack_message(3, Command.DEVICE_GET_INFO, DeviceInfo(16, 0, 0, 0).pack()))
+    header, payload = await receive_message(sock)
+    assert header.is_error and header.error == errno.EINVAL and payload == b""
+    assert await is_closed(sock)
+    sock.close()
+
+
+async def test_bad_version_closes_connection(served: ServedDevice) -> None:
+    sock = await raw_socket(served.socket_path)
+    await sock.send(pack_message(1, Command.VERSION, VersionPayload(1, 0, "{}").pack()))
+    header, _ = await receive_message(sock)
+    assert header.is_error and header.error == errno.EINVAL
+    assert await is_closed(sock)
+    sock.close()
+
+
+async def test_second_version_is_refused(client: Client) -> None:
+    with pytest.raises(ClientError) as info:
+        await client.request(Command.VERSION, VersionPayload(0, 0, "{}").pack())
+    assert info.value.errno == errno.EINVAL
+    assert (await client.get_info()).num_regions == 9
+
+
+# -- framing: refused, skipped or closed ---------------------------------------------------
+
+
+async def test_oversized_message_is_refused_and_skipped(served: ServedDevice) -> None:
+    sock = await raw_socket(served.socket_path)
+    await sock.send(pack_message(1, Command.VERSION, VersionPayload(0, 2, "{}").pack()))
+    await receive_message(sock)
+    limit = served.server.limits.max_message_size
+    big = RegionData(0, BAR0, limit, bytes(limit)).pack()
+    data = pack_message(2, Command.REGION_WRITE, big)
+    view = memoryview(data)
+    while view:
+        sent = await sock.send(view)
+        view = view[sent:]
+    header, _ = await receive_message(sock)
+    assert (header.msg_id, header.is_error, header.error) == (2, True, errno.E2BIG)
+    await sock.send(pack_message(3, Command.REGION_READ, RegionAccess(0, BAR0, 4).pack()))
+    header, payload = await receive_message(sock)
+    assert header.msg_id == 3 and payload[16:] == struct.pack("<I", td.ID_VALUE)
+    sock.close()
+
+
+async def test_a_size_claim_past_the_skip_limit_is_answered_and_closed(
+    served: ServedDevice,
+) -> None:
+    """A header claiming 0xfffffff0 bytes with no body: answered E2BIG and closed at once,
+    not a silent wait for 4 GiB; the next client is served."""
+    conn = await RawConnection.connect(served.socket_path)
+    try:
+        await conn.send_raw(HEADER.pack(7, Command.REGION_WRITE, 0xFFFFFFF0, 0, 0))
+        reply = await conn.receive(timeout=5)
+        assert reply is not None
+        header, _ = reply
+        assert (header.msg_id, header.is_error, header.error) == (7, True, errno.E2BIG)
+        assert await conn.closed(timeout=5)
+    finally:
+        conn.close()
+    async with Client.connect(served.socket_path) as client:
+        assert await client.region_read(BAR0, td.REG_ID, 4) == struct.pack("<I", td.ID_VALUE)
+
+
+async def test_size_below_header_closes_only_that_connection(served: ServedDevice) -> None:
+    sock = await raw_socket(served.socket_path)
+    await sock.send(pack_message(1, Command.VERSION, VersionPayload(0, 2, "{}").pack()))
+    await receive_message(sock)
+    await sock.send(struct.pack("<HHIII", 2, Command.REGION_READ, 8, 0, 0))
+    assert await is_closed(sock)
+    sock.close()
+    async with Client.connect(served.socket_path) as again:
+        assert (await again.get_info()).num_regions == 9
+
+
+# -- disconnects -----------------------------------------------------------------------------
+
+
+async def test_disconnect_drops_maps_and_fds_but_keeps_device_state(
+    served: ServedDevice, tmp_path: Path
+) -> None:
+    from emulator.testing.harness import EventFd, GuestRam
+
+    with GuestRam(0x10000) as ram:
+        async with Client.connect(served.socket_path) as first:
+            await first.region_write(BAR0, td.REG_SCRATCH + 4, b"keep")
+            await first.dma_map(0, ram.size, fd=ram.fd)
+            irq = EventFd()
+            await first.set_irqs(IrqIndex.INTX, 0x24, 0, 1, fds=[irq.fd])
+            session = served.server.active
+            assert session is not None and len(session.maps) == 1
+            assert session.irqs.fd_count() == 1
+        with trio.fail_after(5):
+            while served.server.active is not None:
+                await trio.sleep(0.01)
+        assert len(session.maps) == 0 and session.irqs.fd_count() == 0
+        irq.close()
+        async with Client.connect(served.socket_path) as second:
+            assert await second.region_read(BAR0, td.REG_SCRATCH + 4, 4) == b"keep"

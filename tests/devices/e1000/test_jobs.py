@@ -1,4 +1,6 @@
-"""``e1000`` transmit and receive jobs cut off by a disconnect at every await point.
+"""``e1000`` device work in process (devices/e1000/jobs.py): transmit and receive jobs cut
+off by a disconnect at every await point, a DMA fault retried, the timer job and timers
+frozen while paused.
 
 The connection cancels the running device job when its client goes away, then a client
 attaches again (``detach``/``attach``). Here a DMA that cancels the job's scope at its k-th
@@ -16,9 +18,50 @@ import pytest
 import trio
 
 from devices.e1000 import regs as r
+from devices.e1000.jobs import Timers
 from emulator.testing.guest_e1000 import tcp_frame, udp_frame
-from tests.devices.e1000.test_device import MAC, FakeDma, Rig, frame_to
-from tests.devices.e1000.test_device_datapath import IP_A, IP_B, PEER, queue, tx_status
+from tests.devices.e1000.test_device import MAC, FakeDma, Rig, frame_to, line, mdic
+from tests.devices.e1000.test_tx import IP_A, IP_B, PEER, queue, tx_status
+
+
+async def test_itr_deferred_interrupt_is_delivered_by_the_timer_job() -> None:
+    rig = Rig()
+    rig.wr(r.ITR, 3906)
+    rig.wr(r.IMS, r.ICR_LSC)
+    rig.wr(r.ICS, r.ICR_LSC)
+    rig.isr()
+    rig.wr(r.ICS, r.ICR_LSC)
+    assert rig.sink.intx == 1
+    await rig.run(advance=0.002)  # no register access: the job's context.sleep gets there
+    assert rig.sink.intx == 2
+
+
+async def test_the_timer_job_sleeps_to_the_deadline_in_one_wait() -> None:
+    """No slices: the context ends the wait when work is submitted (a doorbell never
+    queues behind a sleeping timer), so the job asks for the whole time to the deadline."""
+    rig = Rig()
+    rig.wr(r.IMS, r.ICR_RXT0)
+    rig.wr(r.RDTR, 0xFFFF)  # 67 ms
+    rig.dev.interrupts.cause(r.ICR_RXT0, rx_delay=True)
+    await rig.run(advance=0.001)
+    assert rig.ctx.idle_sleeps == [pytest.approx(0xFFFF * r.DELAY_UNIT)]
+    assert not line(rig)
+    await rig.run(advance=0.07)
+    assert line(rig)
+
+
+async def test_timers_freeze_while_paused() -> None:
+    rig = Rig()
+    mdic(rig, 0, write=0x1340)
+    rig.clock.now += 0.3
+    rig.dev.pause()
+    rig.clock.now += 10  # stopped for a long time
+    assert not rig.rd(r.STATUS) & r.STATUS_LU
+    rig.dev.resume()
+    rig.clock.now += 0.1
+    assert not rig.rd(r.STATUS) & r.STATUS_LU
+    rig.clock.now += 0.11
+    assert rig.rd(r.STATUS) & r.STATUS_LU  # 0.5 s of running time in all
 
 
 class CuttingDma(FakeDma):
@@ -203,7 +246,7 @@ async def test_a_dma_fault_keeps_the_work_and_retries_it() -> None:
     rig.tx_desc(len(outgoing) | (r.TXD_CMD_EOP | r.TXD_CMD_IFCS | r.TXD_CMD_RS) << 24)
     rig.dev.values[r.TDT] = 1  # (no doorbell: the job runs by the retry)
     await rig.run(advance=0.05)  # several retries
-    assert rig.rd(r.RDH) == 0 and list(rig.dev.rx_fifo) == [incoming]
+    assert rig.rd(r.RDH) == 0 and list(rig.dev.receiver.fifo) == [incoming]
     assert rig.rd(r.TDH) == 0 and rig.port.frames == []
     rig.dev.values[r.RDBAL] = Rig.RX_RING  # "mapped" now; no register write kicks
     rig.dev.values[r.TDBAL] = Rig.TX_RING
@@ -211,3 +254,34 @@ async def test_a_dma_fault_keeps_the_work_and_retries_it() -> None:
     await rig.run(advance=0.2)
     assert [data for data, *_ in rig.take_rx()] == [incoming]
     assert rig.port.frames == [outgoing] and rig.rd(r.TDH) == 1
+
+
+def test_timers_fire_in_deadline_order_and_keep_their_time_while_frozen() -> None:
+    """Timers on their own: due ones fire earliest first; frozen, they keep what they had
+    left and a timer armed meanwhile counts from the thaw."""
+    now = [0.0]
+    fired: list[str] = []
+    armed: list[None] = []
+    timers = Timers(lambda: now[0], fired.append)
+    timers.on_arm = lambda: armed.append(None)
+    timers.arm("late", 0.3)
+    timers.arm("early", 0.1)
+    assert len(armed) == 2 and timers.running("late") and timers.armed("late")
+    now[0] = 0.2
+    timers.poll()
+    assert fired == ["early"] and timers.next_due == pytest.approx(0.3)
+    timers.freeze()
+    timers.arm("new", 0.05)  # while paused: frozen at once, no timer job kicked
+    assert len(armed) == 2 and timers.armed("new") and not timers.running("new")
+    assert timers.remaining() == {"late": pytest.approx(0.1), "new": 0.05}
+    now[0] = 100.0
+    timers.poll()
+    assert fired == ["early"]
+    timers.thaw()
+    now[0] = 100.06
+    timers.poll()
+    assert fired == ["early", "new"]
+    timers.disarm("late")
+    now[0] = 200.0
+    timers.poll()
+    assert fired == ["early", "new"] and timers.remaining() == {}

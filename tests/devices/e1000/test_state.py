@@ -1,6 +1,7 @@
-"""``e1000`` device state: save/load round trips with work in progress (a half-sent TSO
-packet, frames in the receive FIFO, an EEPROM read mid-word, pending timers), pause/resume,
-the migration engine in process, and hostile states rejected without any change."""
+"""``e1000`` device state (devices/e1000/state.py): save/load round trips with work in
+progress (a half-sent TSO packet, frames in the receive FIFO, an EEPROM read mid-word,
+pending timers), pause/resume, the migration engine in process, and hostile states
+rejected without any change."""
 
 from __future__ import annotations
 
@@ -16,13 +17,18 @@ from devices.api import DeviceError
 from devices.e1000 import E1000, E1000Options
 from devices.e1000 import regs as r
 from devices.migration.stream import LoadedSection
+from devices.net import announcement
 from emulator.testing.guest_e1000 import parse_ip, tcp_frame, tx_descriptors
 from emulator.testing.harness import flat_sections
 from protocol.constants import MigState
 from tests.devices.e1000.test_device import MAC, Microwire, Rig, frame_to, mdic
 
 PEER = bytes.fromhex("525400000099")
+
+
 CTX = 16  # size of the TX context at the start of the "e1000.tx" section
+
+
 IP_A, IP_B = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
 
 
@@ -117,20 +123,6 @@ async def test_round_trip_preserves_everything_and_work_resumes_on_the_destinati
     assert int.from_bytes(dst.dev.region_read(1, 0, 4), "little") == r.STATUS
 
 
-async def test_timers_freeze_while_paused() -> None:
-    rig = Rig()
-    mdic(rig, 0, write=0x1340)
-    rig.clock.now += 0.3
-    rig.dev.pause()
-    rig.clock.now += 10  # stopped for a long time
-    assert not rig.rd(r.STATUS) & r.STATUS_LU
-    rig.dev.resume()
-    rig.clock.now += 0.1
-    assert not rig.rd(r.STATUS) & r.STATUS_LU
-    rig.clock.now += 0.11
-    assert rig.rd(r.STATUS) & r.STATUS_LU  # 0.5 s of running time in all
-
-
 async def test_work_arriving_while_paused_runs_after_resume() -> None:
     rig = Rig()
     rig.setup_tx(8)
@@ -150,16 +142,16 @@ async def test_work_arriving_while_paused_runs_after_resume() -> None:
 async def test_migration_engine_in_process() -> None:
     rig, _frame, _rest = await busy_rig()
     src = rig.dev
-    await src.migration.set_state(MigState.STOP_COPY)
+    src.migration.set_state(MigState.STOP_COPY)
     stream = b""
     while chunk := src.migration.read_data(1 << 16):
         stream += chunk
     dst = E1000(E1000Options(mac=bytes.fromhex("020000000001")))
-    await dst.migration.set_state(MigState.RESUMING)
+    dst.migration.set_state(MigState.RESUMING)
     dst.migration.write_data(stream)
-    await dst.migration.set_state(MigState.STOP)
+    dst.migration.set_state(MigState.STOP)
     assert state_of(dst) == state_of(src)
-    await dst.migration.set_state(MigState.RUNNING)
+    dst.migration.set_state(MigState.RUNNING)
     # the MAC travelled with the EEPROM
     assert dst.eeprom == src.eeprom and dst.values[r.RA] == src.values[r.RA]
 
@@ -167,14 +159,10 @@ async def test_migration_engine_in_process() -> None:
 async def test_precopy_then_stop_copy() -> None:
     rig, _frame, _rest = await busy_rig()
     src = rig.dev
-    await src.migration.set_state(MigState.PRE_COPY)
+    src.migration.set_state(MigState.PRE_COPY)
     assert src.migration.read_data(1 << 16)  # the stream header
-    await src.migration.set_state(MigState.STOP_COPY)
+    src.migration.set_state(MigState.STOP_COPY)
     assert state_of(src)[0][0] == "e1000.regs"
-
-
-# =============================================================================================
-# Hostile states
 
 
 def good_state() -> list[tuple[str, bytes]]:
@@ -362,3 +350,60 @@ def test_random_corruption_is_refused_or_loads_a_working_device(data: st.DataObj
     rig.dev.net_receive(frame_to(MAC, src=PEER))
     reloaded = Rig()
     load_into(reloaded.dev, state_of(rig.dev))
+
+
+# =============================================================================================
+# The announcement after a migration
+
+
+def migrated_rig(src: Rig) -> Rig:
+    """A destination holding ``src``'s state, stopped (RESUMING -> STOP done)."""
+    src.dev.pause()
+    dst = Rig()
+    load_into(dst.dev, flat_sections(src.dev.save_state()))
+    return dst
+
+
+async def test_a_migrated_in_nic_announces_its_mac_as_qemu_does() -> None:
+    src = Rig()
+    src.wr(r.RA, 0x33221102)  # the driver's station address 02:11:22:33:44:55
+    src.wr(r.RA + 4, 0x5544 | r.RAH_AV)
+    dst = migrated_rig(src)
+    await dst.run(advance=1)
+    assert dst.port.frames == []  # stopped: nothing yet
+    sent_at: list[float] = []
+    transmit = dst.port.transmit
+
+    def timed(frame: bytes) -> bool:
+        sent_at.append(dst.clock.now)
+        return transmit(frame)
+
+    dst.port.transmit = timed  # type: ignore[method-assign]
+    resumed = dst.clock.now
+    dst.dev.resume()
+    await dst.run(advance=10)
+    rarp = announcement(bytes.fromhex("021122334455"))
+    assert dst.port.frames == [rarp] * 5  # QEMU's five rounds, then quiet
+    assert [round(t - resumed, 6) for t in sent_at] == [0.0, 0.05, 0.2, 0.45, 0.8]
+    assert dst.rd(r.TPT) == 0  # on the wire, not guest traffic
+    # The source, resumed after a failed migration, did not move: it does not announce.
+    src.dev.resume()
+    await src.run(advance=1)
+    assert src.port.frames == []
+
+
+async def test_announcement_rounds_need_the_link_and_stop_at_a_reset() -> None:
+    src = Rig()
+    mdic(src, 0, write=0x1340)  # autonegotiation under way: the link is down
+    dst = migrated_rig(src)
+    dst.dev.resume()
+    await dst.run(advance=0.3)  # rounds at 0, 50 and 200 ms find no link
+    assert dst.port.frames == [] and not dst.rd(r.STATUS) & r.STATUS_LU
+    await dst.run(advance=1)  # link up at 500 ms: the rounds at 450 ms no, 800 ms yes
+    assert dst.port.frames == [announcement(MAC)]  # the EEPROM's MAC (RA[0] as at reset)
+    dst = migrated_rig(Rig())
+    dst.dev.resume()
+    assert len(dst.port.frames) == 1
+    dst.dev.reset()
+    await dst.run(advance=2)
+    assert len(dst.port.frames) == 1

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devices import testdev as td
-from emulator.client.core import Client, ClientError, GuestMemory
+from emulator.client import Client, ClientError, GuestMemory
 from emulator.dirty import DirtyLogging, LoggingRequest
 from emulator.testing.harness import GuestRam, ServedDevice
+from emulator.testing.testdev_driver import copy
 from protocol.constants import FEATURE_GET, FEATURE_PROBE, FEATURE_SET
 
 START, STOP, REPORT = 6, 7, 8
@@ -51,27 +51,6 @@ async def errno_of(coro: Awaitable[object]) -> int:
     with pytest.raises(ClientError) as info:
         await coro
     return info.value.errno
-
-
-async def write32(client: Client, offset: int, value: int) -> None:
-    await client.region_write(0, offset, struct.pack("<I", value))
-
-
-async def copy(client: Client, src: int, dst: int, length: int) -> None:
-    import trio
-
-    for reg, value in [
-        (td.REG_DMA_SRC, src), (td.REG_DMA_SRC + 4, 0), (td.REG_DMA_DST, dst),
-        (td.REG_DMA_DST + 4, 0), (td.REG_DMA_LEN, length), (td.REG_DMA_CTRL, 1),
-    ]:  # fmt: skip
-        await write32(client, reg, value)
-    with trio.fail_after(5):
-        while True:
-            status = struct.unpack("<I", await client.region_read(0, td.REG_DMA_STATUS, 4))[0]
-            if status != td.DMA_BUSY:
-                break
-            await trio.sleep(0.001)
-    assert status == td.DMA_DONE
 
 
 async def test_device_writes_are_reported_once(client: Client) -> None:

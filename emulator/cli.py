@@ -55,7 +55,7 @@ from emulator.limits import add_limit_options, limits_from_args
 from emulator.netdev import NetdevError, netdev_help, setup_netdevs
 from emulator.serve_config import ServeConfig, run_config
 from emulator.server import DeviceServer, ServerError
-from emulator.tools import bench_rtt, bench_scale
+from emulator.tools import bench_nic, bench_rtt, bench_scale
 from emulator.tools.bench_migration import add_bench_parser, run_bench
 from emulator.tools.qemu_soak import add_qemu_soak_arguments, run_qemu_soak_cli
 from emulator.tools.soak import add_soak_parser, run_soak_cli
@@ -312,6 +312,17 @@ def _add_benchmarks(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bench_scale.add_arguments(scale)
     scale.set_defaults(run_benchmark=bench_scale.run_from_args)
     add_verbose(scale)
+    nic = benchmarks.add_parser(
+        "nic",
+        help="our NICs against QEMU's own: two guests each, ping and bulk (needs QEMU)",
+        description="Two TCG guests per pair: ours against QEMU's in-process e1000 and "
+        "virtio-net-pci, ping and 16 MiB over TCP side by side with the ratios, one run (a "
+        "benchmark, not a test; emulator/tools/bench_nic.py).",
+        formatter_class=HelpFormatter,
+    )
+    bench_nic.add_arguments(nic)
+    nic.set_defaults(run_benchmark=bench_nic.run_from_args)
+    add_verbose(nic)
 
 
 async def _serve(args: argparse.Namespace) -> int:

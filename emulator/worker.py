@@ -36,6 +36,7 @@ from devices.api import ClientGone, Device, DeviceError, DmaFault
 from devices.migration.engine import TransitionResult
 from emulator.dma import DmaEngine
 from emulator.limits import Limits
+from emulator.precise_sleep import precise_sleep
 from emulator.trace import Tracer
 from emulator.transport import TransportError
 from protocol.connection import ServerConnection
@@ -69,7 +70,7 @@ class DeviceWorker:
         self._jobs: deque[Job] = deque()
         self._jobs_ready = trio.Event()
         #: Set by submit(): wakes a job waiting in sleep_until_work.
-        self._work_submitted: trio.Event | None = None
+        self._work_submitted: trio.CancelScope | None = None  # a sleep_until_work
         self._current_job: trio.CancelScope | None = None
         self._paused = not device.migration.operating
         self._job_idle = trio.Event()
@@ -89,22 +90,23 @@ class DeviceWorker:
         self._jobs.append(job)
         self._jobs_ready.set()
         if self._work_submitted is not None:
-            self._work_submitted.set()
+            self._work_submitted.cancel()
         return True
 
     async def sleep(self, seconds: float) -> None:
-        await trio.sleep(seconds)
+        # Device timers are microseconds long: not rounded up to epoll's millisecond.
+        await precise_sleep(seconds)
 
     async def sleep_until_work(self, seconds: float) -> None:
         if self._jobs:
             await trio.lowlevel.checkpoint()
             return
-        submitted = self._work_submitted = trio.Event()
-        try:
-            with trio.move_on_after(seconds):
-                await submitted.wait()
-        finally:
-            self._work_submitted = None
+        with trio.CancelScope() as submitted:  # submit() cancels it
+            self._work_submitted = submitted
+            try:
+                await precise_sleep(seconds)
+            finally:
+                self._work_submitted = None
 
     # -- the queue ----------------------------------------------------------------------------
     async def run(self) -> None:

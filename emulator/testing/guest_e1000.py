@@ -445,6 +445,18 @@ class E1000Guest:
         self.icr_seen |= icr
         return icr
 
+    async def quiesce_interrupts(self) -> None:
+        """Start from a quiet line: forget signals taken so far, read ICR until nothing is
+        pending, and UNMASK (a signal already taken left INTx automasked: without this the
+        next cause would assert the line and never be signalled)."""
+        if self.irq is None:
+            raise GuestError("no interrupt eventfd")
+        self.irq.take()
+        while await self.read(r.ICR):
+            pass
+        await self.client.set_irqs(IrqIndex.INTX, NONE_UNMASK, 0, 1)
+        self.irq.take()
+
     # =========================================================================================
     # Transmit
 

@@ -147,6 +147,19 @@ class EventFd:
         os.close(self.fd)
 
 
+class RoundedWaits(trio.abc.Instrument):
+    """Counts the event loop's waits with a deadline under a millisecond: CPython hands
+    epoll whole milliseconds rounded up, so each of them sleeps a full millisecond unless
+    I/O comes first. Install with ``trio.lowlevel.add_instrument``."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[float] = []  # seconds, of the rounded-up waits
+
+    def before_io_wait(self, timeout: float) -> None:
+        if 0 < timeout < 1e-3:
+            self.timeouts.append(timeout)
+
+
 class ReceivedFrame(Protocol):
     @property
     def data(self) -> bytes: ...

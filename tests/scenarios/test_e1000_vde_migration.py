@@ -16,7 +16,7 @@ import trio
 from devices.e1000 import E1000
 from devices.net import ETH_P_RARP, announcement
 from devices.registry import create_device
-from emulator.client.core import Client
+from emulator.client import Client
 from emulator.client.migrate import get_state, migrate
 from emulator.netdev import setup_netdevs
 from emulator.netdev_vde import VdeBackend

@@ -8,15 +8,20 @@ subparsers with it (and :mod:`emulator.cli` imports them).
 from __future__ import annotations
 
 import argparse
+import enum
 import errno
 import os
 import signal
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from devices.registry import DeviceSpecError, parse_size
 from emulator.client import ClientError
+
+E = TypeVar("E", bound=enum.Enum)
 
 PROG = "vfio-user-emu"
 #: Exit status of a command stopped by a signal, as a shell reports it (128 + signal).
@@ -68,6 +73,25 @@ def positive_int_arg(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+def enum_list_arg(kind: type[E], what: str) -> Callable[[str], list[E]]:
+    """An argparse type: comma-separated values of ``kind``; an unknown one is named with the
+    valid ones (``what`` says what they are, e.g. "fault kind")."""
+
+    def parse(text: str) -> list[E]:
+        values = []
+        for name in (part.strip() for part in text.split(",")):
+            try:
+                values.append(kind(name))
+            except ValueError:
+                valid = ", ".join(str(member.value) for member in kind)
+                raise argparse.ArgumentTypeError(
+                    f"unknown {what} {name!r} (valid: {valid})"
+                ) from None
+        return values
+
+    return parse
 
 
 def add_verbose(parser: argparse.ArgumentParser) -> None:

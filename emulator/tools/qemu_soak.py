@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from emulator.cli_common import enum_list_arg
 from emulator.testing.testdev_vm import Tick, TickLedger, msix_stream_script, parse_ticks
 from emulator.tools.migration_proxy import MigrationProxy
 from emulator.tools.soak import percentile
@@ -127,18 +128,8 @@ def plan(migrations: int, rate: float, kinds: Sequence[VmFault], seed: int) -> l
     return steps
 
 
-def parse_vm_faults(text: str) -> list[VmFault]:
-    """An argparse type: comma-separated fault kinds; an unknown one lists the valid ones."""
-    kinds = []
-    for name in (part.strip() for part in text.split(",")):
-        try:
-            kinds.append(VmFault(name))
-        except ValueError:
-            valid = ", ".join(kind.value for kind in VmFault)
-            raise argparse.ArgumentTypeError(
-                f"unknown VM fault kind {name!r} (valid: {valid})"
-            ) from None
-    return kinds
+#: An argparse type: comma-separated VM fault kinds.
+parse_vm_faults = enum_list_arg(VmFault, "VM fault kind")
 
 
 # =============================================================================================

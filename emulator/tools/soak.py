@@ -85,7 +85,7 @@ from devices.migration.stream import Section
 from devices.net import NetDevice, announcement
 from devices.testdev import TestDev
 from devices.virtio_net import VirtioNet, VirtioNetOptions
-from emulator.cli_common import SIGNAL_EXIT, HelpFormatter, positive_int_arg
+from emulator.cli_common import SIGNAL_EXIT, HelpFormatter, enum_list_arg, positive_int_arg
 from emulator.client import Client, ClientError
 from emulator.client.migrate import (
     DATA_FD_CAPABILITIES,
@@ -1913,18 +1913,8 @@ def parse_duration(text: str) -> float:
     return value
 
 
-def parse_fault_kinds(text: str) -> list[FaultKind]:
-    """An argparse type: comma-separated fault kinds; an unknown one lists the valid ones."""
-    kinds = []
-    for name in (part.strip() for part in text.split(",")):
-        try:
-            kinds.append(FaultKind(name))
-        except ValueError:
-            valid = ", ".join(kind.value for kind in FaultKind)
-            raise argparse.ArgumentTypeError(
-                f"unknown fault kind {name!r} (valid: {valid})"
-            ) from None
-    return kinds
+#: An argparse type: comma-separated fault kinds.
+parse_fault_kinds = enum_list_arg(FaultKind, "fault kind")
 
 
 def add_soak_parser(sub: Any) -> argparse.ArgumentParser:

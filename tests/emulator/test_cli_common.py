@@ -4,6 +4,7 @@ cannot be used means for a user, and the exit status of a command stopped by a s
 from __future__ import annotations
 
 import argparse
+import enum
 import errno
 import signal
 import socket
@@ -13,6 +14,7 @@ import pytest
 
 from emulator.cli_common import (
     connect_failure,
+    enum_list_arg,
     interrupted,
     positive_int_arg,
     positive_size_arg,
@@ -86,3 +88,15 @@ def test_interrupted_prints_one_line_and_returns_the_shells_status(
     line = capsys.readouterr().err
     assert line.count("\n") == 1
     assert f"bench: interrupted by {signal.Signals(signum).name}; nothing measured" in line
+
+
+def test_enum_list_arg_parses_a_list_and_names_the_valid_values() -> None:
+    class Colour(enum.Enum):
+        RED = "red"
+        BLUE = "blue"
+
+    parse = enum_list_arg(Colour, "colour")
+    assert parse("red, blue,red") == [Colour.RED, Colour.BLUE, Colour.RED]
+    with pytest.raises(argparse.ArgumentTypeError) as refused:
+        parse("red,green")
+    assert str(refused.value) == "unknown colour 'green' (valid: red, blue)"
